@@ -1,0 +1,653 @@
+// disk.cc — the I/O engine of an open container.
+//
+// Design notes (DESIGN.md "Read path", "Write path", "Durability"):
+// - State: the delta's 2-bit map lives in memory (DeltaMap: chunks allocated on first touch,
+//   words updated with atomics) and the frozen chain below it is one shared ChainMap. A block's
+//   content is the delta's if the delta says data (or zero), else the chain map's source.
+// - Read: walk the range in runs of blocks with one source (next_run) and issue one pread per
+//   run (every layer file is same-offset) or one memset for zero/absent runs. No lock, no LMDB.
+// - Write: blocks already data in the delta are written in place, lock-free. Otherwise the
+//   request takes the striped locks of its blocks that are not data, re-checks, copies up its
+//   partial head/tail blocks (content through the chain, merged with the request), writes, and
+//   only after the writes returned marks the blocks data. Marking puts the chunks in the dirty
+//   set.
+// - Zero/trim: whole blocks are punched and marked zero (or left absent where nothing below
+//   holds data: absent reads as zeroes too); partial blocks are written as zeroes.
+// - Flush round: (1) take a copy of the dirty chunks' rows — every mark in them belongs to I/O
+//   that already completed; (2) fdatasync the delta; (3) one LMDB transaction with the rows
+//   (through the Committer, group-committed with other disks); (4) wake the flushes that joined
+//   before (1). A failed transaction puts the chunks back; a failed fdatasync breaks the disk
+//   (Linux may have dropped the dirty pages, so a retry could lie).
+// - Not done here (later issues): snapshots' write gate, heat counters, checksum verification
+//   of frozen reads (verify=on).
+#include "disk.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "index.h"
+
+namespace layer {
+
+// ---- DeltaMap ----
+
+// The writable layer's map. Words hold 32 blocks (2 bits each, block i at bits 2*(i%32)),
+// which is the byte layout of a `maps` row read as little-endian words.
+// Thread-safety: get/set are lock-free; the dirty list has its own mutex.
+class Disk::DeltaMap {
+ public:
+  static constexpr uint32_t kWords = kBlocksPerChunk / 32;
+  struct Chunk {
+    std::atomic<uint64_t> w[kWords] = {};
+  };
+
+  explicit DeltaMap(uint64_t size_blocks)
+      : nchunks_((size_blocks + kBlocksPerChunk - 1) / kBlocksPerChunk),
+        chunks_(new std::atomic<Chunk*>[nchunks_]),
+        dirty_flag_(new std::atomic<bool>[nchunks_]) {
+    for (uint64_t c = 0; c < nchunks_; ++c) {
+      chunks_[c].store(nullptr, std::memory_order_relaxed);
+      dirty_flag_[c].store(false, std::memory_order_relaxed);
+    }
+  }
+  ~DeltaMap() {
+    for (uint64_t c = 0; c < nchunks_; ++c) delete chunks_[c].load();
+  }
+
+  BlockState get(uint64_t b) const {
+    const Chunk* c = chunks_[b / kBlocksPerChunk].load(std::memory_order_acquire);
+    if (!c) return BlockState::kAbsent;
+    const uint32_t i = b % kBlocksPerChunk;
+    return static_cast<BlockState>((c->w[i / 32].load(std::memory_order_acquire) >> (i % 32 * 2)) & 3);
+  }
+
+  // Number of blocks from b (at most max) in state s.
+  uint64_t run(uint64_t b, uint64_t max, BlockState s) const {
+    uint64_t n = 0;
+    const uint64_t pattern = 0x5555555555555555ULL * static_cast<uint64_t>(s);
+    while (n < max) {
+      const uint64_t cur = b + n;
+      const Chunk* c = chunks_[cur / kBlocksPerChunk].load(std::memory_order_acquire);
+      if (!c) {
+        if (s != BlockState::kAbsent) break;
+        n += kBlocksPerChunk - cur % kBlocksPerChunk;
+        continue;
+      }
+      const uint32_t i = cur % kBlocksPerChunk;
+      if (i % 32 == 0 && c->w[i / 32].load(std::memory_order_acquire) == pattern) {
+        n += 32;
+        continue;
+      }
+      if (get(cur) != s) break;
+      ++n;
+    }
+    return std::min(n, max);
+  }
+
+  void set_range(uint64_t first, uint64_t count, BlockState s) {
+    uint64_t b = first;
+    const uint64_t end = first + count;
+    while (b < end) {
+      const uint64_t c = b / kBlocksPerChunk;
+      Chunk* chunk = ensure_chunk(c);
+      const uint64_t chunk_end = std::min(end, (c + 1) * kBlocksPerChunk);
+      while (b < chunk_end) {
+        const uint32_t i = b % kBlocksPerChunk;
+        const uint32_t word = i / 32;
+        const uint32_t lo = i % 32;
+        const uint32_t hi = static_cast<uint32_t>(std::min<uint64_t>(32, lo + (chunk_end - b)));
+        const uint64_t mask = hi - lo == 32 ? ~0ULL : ((1ULL << ((hi - lo) * 2)) - 1) << (lo * 2);
+        const uint64_t bits = (0x5555555555555555ULL * static_cast<uint64_t>(s)) & mask;
+        uint64_t old = chunk->w[word].load(std::memory_order_relaxed);
+        while (!chunk->w[word].compare_exchange_weak(old, (old & ~mask) | bits,
+                                                     std::memory_order_acq_rel)) {
+        }
+        b += hi - lo;
+      }
+      // After the bits: a flush round that clears the flag before copying sees them, or we
+      // re-add the chunk for the next round.
+      if (!dirty_flag_[c].exchange(true, std::memory_order_acq_rel)) {
+        std::lock_guard<std::mutex> lk(dirty_mu_);
+        dirty_.push_back(static_cast<uint32_t>(c));
+      }
+    }
+  }
+
+  // Loads a chunk from its `maps` row (before any I/O).
+  void load(uint32_t c, const ChunkBits& bits) {
+    Chunk* chunk = ensure_chunk(c);
+    for (uint32_t w = 0; w < kWords; ++w) {
+      uint64_t v = 0;
+      for (int k = 7; k >= 0; --k) v = v << 8 | bits.data()[w * 8 + k];
+      chunk->w[w].store(v, std::memory_order_relaxed);
+    }
+  }
+
+  // Step 1 of a flush round: the rows of every dirty chunk, and the set cleared.
+  std::vector<std::pair<uint32_t, std::string>> take_dirty() {
+    std::vector<uint32_t> list;
+    {
+      std::lock_guard<std::mutex> lk(dirty_mu_);
+      list.swap(dirty_);
+    }
+    std::vector<std::pair<uint32_t, std::string>> rows;
+    rows.reserve(list.size());
+    for (uint32_t c : list) {
+      dirty_flag_[c].store(false, std::memory_order_seq_cst);
+      rows.emplace_back(c, encode_chunk(snapshot(c)));
+    }
+    return rows;
+  }
+
+  // Puts chunks back into the dirty set after a failed commit.
+  void return_dirty(const std::vector<std::pair<uint32_t, std::string>>& rows) {
+    for (const auto& [c, row] : rows) {
+      if (!dirty_flag_[c].exchange(true)) {
+        std::lock_guard<std::mutex> lk(dirty_mu_);
+        dirty_.push_back(c);
+      }
+    }
+  }
+
+ private:
+  Chunk* ensure_chunk(uint64_t c) {
+    Chunk* chunk = chunks_[c].load(std::memory_order_acquire);
+    if (chunk) return chunk;
+    auto fresh = std::make_unique<Chunk>();
+    if (chunks_[c].compare_exchange_strong(chunk, fresh.get(), std::memory_order_acq_rel))
+      return fresh.release();
+    return chunk;  // another thread installed one
+  }
+
+  ChunkBits snapshot(uint32_t c) const {
+    ChunkBits bits;
+    const Chunk* chunk = chunks_[c].load(std::memory_order_acquire);
+    if (!chunk) return bits;
+    for (uint32_t w = 0; w < kWords; ++w) {
+      const uint64_t v = chunk->w[w].load(std::memory_order_acquire);
+      for (int k = 0; k < 8; ++k) bits.data()[w * 8 + k] = static_cast<uint8_t>(v >> (8 * k));
+    }
+    return bits;
+  }
+
+  const uint64_t nchunks_;
+  std::unique_ptr<std::atomic<Chunk*>[]> chunks_;
+  std::unique_ptr<std::atomic<bool>[]> dirty_flag_;
+  std::mutex dirty_mu_;
+  std::vector<uint32_t> dirty_;  // GUARDED_BY(dirty_mu_)
+};
+
+// ---- open ----
+
+Result<std::shared_ptr<Disk>> Disk::open(Pool& pool, const std::string& name, bool writable) {
+  LAYER_TRY(validate_name(name, "container name"));
+  std::shared_ptr<Disk> disk(new Disk(pool));
+  disk->name_ = name;
+  disk->writable_ = writable;
+  uint64_t id = 0;
+  {
+    LAYER_ASSIGN(auto txn, pool.index().begin_read());
+    LAYER_ASSIGN(auto rec, pool.get_container(txn, name));
+    id = rec.id;
+  }
+  // The lock comes before the row we trust: a concurrent `rm` or rollback holds it while it
+  // changes the row.
+  LAYER_ASSIGN(disk->container_lock_,
+               pool.locks().try_lock(LockKind::kContainer, id, writable,
+                                     fmt::format("container \"{}\"", name)));
+  LAYER_ASSIGN(auto txn, pool.index().begin_read());
+  LAYER_ASSIGN(disk->container_, pool.get_container(txn, name));
+  if (disk->container_.id != id)
+    return make_error(EBUSY, "container \"{}\" was replaced while opening", name);
+  LAYER_ASSIGN(disk->delta_layer_, pool.get_layer(txn, disk->container_.delta_layer));
+  if (disk->delta_layer_.parent != 0) {
+    LAYER_ASSIGN(disk->chain_, pool.chain_of(txn, disk->delta_layer_.parent));
+  }
+  for (const auto& layer : disk->chain_) {
+    LAYER_ASSIGN(Lock l, pool.locks().try_lock(LockKind::kLayer, layer.id, false,
+                                               fmt::format("layer {}", layer.id)));
+    disk->layer_locks_.push_back(std::move(l));
+  }
+  disk->size_bytes_ = disk->container_.size_bytes;
+  disk->block_size_ = disk->container_.block_size;
+  if (disk->block_size_ == 0 || disk->delta_layer_.size_bytes != disk->size_bytes_)
+    return make_error(EIO, "container \"{}\": inconsistent size or block size in the index", name);
+  disk->size_blocks_ = (disk->size_bytes_ + disk->block_size_ - 1) / disk->block_size_;
+  return disk;
+}
+
+Disk::Disk(Pool& pool) : pool_(pool) {}
+Disk::~Disk() = default;
+
+Status Disk::ensure_loaded() {
+  if (loaded_.load(std::memory_order_acquire)) return {};
+  std::lock_guard<std::mutex> lk(load_mu_);
+  if (loaded_.load(std::memory_order_relaxed)) return {};
+  LAYER_ASSIGN(auto txn, pool_.index().begin_read());
+  LAYER_ASSIGN(chain_map_, pool_.chains().get(txn, chain_, size_blocks_));
+  chain_files_.clear();
+  for (const auto& layer : chain_) {
+    auto f = pool_.store().open(pool_.layer_path(layer), false);
+    if (!f && f.error().code != ENOENT) return std::move(f).error();
+    chain_files_.push_back(f ? *f : nullptr);  // missing: an error only if a read needs it
+  }
+  auto delta = std::make_unique<DeltaMap>(size_blocks_);
+  const LayerId delta_id = delta_layer_.id;
+  const uint64_t nchunks = (size_blocks_ + kBlocksPerChunk - 1) / kBlocksPerChunk;
+  LAYER_TRY(txn.scan(Db::kMaps, key_u64(delta_id), [&](std::string_view k, std::string_view v)
+                                                        -> Result<bool> {
+    auto key = decode_key_u64_u32(k);
+    if (!key || key->second >= nchunks)
+      return make_error(EIO, "layer {}: map row outside the disk", delta_id);
+    auto bits = decode_chunk(v);
+    if (!bits) return make_error(EIO, "layer {} chunk {}: {}", delta_id, key->second,
+                                 bits.error().message);
+    delta->load(key->second, *bits);
+    return true;
+  }));
+  delta_ = std::move(delta);
+  auto f = pool_.store().open(pool_.layer_path(delta_layer_), writable_);
+  if (f) {
+    delta_file_ = *f;
+    delta_raw_.store(delta_file_.get(), std::memory_order_release);
+  } else if (f.error().code != ENOENT) {
+    return std::move(f).error();
+  }
+  loaded_.store(true, std::memory_order_release);
+  return {};
+}
+
+Result<LayerFile*> Disk::delta_file_for_write() {
+  if (LayerFile* f = delta_raw_.load(std::memory_order_acquire)) return f;
+  std::lock_guard<std::mutex> lk(delta_file_mu_);
+  if (delta_file_) return delta_file_.get();
+  // Created, synced and its directory synced before any row naming its data is committed.
+  LAYER_ASSIGN(delta_file_, pool_.store().create(pool_.layer_path(delta_layer_), size_bytes_));
+  delta_raw_.store(delta_file_.get(), std::memory_order_release);
+  return delta_file_.get();
+}
+
+// ---- helpers ----
+
+Status Disk::fail_if_broken() const {
+  if (broken_.load(std::memory_order_acquire))
+    return make_error(EIO, "container \"{}\": an earlier fdatasync failed; reopen the disk", name_);
+  return {};
+}
+
+Status Disk::check_range(uint64_t len, uint64_t offset, bool for_write) const {
+  if (for_write && !writable_) return make_error(EPERM, "container \"{}\" is read-only", name_);
+  if (offset > size_bytes_ || len > size_bytes_ - offset)
+    return make_error(EINVAL, "container \"{}\": request at {} for {} bytes is beyond the end ({})",
+                      name_, offset, len, size_bytes_);
+  return fail_if_broken();
+}
+
+uint64_t Disk::block_len(uint64_t block_no) const {
+  return std::min<uint64_t>(block_size_, size_bytes_ - block_no * block_size_);
+}
+
+Disk::Run Disk::next_run(uint64_t b, uint64_t max) const {
+  const BlockState ds = delta_->get(b);
+  if (ds == BlockState::kData) return Run{kFromDelta, delta_->run(b, max, BlockState::kData)};
+  if (ds == BlockState::kZero) return Run{kFromZero, delta_->run(b, max, BlockState::kZero)};
+  const Source src = chain_map_->lookup(b);
+  const uint64_t n = std::min(chain_map_->run_length(b, max), delta_->run(b, max, BlockState::kAbsent));
+  if (src == kSourceZero || src == kSourceAbsent) return Run{kFromZero, std::max<uint64_t>(n, 1)};
+  return Run{static_cast<int>(src), std::max<uint64_t>(n, 1)};
+}
+
+// ---- read ----
+
+Status Disk::read(void* buf, uint64_t len, uint64_t offset) {
+  LAYER_TRY(check_range(len, offset, false));
+  if (len == 0) return {};
+  LAYER_TRY(ensure_loaded());
+  return read_range(static_cast<uint8_t*>(buf), len, offset);
+}
+
+Status Disk::read_range(uint8_t* buf, uint64_t len, uint64_t offset) {
+  const uint64_t end = offset + len;
+  uint64_t b = offset / block_size_;
+  const uint64_t last = (end - 1) / block_size_;
+  while (b <= last) {
+    const Run run = next_run(b, last - b + 1);
+    const uint64_t from = std::max(offset, b * block_size_);
+    const uint64_t to = std::min(end, (b + run.blocks) * block_size_);
+    uint8_t* dst = buf + (from - offset);
+    if (run.source == kFromZero) {
+      std::memset(dst, 0, to - from);
+    } else {
+      LayerFile* file = run.source == kFromDelta
+                            ? delta_raw_.load(std::memory_order_acquire)
+                            : chain_files_[static_cast<size_t>(run.source)].get();
+      if (!file) {
+        const LayerRecord& l = run.source == kFromDelta ? delta_layer_ : chain_[run.source];
+        return make_error(EIO, "layer {}: file {} is missing but holds block {}", l.id,
+                          pool_.layer_path(l), b);
+      }
+      LAYER_TRY(file->read(dst, to - from, from));
+    }
+    b += run.blocks;
+  }
+  return {};
+}
+
+// ---- write ----
+
+namespace {
+
+// Holds the stripes of a set of blocks, in ascending order (no deadlock between requests).
+class StripeGuard {
+ public:
+  StripeGuard(std::mutex* stripes, size_t nstripes, const std::vector<uint64_t>& blocks)
+      : stripes_(stripes) {
+    std::vector<bool> want(nstripes, false);
+    for (uint64_t b : blocks) want[b % nstripes] = true;
+    for (size_t i = 0; i < nstripes; ++i)
+      if (want[i]) held_.push_back(i);
+    for (size_t i : held_) stripes_[i].lock();
+  }
+  ~StripeGuard() {
+    for (auto it = held_.rbegin(); it != held_.rend(); ++it) stripes_[*it].unlock();
+  }
+
+ private:
+  std::mutex* stripes_;
+  std::vector<size_t> held_;
+};
+
+}  // namespace
+
+Status Disk::write(const void* buf, uint64_t len, uint64_t offset, bool fua) {
+  LAYER_TRY(check_range(len, offset, true));
+  if (len == 0) return {};
+  LAYER_TRY(ensure_loaded());
+  LAYER_TRY(write_range(static_cast<const uint8_t*>(buf), len, offset));
+  return fua ? flush() : Status{};
+}
+
+Status Disk::write_range(const uint8_t* buf, uint64_t len, uint64_t offset) {
+  const uint64_t end = offset + len;
+  const uint64_t first = offset / block_size_;
+  const uint64_t last = (end - 1) / block_size_;
+  const uint64_t count = last - first + 1;
+
+  // Fast path: every block is already the delta's own data; write in place, no lock.
+  if (delta_->run(first, count, BlockState::kData) == count) {
+    LayerFile* f = delta_raw_.load(std::memory_order_acquire);
+    LAYER_TRY(f->write(buf, len, offset));
+    write_seq_.fetch_add(1, std::memory_order_release);
+    return {};
+  }
+
+  LAYER_ASSIGN(LayerFile * file, delta_file_for_write());
+  std::vector<uint64_t> locked;
+  for (uint64_t b = first; b <= last; ++b)
+    if (delta_->get(b) != BlockState::kData) locked.push_back(b);
+  StripeGuard guard(stripes_.get(), kStripes, locked);
+
+  // Copy up a partial head or tail block that is not (re-checked under its stripe) data yet:
+  // its whole content through the chain, merged with the request, in one write.
+  auto partial = [&](uint64_t b) {
+    return offset > b * block_size_ || end < b * block_size_ + block_len(b);
+  };
+  uint64_t direct_from = offset, direct_to = end;
+  std::vector<uint8_t> tmp;
+  std::vector<uint64_t> edges{first};
+  if (last != first) edges.push_back(last);
+  for (uint64_t b : edges) {
+    if (!partial(b) || delta_->get(b) == BlockState::kData) continue;
+    const uint64_t bstart = b * block_size_, blen = block_len(b);
+    tmp.resize(blen);
+    LAYER_TRY(read_range(tmp.data(), blen, bstart));
+    const uint64_t from = std::max(offset, bstart), to = std::min(end, bstart + blen);
+    std::memcpy(tmp.data() + (from - bstart), buf + (from - offset), to - from);
+    LAYER_TRY(file->write(tmp.data(), blen, bstart));
+    if (b == first) direct_from = std::max(direct_from, bstart + blen);
+    if (b == last) direct_to = std::min(direct_to, bstart);
+  }
+  if (direct_from < direct_to)
+    LAYER_TRY(file->write(buf + (direct_from - offset), direct_to - direct_from, direct_from));
+  write_seq_.fetch_add(1, std::memory_order_release);
+  // Marked only now that every write above returned.
+  delta_->set_range(first, count, BlockState::kData);
+  return {};
+}
+
+// ---- zero / trim ----
+
+Status Disk::zero(uint64_t len, uint64_t offset, bool fua, bool fast) {
+  LAYER_TRY(check_range(len, offset, true));
+  if (len == 0) return {};
+  const uint64_t end = offset + len;
+  // Whole blocks: [ws, we) — block b is whole when the range covers all of its bytes.
+  const uint64_t ws = (offset + block_size_ - 1) / block_size_;
+  const uint64_t we = end == size_bytes_ ? size_blocks_ : end / block_size_;
+  const bool has_whole = ws < we;
+  const uint64_t head_to = has_whole ? ws * block_size_ : end;
+  const uint64_t tail_from = has_whole ? we * block_size_ : end;
+  if (fast && (offset < head_to || tail_from < end))
+    return make_error(ENOTSUP, "fast zero of a partial block would write data");
+  LAYER_TRY(ensure_loaded());
+  std::vector<uint8_t> zeroes;
+  if (offset < head_to) {
+    zeroes.assign(head_to - offset, 0);
+    LAYER_TRY(write_range(zeroes.data(), head_to - offset, offset));
+  }
+  if (has_whole) LAYER_TRY(zero_whole_blocks(ws, we - ws));
+  if (tail_from < end) {
+    zeroes.assign(end - tail_from, 0);
+    LAYER_TRY(write_range(zeroes.data(), end - tail_from, tail_from));
+  }
+  return fua ? flush() : Status{};
+}
+
+Status Disk::trim(uint64_t len, uint64_t offset, bool fua) {
+  // Trimmed ranges read back as zeroes: stronger than NBD asks, and what users expect.
+  return zero(len, offset, fua, false);
+}
+
+Status Disk::zero_whole_blocks(uint64_t first, uint64_t count) {
+  std::vector<uint64_t> locked;
+  for (uint64_t b = first; b < first + count; ++b)
+    if (delta_->get(b) != BlockState::kData) locked.push_back(b);
+  StripeGuard guard(stripes_.get(), kStripes, locked);
+
+  if (LayerFile* f = delta_raw_.load(std::memory_order_acquire)) {
+    const uint64_t from = first * block_size_;
+    const uint64_t to = std::min(size_bytes_, (first + count) * block_size_);
+    LAYER_TRY(f->punch(from, to - from));
+    write_seq_.fetch_add(1, std::memory_order_release);
+  }
+  // Mark after the punch returned. A block that nothing below holds data for stays (or
+  // becomes) absent or zero without a tombstone where it has none.
+  uint64_t b = first;
+  const uint64_t end = first + count;
+  while (b < end) {
+    const BlockState ds = delta_->get(b);
+    uint64_t n;
+    bool tombstone;
+    if (ds == BlockState::kData) {
+      n = delta_->run(b, end - b, BlockState::kData);
+      tombstone = true;
+    } else if (ds == BlockState::kZero) {
+      n = delta_->run(b, end - b, BlockState::kZero);
+      tombstone = false;  // already zero
+    } else {
+      const Source src = chain_map_->lookup(b);
+      n = std::max<uint64_t>(1, std::min(chain_map_->run_length(b, end - b),
+                                         delta_->run(b, end - b, BlockState::kAbsent)));
+      tombstone = src != kSourceZero && src != kSourceAbsent;
+    }
+    if (tombstone) delta_->set_range(b, n, BlockState::kZero);
+    b += n;
+  }
+  return {};
+}
+
+// ---- flush ----
+
+Status Disk::flush() {
+  if (!writable_) return {};
+  LAYER_TRY(fail_if_broken());
+  if (!loaded_.load(std::memory_order_acquire)) return {};  // nothing written yet
+  std::unique_lock<std::mutex> lk(flush_mu_);
+  const uint64_t ticket = ++tickets_;
+  for (;;) {
+    if (done_ >= ticket) return {};
+    if (failed_upto_ >= ticket) return failed_error_;
+    if (!round_running_) break;
+    flush_cv_.wait(lk);
+  }
+  // Lead a round covering every ticket issued so far.
+  round_running_ = true;
+  const uint64_t covers = tickets_;
+  lk.unlock();
+  Status s = flush_round();
+  lk.lock();
+  round_running_ = false;
+  if (s.ok()) {
+    done_ = std::max(done_, covers);
+  } else {
+    failed_upto_ = std::max(failed_upto_, covers);
+    failed_error_ = s.error();
+  }
+  flush_cv_.notify_all();
+  return s;
+}
+
+Status Disk::flush_round() {
+  // Read before the swap: a write counted here completed before every mark the swap copies.
+  const uint64_t seq = write_seq_.load(std::memory_order_acquire);
+  auto rows = delta_->take_dirty();
+  if (seq != synced_seq_) {
+    if (LayerFile* f = delta_raw_.load(std::memory_order_acquire)) {
+      // Data is fdatasync'ed before the index commit that makes it visible, so a crash never
+      // exposes an index entry without its data.
+      auto s = f->sync();
+      if (!s) {
+        broken_.store(true, std::memory_order_release);
+        delta_->return_dirty(rows);
+        return make_error(EIO, "container \"{}\": {}", name_, s.error().message);
+      }
+    }
+    synced_seq_ = seq;
+  }
+  if (rows.empty()) return {};
+  const LayerId delta_id = delta_layer_.id;
+  auto s = pool_.committer().run([&](WriteTxn& txn) -> Status {
+    for (const auto& [chunk, row] : rows) {
+      const std::string key = key_u64_u32(delta_id, chunk);
+      if (row.size() == 1 && row[0] == static_cast<char>(BlockState::kAbsent)) {
+        LAYER_TRY(txn.del(Db::kMaps, key));
+      } else {
+        LAYER_TRY(txn.put(Db::kMaps, key, row));
+      }
+    }
+    return {};
+  });
+  if (!s) {
+    delta_->return_dirty(rows);
+    return s;
+  }
+  return {};
+}
+
+// ---- extents / cache ----
+
+Status Disk::extents(uint64_t len, uint64_t offset,
+                     const std::function<void(uint64_t, uint64_t, bool)>& fn) {
+  LAYER_TRY(check_range(len, offset, false));
+  if (len == 0) return {};
+  LAYER_TRY(ensure_loaded());
+  const uint64_t end = offset + len;
+  uint64_t b = offset / block_size_;
+  const uint64_t last = (end - 1) / block_size_;
+  uint64_t cur_from = offset;
+  bool cur_data = false;
+  bool have = false;
+  while (b <= last) {
+    const Run run = next_run(b, last - b + 1);
+    const bool data = run.source != kFromZero;
+    const uint64_t from = std::max(offset, b * block_size_);
+    if (!have) {
+      cur_from = from;
+      cur_data = data;
+      have = true;
+    } else if (data != cur_data) {
+      fn(cur_from, from - cur_from, cur_data);
+      cur_from = from;
+      cur_data = data;
+    }
+    b += run.blocks;
+  }
+  fn(cur_from, end - cur_from, cur_data);
+  return {};
+}
+
+Status Disk::cache(uint64_t len, uint64_t offset) {
+  LAYER_TRY(check_range(len, offset, false));
+  if (len == 0) return {};
+  LAYER_TRY(ensure_loaded());
+  const uint64_t end = offset + len;
+  uint64_t b = offset / block_size_;
+  const uint64_t last = (end - 1) / block_size_;
+  while (b <= last) {
+    const Run run = next_run(b, last - b + 1);
+    const uint64_t from = std::max(offset, b * block_size_);
+    const uint64_t to = std::min(end, (b + run.blocks) * block_size_);
+    LayerFile* file = run.source == kFromZero    ? nullptr
+                      : run.source == kFromDelta ? delta_raw_.load(std::memory_order_acquire)
+                                                 : chain_files_[static_cast<size_t>(run.source)].get();
+    if (file) file->prefetch(from, to - from);
+    b += run.blocks;
+  }
+  return {};
+}
+
+// ---- DiskTable ----
+
+Result<std::shared_ptr<Disk>> DiskTable::acquire(const std::string& name, bool writable) {
+  std::lock_guard<std::mutex> lk(mu_);
+  auto it = disks_.find(name);
+  if (it != disks_.end()) {
+    if (writable && !it->second.disk->writable())
+      return make_error(EBUSY, "container \"{}\" is open read-only in this server", name);
+    ++it->second.users;
+    return it->second.disk;
+  }
+  LAYER_ASSIGN(auto disk, Disk::open(pool_, name, writable));
+  disks_[name] = Entry{disk, 1};
+  return disk;
+}
+
+Status DiskTable::release(const std::shared_ptr<Disk>& disk) {
+  std::shared_ptr<Disk> last;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = disks_.find(disk->name());
+    if (it == disks_.end() || it->second.disk != disk) return {};
+    if (--it->second.users > 0) return {};
+    last = std::move(it->second.disk);
+    disks_.erase(it);
+  }
+  // A clean disconnect keeps everything written, flushed or not.
+  return last->flush();
+}
+
+Status DiskTable::flush_all() {
+  std::vector<std::shared_ptr<Disk>> all;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    for (auto& [name, e] : disks_) all.push_back(e.disk);
+  }
+  Status result;
+  for (auto& d : all) {
+    auto s = d->flush();
+    if (!s && result.ok()) result = s;
+  }
+  return result;
+}
+
+}  // namespace layer

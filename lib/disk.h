@@ -1,0 +1,159 @@
+// disk.h — an open container: delta map + chain map; read, write, zero, trim, flush, extents.
+//
+// Opening is cheap (locks + one container row): nbdkit opens every export for each
+// NBD_OPT_INFO. The chain map, the delta's map and the layer files are loaded on the first I/O.
+// Requests may have any offset and length within the disk. Writes copy up partial blocks; the
+// flush order is fdatasync(delta) before the LMDB commit of the map rows it makes visible
+// (DESIGN.md "Durability"). After a failed fdatasync every request fails with EIO until the
+// disk is reopened.
+//
+// Thread-safety: every I/O method may be called concurrently from many threads and
+// connections. The Pool must outlive the Disk.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "chain.h"
+#include "error.h"
+#include "layer_file.h"
+#include "locks.h"
+#include "pool.h"
+#include "records.h"
+
+namespace layer {
+
+class Disk {
+ public:
+  // Opens container `name`, taking its exclusive lock (writable) or a shared one, and shared
+  // locks on its chain's layers. Errors: ENOENT (no such container), EBUSY (another process
+  // serves it: the message names it), EIO.
+  static Result<std::shared_ptr<Disk>> open(Pool& pool, const std::string& name, bool writable);
+  // Does not flush: what was not flushed may be lost, as after a crash.
+  ~Disk();
+  Disk(const Disk&) = delete;
+  Disk& operator=(const Disk&) = delete;
+
+  const std::string& name() const { return name_; }
+  uint64_t size_bytes() const { return size_bytes_; }
+  uint32_t block_size() const { return block_size_; }
+  bool writable() const { return writable_; }
+
+  // Errors (all I/O): EINVAL (range beyond the end), EPERM (write to a read-only disk), EIO
+  // (I/O failure, corrupt index, or the disk failed an fdatasync), ENOSPC, ENOMEM.
+  Status read(void* buf, uint64_t len, uint64_t offset);
+  // fua: the write is durable when this returns (a flush round).
+  Status write(const void* buf, uint64_t len, uint64_t offset, bool fua);
+  // Zeroes the range. Whole blocks become zero tombstones (punched); partial blocks are written.
+  // fast: ENOTSUP unless the range is whole blocks (nothing would be written).
+  Status zero(uint64_t len, uint64_t offset, bool fua, bool fast);
+  // As zero(): trimmed ranges read back as zeroes.
+  Status trim(uint64_t len, uint64_t offset, bool fua);
+  // Makes every write completed before this call durable (group commit: concurrent flushes
+  // share one round).
+  Status flush();
+  // Calls fn(offset, len, is_data) for consecutive extents covering [offset, offset+len);
+  // !is_data means hole+zero. From the maps, never from the files.
+  Status extents(uint64_t len, uint64_t offset,
+                 const std::function<void(uint64_t, uint64_t, bool)>& fn);
+  // Hints that the range will be read soon.
+  Status cache(uint64_t len, uint64_t offset);
+
+ private:
+  explicit Disk(Pool& pool);
+  class DeltaMap;
+  // Where a run of blocks comes from.
+  static constexpr int kFromDelta = -1;
+  static constexpr int kFromZero = -2;  // zero tombstone or absent everywhere
+  struct Run {
+    int source;  // kFromDelta, kFromZero or an index into chain_
+    uint64_t blocks;
+  };
+  Run next_run(uint64_t block_no, uint64_t max_blocks) const;
+  uint64_t block_len(uint64_t block_no) const;
+  Status ensure_loaded();
+  Status check_range(uint64_t len, uint64_t offset, bool for_write) const;
+  Result<LayerFile*> delta_file_for_write();
+  Status read_range(uint8_t* buf, uint64_t len, uint64_t offset);
+  Status write_range(const uint8_t* buf, uint64_t len, uint64_t offset);
+  Status zero_whole_blocks(uint64_t first, uint64_t count);
+  Status flush_round();
+  Status fail_if_broken() const;
+
+  Pool& pool_;
+  std::string name_;
+  ContainerRecord container_;
+  LayerRecord delta_layer_;
+  uint64_t size_bytes_ = 0;
+  uint32_t block_size_ = 0;
+  uint64_t size_blocks_ = 0;
+  bool writable_ = false;
+  Lock container_lock_;
+  std::vector<Lock> layer_locks_;
+  std::vector<LayerRecord> chain_;  // frozen layers below the delta, top first
+
+  // Loaded on first I/O (ensure_loaded), then immutable until the Disk closes.
+  std::mutex load_mu_;
+  std::atomic<bool> loaded_{false};
+  std::shared_ptr<const ChainMap> chain_map_;
+  std::vector<std::shared_ptr<LayerFile>> chain_files_;  // parallel to chain_; null: no file
+  std::unique_ptr<DeltaMap> delta_;
+
+  // The delta's file, created on the first write. Set once under delta_file_mu_; read
+  // lock-free through delta_raw_ (a block is marked data only after its write to this file).
+  std::mutex delta_file_mu_;
+  std::shared_ptr<LayerFile> delta_file_;
+  std::atomic<LayerFile*> delta_raw_{nullptr};
+
+  // Striped locks: a write, zero or trim touching a block that is not yet data in the delta
+  // holds the stripes of its blocks (ascending order), so no copy-up can resurrect lower data
+  // over a concurrent write.
+  static constexpr size_t kStripes = 1024;
+  std::unique_ptr<std::mutex[]> stripes_{new std::mutex[kStripes]};
+
+  // Bumped after every completed write or punch of the delta file; a flush round syncs only
+  // when it moved since the last successful sync.
+  std::atomic<uint64_t> write_seq_{0};
+  uint64_t synced_seq_ = 0;  // GUARDED_BY(flush_mu_) (only the running round touches it)
+
+  // Flush rounds (group commit): each flush takes a ticket; a round covers every ticket issued
+  // before it started.
+  std::mutex flush_mu_;
+  std::condition_variable flush_cv_;
+  uint64_t tickets_ = 0;      // GUARDED_BY(flush_mu_)
+  uint64_t done_ = 0;         // GUARDED_BY(flush_mu_): tickets covered by a successful round
+  uint64_t failed_upto_ = 0;  // GUARDED_BY(flush_mu_): tickets covered by a failed round
+  Error failed_error_;        // GUARDED_BY(flush_mu_)
+  bool round_running_ = false;  // GUARDED_BY(flush_mu_)
+  std::atomic<bool> broken_{false};  // an fdatasync failed: EIO until reopened
+};
+
+// One Disk per container per process, shared by all connections to it (so multi-conn is
+// safe). The last release flushes and closes it, releasing its locks.
+// Thread-safety: safe for concurrent use.
+class DiskTable {
+ public:
+  explicit DiskTable(Pool& pool) : pool_(pool) {}
+  Result<std::shared_ptr<Disk>> acquire(const std::string& name, bool writable);
+  // Errors: the final flush's.
+  Status release(const std::shared_ptr<Disk>& disk);
+  Status flush_all();
+
+ private:
+  Pool& pool_;
+  std::mutex mu_;
+  struct Entry {
+    std::shared_ptr<Disk> disk;
+    unsigned users = 0;
+  };
+  std::map<std::string, Entry> disks_;  // GUARDED_BY(mu_)
+};
+
+}  // namespace layer

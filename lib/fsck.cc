@@ -1,0 +1,294 @@
+// fsck.cc — Pool::fsck: the index checked against itself and against the layer files.
+//
+// Checks, each problem one line naming the object:
+// - every record decodes; every parent, image top and container delta exists; chains end;
+// - refcounts equal the references found (child layers, images, containers);
+// - every map row belongs to a known layer, decodes and lies within the layer's size;
+// - every layer with data rows has its file, and every existing file has the layer's size;
+// - files in the tier directories that no layer names (orphans; --repair removes them);
+// - interrupted imports left in `intents` (--repair rolls them back);
+// - with full: every stored 64 KiB checksum of a frozen layer matches its data, and every
+//   group of a frozen layer that holds data has a checksum.
+// Read-only unless repair: it never changes a layer that is in use.
+#include <dirent.h>
+#include <sys/stat.h>
+
+#include <cstring>
+
+#include <map>
+#include <set>
+
+#include "block_map.h"
+#include "checksum.h"
+#include "pool.h"
+
+namespace layer {
+
+namespace {
+
+struct LayerFacts {
+  LayerRecord rec;
+  uint32_t refs = 0;
+  uint64_t data_blocks = 0;
+  std::set<uint64_t> data_groups;  // 64 KiB groups holding data (frozen layers only)
+};
+
+}  // namespace
+
+Result<FsckReport> Pool::fsck(bool full, bool repair) {
+  if (repair && read_only_) return make_error(EACCES, "pool {} is open read-only", paths_.root);
+  FsckReport report;
+  auto problem = [&](std::string line) { report.problems.push_back(std::move(line)); };
+  std::map<LayerId, LayerFacts> layers;
+  std::vector<IntentRecord> intents;
+  std::vector<uint64_t> intent_ids;
+  std::map<LayerId, std::map<uint32_t, std::vector<uint64_t>>> sums;
+  {
+    LAYER_ASSIGN(auto txn, index_->begin_read());
+    LAYER_TRY(txn.scan(Db::kLayers, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
+      auto id = decode_key_u64(k);
+      if (!id) {
+        problem(fmt::format("layers: key of {} bytes", k.size()));
+        return true;
+      }
+      auto rec = decode_layer(v, *id);
+      if (!rec) problem(rec.error().message);
+      else layers[*id].rec = *rec;
+      return true;
+    }));
+    report.layers = layers.size();
+    for (auto& [id, f] : layers) {
+      if (f.rec.parent == 0) continue;
+      auto parent = layers.find(f.rec.parent);
+      if (parent == layers.end()) {
+        problem(fmt::format("layer {}: parent layer {} is missing", id, f.rec.parent));
+        continue;
+      }
+      ++parent->second.refs;
+      if (parent->second.rec.state == LayerState::kWritable)
+        problem(fmt::format("layer {}: parent layer {} is writable", id, f.rec.parent));
+      if (parent->second.rec.block_size != f.rec.block_size)
+        problem(fmt::format("layer {}: block size {} differs from parent {}'s {}", id,
+                            f.rec.block_size, f.rec.parent, parent->second.rec.block_size));
+    }
+    LAYER_TRY(txn.scan(Db::kImages, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
+      ++report.images;
+      auto image = decode_image(v, k);
+      if (!image) {
+        problem(image.error().message);
+        return true;
+      }
+      auto it = layers.find(image->top_layer);
+      if (it == layers.end()) {
+        problem(fmt::format("image {}: layer {} is missing", k, image->top_layer));
+        return true;
+      }
+      ++it->second.refs;
+      if (it->second.rec.state == LayerState::kWritable)
+        problem(fmt::format("image {}: layer {} is writable", k, image->top_layer));
+      return true;
+    }));
+    LAYER_TRY(txn.scan(Db::kContainers, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
+      ++report.containers;
+      auto c = decode_container(v, k);
+      if (!c) {
+        problem(c.error().message);
+        return true;
+      }
+      auto it = layers.find(c->delta_layer);
+      if (it == layers.end()) {
+        problem(fmt::format("container {}: delta layer {} is missing", k, c->delta_layer));
+        return true;
+      }
+      ++it->second.refs;
+      if (it->second.rec.state != LayerState::kWritable)
+        problem(fmt::format("container {}: delta layer {} is not writable", k, c->delta_layer));
+      if (it->second.rec.size_bytes != c->size_bytes)
+        problem(fmt::format("container {}: size {} differs from its delta's {}", k, c->size_bytes,
+                            it->second.rec.size_bytes));
+      auto chain = chain_of(txn, c->delta_layer);
+      if (!chain) problem(fmt::format("container {}: {}", k, chain.error().message));
+      return true;
+    }));
+    for (auto& [id, f] : layers) {
+      if (f.refs != f.rec.refcount)
+        problem(fmt::format("layer {}: refcount is {}, but {} references were found", id,
+                            f.rec.refcount, f.refs));
+      if (f.refs == 0) problem(fmt::format("layer {}: nothing refers to it (leaked)", id));
+    }
+    LAYER_TRY(txn.scan(Db::kMaps, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
+      ++report.map_rows;
+      auto key = decode_key_u64_u32(k);
+      if (!key) {
+        problem(fmt::format("maps: key of {} bytes", k.size()));
+        return true;
+      }
+      auto [id, chunk] = *key;
+      auto it = layers.find(id);
+      if (it == layers.end()) return true;  // reported below unless an import is pending
+      LayerFacts& f = it->second;
+      auto bits = decode_chunk(v);
+      if (!bits) {
+        problem(fmt::format("layer {} chunk {}: {}", id, chunk, bits.error().message));
+        return true;
+      }
+      const uint64_t size_blocks = (f.rec.size_bytes + f.rec.block_size - 1) / f.rec.block_size;
+      for (uint32_t i = 0; i < kBlocksPerChunk; ++i) {
+        if (bits->get(i) != BlockState::kData) continue;
+        const uint64_t b = uint64_t{chunk} * kBlocksPerChunk + i;
+        if (b >= size_blocks) {
+          problem(fmt::format("layer {}: block {} is beyond its size", id, b));
+          break;
+        }
+        ++f.data_blocks;
+        if (full && f.rec.state == LayerState::kFrozen) {
+          const uint64_t first = b * f.rec.block_size / kSumGroupBytes;
+          const uint64_t end = std::min<uint64_t>((b + 1) * f.rec.block_size, f.rec.size_bytes);
+          for (uint64_t g = first; g * kSumGroupBytes < end; ++g) f.data_groups.insert(g);
+        }
+      }
+      return true;
+    }));
+    // Map rows whose layer is unknown and not an import in progress are leaks.
+    std::set<LayerId> importing;
+    LAYER_TRY(txn.scan(Db::kIntents, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
+      auto id = decode_key_u64(k).value_or(0);
+      auto intent = decode_intent(v, id);
+      if (!intent) {
+        problem(intent.error().message);
+        return true;
+      }
+      importing.insert(intent->layer);
+      intents.push_back(*intent);
+      intent_ids.push_back(id);
+      std::string line = fmt::format("interrupted import of {} (intent {}, layer {})",
+                                     intent->target, id, intent->layer);
+      if (repair) report.repaired.push_back(line + ": rolled back");
+      else problem(line);
+      return true;
+    }));
+    std::set<LayerId> leaked;
+    LAYER_TRY(txn.scan(Db::kMaps, "", [&](std::string_view k, std::string_view) -> Result<bool> {
+      auto key = decode_key_u64_u32(k);
+      if (key && !layers.count(key->first) && !importing.count(key->first)) leaked.insert(key->first);
+      return true;
+    }));
+    for (LayerId id : leaked) problem(fmt::format("maps: rows of unknown layer {}", id));
+    if (full) {
+      LAYER_TRY(txn.scan(Db::kSums, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
+        auto key = decode_key_u64_u32(k);
+        if (!key) return true;
+        auto s = decode_sums(v);
+        if (!s) problem(fmt::format("layer {} sums row {}: {}", key->first, key->second,
+                                    s.error().message));
+        else sums[key->first][key->second] = *s;
+        return true;
+      }));
+    }
+  }
+
+  // Files.
+  std::set<std::string> named;
+  for (auto& [id, f] : layers) {
+    const std::string path = layer_path(f.rec);
+    named.insert(path);
+    struct stat st;
+    if (::stat(path.c_str(), &st) != 0) {
+      if (f.data_blocks > 0)
+        problem(fmt::format("layer {}: file {} is missing, the index has {} data blocks in it", id,
+                            path, f.data_blocks));
+      continue;
+    }
+    if (static_cast<uint64_t>(st.st_size) != f.rec.size_bytes)
+      problem(fmt::format("layer {}: file {} is {} bytes, index says {}", id, path, st.st_size,
+                          f.rec.size_bytes));
+  }
+  for (const auto& intent : intents) {
+    LayerRecord probe{};
+    probe.id = intent.layer;
+    named.insert(layer_path(probe));  // reported with its intent, not as an orphan
+  }
+  std::vector<std::string> orphans;
+  for (const auto& dir : paths_.tier_dir) {
+    DIR* d = ::opendir(dir.c_str());
+    if (!d) {
+      problem(fmt::format("tier directory {} cannot be read: {}", dir, std::strerror(errno)));
+      continue;
+    }
+    while (struct dirent* e = ::readdir(d)) {
+      std::string n = e->d_name;
+      if (n == "." || n == "..") continue;
+      const bool ours = n.ends_with(".layer") || n.ends_with(".layer.new");
+      if (!ours) continue;
+      const std::string path = dir + "/" + n;
+      if (named.count(path)) continue;
+      orphans.push_back(path);
+      if (repair) report.repaired.push_back(fmt::format("orphan file {}: removed", path));
+      else problem(fmt::format("orphan file {}", path));
+    }
+    ::closedir(d);
+  }
+
+  // Checksums.
+  if (full) {
+    std::vector<uint8_t> buf(kSumGroupBytes);
+    for (auto& [id, f] : layers) {
+      if (f.rec.state != LayerState::kFrozen) continue;
+      auto& rows = sums[id];
+      auto sum_of = [&](uint64_t g) -> uint64_t {
+        auto it = rows.find(static_cast<uint32_t>(g / kSumsPerRow));
+        if (it == rows.end() || g % kSumsPerRow >= it->second.size()) return 0;
+        return it->second[g % kSumsPerRow];
+      };
+      for (uint64_t g : f.data_groups)
+        if (sum_of(g) == 0)
+          problem(fmt::format("layer {}: no checksum for data at offset {}", id, g * kSumGroupBytes));
+      if (rows.empty()) continue;
+      auto file = store_->open(layer_path(f.rec), false);
+      if (!file) continue;  // reported above when it matters
+      for (const auto& [row, v] : rows) {
+        for (size_t i = 0; i < v.size(); ++i) {
+          if (v[i] == 0) continue;
+          const uint64_t g = uint64_t{row} * kSumsPerRow + i;
+          const uint64_t off = g * kSumGroupBytes;
+          if (off >= f.rec.size_bytes) {
+            problem(fmt::format("layer {}: checksum for offset {} beyond its size", id, off));
+            continue;
+          }
+          const uint64_t len = std::min<uint64_t>(kSumGroupBytes, f.rec.size_bytes - off);
+          auto r = (*file)->read(buf.data(), len, off);
+          if (!r) {
+            problem(fmt::format("layer {}: {}", id, r.error().message));
+            continue;
+          }
+          ++report.groups_verified;
+          const uint64_t got = group_checksum(buf.data(), len);
+          if (got != v[i])
+            problem(fmt::format("layer {}: checksum mismatch at offset {} (index says {:016x}, "
+                                "data hashes to {:016x})",
+                                id, off, v[i], got));
+        }
+      }
+    }
+  }
+
+  if (repair) {
+    for (size_t i = 0; i < intents.size(); ++i) {
+      const LayerId layer_id = intents[i].layer;
+      const uint64_t intent_id = intent_ids[i];
+      LAYER_TRY(committer_->run([&](WriteTxn& txn) -> Status {
+        LAYER_TRY(txn.del_prefix(Db::kMaps, key_u64(layer_id)));
+        LAYER_TRY(txn.del_prefix(Db::kSums, key_u64(layer_id)));
+        return txn.del(Db::kIntents, key_u64(intent_id));
+      }));
+      LayerRecord probe{};
+      probe.id = layer_id;
+      LAYER_TRY(store_->remove(layer_path(probe)));
+      LAYER_TRY(store_->remove(layer_path(probe) + ".new"));
+    }
+    for (const auto& path : orphans) LAYER_TRY(store_->remove(path));
+  }
+  return report;
+}
+
+}  // namespace layer

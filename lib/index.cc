@@ -1,0 +1,358 @@
+// index.cc — LMDB environment, named dbs, transactions and the committer thread.
+//
+// Design notes:
+// - One env per process (LMDB forbids opening the same env twice in a process, and an env must
+//   not cross a fork: the plugin opens it in after_fork).
+// - All named dbs are created by `layer init` (Index::open with create); a later open finds
+//   them or reports the index as corrupt, so a read-only open never needs a write transaction.
+// - Map size is fixed at 64 GiB by the creator. If another process ever grows it, LMDB answers
+//   MDB_MAP_RESIZED at txn begin; we then adopt the new size with mdb_env_set_mapsize(env, 0),
+//   which is only allowed while this process has no transaction open — hence every transaction
+//   holds resize_mu_ shared and the resize takes it exclusively.
+// - The committer runs each job in a nested transaction of one batch transaction, so a failing
+//   job is rolled back alone and the others still commit together (group commit: one pair of
+//   LMDB syncs for all the flush rounds that queued up meanwhile).
+#include "index.h"
+
+#include <sys/stat.h>
+
+#include <chrono>
+#include <cstring>
+
+namespace layer {
+namespace {
+
+Error lmdb_error(int rc, std::string_view what) {
+  int code = EIO;
+  if (rc == MDB_MAP_FULL) code = ENOSPC;
+  else if (rc == EACCES || rc == ENOENT || rc == ENOSPC || rc == ENOMEM || rc == EROFS) code = rc;
+  return make_error(code, "index: {}: {}", what, mdb_strerror(rc));
+}
+
+MDB_val val(std::string_view s) {
+  return MDB_val{s.size(), const_cast<char*>(s.data())};
+}
+std::string_view view(const MDB_val& v) {
+  return std::string_view(static_cast<const char*>(v.mv_data), v.mv_size);
+}
+
+// A cursor closed on every path.
+class Cursor {
+ public:
+  Cursor() = default;
+  ~Cursor() {
+    if (c_) mdb_cursor_close(c_);
+  }
+  MDB_cursor** out() { return &c_; }
+  MDB_cursor* get() { return c_; }
+
+ private:
+  MDB_cursor* c_ = nullptr;
+};
+
+}  // namespace
+
+const char* db_name(Db db) {
+  static const char* const kNames[] = {"meta",       "layers",    "maps",  "sums",   "images",
+                                       "containers", "snapshots", "heat", "intents"};
+  return kNames[static_cast<int>(db)];
+}
+
+std::string key_u64(uint64_t id) {
+  std::string k(8, '\0');
+  for (int i = 0; i < 8; ++i) k[i] = static_cast<char>(id >> (56 - 8 * i));
+  return k;
+}
+
+std::string key_u64_u32(uint64_t id, uint32_t n) {
+  std::string k = key_u64(id);
+  for (int i = 0; i < 4; ++i) k.push_back(static_cast<char>(n >> (24 - 8 * i)));
+  return k;
+}
+
+std::optional<uint64_t> decode_key_u64(std::string_view key) {
+  if (key.size() != 8) return std::nullopt;
+  uint64_t v = 0;
+  for (char c : key) v = v << 8 | static_cast<uint8_t>(c);
+  return v;
+}
+
+std::optional<std::pair<uint64_t, uint32_t>> decode_key_u64_u32(std::string_view key) {
+  if (key.size() != 12) return std::nullopt;
+  uint64_t id = *decode_key_u64(key.substr(0, 8));
+  uint32_t n = 0;
+  for (char c : key.substr(8)) n = n << 8 | static_cast<uint8_t>(c);
+  return std::make_pair(id, n);
+}
+
+// ---- ReadTxn / WriteTxn ----
+
+ReadTxn::ReadTxn(Index* index, MDB_txn* txn, std::shared_lock<std::shared_mutex> lock)
+    : index_(index), txn_(txn), resize_lock_(std::move(lock)) {}
+
+ReadTxn::ReadTxn(ReadTxn&& o) noexcept
+    : index_(o.index_), txn_(o.txn_), resize_lock_(std::move(o.resize_lock_)) {
+  o.txn_ = nullptr;
+}
+
+ReadTxn::~ReadTxn() {
+  if (txn_) mdb_txn_abort(txn_);
+}
+
+Result<std::optional<std::string_view>> ReadTxn::get(Db db, std::string_view key) {
+  MDB_val k = val(key), v;
+  int rc = mdb_get(txn_, index_->dbi_[static_cast<int>(db)], &k, &v);
+  if (rc == MDB_NOTFOUND) return std::optional<std::string_view>();
+  if (rc != 0) return lmdb_error(rc, fmt::format("get from {}", db_name(db)));
+  return std::optional<std::string_view>(view(v));
+}
+
+Status ReadTxn::scan(Db db, std::string_view prefix,
+                     const std::function<Result<bool>(std::string_view, std::string_view)>& fn) {
+  Cursor cur;
+  int rc = mdb_cursor_open(txn_, index_->dbi_[static_cast<int>(db)], cur.out());
+  if (rc != 0) return lmdb_error(rc, "cursor open");
+  MDB_val k = val(prefix), v;
+  rc = mdb_cursor_get(cur.get(), &k, &v, prefix.empty() ? MDB_FIRST : MDB_SET_RANGE);
+  while (rc == 0) {
+    std::string_view key = view(k);
+    if (key.substr(0, prefix.size()) != prefix) break;
+    LAYER_ASSIGN(bool more, fn(key, view(v)));
+    if (!more) return {};
+    rc = mdb_cursor_get(cur.get(), &k, &v, MDB_NEXT);
+  }
+  if (rc != 0 && rc != MDB_NOTFOUND) return lmdb_error(rc, fmt::format("scan {}", db_name(db)));
+  return {};
+}
+
+Status WriteTxn::put(Db db, std::string_view key, std::string_view value) {
+  MDB_val k = val(key), v = val(value);
+  int rc = mdb_put(txn_, index_->dbi_[static_cast<int>(db)], &k, &v, 0);
+  if (rc != 0) return lmdb_error(rc, fmt::format("put into {}", db_name(db)));
+  return {};
+}
+
+Status WriteTxn::append(Db db, std::string_view key, std::string_view value) {
+  MDB_val k = val(key), v = val(value);
+  int rc = mdb_put(txn_, index_->dbi_[static_cast<int>(db)], &k, &v, MDB_APPEND);
+  // Another process may have committed a higher key meanwhile (a delta's rows): then the
+  // key is not last and an ordinary put is right.
+  if (rc == MDB_KEYEXIST) rc = mdb_put(txn_, index_->dbi_[static_cast<int>(db)], &k, &v, 0);
+  if (rc != 0) return lmdb_error(rc, fmt::format("append into {}", db_name(db)));
+  return {};
+}
+
+Status WriteTxn::del(Db db, std::string_view key) {
+  MDB_val k = val(key);
+  int rc = mdb_del(txn_, index_->dbi_[static_cast<int>(db)], &k, nullptr);
+  if (rc != 0 && rc != MDB_NOTFOUND) return lmdb_error(rc, fmt::format("delete from {}", db_name(db)));
+  return {};
+}
+
+Result<uint64_t> WriteTxn::del_prefix(Db db, std::string_view prefix) {
+  Cursor cur;
+  int rc = mdb_cursor_open(txn_, index_->dbi_[static_cast<int>(db)], cur.out());
+  if (rc != 0) return lmdb_error(rc, "cursor open");
+  MDB_val k = val(prefix), v;
+  uint64_t n = 0;
+  rc = mdb_cursor_get(cur.get(), &k, &v, prefix.empty() ? MDB_FIRST : MDB_SET_RANGE);
+  while (rc == 0 && view(k).substr(0, prefix.size()) == prefix) {
+    rc = mdb_cursor_del(cur.get(), 0);
+    if (rc != 0) return lmdb_error(rc, fmt::format("delete from {}", db_name(db)));
+    ++n;
+    rc = mdb_cursor_get(cur.get(), &k, &v, MDB_GET_CURRENT);
+    if (rc == EINVAL) rc = MDB_NOTFOUND;  // deleted the last item
+  }
+  if (rc != 0 && rc != MDB_NOTFOUND) return lmdb_error(rc, fmt::format("scan {}", db_name(db)));
+  return n;
+}
+
+Result<uint64_t> WriteTxn::next_id(std::string_view name) {
+  const std::string key = fmt::format("next.{}", name);
+  LAYER_ASSIGN(auto cur, get(Db::kMeta, key));
+  uint64_t next = 1;
+  if (cur) {
+    auto v = decode_key_u64(*cur);
+    if (!v) return make_error(EIO, "index: meta {} is corrupt", key);
+    next = *v;
+  }
+  LAYER_TRY(put(Db::kMeta, key, key_u64(next + 1)));
+  return next;
+}
+
+Status WriteTxn::commit() {
+  MDB_txn* txn = txn_;
+  txn_ = nullptr;
+  int rc = mdb_txn_commit(txn);
+  if (rc != 0) return lmdb_error(rc, "commit");
+  return {};
+}
+
+// ---- Index ----
+
+Result<std::unique_ptr<Index>> Index::open(const std::string& dir, const Options& options) {
+  struct stat st;
+  if (!options.create && ::stat((dir + "/data.mdb").c_str(), &st) != 0)
+    return make_error(ENOENT, "no index at {}", dir);
+  std::unique_ptr<Index> index(new Index());
+  index->dir_ = dir;
+  index->read_only_ = options.read_only;
+  int rc = mdb_env_create(&index->env_);
+  if (rc != 0) return lmdb_error(rc, "env create");
+  mdb_env_set_maxdbs(index->env_, static_cast<MDB_dbi>(Db::kCount) + 4);
+  mdb_env_set_mapsize(index->env_, kMapSizeBytes);
+  mdb_env_set_maxreaders(index->env_, kMaxReaders);
+  unsigned flags = MDB_NOTLS;
+  if (options.read_only) flags |= MDB_RDONLY;
+  if (options.no_lock) flags |= MDB_NOLOCK;
+  rc = mdb_env_open(index->env_, dir.c_str(), flags, 0644);
+  if (rc != 0) return lmdb_error(rc, fmt::format("open {}", dir));
+  // Set by whoever created lock.mdb; too few slots would make busy servers fail at random.
+  unsigned readers = 0;
+  mdb_env_get_maxreaders(index->env_, &readers);
+  if (!options.no_lock && readers < kMaxReaders)
+    return make_error(EIO, "index {}: lock.mdb has {} reader slots, need {}", dir, readers,
+                      kMaxReaders);
+  int dead = 0;
+  if (!options.no_lock) mdb_reader_check(index->env_, &dead);
+
+  MDB_txn* txn = nullptr;
+  rc = mdb_txn_begin(index->env_, nullptr, options.create ? 0 : MDB_RDONLY, &txn);
+  if (rc != 0) return lmdb_error(rc, "begin");
+  for (int i = 0; i < static_cast<int>(Db::kCount); ++i) {
+    rc = mdb_dbi_open(txn, db_name(static_cast<Db>(i)), options.create ? MDB_CREATE : 0,
+                      &index->dbi_[i]);
+    if (rc != 0) {
+      mdb_txn_abort(txn);
+      if (rc == MDB_NOTFOUND)
+        return make_error(EIO, "index {}: db \"{}\" is missing", dir, db_name(static_cast<Db>(i)));
+      return lmdb_error(rc, fmt::format("open db {}", db_name(static_cast<Db>(i))));
+    }
+  }
+  rc = mdb_txn_commit(txn);
+  if (rc != 0) return lmdb_error(rc, "commit");
+  return index;
+}
+
+Index::~Index() {
+  if (env_) mdb_env_close(env_);
+}
+
+Result<MDB_txn*> Index::begin(unsigned flags, std::shared_lock<std::shared_mutex>& lock) {
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    lock = std::shared_lock<std::shared_mutex>(resize_mu_);
+    MDB_txn* txn = nullptr;
+    int rc = mdb_txn_begin(env_, nullptr, flags, &txn);
+    if (rc == 0) return txn;
+    lock.unlock();
+    if (rc != MDB_MAP_RESIZED) return lmdb_error(rc, "begin transaction");
+    std::unique_lock<std::shared_mutex> exclusive(resize_mu_);
+    mdb_env_set_mapsize(env_, 0);
+  }
+  return make_error(EIO, "index: map keeps being resized");
+}
+
+Result<ReadTxn> Index::begin_read() {
+  std::shared_lock<std::shared_mutex> lock;
+  LAYER_ASSIGN(MDB_txn * txn, begin(MDB_RDONLY, lock));
+  return ReadTxn(this, txn, std::move(lock));
+}
+
+Result<WriteTxn> Index::begin_write() {
+  if (read_only_) return make_error(EACCES, "index {} is open read-only", dir_);
+  std::shared_lock<std::shared_mutex> lock;
+  LAYER_ASSIGN(MDB_txn * txn, begin(0, lock));
+  return WriteTxn(this, txn, std::move(lock));
+}
+
+void Index::check_readers() {
+  int dead = 0;
+  mdb_reader_check(env_, &dead);
+}
+
+// ---- Committer ----
+
+struct Committer::Pending {
+  Job job;
+  bool done = false;
+  Status result;
+};
+
+Committer::Committer(Index& index) : index_(index), thread_([this] { loop(); }) {}
+
+Committer::~Committer() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  thread_.join();
+}
+
+Status Committer::run(Job job) {
+  auto p = std::make_shared<Pending>();
+  p->job = std::move(job);
+  std::unique_lock<std::mutex> lk(mu_);
+  if (stop_) return make_error(ESHUTDOWN, "index committer is stopped");
+  queue_.push_back(p);
+  cv_.notify_all();
+  cv_.wait(lk, [&] { return p->done; });
+  return p->result;
+}
+
+void Committer::loop() {
+  auto last_reader_check = std::chrono::steady_clock::now();
+  std::unique_lock<std::mutex> lk(mu_);
+  for (;;) {
+    cv_.wait_for(lk, std::chrono::seconds(30), [&] { return stop_ || !queue_.empty(); });
+    if (queue_.empty()) {
+      if (stop_) return;
+      // Idle: clear reader slots of dead processes now and then.
+      if (std::chrono::steady_clock::now() - last_reader_check > std::chrono::seconds(60)) {
+        index_.check_readers();
+        last_reader_check = std::chrono::steady_clock::now();
+      }
+      continue;
+    }
+    std::deque<std::shared_ptr<Pending>> batch;
+    batch.swap(queue_);
+    lk.unlock();
+
+    Status batch_status;
+    auto txn = index_.begin_write();
+    if (!txn) {
+      batch_status = txn.error();
+    } else {
+      bool any = false;
+      for (auto& p : batch) {
+        MDB_txn* child = nullptr;
+        int rc = mdb_txn_begin(index_.env_, txn->raw(), 0, &child);
+        if (rc != 0) {
+          p->result = lmdb_error(rc, "begin nested transaction");
+          p->done = true;
+          continue;
+        }
+        WriteTxn nested(&index_, child, std::shared_lock<std::shared_mutex>());
+        Status s = p->job(nested);
+        if (s.ok()) s = nested.commit();  // merges into the batch
+        if (!s.ok()) {
+          p->result = s;
+          p->done = true;
+        } else {
+          any = true;
+        }
+      }
+      if (any) batch_status = txn->commit();
+    }
+    lk.lock();
+    for (auto& p : batch) {
+      if (!p->done) {
+        p->result = batch_status;
+        p->done = true;
+      }
+    }
+    cv_.notify_all();
+  }
+}
+
+}  // namespace layer

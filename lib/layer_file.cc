@@ -1,0 +1,277 @@
+// layer_file.cc — local layer files and the fault-injecting wrapper used by power-loss tests.
+//
+// LocalFile: one O_CLOEXEC fd; pread/pwrite loops over short transfers and EINTR; punch is
+// fallocate(PUNCH_HOLE|KEEP_SIZE). A fresh file is created under a temporary name, sized,
+// fsynced, renamed into place and its directory fsynced, so the index can never name a file
+// that a crash could lose.
+//
+// FaultInjectingStore: before each write or punch of a file it saves the bytes being replaced
+// (an undo record); sync() forgets the file's undo records; simulate_power_loss() replays the
+// undo records newest first, which is what the disk holds after losing its volatile cache.
+// With tear, only a random subset is undone (a cache that wrote back some blocks early).
+#include "layer_file.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <random>
+
+namespace layer {
+namespace {
+
+std::string dir_of(const std::string& path) {
+  auto slash = path.rfind('/');
+  return slash == std::string::npos ? "." : path.substr(0, slash == 0 ? 1 : slash);
+}
+
+Status fsync_dir(const std::string& dir) {
+  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return sys_error(errno, fmt::format("open directory {}", dir));
+  int rc = ::fsync(fd);
+  int err = errno;
+  ::close(fd);
+  if (rc != 0) return sys_error(err, fmt::format("fsync directory {}", dir));
+  return {};
+}
+
+class LocalFile : public LayerFile {
+ public:
+  LocalFile(int fd, std::string path) : fd_(fd), path_(std::move(path)) {}
+  ~LocalFile() override { ::close(fd_); }
+
+  Status read(void* buf, uint64_t len, uint64_t offset) override {
+    auto* p = static_cast<uint8_t*>(buf);
+    while (len > 0) {
+      ssize_t n = ::pread(fd_, p, len, static_cast<off_t>(offset));
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        return sys_error(errno, fmt::format("read {} at {}", path_, offset));
+      }
+      if (n == 0) {  // past the end of the file: zeroes
+        std::memset(p, 0, len);
+        return {};
+      }
+      p += n;
+      len -= static_cast<uint64_t>(n);
+      offset += static_cast<uint64_t>(n);
+    }
+    return {};
+  }
+
+  Status write(const void* buf, uint64_t len, uint64_t offset) override {
+    const auto* p = static_cast<const uint8_t*>(buf);
+    while (len > 0) {
+      ssize_t n = ::pwrite(fd_, p, len, static_cast<off_t>(offset));
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        return sys_error(errno, fmt::format("write {} at {}", path_, offset));
+      }
+      p += n;
+      len -= static_cast<uint64_t>(n);
+      offset += static_cast<uint64_t>(n);
+    }
+    return {};
+  }
+
+  Status punch(uint64_t offset, uint64_t len) override {
+    if (::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
+                    static_cast<off_t>(len)) == 0)
+      return {};
+    int err = errno;
+    if (err != EOPNOTSUPP && err != ENOSYS) return sys_error(err, fmt::format("punch {}", path_));
+    // No hole punching here: write zeroes instead, in bounded pieces.
+    static const std::vector<uint8_t> zeroes(1 << 20, 0);
+    while (len > 0) {
+      const uint64_t n = std::min<uint64_t>(len, zeroes.size());
+      LAYER_TRY(write(zeroes.data(), n, offset));
+      offset += n;
+      len -= n;
+    }
+    return {};
+  }
+
+  Status sync() override {
+    if (::fdatasync(fd_) != 0) return sys_error(errno, fmt::format("fdatasync {}", path_));
+    return {};
+  }
+
+  Status data_extents(uint64_t offset, uint64_t len,
+                      const std::function<void(uint64_t, uint64_t)>& fn) override {
+    const uint64_t end = offset + len;
+    uint64_t pos = offset;
+    while (pos < end) {
+      off_t data = ::lseek(fd_, static_cast<off_t>(pos), SEEK_DATA);
+      if (data < 0) {
+        if (errno == ENXIO) return {};  // no more data
+        return sys_error(errno, fmt::format("SEEK_DATA {}", path_));
+      }
+      if (static_cast<uint64_t>(data) >= end) return {};
+      off_t hole = ::lseek(fd_, data, SEEK_HOLE);
+      if (hole < 0) return sys_error(errno, fmt::format("SEEK_HOLE {}", path_));
+      const uint64_t stop = std::min<uint64_t>(static_cast<uint64_t>(hole), end);
+      fn(static_cast<uint64_t>(data), stop - static_cast<uint64_t>(data));
+      pos = stop;
+    }
+    return {};
+  }
+
+  void prefetch(uint64_t offset, uint64_t len) override {
+    ::posix_fadvise(fd_, static_cast<off_t>(offset), static_cast<off_t>(len),
+                    POSIX_FADV_WILLNEED);
+  }
+
+  Result<uint64_t> size() override {
+    struct stat st;
+    if (::fstat(fd_, &st) != 0) return sys_error(errno, fmt::format("stat {}", path_));
+    return static_cast<uint64_t>(st.st_size);
+  }
+
+  const std::string& path() const override { return path_; }
+
+ private:
+  int fd_;
+  std::string path_;
+};
+
+}  // namespace
+
+Result<std::shared_ptr<LayerFile>> LocalStore::open(const std::string& path, bool writable) {
+  int fd = ::open(path.c_str(), (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
+  if (fd < 0) return sys_error(errno, fmt::format("open layer file {}", path));
+  return std::shared_ptr<LayerFile>(std::make_shared<LocalFile>(fd, path));
+}
+
+Result<std::shared_ptr<LayerFile>> LocalStore::create(const std::string& path,
+                                                      uint64_t size_bytes) {
+  struct stat st;
+  if (::stat(path.c_str(), &st) == 0) return make_error(EEXIST, "layer file {} exists", path);
+  const std::string tmp = path + ".new";
+  int fd = ::open(tmp.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return sys_error(errno, fmt::format("create layer file {}", tmp));
+  auto file = std::make_shared<LocalFile>(fd, path);
+  if (::ftruncate(fd, static_cast<off_t>(size_bytes)) != 0 || ::fsync(fd) != 0) {
+    Error e = sys_error(errno, fmt::format("size layer file {}", tmp));
+    ::unlink(tmp.c_str());
+    return e;
+  }
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    Error e = sys_error(errno, fmt::format("rename {} into place", tmp));
+    ::unlink(tmp.c_str());
+    return e;
+  }
+  LAYER_TRY(fsync_dir(dir_of(path)));
+  return std::shared_ptr<LayerFile>(file);
+}
+
+Status LocalStore::remove(const std::string& path) {
+  if (::unlink(path.c_str()) != 0 && errno != ENOENT)
+    return sys_error(errno, fmt::format("unlink {}", path));
+  return {};
+}
+
+// ---- FaultInjectingStore ----
+
+class FaultInjectingStore::File : public LayerFile {
+ public:
+  File(std::shared_ptr<LayerFile> inner, FaultInjectingStore* store)
+      : inner_(std::move(inner)), store_(store) {}
+
+  Status read(void* buf, uint64_t len, uint64_t offset) override {
+    return inner_->read(buf, len, offset);
+  }
+  Status write(const void* buf, uint64_t len, uint64_t offset) override {
+    LAYER_TRY(save(offset, len));
+    return inner_->write(buf, len, offset);
+  }
+  Status punch(uint64_t offset, uint64_t len) override {
+    LAYER_TRY(save(offset, len));
+    return inner_->punch(offset, len);
+  }
+  Status sync() override {
+    if (store_->take_sync_failure())
+      return make_error(EIO, "fdatasync {}: Input/output error (injected)", inner_->path());
+    std::lock_guard<std::mutex> lk(mu_);
+    LAYER_TRY(inner_->sync());
+    undo_.clear();
+    return {};
+  }
+  Status data_extents(uint64_t offset, uint64_t len,
+                      const std::function<void(uint64_t, uint64_t)>& fn) override {
+    return inner_->data_extents(offset, len, fn);
+  }
+  void prefetch(uint64_t offset, uint64_t len) override { inner_->prefetch(offset, len); }
+  Result<uint64_t> size() override { return inner_->size(); }
+  const std::string& path() const override { return inner_->path(); }
+
+  // Puts back what unsynced writes replaced, newest first; with tear, a random subset.
+  void power_loss(bool tear, std::mt19937_64& rng) {
+    std::lock_guard<std::mutex> lk(mu_);
+    for (auto it = undo_.rbegin(); it != undo_.rend(); ++it) {
+      if (tear && rng() % 2 == 0) continue;
+      (void)inner_->write(it->old.data(), it->old.size(), it->offset);
+    }
+    undo_.clear();
+  }
+
+ private:
+  struct Undo {
+    uint64_t offset;
+    std::vector<uint8_t> old;
+  };
+  Status save(uint64_t offset, uint64_t len) {
+    Undo u{offset, std::vector<uint8_t>(len)};
+    LAYER_TRY(inner_->read(u.old.data(), len, offset));
+    std::lock_guard<std::mutex> lk(mu_);
+    undo_.push_back(std::move(u));
+    return {};
+  }
+  std::shared_ptr<LayerFile> inner_;
+  FaultInjectingStore* store_;
+  std::mutex mu_;
+  std::vector<Undo> undo_;  // GUARDED_BY(mu_)
+};
+
+Result<std::shared_ptr<LayerFile>> FaultInjectingStore::open(const std::string& path,
+                                                             bool writable) {
+  LocalStore local;
+  LAYER_ASSIGN(auto inner, local.open(path, writable));
+  auto f = std::make_shared<File>(std::move(inner), this);
+  std::lock_guard<std::mutex> lk(mu_);
+  files_.push_back(f);
+  return std::shared_ptr<LayerFile>(f);
+}
+
+Result<std::shared_ptr<LayerFile>> FaultInjectingStore::create(const std::string& path,
+                                                               uint64_t size_bytes) {
+  LocalStore local;
+  LAYER_ASSIGN(auto inner, local.create(path, size_bytes));
+  auto f = std::make_shared<File>(std::move(inner), this);
+  std::lock_guard<std::mutex> lk(mu_);
+  files_.push_back(f);
+  return std::shared_ptr<LayerFile>(f);
+}
+
+Status FaultInjectingStore::remove(const std::string& path) { return LocalStore().remove(path); }
+
+void FaultInjectingStore::simulate_power_loss(bool tear, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::lock_guard<std::mutex> lk(mu_);
+  for (auto& f : files_) f->power_loss(tear, rng);
+}
+
+void FaultInjectingStore::fail_next_syncs(int n) {
+  std::lock_guard<std::mutex> lk(mu_);
+  failing_syncs_ = n;
+}
+
+int FaultInjectingStore::take_sync_failure() {
+  std::lock_guard<std::mutex> lk(mu_);
+  if (failing_syncs_ <= 0) return 0;
+  --failing_syncs_;
+  return 1;
+}
+
+}  // namespace layer

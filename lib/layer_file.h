@@ -1,0 +1,89 @@
+// layer_file.h — the layer I/O seam: one LayerFile per layer, made by a LayerStore.
+//
+// A layer file is sparse and same-offset: block b of the disk lives at offset b*block_size.
+// The local-directory implementation is the first backend; FaultInjectingStore wraps it for
+// power-loss tests (drops or tears every write not yet covered by a sync, on demand); a RADOS
+// backend can plug in here later (DESIGN.md "Beyond one host").
+//
+// Thread-safety: every LayerFile method may be called concurrently (pread/pwrite semantics).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "error.h"
+
+namespace layer {
+
+class LayerFile {
+ public:
+  virtual ~LayerFile() = default;
+  // Reads exactly len bytes (holes and bytes past the end read as zeroes). Errors: EIO.
+  virtual Status read(void* buf, uint64_t len, uint64_t offset) = 0;
+  // Writes exactly len bytes. Errors: EIO, ENOSPC, EDQUOT, EFBIG, EROFS.
+  virtual Status write(const void* buf, uint64_t len, uint64_t offset) = 0;
+  // Deallocates [offset, offset+len) keeping the size; the range reads as zeroes. Errors: EIO,
+  // EOPNOTSUPP only if the filesystem cannot punch holes (callers then write zeroes).
+  virtual Status punch(uint64_t offset, uint64_t len) = 0;
+  // fdatasync. After a failure the file's unsynced data may be lost: callers must not retry
+  // and claim success (DESIGN.md "Durability"). Errors: EIO, ENOSPC.
+  virtual Status sync() = 0;
+  // Calls fn(offset, len) for each allocated range in [offset, offset+len) (SEEK_DATA/HOLE).
+  virtual Status data_extents(uint64_t offset, uint64_t len,
+                              const std::function<void(uint64_t, uint64_t)>& fn) = 0;
+  // Hints that the range will be read soon (posix_fadvise WILLNEED). Never fails.
+  virtual void prefetch(uint64_t offset, uint64_t len) = 0;
+  virtual Result<uint64_t> size() = 0;
+  virtual const std::string& path() const = 0;
+};
+
+class LayerStore {
+ public:
+  virtual ~LayerStore() = default;
+  // Opens an existing layer file. Errors: ENOENT, EACCES, EIO.
+  virtual Result<std::shared_ptr<LayerFile>> open(const std::string& path, bool writable) = 0;
+  // Creates a new, empty file of size_bytes (sparse), fsyncs it and its directory so that the
+  // index may name it. Errors: EEXIST, ENOSPC, EIO.
+  virtual Result<std::shared_ptr<LayerFile>> create(const std::string& path,
+                                                    uint64_t size_bytes) = 0;
+  // Unlinks; a missing file is not an error.
+  virtual Status remove(const std::string& path) = 0;
+};
+
+// Layer files in local tier directories (O_CLOEXEC, pread/pwrite, fallocate punch).
+class LocalStore : public LayerStore {
+ public:
+  Result<std::shared_ptr<LayerFile>> open(const std::string& path, bool writable) override;
+  Result<std::shared_ptr<LayerFile>> create(const std::string& path, uint64_t size_bytes) override;
+  Status remove(const std::string& path) override;
+};
+
+// For power-loss tests: files behave like LocalStore's, but each write and punch first saves
+// what it overwrites; simulate_power_loss() puts back the saved bytes of every write not yet
+// covered by a sync() of its file (all of them, or with tear=true a random subset, as a disk
+// that reordered its cache would). It can also fail the next sync() with EIO.
+// Thread-safety: as LayerStore.
+class FaultInjectingStore : public LayerStore {
+ public:
+  Result<std::shared_ptr<LayerFile>> open(const std::string& path, bool writable) override;
+  Result<std::shared_ptr<LayerFile>> create(const std::string& path, uint64_t size_bytes) override;
+  Status remove(const std::string& path) override;
+
+  // Undoes every unsynced write of every file this store opened. REQUIRES: no I/O in flight.
+  void simulate_power_loss(bool tear, uint64_t seed);
+  // The next n sync() calls fail with EIO (and drop nothing: the caller must treat them as lost).
+  void fail_next_syncs(int n);
+  int take_sync_failure();
+
+ private:
+  class File;
+  std::mutex mu_;
+  std::vector<std::shared_ptr<File>> files_;  // kept so a power loss can be simulated after close
+  int failing_syncs_ = 0;
+};
+
+}  // namespace layer

@@ -1,0 +1,150 @@
+// pool.h — a pool: its directories, index, locks and layer store; images and containers.
+//
+// POOL/index (LMDB), POOL/run/locks, POOL/run/holders/, tier directories (default
+// POOL/tiers/ssd and POOL/tiers/hdd; either may be elsewhere, recorded in `meta`). Layer files
+// are TIER/<layer id>.layer. Format: docs/format.md.
+//
+// Thread-safety: Pool is safe for concurrent use once open; it owns the process's Index,
+// Committer, LockTable, ChainCache and LayerStore, which must outlive every Disk opened on it.
+// REQUIRES: at most one Pool per pool directory per process (LMDB: one env per process).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "chain.h"
+#include "error.h"
+#include "index.h"
+#include "layer_file.h"
+#include "locks.h"
+#include "records.h"
+
+namespace layer {
+
+constexpr uint32_t kFormatVersion = 1;
+// Feature bits in `meta` "features.incompat": an unknown bit makes open fail (ENOTSUP).
+constexpr uint64_t kKnownIncompatFeatures = 0;
+constexpr uint32_t kDefaultBlockSize = 4096;
+constexpr uint32_t kMinBlockSize = 4096;
+constexpr uint32_t kMaxBlockSize = 1 << 20;
+
+// Names of containers and image names/versions: [a-z0-9][a-z0-9._-]{0,63} without "..".
+// Errors: EINVAL naming `what` and the rule.
+Status validate_name(std::string_view name, std::string_view what);
+// "name:version" -> checked. Errors: EINVAL.
+Status validate_image_ref(std::string_view ref);
+// Parses sizes like "4096", "512M", "10G", "1T" (binary units). Errors: EINVAL.
+Result<uint64_t> parse_size(std::string_view text);
+
+struct PoolPaths {
+  std::string root;
+  std::string index_dir;
+  std::string run_dir;
+  std::string tier_dir[2];  // indexed by Tier
+};
+
+struct ImageInfo {
+  ImageRecord image;
+  LayerRecord layer;
+  uint64_t data_blocks = 0;
+  uint32_t containers = 0;  // containers cloned from it
+};
+
+struct ContainerInfo {
+  ContainerRecord container;
+  std::vector<LayerRecord> chain;  // delta first, then the frozen layers below it
+  uint64_t delta_data_blocks = 0;  // as of the last flush
+  uint64_t delta_zero_blocks = 0;
+  std::optional<std::string> served_by;  // "pid N" when a server holds it
+};
+
+struct FsckReport {
+  std::vector<std::string> problems;  // one line each; empty = consistent
+  std::vector<std::string> repaired;  // with repair: what was fixed (not in problems)
+  uint64_t layers = 0, images = 0, containers = 0, map_rows = 0, groups_verified = 0;
+};
+
+class Pool {
+ public:
+  // Creates an empty pool at root (made if missing; must be empty if it exists) with tier
+  // directories ssd_dir/hdd_dir ("" = default under root). Errors: EEXIST (already a pool or
+  // not empty), EACCES, EIO, EINVAL.
+  static Status create(const std::string& root, const std::string& ssd_dir,
+                       const std::string& hdd_dir);
+
+  struct OpenOptions {
+    bool read_only = false;  // no writes, no committer (fsck, ls)
+  };
+  // Opens a pool. Errors: ENOENT (not a pool: names the path), ENOTSUP (newer format or unknown
+  // feature bit), EIO (corrupt meta), EACCES.
+  static Result<std::unique_ptr<Pool>> open(const std::string& root, const OpenOptions& options);
+  // Checks a pool without creating or locking anything (MDB_RDONLY|MDB_NOLOCK), as nbdkit's
+  // get_ready needs. Errors: as open.
+  static Status validate(const std::string& root);
+  ~Pool();
+
+  const PoolPaths& paths() const { return paths_; }
+  Index& index() { return *index_; }
+  Committer& committer() { return *committer_; }
+  LayerStore& store() { return *store_; }
+  LockTable& locks() { return *locks_; }
+  ChainCache& chains() { return chains_; }
+  bool read_only() const { return read_only_; }
+  std::string layer_path(const LayerRecord& layer) const;
+  // Replaces the layer store (tests: FaultInjectingStore). REQUIRES: no disk open.
+  void set_store(std::unique_ptr<LayerStore> store) { store_ = std::move(store); }
+
+  // The chain of `top` following parents, top first. Errors: ENOENT/EIO on a missing or cyclic
+  // parent (the index is corrupt).
+  Result<std::vector<LayerRecord>> chain_of(ReadTxn& txn, LayerId top);
+  Result<LayerRecord> get_layer(ReadTxn& txn, LayerId id);
+  // Errors: ENOENT `container "x" not found in pool P`.
+  Result<ContainerRecord> get_container(ReadTxn& txn, std::string_view name);
+
+  using Progress = std::function<void(uint64_t done_bytes, uint64_t total_bytes)>;
+  // Imports a raw disk image as image `ref` (one frozen, hashed layer). Holes (SEEK_DATA) and
+  // all-zero blocks are stored as nothing. The file size must be a multiple of 512.
+  // Errors: EINVAL (bad ref, block size or file size), EEXIST, ENOENT/EACCES (file), ENOSPC, EIO.
+  Result<ImageInfo> import_image(const std::string& ref, const std::string& file,
+                                 uint32_t block_size, const Progress& progress);
+  Result<std::vector<ImageInfo>> list_images();
+  // Errors: ENOENT, EBUSY (containers use it).
+  Status remove_image(const std::string& ref);
+
+  // A new container on image_ref: one transaction, no file work. size_bytes defaults to the
+  // image's size and may only grow it (multiple of 512). Errors: ENOENT, EEXIST, EINVAL.
+  Result<ContainerInfo> clone(const std::string& image_ref, const std::string& name,
+                              std::optional<uint64_t> size_bytes);
+  Result<std::vector<ContainerInfo>> list_containers();
+  Result<ContainerInfo> inspect(const std::string& name);
+  // Errors: ENOENT, EBUSY (a server holds it: names the holder).
+  Status remove_container(const std::string& name);
+
+  // Checks the index against the layer files (read-only unless repair: then rolls back
+  // interrupted imports and removes orphan files). full = also verify every checksum.
+  Result<FsckReport> fsck(bool full, bool repair);
+
+ private:
+  Pool() = default;
+  Result<ContainerInfo> container_info(ReadTxn& txn, const ContainerRecord& rec);
+  // Drops a layer whose refcount reached 0 inside txn, and its parents as theirs do;
+  // appends the files to unlink after the commit.
+  Status drop_layer(WriteTxn& txn, LayerId id, std::vector<std::string>* unlink_after);
+
+  PoolPaths paths_;
+  bool read_only_ = false;
+  std::unique_ptr<Index> index_;
+  std::unique_ptr<Committer> committer_;
+  std::unique_ptr<LockTable> locks_;
+  std::unique_ptr<LayerStore> store_;
+  ChainCache chains_;
+};
+
+uint64_t now_unix();
+
+}  // namespace layer

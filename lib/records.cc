@@ -1,0 +1,229 @@
+// records.cc — binary encoding of index values.
+//
+// Layout of every record: u8 record version (kRecordVersion), then fields in declaration order;
+// integers big-endian, strings as u32 length + bytes, maps as u32 count + key/value strings.
+// Decoding reads untrusted bytes: every read is bounds-checked and trailing bytes are an error.
+#include "records.h"
+
+#include <cstring>
+
+namespace layer {
+namespace {
+
+constexpr uint8_t kRecordVersion = 1;
+
+class Encoder {
+ public:
+  Encoder() { u8(kRecordVersion); }
+  void u8(uint8_t v) { out_.push_back(static_cast<char>(v)); }
+  void u32(uint32_t v) {
+    for (int i = 3; i >= 0; --i) out_.push_back(static_cast<char>(v >> (i * 8)));
+  }
+  void u64(uint64_t v) {
+    for (int i = 7; i >= 0; --i) out_.push_back(static_cast<char>(v >> (i * 8)));
+  }
+  void str(std::string_view s) {
+    u32(static_cast<uint32_t>(s.size()));
+    out_.append(s);
+  }
+  std::string take() { return std::move(out_); }
+
+ private:
+  std::string out_;
+};
+
+class Decoder {
+ public:
+  Decoder(std::string_view in, std::string what) : in_(in), what_(std::move(what)) {}
+  bool version() {
+    uint8_t v = 0;
+    if (!u8(&v)) return false;
+    if (v != kRecordVersion) {
+      bad_ = fmt::format("record version {} (this build reads {})", v, kRecordVersion);
+      return false;
+    }
+    return true;
+  }
+  bool u8(uint8_t* v) {
+    if (!need(1)) return false;
+    *v = static_cast<uint8_t>(in_[pos_++]);
+    return true;
+  }
+  bool u32(uint32_t* v) {
+    if (!need(4)) return false;
+    uint32_t r = 0;
+    for (int i = 0; i < 4; ++i) r = r << 8 | static_cast<uint8_t>(in_[pos_++]);
+    *v = r;
+    return true;
+  }
+  bool u64(uint64_t* v) {
+    if (!need(8)) return false;
+    uint64_t r = 0;
+    for (int i = 0; i < 8; ++i) r = r << 8 | static_cast<uint8_t>(in_[pos_++]);
+    *v = r;
+    return true;
+  }
+  bool str(std::string* s) {
+    uint32_t n = 0;
+    if (!u32(&n) || !need(n)) return false;
+    s->assign(in_.substr(pos_, n));
+    pos_ += n;
+    return true;
+  }
+  // Finishes decoding: an error unless every byte was consumed and every read succeeded.
+  Status finish(bool ok) {
+    if (ok && pos_ != in_.size())
+      bad_ = fmt::format("{} trailing bytes", in_.size() - pos_);
+    if (ok && bad_.empty()) return {};
+    return make_error(EIO, "{}: corrupt record ({})", what_, bad_.empty() ? "truncated" : bad_);
+  }
+
+ private:
+  bool need(size_t n) {
+    if (in_.size() - pos_ >= n) return true;
+    bad_ = fmt::format("truncated at byte {} of {}", pos_, in_.size());
+    return false;
+  }
+  std::string_view in_;
+  size_t pos_ = 0;
+  std::string what_;
+  std::string bad_;
+};
+
+}  // namespace
+
+const char* to_string(Tier tier) { return tier == Tier::kHdd ? "hdd" : "ssd"; }
+
+const char* to_string(LayerState state) {
+  switch (state) {
+    case LayerState::kWritable: return "writable";
+    case LayerState::kFrozenUnhashed: return "frozen-unhashed";
+    case LayerState::kFrozen: return "frozen";
+  }
+  return "invalid";
+}
+
+std::string encode(const LayerRecord& r) {
+  Encoder e;
+  e.u64(r.id);
+  e.u64(r.parent);
+  e.u8(static_cast<uint8_t>(r.tier));
+  e.u64(r.size_bytes);
+  e.u32(r.block_size);
+  e.u8(static_cast<uint8_t>(r.state));
+  e.u32(r.refcount);
+  e.u64(r.created_unix);
+  return e.take();
+}
+
+Result<LayerRecord> decode_layer(std::string_view bytes, uint64_t id) {
+  Decoder d(bytes, fmt::format("layer {}", id));
+  LayerRecord r;
+  uint8_t tier = 0, state = 0;
+  bool ok = d.version() && d.u64(&r.id) && d.u64(&r.parent) && d.u8(&tier) &&
+            d.u64(&r.size_bytes) && d.u32(&r.block_size) && d.u8(&state) && d.u32(&r.refcount) &&
+            d.u64(&r.created_unix);
+  LAYER_TRY(d.finish(ok));
+  if (tier > 1 || state > 2 || r.id != id)
+    return make_error(EIO, "layer {}: corrupt record (tier {}, state {}, id {})", id, tier, state,
+                      r.id);
+  r.tier = static_cast<Tier>(tier);
+  r.state = static_cast<LayerState>(state);
+  return r;
+}
+
+std::string encode(const ImageRecord& r) {
+  Encoder e;
+  e.str(r.ref);
+  e.u64(r.top_layer);
+  e.u64(r.size_bytes);
+  e.u32(r.block_size);
+  e.u64(r.created_unix);
+  e.str(r.description);
+  return e.take();
+}
+
+Result<ImageRecord> decode_image(std::string_view bytes, std::string_view ref) {
+  Decoder d(bytes, fmt::format("image {}", ref));
+  ImageRecord r;
+  bool ok = d.version() && d.str(&r.ref) && d.u64(&r.top_layer) && d.u64(&r.size_bytes) &&
+            d.u32(&r.block_size) && d.u64(&r.created_unix) && d.str(&r.description);
+  LAYER_TRY(d.finish(ok));
+  return r;
+}
+
+std::string encode(const ContainerRecord& r) {
+  Encoder e;
+  e.str(r.name);
+  e.u64(r.id);
+  e.str(r.image_ref);
+  e.u64(r.delta_layer);
+  e.u64(r.size_bytes);
+  e.u32(r.block_size);
+  e.u64(r.created_unix);
+  e.u64(r.generation);
+  e.u32(static_cast<uint32_t>(r.labels.size()));
+  for (const auto& [k, v] : r.labels) {
+    e.str(k);
+    e.str(v);
+  }
+  return e.take();
+}
+
+Result<ContainerRecord> decode_container(std::string_view bytes, std::string_view name) {
+  Decoder d(bytes, fmt::format("container {}", name));
+  ContainerRecord r;
+  uint32_t labels = 0;
+  bool ok = d.version() && d.str(&r.name) && d.u64(&r.id) && d.str(&r.image_ref) &&
+            d.u64(&r.delta_layer) && d.u64(&r.size_bytes) && d.u32(&r.block_size) &&
+            d.u64(&r.created_unix) && d.u64(&r.generation) && d.u32(&labels);
+  for (uint32_t i = 0; ok && i < labels; ++i) {
+    std::string k, v;
+    ok = d.str(&k) && d.str(&v);
+    if (ok) r.labels.emplace(std::move(k), std::move(v));
+  }
+  LAYER_TRY(d.finish(ok));
+  return r;
+}
+
+std::string encode(const IntentRecord& r) {
+  Encoder e;
+  e.u8(static_cast<uint8_t>(r.kind));
+  e.u64(r.layer);
+  e.str(r.target);
+  e.u64(r.created_unix);
+  return e.take();
+}
+
+Result<IntentRecord> decode_intent(std::string_view bytes, uint64_t id) {
+  Decoder d(bytes, fmt::format("intent {}", id));
+  IntentRecord r;
+  uint8_t kind = 0;
+  bool ok = d.version() && d.u8(&kind) && d.u64(&r.layer) && d.str(&r.target) &&
+            d.u64(&r.created_unix);
+  LAYER_TRY(d.finish(ok));
+  if (kind != static_cast<uint8_t>(IntentRecord::Kind::kImport))
+    return make_error(EIO, "intent {}: unknown kind {}", id, kind);
+  r.kind = static_cast<IntentRecord::Kind>(kind);
+  return r;
+}
+
+std::string encode_sums(const std::vector<uint64_t>& sums) {
+  Encoder e;
+  for (uint64_t s : sums) e.u64(s);
+  return e.take();
+}
+
+Result<std::vector<uint64_t>> decode_sums(std::string_view bytes) {
+  if (bytes.empty() || (bytes.size() - 1) % 8 != 0 || (bytes.size() - 1) / 8 > kSumsPerRow ||
+      static_cast<uint8_t>(bytes[0]) != kRecordVersion)
+    return make_error(EIO, "sums row: corrupt ({} bytes)", bytes.size());
+  Decoder d(bytes, "sums row");
+  std::vector<uint64_t> sums((bytes.size() - 1) / 8);
+  bool ok = d.version();
+  for (auto& s : sums) ok = ok && d.u64(&s);
+  LAYER_TRY(d.finish(ok));
+  return sums;
+}
+
+}  // namespace layer

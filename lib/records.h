@@ -1,0 +1,93 @@
+// records.h — the values stored in the index's dbs, and their binary encoding.
+//
+// Every record starts with a one-byte record version; integers are big-endian; strings are
+// u32-length-prefixed. decode_* treat the bytes as untrusted: a short, long or unknown record is
+// Error{EIO, "<what> <key>: corrupt record ..."}, never a crash (docs/format.md).
+//
+// Thread-safety: plain values.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "error.h"
+
+namespace layer {
+
+using LayerId = uint64_t;
+
+enum class Tier : uint8_t { kSsd = 0, kHdd = 1 };
+const char* to_string(Tier tier);
+
+enum class LayerState : uint8_t {
+  kWritable = 0,        // a container's delta: changes in place, never hashed
+  kFrozenUnhashed = 1,  // immutable, checksums not yet written
+  kFrozen = 2,          // immutable, every 64 KiB with data has an xxh3-64 in `sums`
+};
+const char* to_string(LayerState state);
+
+// `layers` db, key key_u64(id).
+struct LayerRecord {
+  LayerId id = 0;
+  LayerId parent = 0;  // 0: bottom of its chain
+  Tier tier = Tier::kSsd;
+  uint64_t size_bytes = 0;
+  uint32_t block_size = 0;
+  LayerState state = LayerState::kWritable;
+  // References to this layer: child layers (their `parent`), image rows (`top_layer`),
+  // container rows (`delta_layer`), snapshot rows. fsck recomputes it.
+  uint32_t refcount = 0;
+  uint64_t created_unix = 0;
+};
+std::string encode(const LayerRecord& r);
+Result<LayerRecord> decode_layer(std::string_view bytes, uint64_t id);
+
+// `images` db, key "name:version".
+struct ImageRecord {
+  std::string ref;  // name:version
+  LayerId top_layer = 0;
+  uint64_t size_bytes = 0;
+  uint32_t block_size = 0;
+  uint64_t created_unix = 0;
+  std::string description;
+};
+std::string encode(const ImageRecord& r);
+Result<ImageRecord> decode_image(std::string_view bytes, std::string_view ref);
+
+// `containers` db, key name.
+struct ContainerRecord {
+  std::string name;
+  uint64_t id = 0;  // lock byte and run/ file names use the id
+  std::string image_ref;
+  LayerId delta_layer = 0;
+  uint64_t size_bytes = 0;
+  uint32_t block_size = 0;
+  uint64_t created_unix = 0;
+  uint64_t generation = 0;  // bumped by every change that replaces the delta or the chain
+  std::map<std::string, std::string> labels;
+};
+std::string encode(const ContainerRecord& r);
+Result<ContainerRecord> decode_container(std::string_view bytes, std::string_view name);
+
+// `intents` db, key key_u64(id): a multi-transaction operation in progress.
+struct IntentRecord {
+  enum class Kind : uint8_t { kImport = 1 };
+  Kind kind = Kind::kImport;
+  LayerId layer = 0;  // the layer being built; its rows and file are dropped on roll back
+  std::string target;  // e.g. the image ref being imported
+  uint64_t created_unix = 0;
+};
+std::string encode(const IntentRecord& r);
+Result<IntentRecord> decode_intent(std::string_view bytes, uint64_t id);
+
+// `sums` db, key key_u64_u32(layer, row): xxh3-64 of groups row*64 .. row*64+63 of 64 KiB.
+// A zero entry means "no data in that group" (nothing to verify).
+constexpr uint32_t kSumGroupBytes = 64 * 1024;
+constexpr uint32_t kSumsPerRow = 64;
+std::string encode_sums(const std::vector<uint64_t>& sums);
+Result<std::vector<uint64_t>> decode_sums(std::string_view bytes);
+
+}  // namespace layer

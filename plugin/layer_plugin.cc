@@ -1,0 +1,338 @@
+// layer_plugin.cc — nbdkit callbacks over lib/: `nbdkit layer pool=DIR [default=NAME]`.
+//
+// Life cycle (nbdkit forks after config_complete/get_ready unless -f; with --run the server is
+// the child): config parses and makes paths absolute; get_ready only validates the pool
+// (read-only, no lock file writes, nothing left open); after_fork opens the pool (LMDB env,
+// committer thread, lock file); cleanup flushes every open disk and closes the pool. No global
+// object has a destructor with side effects: the pool and disk table are heap pointers owned
+// from after_fork to cleanup.
+//
+// Every callback catches everything (nothing may unwind into nbdkit) and reports failures
+// with nbdkit_error + nbdkit_set_error, mapping errors to the errnos NBD can carry.
+#define NBDKIT_API_VERSION 2
+#include <nbdkit-plugin.h>
+
+#include <cerrno>
+#include <cstring>
+#include <exception>
+#include <memory>
+#include <new>
+#include <string>
+
+#include "disk.h"
+#include "pool.h"
+
+#define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
+
+namespace {
+
+std::string g_pool_path;     // set by config
+std::string g_default_name;  // default=NAME
+layer::Pool* g_pool = nullptr;
+layer::DiskTable* g_disks = nullptr;
+
+constexpr uint32_t kMaxRequestBytes = 32 << 20;
+
+// The client sees only a few errnos; anything else would arrive as EINVAL (DESIGN.md).
+int nbd_errno(int code) {
+  switch (code) {
+    case EIO: case ENOSPC: case EPERM: case EINVAL: case ENOMEM: case ESHUTDOWN: case ENOTSUP:
+    case EOVERFLOW:
+      return code;
+    case EDQUOT: case EFBIG: return ENOSPC;
+    case EROFS: return EPERM;
+    default: return EIO;
+  }
+}
+
+int fail(const layer::Error& e) {
+  nbdkit_error("%s", e.message.c_str());
+  nbdkit_set_error(nbd_errno(e.code));
+  return -1;
+}
+
+int check(const layer::Status& s) { return s.ok() ? 0 : fail(s.error()); }
+
+template <typename F>
+auto guarded(const char* what, F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const std::bad_alloc&) {
+    nbdkit_error("%s: out of memory", what);
+    nbdkit_set_error(ENOMEM);
+  } catch (const std::exception& e) {
+    nbdkit_error("%s: %s", what, e.what());
+    nbdkit_set_error(EIO);
+  } catch (...) {
+    nbdkit_error("%s: unknown exception", what);
+    nbdkit_set_error(EIO);
+  }
+  if constexpr (std::is_pointer_v<decltype(f())>) return nullptr;
+  else return -1;
+}
+
+struct Handle {
+  std::shared_ptr<layer::Disk> disk;
+  bool readonly = false;
+};
+
+layer::Disk& disk_of(void* h) { return *static_cast<Handle*>(h)->disk; }
+
+int layer_config(const char* key, const char* value) {
+  return guarded("config", [&] {
+    if (std::strcmp(key, "pool") == 0) {
+      char* abs = nbdkit_realpath(value);  // nbdkit changes directory after forking
+      if (!abs) return -1;
+      g_pool_path = abs;
+      std::free(abs);
+      return 0;
+    }
+    if (std::strcmp(key, "default") == 0) {
+      auto s = layer::validate_name(value, "default container name");
+      if (!s) return fail(s.error());
+      g_default_name = value;
+      return 0;
+    }
+    nbdkit_error("unknown parameter '%s' (expected pool=DIR or default=NAME)", key);
+    return -1;
+  });
+}
+
+int layer_config_complete() {
+  if (g_pool_path.empty()) {
+    nbdkit_error("the pool=DIR parameter is required");
+    return -1;
+  }
+  return 0;
+}
+
+int layer_get_ready() {
+  // Runs before nbdkit forks and before it drops privileges: validate only, create nothing.
+  return guarded("get_ready", [] { return check(layer::Pool::validate(g_pool_path)); });
+}
+
+int layer_after_fork() {
+  return guarded("after_fork", [] {
+    auto pool = layer::Pool::open(g_pool_path, layer::Pool::OpenOptions{});
+    if (!pool) return fail(pool.error());
+    g_pool = pool->release();
+    g_disks = new layer::DiskTable(*g_pool);
+    return 0;
+  });
+}
+
+void layer_cleanup() {
+  guarded("cleanup", [] {
+    if (g_disks) {
+      auto s = g_disks->flush_all();
+      if (!s) nbdkit_error("flush at shutdown: %s", s.error().message.c_str());
+    }
+    delete g_disks;
+    g_disks = nullptr;
+    delete g_pool;
+    g_pool = nullptr;
+    return 0;
+  });
+}
+
+int layer_list_exports(int /*readonly*/, int /*is_tls*/, struct nbdkit_exports* exports) {
+  return guarded("list_exports", [&] {
+    if (!g_pool) return 0;
+    auto txn = g_pool->index().begin_read();
+    if (!txn) return fail(txn.error());
+    auto s = txn->scan(layer::Db::kContainers, "",
+                       [&](std::string_view name, std::string_view) -> layer::Result<bool> {
+                         const std::string n(name);
+                         if (nbdkit_add_export(exports, n.c_str(), nullptr) == -1)
+                           return layer::make_error(ENOMEM, "too many exports");
+                         return true;
+                       });
+    return check(s);
+  });
+}
+
+const char* layer_default_export(int /*readonly*/, int /*is_tls*/) {
+  // Without default=NAME the empty name reaches open(), which refuses it with a clear error.
+  return g_default_name.c_str();
+}
+
+void* layer_open(int readonly) {
+  return guarded("open", [&]() -> void* {
+    const char* name = nbdkit_export_name();
+    if (!name || !*name) {
+      nbdkit_error("no export name given: name a container, or start the server with "
+                   "default=NAME");
+      nbdkit_set_error(EINVAL);
+      return nullptr;
+    }
+    if (!layer::validate_name(name, "container name").ok()) {
+      nbdkit_error("unknown export \"%s\": not a container name", name);
+      nbdkit_set_error(EINVAL);
+      return nullptr;
+    }
+    if (!g_disks) {
+      nbdkit_error("pool is not open");
+      nbdkit_set_error(EIO);
+      return nullptr;
+    }
+    // Always the exclusive lock: connections of this server share one Disk, and a read-only
+    // connection must not let another server write underneath it.
+    auto disk = g_disks->acquire(name, true);
+    if (!disk) {
+      const auto& e = disk.error();
+      if (e.code == ENOENT) nbdkit_error("unknown export \"%s\": %s", name, e.message.c_str());
+      else nbdkit_error("%s", e.message.c_str());
+      nbdkit_set_error(nbd_errno(e.code));
+      return nullptr;
+    }
+    return new Handle{*disk, readonly != 0};
+  });
+}
+
+void layer_close(void* h) {
+  guarded("close", [&] {
+    std::unique_ptr<Handle> handle(static_cast<Handle*>(h));
+    if (g_disks) {
+      auto s = g_disks->release(handle->disk);
+      if (!s) nbdkit_error("flush on close: %s", s.error().message.c_str());
+    }
+    return 0;
+  });
+}
+
+const char* layer_export_description(void* h) {
+  return guarded("export_description", [&]() -> const char* {
+    const auto& d = disk_of(h);
+    return nbdkit_printf_intern("layer container %s", d.name().c_str());
+  });
+}
+
+int64_t layer_get_size(void* h) {
+  return static_cast<int64_t>(disk_of(h).size_bytes());
+}
+
+int layer_block_size(void* h, uint32_t* minimum, uint32_t* preferred, uint32_t* maximum) {
+  // Any alignment works (partial blocks are copied up), so the minimum is 1; the preferred
+  // size is the block size, where writes never copy anything up.
+  *minimum = 1;
+  *preferred = std::max<uint32_t>(disk_of(h).block_size(), 4096);
+  *maximum = kMaxRequestBytes;
+  return 0;
+}
+
+int layer_can_write(void* h) { return static_cast<Handle*>(h)->readonly ? 0 : 1; }
+int layer_yes(void*) { return 1; }
+int layer_no(void*) { return 0; }
+int layer_can_fua(void*) { return NBDKIT_FUA_NATIVE; }
+int layer_can_cache(void*) { return NBDKIT_CACHE_NATIVE; }
+
+int layer_pread(void* h, void* buf, uint32_t count, uint64_t offset, uint32_t /*flags*/) {
+  return guarded("pread", [&] { return check(disk_of(h).read(buf, count, offset)); });
+}
+
+int layer_pwrite(void* h, const void* buf, uint32_t count, uint64_t offset, uint32_t flags) {
+  return guarded("pwrite", [&] {
+    if (static_cast<Handle*>(h)->readonly) {
+      nbdkit_error("write to read-only export");
+      nbdkit_set_error(EPERM);
+      return -1;
+    }
+    return check(disk_of(h).write(buf, count, offset, flags & NBDKIT_FLAG_FUA));
+  });
+}
+
+int layer_flush(void* h, uint32_t /*flags*/) {
+  return guarded("flush", [&] { return check(disk_of(h).flush()); });
+}
+
+int layer_trim(void* h, uint32_t count, uint64_t offset, uint32_t flags) {
+  return guarded("trim", [&] {
+    return check(disk_of(h).trim(count, offset, flags & NBDKIT_FLAG_FUA));
+  });
+}
+
+int layer_zero(void* h, uint32_t count, uint64_t offset, uint32_t flags) {
+  return guarded("zero", [&] {
+    auto s = disk_of(h).zero(count, offset, flags & NBDKIT_FLAG_FUA, flags & NBDKIT_FLAG_FAST_ZERO);
+    if (!s && s.error().code == ENOTSUP) {
+      nbdkit_set_error(ENOTSUP);  // expected for fast zero; not worth an error line
+      return -1;
+    }
+    return check(s);
+  });
+}
+
+int layer_extents(void* h, uint32_t count, uint64_t offset, uint32_t flags,
+                  struct nbdkit_extents* extents) {
+  return guarded("extents", [&] {
+    bool full = false;
+    bool failed = false;
+    const bool req_one = flags & NBDKIT_FLAG_REQ_ONE;
+    auto s = disk_of(h).extents(count, offset, [&](uint64_t off, uint64_t len, bool data) {
+      if (failed || full) return;
+      const uint32_t type = data ? 0 : (NBDKIT_EXTENT_HOLE | NBDKIT_EXTENT_ZERO);
+      if (nbdkit_add_extent(extents, off, len, type) == -1) failed = true;
+      if (req_one) full = true;
+    });
+    if (failed) return -1;
+    return check(s);
+  });
+}
+
+int layer_cache(void* h, uint32_t count, uint64_t offset, uint32_t /*flags*/) {
+  return guarded("cache", [&] { return check(disk_of(h).cache(count, offset)); });
+}
+
+void layer_dump_plugin() {
+  std::printf("layer_format_version=%u\n", layer::kFormatVersion);
+}
+
+struct nbdkit_plugin make_plugin() {
+  struct nbdkit_plugin p = {};
+  p.name = "layer";
+  p.longname = "layer: layered copy-on-write disks";
+  p.version = "0.1.0";
+  p.description = "Serves the containers of a layer pool: export name = container name";
+  p.config = layer_config;
+  p.config_complete = layer_config_complete;
+  p.config_help =
+      "pool=<DIR>      (required) The pool directory (made by `layer init`).\n"
+      "default=<NAME>  Container served to clients that give no export name.";
+  p.magic_config_key = "pool";
+  p.get_ready = layer_get_ready;
+  p.after_fork = layer_after_fork;
+  p.cleanup = layer_cleanup;
+  p.list_exports = layer_list_exports;
+  p.default_export = layer_default_export;
+  p.export_description = layer_export_description;
+  p.open = layer_open;
+  p.close = layer_close;
+  p.get_size = layer_get_size;
+  p.block_size = layer_block_size;
+  p.can_write = layer_can_write;
+  p.can_flush = layer_yes;
+  p.is_rotational = layer_no;
+  p.can_trim = layer_yes;
+  p.can_zero = layer_yes;
+  p.can_fast_zero = layer_yes;
+  p.can_fua = layer_can_fua;
+  p.can_multi_conn = layer_yes;  // connections to one export share one Disk
+  p.can_extents = layer_yes;
+  p.can_cache = layer_can_cache;
+  p.pread = layer_pread;
+  p.pwrite = layer_pwrite;
+  p.flush = layer_flush;
+  p.trim = layer_trim;
+  p.zero = layer_zero;
+  p.extents = layer_extents;
+  p.cache = layer_cache;
+  p.dump_plugin = layer_dump_plugin;
+  p.errno_is_preserved = 0;  // C++: errno cannot be trusted; every failure sets it explicitly
+  return p;
+}
+
+struct nbdkit_plugin plugin = make_plugin();
+
+}  // namespace
+
+NBDKIT_REGISTER_PLUGIN(plugin)
