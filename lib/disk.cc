@@ -376,6 +376,9 @@ Status Disk::write_range(const uint8_t* buf, uint64_t len, uint64_t offset) {
   // Fast path: every block is already the delta's own data; write in place, no lock.
   if (delta_->run(first, count, BlockState::kData) == count) {
     LayerFile* f = delta_raw_.load(std::memory_order_acquire);
+    if (!f)
+      return make_error(EIO, "layer {}: file {} is missing but the index says it holds data",
+                        delta_layer_.id, pool_.layer_path(delta_layer_));
     LAYER_TRY(f->write(buf, len, offset));
     write_seq_.fetch_add(1, std::memory_order_release);
     return {};

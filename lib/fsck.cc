@@ -43,6 +43,7 @@ Result<FsckReport> Pool::fsck(bool full, bool repair) {
   std::vector<IntentRecord> intents;
   std::vector<uint64_t> intent_ids;
   std::map<LayerId, std::map<uint32_t, std::vector<uint64_t>>> sums;
+  std::set<LayerId> importing;  // layers of every intent, running or interrupted
   {
     LAYER_ASSIGN(auto txn, index_->begin_read());
     LAYER_TRY(txn.scan(Db::kLayers, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
@@ -150,7 +151,6 @@ Result<FsckReport> Pool::fsck(bool full, bool repair) {
       return true;
     }));
     // Map rows whose layer is unknown and not an import in progress are leaks.
-    std::set<LayerId> importing;
     LAYER_TRY(txn.scan(Db::kIntents, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
       auto id = decode_key_u64(k).value_or(0);
       auto intent = decode_intent(v, id);
@@ -159,6 +159,8 @@ Result<FsckReport> Pool::fsck(bool full, bool repair) {
         return true;
       }
       importing.insert(intent->layer);
+      // An import still running holds its layer's lock: not interrupted, leave it alone.
+      if (locks_->is_locked(LockKind::kLayer, intent->layer)) return true;
       intents.push_back(*intent);
       intent_ids.push_back(id);
       std::string line = fmt::format("interrupted import of {} (intent {}, layer {})",
@@ -203,10 +205,11 @@ Result<FsckReport> Pool::fsck(bool full, bool repair) {
       problem(fmt::format("layer {}: file {} is {} bytes, index says {}", id, path, st.st_size,
                           f.rec.size_bytes));
   }
-  for (const auto& intent : intents) {
+  for (LayerId id : importing) {
     LayerRecord probe{};
-    probe.id = intent.layer;
+    probe.id = id;
     named.insert(layer_path(probe));  // reported with its intent, not as an orphan
+    named.insert(layer_path(probe) + ".new");
   }
   std::vector<std::string> orphans;
   for (const auto& dir : paths_.tier_dir) {

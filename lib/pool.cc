@@ -343,7 +343,8 @@ struct Fd {
 }  // namespace
 
 Result<ImageInfo> Pool::import_image(const std::string& ref, const std::string& file,
-                                     uint32_t block_size, const Progress& progress) {
+                                     uint32_t block_size, const Progress& progress,
+                                     const std::string& description) {
   if (read_only_) return make_error(EACCES, "pool {} is open read-only", paths_.root);
   LAYER_TRY(validate_image_ref(ref));
   if (block_size < kMinBlockSize || block_size > kMaxBlockSize ||
@@ -366,6 +367,9 @@ Result<ImageInfo> Pool::import_image(const std::string& ref, const std::string& 
   if (size == 0) return make_error(EINVAL, "image file {} is empty", file);
   if (size % 512 != 0)
     return make_error(EINVAL, "image file {} is {} bytes, not a multiple of 512", file, size);
+  if (size > kMaxDiskBytes)
+    return make_error(EINVAL, "image file {} is {} bytes, larger than the limit of {}", file, size,
+                      kMaxDiskBytes);
   {
     LAYER_ASSIGN(auto txn, index_->begin_read());
     LAYER_ASSIGN(auto existing, txn.get(Db::kImages, ref));
@@ -383,9 +387,12 @@ Result<ImageInfo> Pool::import_image(const std::string& ref, const std::string& 
   }));
   LayerRecord layer{layer_id, 0, Tier::kSsd, size, block_size, LayerState::kFrozen, 1, now_unix()};
   const std::string path = layer_path(layer);
-  std::vector<std::string> files_to_remove;
+  // Held until published or rolled back: fsck --repair skips intents whose layer is locked.
+  auto import_lock = locks_->try_lock(LockKind::kLayer, layer_id, true,
+                                      fmt::format("layer {}", layer_id));
 
   auto rollback = [&](Error e) -> Error {
+    if (!import_lock) return e;  // not ours to roll back
     (void)committer_->run([&](WriteTxn& txn) -> Status {
       LAYER_TRY(txn.del_prefix(Db::kMaps, key_u64(layer_id)));
       LAYER_TRY(txn.del_prefix(Db::kSums, key_u64(layer_id)));
@@ -395,6 +402,7 @@ Result<ImageInfo> Pool::import_image(const std::string& ref, const std::string& 
     return e;
   };
 
+  if (!import_lock) return rollback(std::move(import_lock).error());
   // 2. Copy the data blocks into a new layer file at the same offsets; hash each 64 KiB group.
   auto created = store_->create(path, size);
   if (!created) return rollback(std::move(created).error());
@@ -485,8 +493,10 @@ Result<ImageInfo> Pool::import_image(const std::string& ref, const std::string& 
   }
 
   // 4. Publish.
-  ImageRecord image{ref, layer_id, size, block_size, now_unix(), ""};
+  ImageRecord image{ref, layer_id, size, block_size, now_unix(), description};
   auto s = committer_->run([&](WriteTxn& txn) -> Status {
+    LAYER_ASSIGN(auto intent, txn.get(Db::kIntents, key_u64(intent_id)));
+    if (!intent) return make_error(EIO, "import of {}: its intent was rolled back meanwhile", ref);
     LAYER_ASSIGN(auto existing, txn.get(Db::kImages, ref));
     if (existing) return make_error(EEXIST, "image {} already exists", ref);
     LAYER_TRY(txn.put(Db::kLayers, key_u64(layer_id), encode(layer)));
@@ -567,6 +577,12 @@ Result<ContainerInfo> Pool::container_info(ReadTxn& txn, const ContainerRecord& 
   info.container = rec;
   LAYER_ASSIGN(info.chain, chain_of(txn, rec.delta_layer));
   LAYER_TRY(count_blocks(txn, rec.delta_layer, &info.delta_data_blocks, &info.delta_zero_blocks));
+  info.chain_data_blocks.push_back(info.delta_data_blocks);
+  for (size_t i = 1; i < info.chain.size(); ++i) {
+    uint64_t data = 0, zero = 0;
+    LAYER_TRY(count_blocks(txn, info.chain[i].id, &data, &zero));
+    info.chain_data_blocks.push_back(data);
+  }
   if (locks_->is_locked(LockKind::kContainer, rec.id)) info.served_by = locks_->holder_of(rec.id);
   return info;
 }
@@ -578,6 +594,9 @@ Result<ContainerInfo> Pool::clone(const std::string& image_ref, const std::strin
   LAYER_TRY(validate_name(name, "container name"));
   if (size_bytes && (*size_bytes == 0 || *size_bytes % 512 != 0))
     return make_error(EINVAL, "size {} is not a positive multiple of 512", *size_bytes);
+  if (size_bytes && *size_bytes > kMaxDiskBytes)
+    return make_error(EINVAL, "size {} is larger than the limit of {} (16 TiB)", *size_bytes,
+                      kMaxDiskBytes);
   ContainerRecord rec;
   LAYER_TRY(committer_->run([&](WriteTxn& txn) -> Status {
     LAYER_ASSIGN(auto existing, txn.get(Db::kContainers, name));

@@ -32,6 +32,9 @@ constexpr uint64_t kKnownIncompatFeatures = 0;
 constexpr uint32_t kDefaultBlockSize = 4096;
 constexpr uint32_t kMinBlockSize = 4096;
 constexpr uint32_t kMaxBlockSize = 1 << 20;
+// Largest disk: keeps the in-memory maps of one disk small (a pointer per 4096 blocks: 8 MiB
+// for the delta and 24 MiB for the chain map at 16 TiB with 4 KiB blocks).
+constexpr uint64_t kMaxDiskBytes = 16ULL << 40;
 
 // Names of containers and image names/versions: [a-z0-9][a-z0-9._-]{0,63} without "..".
 // Errors: EINVAL naming `what` and the rule.
@@ -58,7 +61,8 @@ struct ImageInfo {
 struct ContainerInfo {
   ContainerRecord container;
   std::vector<LayerRecord> chain;  // delta first, then the frozen layers below it
-  uint64_t delta_data_blocks = 0;  // as of the last flush
+  std::vector<uint64_t> chain_data_blocks;  // parallel to chain: data blocks in each layer
+  uint64_t delta_data_blocks = 0;  // as of the last flush (== chain_data_blocks[0])
   uint64_t delta_zero_blocks = 0;
   std::optional<std::string> served_by;  // "pid N" when a server holds it
 };
@@ -108,16 +112,20 @@ class Pool {
 
   using Progress = std::function<void(uint64_t done_bytes, uint64_t total_bytes)>;
   // Imports a raw disk image as image `ref` (one frozen, hashed layer). Holes (SEEK_DATA) and
-  // all-zero blocks are stored as nothing. The file size must be a multiple of 512.
-  // Errors: EINVAL (bad ref, block size or file size), EEXIST, ENOENT/EACCES (file), ENOSPC, EIO.
+  // all-zero blocks are stored as nothing. The file size must be a multiple of 512 and at most
+  // kMaxDiskBytes. The new layer is locked exclusively while the import runs, so fsck --repair
+  // leaves it alone. Errors: EINVAL (bad ref, block size or file size), EEXIST, ENOENT/EACCES
+  // (file), ENOSPC, EIO.
   Result<ImageInfo> import_image(const std::string& ref, const std::string& file,
-                                 uint32_t block_size, const Progress& progress);
+                                 uint32_t block_size, const Progress& progress,
+                                 const std::string& description = "");
   Result<std::vector<ImageInfo>> list_images();
   // Errors: ENOENT, EBUSY (containers use it).
   Status remove_image(const std::string& ref);
 
   // A new container on image_ref: one transaction, no file work. size_bytes defaults to the
-  // image's size and may only grow it (multiple of 512). Errors: ENOENT, EEXIST, EINVAL.
+  // image's size and may only grow it (multiple of 512, at most kMaxDiskBytes).
+  // Errors: ENOENT, EEXIST, EINVAL.
   Result<ContainerInfo> clone(const std::string& image_ref, const std::string& name,
                               std::optional<uint64_t> size_bytes);
   Result<std::vector<ContainerInfo>> list_containers();

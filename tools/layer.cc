@@ -1,0 +1,662 @@
+// layer.cc — the `layer` CLI: parses arguments (CLI11), calls lib/, prints text or JSON.
+//
+// The contract is docs/cli-spec.md; the user reference is docs/cli.md. lib/ returns Result
+// values; a failed one becomes a CliError exception here (the one exception type of tools/),
+// caught once in main(), which prints one `layer: error:` line (JSON with --json) and exits 1
+// for the user's mistakes and 2 for internal failures.
+#include <fmt/format.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <ctime>
+#include <filesystem>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "error.h"
+#include "index.h"
+#include "pool.h"
+#include "records.h"
+
+#ifndef LAYER_VERSION
+#define LAYER_VERSION "0.1.0"
+#endif
+
+namespace {
+
+using layer::Error;
+using layer::Result;
+using layer::Status;
+// ordered_json keeps the fields in the order of docs/cli-spec.md.
+using json = nlohmann::ordered_json;
+
+constexpr int kExitUser = 1;
+constexpr int kExitInternal = 2;
+constexpr unsigned kDefaultThreads = 32;
+constexpr const char* kDefaultListen = "127.0.0.1";
+constexpr const char* kDefaultSocketName = "nbd.sock";
+
+// The one exception type of tools/: carries a lib Error up to main().
+struct CliError {
+  Error error;
+};
+
+[[noreturn]] void fail(int code, std::string message) {
+  throw CliError{Error{code, std::move(message)}};
+}
+
+template <typename T>
+T take(Result<T> result) {
+  if (!result.ok()) throw CliError{std::move(result).error()};
+  return std::move(result).value();
+}
+
+void check(Status status) {
+  if (!status.ok()) throw CliError{std::move(status).error()};
+}
+
+// The errno values that mean "the user asked for something that cannot be done" (exit 1);
+// everything else (EIO, ENOMEM, ...) is a failure of the system or of layer itself (exit 2).
+int exit_code_for(int code) {
+  static constexpr int kUserErrors[] = {ENOENT,       EEXIST, EINVAL, EBUSY,  ENOTSUP,
+                                        EACCES,       EPERM,  ENOSPC, EDQUOT, ENOTEMPTY,
+                                        ENAMETOOLONG, ERANGE, EROFS};
+  return std::find(std::begin(kUserErrors), std::end(kUserErrors), code) != std::end(kUserErrors)
+             ? kExitUser
+             : kExitInternal;
+}
+
+std::string errno_name(int code) {
+  if (code == ENOTSUP) return "ENOTSUP";  // glibc names the shared value EOPNOTSUPP
+  const char* name = strerrorname_np(code);
+  return name != nullptr ? name : fmt::format("errno {}", code);
+}
+
+// Paths and descriptions may hold bytes that are not UTF-8; never let that fail the output.
+std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+
+int report_error(const Error& error, int exit_code, bool json_errors) {
+  if (json_errors) {
+    json j;
+    j["error"] = {
+        {"message", error.message}, {"errno", errno_name(error.code)}, {"exit", exit_code}};
+    std::cerr << dump(j) << '\n';
+  } else {
+    std::cerr << "layer: error: " << error.message << '\n';
+  }
+  return exit_code;
+}
+
+// Options valid before or after the subcommand (CLI11 fallthrough).
+struct Globals {
+  std::string pool;
+  bool json = false;
+};
+
+std::string resolve_pool(const Globals& g) {
+  if (!g.pool.empty()) return g.pool;
+  const char* env = std::getenv("LAYER_POOL");
+  if (env != nullptr && *env != '\0') return env;
+  fail(EINVAL, "no pool given: use --pool POOL or set LAYER_POOL");
+}
+
+std::unique_ptr<layer::Pool> open_pool(const Globals& g, bool writable) {
+  return take(layer::Pool::open(resolve_pool(g), {.read_only = !writable}));
+}
+
+std::string absolute_path(const std::string& path) {
+  std::error_code ec;
+  auto abs = std::filesystem::absolute(path, ec);
+  if (ec) fail(ec.value(), fmt::format("{}: {}", path, ec.message()));
+  return abs.lexically_normal().string();
+}
+
+void print_json(const json& j) { std::cout << dump(j) << '\n'; }
+
+// The one-object result of a command that changes something: JSON, or one line of text.
+void print_result(const Globals& g, const json& j, const std::string& text) {
+  if (g.json) {
+    print_json(j);
+  } else {
+    std::cout << text << '\n';
+  }
+}
+
+// ---- formatting ----
+
+std::string human_size(uint64_t bytes) {
+  if (bytes < 1024) return fmt::format("{} B", bytes);
+  static const char* const kUnits[] = {"KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
+  double value = static_cast<double>(bytes);
+  size_t unit = 0;
+  for (value /= 1024; value >= 1024 && unit + 1 < std::size(kUnits); value /= 1024) ++unit;
+  return fmt::format("{:.1f} {}", value, kUnits[unit]);
+}
+
+std::string format_time(uint64_t unix_seconds) {
+  const time_t t = static_cast<time_t>(unix_seconds);
+  struct tm tm {};
+  char buf[32];
+  if (localtime_r(&t, &tm) == nullptr || strftime(buf, sizeof buf, "%Y-%m-%d %H:%M", &tm) == 0) {
+    return std::to_string(unix_seconds);
+  }
+  return buf;
+}
+
+// Left-aligned columns separated by two spaces; the first row is the header.
+void print_table(const std::vector<std::vector<std::string>>& rows) {
+  std::vector<size_t> widths;
+  for (const auto& row : rows) {
+    widths.resize(std::max(widths.size(), row.size()));
+    for (size_t i = 0; i < row.size(); ++i) widths[i] = std::max(widths[i], row[i].size());
+  }
+  for (const auto& row : rows) {
+    std::string line;
+    for (size_t i = 0; i < row.size(); ++i) {
+      line += row[i];
+      if (i + 1 < row.size()) line.append(widths[i] - row[i].size() + 2, ' ');
+    }
+    std::cout << line << '\n';
+  }
+}
+
+// Blocks to bytes; the last block of a disk may be short, so never report more than the size.
+uint64_t data_bytes(uint64_t blocks, uint32_t block_size, uint64_t size_bytes) {
+  return std::min(blocks * block_size, size_bytes);
+}
+
+json image_json(const layer::ImageInfo& info) {
+  const auto& img = info.image;
+  const size_t colon = img.ref.find(':');
+  return {{"ref", img.ref},
+          {"name", img.ref.substr(0, colon)},
+          {"version", colon == std::string::npos ? "" : img.ref.substr(colon + 1)},
+          {"layer", info.layer.id},
+          {"size", img.size_bytes},
+          {"block_size", img.block_size},
+          {"data_bytes", data_bytes(info.data_blocks, img.block_size, img.size_bytes)},
+          {"containers", info.containers},
+          {"created", img.created_unix},
+          {"description", img.description}};
+}
+
+json container_json(const layer::ContainerInfo& info) {
+  const auto& c = info.container;
+  return {{"name", c.name},
+          {"image", c.image_ref},
+          {"size", c.size_bytes},
+          {"block_size", c.block_size},
+          {"delta_layer", c.delta_layer},
+          {"delta_data_bytes", data_bytes(info.delta_data_blocks, c.block_size, c.size_bytes)},
+          {"served_by", info.served_by ? json(*info.served_by) : json(nullptr)},
+          {"created", c.created_unix}};
+}
+
+// container_json plus the chain (delta first) and the labels: clone and inspect.
+json container_detail_json(layer::Pool& pool, const layer::ContainerInfo& info) {
+  json j = container_json(info);
+  j["chain"] = json::array();
+  for (size_t i = 0; i < info.chain.size(); ++i) {
+    const auto& rec = info.chain[i];
+    const uint64_t blocks = info.chain_data_blocks[i];
+    j["chain"].push_back({{"layer", rec.id},
+                          {"state", layer::to_string(rec.state)},
+                          {"tier", layer::to_string(rec.tier)},
+                          {"path", pool.layer_path(rec)},
+                          {"data_bytes", data_bytes(blocks, rec.block_size, rec.size_bytes)}});
+  }
+  j["labels"] = json::object();
+  for (const auto& [key, value] : info.container.labels) j["labels"][key] = value;
+  return j;
+}
+
+// ---- argument helpers ----
+
+// Sizes: parse_size's syntax, and a whole number of 512-byte sectors (cli-spec.md).
+uint64_t parse_sector_size(const std::string& text, const char* what) {
+  const uint64_t bytes = take(layer::parse_size(text));
+  if (bytes == 0 || bytes % 512 != 0) {
+    fail(EINVAL, fmt::format("{} {}: must be a positive multiple of 512 bytes", what, text));
+  }
+  return bytes;
+}
+
+// ---- commands ----
+
+struct InitArgs {
+  std::string pool, ssd, hdd;
+};
+
+int cmd_init(const Globals& g, const InitArgs& a) {
+  if (!a.pool.empty() && !g.pool.empty() && absolute_path(a.pool) != absolute_path(g.pool)) {
+    fail(EINVAL, fmt::format("pool given twice: init {} and --pool {}", a.pool, g.pool));
+  }
+  const std::string root = !a.pool.empty() ? a.pool : resolve_pool(g);
+  // Tier paths are recorded in the pool: relative ones would depend on today's cwd.
+  check(layer::Pool::create(root, a.ssd.empty() ? "" : absolute_path(a.ssd),
+                            a.hdd.empty() ? "" : absolute_path(a.hdd)));
+  print_result(g, {{"ok", true}, {"pool", absolute_path(root)}}, "created pool " + root);
+  return 0;
+}
+
+struct ImportArgs {
+  std::string ref, file, block_size, description;
+};
+
+int cmd_image_import(const Globals& g, const ImportArgs& a) {
+  check(layer::validate_image_ref(a.ref));
+  uint64_t block_size = layer::kDefaultBlockSize;
+  if (!a.block_size.empty()) {
+    block_size = take(layer::parse_size(a.block_size));
+    if (block_size > UINT32_MAX)
+      fail(EINVAL, fmt::format("block size {} is too large", a.block_size));
+  }
+  auto pool = open_pool(g, true);
+
+  // Progress goes to a terminal only: a script's stderr stays clean.
+  const bool show_progress = isatty(STDERR_FILENO) == 1;
+  int last_percent = -1;
+  auto progress = [&](uint64_t done, uint64_t total) {
+    const int percent = total == 0 ? 100 : static_cast<int>(done * 100 / total);
+    if (!show_progress || percent == last_percent) return;
+    last_percent = percent;
+    std::cerr << fmt::format("\rimporting {}: {}% ({}/{} MiB)", a.ref, percent, done >> 20,
+                             total >> 20)
+              << std::flush;
+  };
+  auto result = pool->import_image(a.ref, a.file, static_cast<uint32_t>(block_size), progress,
+                                   a.description);
+  if (last_percent >= 0) std::cerr << '\n';
+  auto info = take(std::move(result));
+
+  const auto& img = info.image;
+  print_result(
+      g, image_json(info),
+      fmt::format("imported {}: layer {}, {}, block size {}, {} of data", a.ref, info.layer.id,
+                  human_size(img.size_bytes), img.block_size,
+                  human_size(data_bytes(info.data_blocks, img.block_size, img.size_bytes))));
+  return 0;
+}
+
+int cmd_image_ls(const Globals& g) {
+  auto pool = open_pool(g, false);
+  const auto images = take(pool->list_images());
+  if (g.json) {
+    json j = json::array();
+    for (const auto& info : images) j.push_back(image_json(info));
+    print_json(j);
+    return 0;
+  }
+  std::vector<std::vector<std::string>> rows = {
+      {"REF", "LAYER", "SIZE", "BLOCK", "DATA", "CONTAINERS", "CREATED"}};
+  for (const auto& info : images) {
+    const auto& img = info.image;
+    rows.push_back({img.ref, std::to_string(info.layer.id), human_size(img.size_bytes),
+                    std::to_string(img.block_size),
+                    human_size(data_bytes(info.data_blocks, img.block_size, img.size_bytes)),
+                    std::to_string(info.containers), format_time(img.created_unix)});
+  }
+  print_table(rows);
+  return 0;
+}
+
+int cmd_image_rm(const Globals& g, const std::string& ref) {
+  check(layer::validate_image_ref(ref));
+  auto pool = open_pool(g, true);
+  check(pool->remove_image(ref));
+  print_result(g, {{"ok", true}, {"ref", ref}}, "removed image " + ref);
+  return 0;
+}
+
+struct CloneArgs {
+  std::string image, name, size;
+};
+
+int cmd_clone(const Globals& g, const CloneArgs& a) {
+  check(layer::validate_image_ref(a.image));
+  check(layer::validate_name(a.name, "container name"));
+  std::optional<uint64_t> size;
+  if (!a.size.empty()) size = parse_sector_size(a.size, "size");
+  auto pool = open_pool(g, true);
+  const auto info = take(pool->clone(a.image, a.name, size));
+  print_result(
+      g, container_detail_json(*pool, info),
+      fmt::format("cloned {} as {} ({})", a.image, a.name, human_size(info.container.size_bytes)));
+  return 0;
+}
+
+int cmd_ls(const Globals& g) {
+  auto pool = open_pool(g, false);
+  const auto containers = take(pool->list_containers());
+  if (g.json) {
+    json j = json::array();
+    for (const auto& info : containers) j.push_back(container_json(info));
+    print_json(j);
+    return 0;
+  }
+  std::vector<std::vector<std::string>> rows = {
+      {"NAME", "IMAGE", "SIZE", "USED", "SERVED", "CREATED"}};
+  for (const auto& info : containers) {
+    const auto& c = info.container;
+    rows.push_back({c.name, c.image_ref, human_size(c.size_bytes),
+                    human_size(data_bytes(info.delta_data_blocks, c.block_size, c.size_bytes)),
+                    info.served_by.value_or("-"), format_time(c.created_unix)});
+  }
+  print_table(rows);
+  return 0;
+}
+
+int cmd_inspect(const Globals& g, const std::string& name) {
+  check(layer::validate_name(name, "container name"));
+  auto pool = open_pool(g, false);
+  const auto info = take(pool->inspect(name));
+  const json j = container_detail_json(*pool, info);
+  if (g.json) {
+    print_json(j);
+    return 0;
+  }
+  const auto& c = info.container;
+  std::string labels;
+  for (const auto& [key, value] : c.labels)
+    labels += (labels.empty() ? "" : ", ") + key + "=" + value;
+  std::cout << "name: " << c.name << '\n'
+            << "image: " << c.image_ref << '\n'
+            << fmt::format("size: {} ({} bytes)\n", human_size(c.size_bytes), c.size_bytes)
+            << "block size: " << c.block_size << '\n'
+            << "delta layer: " << c.delta_layer << '\n'
+            << "delta data: " << human_size(j["delta_data_bytes"].get<uint64_t>()) << '\n'
+            << "served by: " << info.served_by.value_or("-") << '\n'
+            << "created: " << format_time(c.created_unix) << '\n'
+            << "labels: " << (labels.empty() ? "-" : labels) << '\n'
+            << "chain (top first):\n";
+  std::vector<std::vector<std::string>> rows = {{"  LAYER", "STATE", "TIER", "DATA", "PATH"}};
+  for (const auto& layer : j["chain"]) {
+    rows.push_back({"  " + std::to_string(layer["layer"].get<uint64_t>()),
+                    layer["state"].get<std::string>(), layer["tier"].get<std::string>(),
+                    human_size(layer["data_bytes"].get<uint64_t>()),
+                    layer["path"].get<std::string>()});
+  }
+  print_table(rows);
+  return 0;
+}
+
+int cmd_rm(const Globals& g, const std::string& name) {
+  check(layer::validate_name(name, "container name"));
+  auto pool = open_pool(g, true);
+  check(pool->remove_container(name));
+  print_result(g, {{"ok", true}, {"name", name}}, "removed container " + name);
+  return 0;
+}
+
+struct ServeArgs {
+  std::string socket, listen, default_name;
+  int port = 0;
+  unsigned threads = kDefaultThreads;
+};
+
+// LAYER_PLUGIN, else the build tree's plugin, else the installed one, else nbdkit's search path.
+std::string plugin_path() {
+  if (const char* env = std::getenv("LAYER_PLUGIN"); env != nullptr && *env != '\0') return env;
+  for (const char* candidate : {LAYER_BUILD_PLUGIN, LAYER_INSTALLED_PLUGIN}) {
+    if (access(candidate, R_OK) == 0) return candidate;
+  }
+  return "layer";
+}
+
+// nbdkit refuses to bind over an existing path, and a killed server leaves its socket behind.
+// A socket nobody accepts on is stale and removed; a live one means another server.
+void clear_stale_socket(const std::string& path) {
+  struct stat st {};
+  if (lstat(path.c_str(), &st) != 0) return;
+  if (!S_ISSOCK(st.st_mode)) fail(EEXIST, fmt::format("{} exists and is not a socket", path));
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.size() >= sizeof addr.sun_path)
+    fail(ENAMETOOLONG, fmt::format("socket path {} is too long", path));
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  const int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) fail(errno, fmt::format("socket: {}", std::strerror(errno)));
+  const bool live = connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
+  close(fd);
+  if (live) fail(EBUSY, fmt::format("socket {} is in use by a running server", path));
+  if (unlink(path.c_str()) != 0 && errno != ENOENT) {
+    fail(errno, fmt::format("remove stale socket {}: {}", path, std::strerror(errno)));
+  }
+}
+
+int cmd_serve(const Globals& g, const ServeArgs& a) {
+  // nbdkit resolves the plugin's pool= after changing directory: pass an absolute path.
+  const std::string root = absolute_path(resolve_pool(g));
+  check(layer::Pool::validate(root));
+  if (!a.default_name.empty()) {
+    check(layer::validate_name(a.default_name, "container name"));
+    // Fail now rather than at the first client. The pool is closed again before exec.
+    auto pool = take(layer::Pool::open(root, {.read_only = true}));
+    take(pool->inspect(a.default_name));
+  }
+
+  std::vector<std::string> args = {"nbdkit", "-f", "--threads", std::to_string(a.threads)};
+  const std::string export_name = a.default_name.empty() ? "CONTAINER" : a.default_name;
+  std::string uri;
+  if (a.port != 0) {
+    const std::string listen = a.listen.empty() ? kDefaultListen : a.listen;
+    args.insert(args.end(), {"-p", std::to_string(a.port), "-i", listen});
+    const bool ipv6 = listen.find(':') != std::string::npos;
+    uri = fmt::format("nbd://{}{}{}:{}/{}", ipv6 ? "[" : "", listen, ipv6 ? "]" : "", a.port,
+                      export_name);
+  } else {
+    const std::string sock =
+        a.socket.empty() ? root + "/run/" + kDefaultSocketName : absolute_path(a.socket);
+    clear_stale_socket(sock);
+    args.insert(args.end(), {"-U", sock});
+    uri = fmt::format("nbd+unix:///{}?socket={}", export_name, sock);
+  }
+  args.push_back(plugin_path());
+  args.push_back("pool=" + root);
+  if (!a.default_name.empty()) args.push_back("default=" + a.default_name);
+
+  if (g.json) {
+    print_json({{"pool", root}, {"uri", uri}, {"argv", args}});
+  } else {
+    std::cerr << "serving pool " << root << " on " << uri << '\n';
+  }
+  std::cout.flush();
+  std::cerr.flush();
+  std::vector<char*> argv;
+  for (auto& arg : args) argv.push_back(arg.data());
+  argv.push_back(nullptr);
+  execvp(argv[0], argv.data());
+  const int err = errno;
+  fail(err, fmt::format("cannot run nbdkit: {}", std::strerror(err)));
+}
+
+struct FsckArgs {
+  bool full = false, repair = false;
+};
+
+int cmd_fsck(const Globals& g, const FsckArgs& a) {
+  const std::string root = resolve_pool(g);
+  auto pool = open_pool(g, a.repair);
+  const auto r = take(pool->fsck(a.full, a.repair));
+  if (g.json) {
+    print_json({{"ok", r.problems.empty()},
+                {"problems", r.problems},
+                {"repaired", r.repaired},
+                {"layers", r.layers},
+                {"images", r.images},
+                {"containers", r.containers},
+                {"map_rows", r.map_rows},
+                {"groups_verified", r.groups_verified}});
+  } else {
+    for (const auto& fixed : r.repaired) std::cout << "repaired: " << fixed << '\n';
+    for (const auto& problem : r.problems) std::cout << problem << '\n';
+    if (r.problems.empty()) {
+      std::cout << fmt::format(
+          "pool {}: ok ({} layers, {} images, {} containers, {} map rows, {} checksum groups "
+          "verified)\n",
+          root, r.layers, r.images, r.containers, r.map_rows, r.groups_verified);
+    }
+  }
+  if (r.problems.empty()) return 0;
+  if (!g.json) {
+    std::cout.flush();
+    std::cerr << fmt::format("layer: error: fsck found {} problem{} in pool {}\n",
+                             r.problems.size(), r.problems.size() == 1 ? "" : "s", root);
+  }
+  return kExitUser;
+}
+
+int cmd_version(const Globals& g) {
+  print_result(g, {{"version", LAYER_VERSION}, {"format", layer::kFormatVersion}},
+               fmt::format("layer {} (pool format {})", LAYER_VERSION, layer::kFormatVersion));
+  return 0;
+}
+
+// ---- parsing ----
+
+int run(int argc, char** argv) {
+  CLI::App app{"layer: layered copy-on-write disks served over NBD", "layer"};
+  app.footer("--pool and --json may also follow the command. Reference: docs/cli.md");
+  app.require_subcommand(1);
+  // Subcommands created after this pass options they do not know (--pool, --json) up to here.
+  app.fallthrough();
+  Globals g;
+  app.add_option("--pool", g.pool, "pool directory (default: $LAYER_POOL)")->type_name("POOL");
+  app.add_flag("--json", g.json, "print JSON (errors too, on stderr)");
+
+  InitArgs init;
+  auto* init_cmd = app.add_subcommand("init", "create a pool");
+  init_cmd->add_option("POOL", init.pool, "pool directory (or --pool)")->type_name("");
+  init_cmd->add_option("--ssd", init.ssd, "fast tier directory (default POOL/tiers/ssd)")
+      ->type_name("DIR");
+  init_cmd->add_option("--hdd", init.hdd, "slow tier directory (default POOL/tiers/hdd)")
+      ->type_name("DIR");
+
+  auto* image_cmd = app.add_subcommand("image", "manage images");
+  image_cmd->require_subcommand(1);
+  ImportArgs import;
+  auto* import_cmd = image_cmd->add_subcommand("import", "import a raw disk image");
+  import_cmd->add_option("IMAGE", import.ref, "new image")->type_name("NAME:VER")->required();
+  import_cmd->add_option("FILE", import.file, "raw image file")->type_name("")->required();
+  import_cmd->add_option("--block-size", import.block_size, "block size, 4K to 1M (default 4K)")
+      ->type_name("SIZE");
+  import_cmd->add_option("--description", import.description, "free text")->type_name("TEXT");
+  auto* image_ls_cmd = image_cmd->add_subcommand("ls", "list images");
+  std::string image_rm_ref;
+  auto* image_rm_cmd = image_cmd->add_subcommand("rm", "remove an unused image");
+  image_rm_cmd->add_option("IMAGE", image_rm_ref, "image")->type_name("NAME:VER")->required();
+
+  CloneArgs clone;
+  auto* clone_cmd = app.add_subcommand("clone", "create a container on an image");
+  clone_cmd->add_option("IMAGE", clone.image, "image")->type_name("NAME:VER")->required();
+  clone_cmd->add_option("CONTAINER", clone.name, "new container name")->type_name("")->required();
+  clone_cmd->add_option("--size", clone.size, "disk size (default and minimum: the image's)")
+      ->type_name("SIZE");
+
+  auto* ls_cmd = app.add_subcommand("ls", "list containers");
+  std::string container;
+  auto* inspect_cmd = app.add_subcommand("inspect", "show one container");
+  inspect_cmd->add_option("CONTAINER", container, "container name")->type_name("")->required();
+  auto* rm_cmd = app.add_subcommand("rm", "remove a container");
+  rm_cmd->add_option("CONTAINER", container, "container name")->type_name("")->required();
+
+  ServeArgs serve;
+  auto* serve_cmd = app.add_subcommand("serve", "run nbdkit with the layer plugin (foreground)");
+  auto* socket_opt =
+      serve_cmd->add_option("--socket", serve.socket, "unix socket (default POOL/run/nbd.sock)")
+          ->type_name("PATH");
+  auto* port_opt = serve_cmd->add_option("--port", serve.port, "TCP port")
+                       ->type_name("N")
+                       ->check(CLI::Range(1, 65535));
+  socket_opt->excludes(port_opt);
+  serve_cmd->add_option("--listen", serve.listen, "TCP address (default 127.0.0.1)")
+      ->type_name("ADDR")
+      ->needs(port_opt);
+  serve_cmd->add_option("--threads", serve.threads, "nbdkit threads (default 32)")
+      ->type_name("N")
+      ->check(CLI::Range(1u, 1024u));
+  serve_cmd
+      ->add_option("--default", serve.default_name, "container served as the empty export name")
+      ->type_name("NAME");
+
+  FsckArgs fsck;
+  auto* fsck_cmd = app.add_subcommand("fsck", "check the index against the layer files");
+  fsck_cmd->add_flag("--full", fsck.full, "also verify every checksum");
+  fsck_cmd->add_flag("--repair", fsck.repair, "roll back interrupted imports, remove orphan files");
+
+  auto* version_cmd = app.add_subcommand("version", "print the version");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    if (e.get_exit_code() == 0) return app.exit(e);  // --help
+    // CLI11 reports "bogus" as a missing subcommand; name the word the user typed instead.
+    CLI::App* level = *image_cmd ? image_cmd : &app;
+    if (dynamic_cast<const CLI::RequiredError*>(&e) != nullptr &&
+        level->get_subcommands().empty()) {
+      const auto extra = app.remaining(true);  // extras fall through to the root
+      const std::string prefix = level == &app ? "" : "image ";
+      if (extra.empty()) fail(EINVAL, fmt::format("no command given (see layer {}--help)", prefix));
+      fail(EINVAL, fmt::format("unknown command \"{}{}\" (see layer {}--help)", prefix,
+                               extra.front(), prefix));
+    }
+    fail(EINVAL, e.what());
+  }
+
+  if (*init_cmd) return cmd_init(g, init);
+  if (*import_cmd) return cmd_image_import(g, import);
+  if (*image_ls_cmd) return cmd_image_ls(g);
+  if (*image_rm_cmd) return cmd_image_rm(g, image_rm_ref);
+  if (*clone_cmd) return cmd_clone(g, clone);
+  if (*ls_cmd) return cmd_ls(g);
+  if (*inspect_cmd) return cmd_inspect(g, container);
+  if (*rm_cmd) return cmd_rm(g, container);
+  if (*serve_cmd) return cmd_serve(g, serve);
+  if (*fsck_cmd) return cmd_fsck(g, fsck);
+  if (*version_cmd) return cmd_version(g);
+  fail(EINVAL, "no command given");
+}
+
+// Errors before or during parsing cannot rely on the parsed flag.
+bool wants_json(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string_view arg = argv[i];
+    if (arg == "--") break;
+    if (arg == "--json" || arg == "--json=true" || arg == "--json=1") return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const bool json_errors = wants_json(argc, argv);
+  try {
+    int code = run(argc, argv);
+    std::cout.flush();
+    if (!std::cout)
+      return report_error(Error{EIO, "writing output failed"}, kExitInternal, json_errors);
+    return code;
+  } catch (const CliError& e) {
+    std::cout.flush();
+    return report_error(e.error, exit_code_for(e.error.code), json_errors);
+  } catch (const std::bad_alloc&) {
+    return report_error(Error{ENOMEM, "out of memory"}, kExitInternal, json_errors);
+  } catch (const std::exception& e) {
+    return report_error(Error{EIO, fmt::format("internal error: {}", e.what())}, kExitInternal,
+                        json_errors);
+  } catch (...) {
+    return report_error(Error{EIO, "internal error: unknown exception"}, kExitInternal,
+                        json_errors);
+  }
+}
