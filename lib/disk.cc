@@ -521,9 +521,11 @@ Status Disk::flush() {
 }
 
 Status Disk::flush_round() {
-  // Read before the swap: a write counted here completed before every mark the swap copies.
-  const uint64_t seq = write_seq_.load(std::memory_order_acquire);
   auto rows = delta_->take_dirty();
+  // Read after the copy: every write whose mark the copy holds bumped write_seq_ before it
+  // marked, so seq counts it, and the sync below (which starts after this load) covers it.
+  // (Read before the copy, a write finishing in between could be committed unsynced.)
+  const uint64_t seq = write_seq_.load(std::memory_order_acquire);
   if (seq != synced_seq_) {
     if (LayerFile* f = delta_raw_.load(std::memory_order_acquire)) {
       // Data is fdatasync'ed before the index commit that makes it visible, so a crash never
