@@ -318,38 +318,33 @@ void Committer::loop() {
     batch.swap(queue_);
     lk.unlock();
 
+    // Results are collected here and published under mu_: waiters read them under mu_.
+    std::vector<std::optional<Status>> results(batch.size());
     Status batch_status;
     auto txn = index_.begin_write();
     if (!txn) {
       batch_status = txn.error();
     } else {
       bool any = false;
-      for (auto& p : batch) {
+      for (size_t i = 0; i < batch.size(); ++i) {
         MDB_txn* child = nullptr;
         int rc = mdb_txn_begin(index_.env_, txn->raw(), 0, &child);
         if (rc != 0) {
-          p->result = lmdb_error(rc, "begin nested transaction");
-          p->done = true;
+          results[i] = lmdb_error(rc, "begin nested transaction");
           continue;
         }
         WriteTxn nested(&index_, child, std::shared_lock<std::shared_mutex>());
-        Status s = p->job(nested);
+        Status s = batch[i]->job(nested);
         if (s.ok()) s = nested.commit();  // merges into the batch
-        if (!s.ok()) {
-          p->result = s;
-          p->done = true;
-        } else {
-          any = true;
-        }
+        if (!s.ok()) results[i] = s;
+        else any = true;
       }
       if (any) batch_status = txn->commit();
     }
     lk.lock();
-    for (auto& p : batch) {
-      if (!p->done) {
-        p->result = batch_status;
-        p->done = true;
-      }
+    for (size_t i = 0; i < batch.size(); ++i) {
+      batch[i]->result = results[i] ? *results[i] : batch_status;
+      batch[i]->done = true;
     }
     cv_.notify_all();
   }
