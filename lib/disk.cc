@@ -181,6 +181,9 @@ class Disk::DeltaMap {
 
 Result<std::shared_ptr<Disk>> Disk::open(Pool& pool, const std::string& name, bool writable) {
   LAYER_TRY(validate_name(name, "container name"));
+  if (writable && pool.read_only())
+    return make_error(EACCES, "container \"{}\": pool {} is open read-only", name,
+                      pool.paths().root);
   std::shared_ptr<Disk> disk(new Disk(pool));
   disk->name_ = name;
   disk->writable_ = writable;

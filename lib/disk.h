@@ -34,7 +34,7 @@ class Disk {
  public:
   // Opens container `name`, taking its exclusive lock (writable) or a shared one, and shared
   // locks on its chain's layers. Errors: ENOENT (no such container), EBUSY (another process
-  // serves it: the message names it), EIO.
+  // serves it: the message names it), EACCES (writable on a pool opened read-only), EIO.
   static Result<std::shared_ptr<Disk>> open(Pool& pool, const std::string& name, bool writable);
   // Does not flush: what was not flushed may be lost, as after a crash.
   ~Disk();
