@@ -21,7 +21,6 @@
 #include <chrono>
 #include <climits>
 #include <cstring>
-#include <regex>
 #include <set>
 
 #include "block_map.h"
@@ -123,10 +122,13 @@ Result<std::string> meta_string(ReadTxn& txn, std::string_view key, const std::s
 }
 
 Status validate_part(std::string_view name, std::string_view what) {
-  static const std::regex kName("[a-z0-9][a-z0-9._-]{0,63}");
+  // [a-z0-9][a-z0-9._-]{0,63} without "..": safe as a file name and an NBD export name.
+  auto lower_or_digit = [](char c) { return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9'); };
+  bool ok = !name.empty() && name.size() <= 64 && lower_or_digit(name[0]) &&
+            name.find("..") == std::string_view::npos;
+  for (char c : name) ok = ok && (lower_or_digit(c) || c == '.' || c == '_' || c == '-');
   if (name.empty()) return make_error(EINVAL, "{} must not be empty", what);
-  if (!std::regex_match(name.begin(), name.end(), kName) ||
-      name.find("..") != std::string_view::npos)
+  if (!ok)
     return make_error(EINVAL,
                       "invalid {} \"{}\": use 1-64 characters a-z 0-9 . _ -, starting with a "
                       "letter or digit, without \"..\"",
