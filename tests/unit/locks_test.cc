@@ -1,0 +1,217 @@
+// Unit tests for lib/locks.h: counted holders within a process, conflicts within and across
+// processes (forked children with their own LockTable), holder names, and locks vanishing when
+// their process exits.
+#include "locks.h"
+
+#include "test_util.h"
+
+using namespace layer;
+
+namespace {
+
+// Exit codes of a child that tries one lock through its own LockTable.
+constexpr int kChildGotLock = 0;
+constexpr int kChildBusy = 1;
+constexpr int kChildOtherError = 2;
+constexpr int kChildNoTable = 3;
+
+// Forks a child that opens run_dir/locks itself, tries the lock once and exits with one of the
+// codes above.
+int try_in_child(const std::string& run_dir, LockKind kind, uint64_t id, bool exclusive) {
+  test::Child child([&]() -> int {
+    auto table = LockTable::open(run_dir);
+    if (!table.ok()) return kChildNoTable;
+    auto lock = (*table)->try_lock(kind, id, exclusive, "object in child");
+    if (lock.ok()) return kChildGotLock;
+    return lock.error().code == EBUSY ? kChildBusy : kChildOtherError;
+  });
+  return child.wait();
+}
+
+}  // namespace
+
+TEST_CASE("LockTable::open creates run/locks", "[locks]") {
+  test::TempDir run;
+  auto table = MUST(LockTable::open(run.path()));
+  CHECK(std::filesystem::exists(run.sub("locks")));
+  REQUIRE_ERRNO(LockTable::open(run.sub("missing/dir")), ENOENT);
+}
+
+TEST_CASE("shared locks in one process are counted", "[locks]") {
+  test::TempDir run;
+  auto table = MUST(LockTable::open(run.path()));
+
+  Lock a = MUST(table->try_lock(LockKind::kContainer, 7, false, "container \"c7\""));
+  Lock b = MUST(table->try_lock(LockKind::kContainer, 7, false, "container \"c7\""));
+  CHECK(a.held());
+  CHECK(b.held());
+
+  // Another process may share it but not take it exclusively.
+  CHECK(try_in_child(run.path(), LockKind::kContainer, 7, false) == kChildGotLock);
+  CHECK(try_in_child(run.path(), LockKind::kContainer, 7, true) == kChildBusy);
+
+  // Releasing one holder keeps the byte locked.
+  a.release();
+  CHECK_FALSE(a.held());
+  CHECK(try_in_child(run.path(), LockKind::kContainer, 7, true) == kChildBusy);
+
+  // Releasing the last one frees it.
+  b.release();
+  CHECK(try_in_child(run.path(), LockKind::kContainer, 7, true) == kChildGotLock);
+
+  // The destructor releases too.
+  {
+    Lock c = MUST(table->try_lock(LockKind::kLayer, 3, false, "layer 3"));
+    CHECK(try_in_child(run.path(), LockKind::kLayer, 3, true) == kChildBusy);
+  }
+  CHECK(try_in_child(run.path(), LockKind::kLayer, 3, true) == kChildGotLock);
+}
+
+TEST_CASE("is_locked sees this process's holders and takes nothing", "[locks]") {
+  test::TempDir run;
+  auto table = MUST(LockTable::open(run.path()));
+  CHECK_FALSE(table->is_locked(LockKind::kContainer, 3));
+  {
+    Lock s = MUST(table->try_lock(LockKind::kContainer, 3, false, "c3"));
+    CHECK(table->is_locked(LockKind::kContainer, 3));
+    CHECK_FALSE(table->is_locked(LockKind::kLayer, 3));
+  }
+  CHECK_FALSE(table->is_locked(LockKind::kContainer, 3));
+  // Asking took nothing: another process can lock it exclusively.
+  CHECK(try_in_child(run.path(), LockKind::kContainer, 3, true) == kChildGotLock);
+}
+
+TEST_CASE("a moved Lock is released once, by its new owner", "[locks]") {
+  test::TempDir run;
+  auto table = MUST(LockTable::open(run.path()));
+  Lock moved;
+  CHECK_FALSE(moved.held());
+  {
+    Lock first = MUST(table->try_lock(LockKind::kLayer, 11, true, "layer 11"));
+    moved = std::move(first);
+    CHECK_FALSE(first.held());  // NOLINT(bugprone-use-after-move): the contract under test
+    CHECK(moved.held());
+  }
+  // `first` was destroyed: the lock must still be held by `moved`.
+  CHECK(try_in_child(run.path(), LockKind::kLayer, 11, false) == kChildBusy);
+  moved.release();
+  CHECK(try_in_child(run.path(), LockKind::kLayer, 11, true) == kChildGotLock);
+}
+
+TEST_CASE("exclusive locks conflict within one process", "[locks]") {
+  test::TempDir run;
+  auto table = MUST(LockTable::open(run.path()));
+  {
+    Lock x = MUST(table->try_lock(LockKind::kContainer, 1, true, "container \"one\""));
+    auto again = table->try_lock(LockKind::kContainer, 1, true, "container \"one\"");
+    REQUIRE_FALSE(again.ok());
+    CHECK(again.error().code == EBUSY);
+    CHECK_THAT(again.error().message, Catch::Contains("container \"one\""));
+    CHECK(try_in_child(run.path(), LockKind::kContainer, 1, false) == kChildBusy);
+  }
+  {
+    Lock s = MUST(table->try_lock(LockKind::kContainer, 1, false, "container \"one\""));
+    REQUIRE_ERRNO(table->try_lock(LockKind::kContainer, 1, true, "container \"one\""), EBUSY);
+    // The failed attempt did not disturb the shared holder.
+    CHECK(try_in_child(run.path(), LockKind::kContainer, 1, true) == kChildBusy);
+  }
+  // All released: exclusive works again, in this process and in another.
+  CHECK(try_in_child(run.path(), LockKind::kContainer, 1, true) == kChildGotLock);
+  Lock x = MUST(table->try_lock(LockKind::kContainer, 1, true, "container \"one\""));
+  CHECK(x.held());
+}
+
+TEST_CASE("container and layer locks of the same id are different bytes", "[locks]") {
+  test::TempDir run;
+  auto table = MUST(LockTable::open(run.path()));
+  Lock c5 = MUST(table->try_lock(LockKind::kContainer, 5, true, "container 5"));
+  Lock l5 = MUST(table->try_lock(LockKind::kLayer, 5, true, "layer 5"));
+  Lock c6 = MUST(table->try_lock(LockKind::kContainer, 6, true, "container 6"));
+  // Neighbouring bytes (layer 4 = 9, container 5 = 10, layer 5 = 11, container 6 = 12) are free.
+  CHECK(try_in_child(run.path(), LockKind::kLayer, 4, true) == kChildGotLock);
+  CHECK(try_in_child(run.path(), LockKind::kLayer, 6, true) == kChildGotLock);
+  CHECK(try_in_child(run.path(), LockKind::kContainer, 4, true) == kChildGotLock);
+  CHECK(try_in_child(run.path(), LockKind::kContainer, 5, false) == kChildBusy);
+  CHECK(try_in_child(run.path(), LockKind::kLayer, 5, false) == kChildBusy);
+  CHECK(try_in_child(run.path(), LockKind::kContainer, 6, false) == kChildBusy);
+  l5.release();
+  CHECK(try_in_child(run.path(), LockKind::kLayer, 5, true) == kChildGotLock);
+  CHECK(try_in_child(run.path(), LockKind::kContainer, 5, true) == kChildBusy);
+}
+
+TEST_CASE("a lock held by another process: EBUSY naming the holder, gone when it exits",
+          "[locks]") {
+  test::TempDir run;
+  test::Pipe ready;  // child -> parent: "I hold it"
+  test::Pipe done;   // parent -> child: closed when the child may exit
+  test::Child child([&]() -> int {
+    done.write_end.reset();
+    auto table = LockTable::open(run.path());
+    if (!table.ok()) return kChildNoTable;
+    auto lock = (*table)->try_lock(LockKind::kContainer, 42, true, "container \"web\"");
+    if (!lock.ok()) return kChildOtherError;
+    auto layer_lock = (*table)->try_lock(LockKind::kLayer, 42, false, "layer 42");
+    if (!layer_lock.ok()) return kChildOtherError;
+    test::write_byte(ready.write_end.get());
+    test::read_byte(done.read_end.get());  // returns at EOF: the parent closed its end
+    return kChildGotLock;
+  });
+  ready.write_end.reset();
+  done.read_end.reset();
+  REQUIRE(test::read_byte(ready.read_end.get()));
+
+  auto table = MUST(LockTable::open(run.path()));
+  const std::string holder = "pid " + std::to_string(child.pid());
+  CHECK(table->is_locked(LockKind::kContainer, 42));
+  CHECK(table->is_locked(LockKind::kLayer, 42));  // shared conflicts with exclusive
+  CHECK_FALSE(table->is_locked(LockKind::kContainer, 41));
+  CHECK_FALSE(table->is_locked(LockKind::kLayer, 43));
+  CHECK(table->holder_of(42) == holder);
+
+  auto busy = table->try_lock(LockKind::kContainer, 42, true, "container \"web\"");
+  REQUIRE_FALSE(busy.ok());
+  CHECK(busy.error().code == EBUSY);
+  CHECK_THAT(busy.error().message, Catch::Contains("container \"web\""));
+  CHECK_THAT(busy.error().message, Catch::Contains(holder));
+  // Shared is refused too while another process holds it exclusively.
+  REQUIRE_ERRNO(table->try_lock(LockKind::kContainer, 42, false, "container \"web\""), EBUSY);
+  // The child's shared layer lock allows shared, refuses exclusive.
+  {
+    Lock shared_layer = MUST(table->try_lock(LockKind::kLayer, 42, false, "layer 42"));
+    CHECK(shared_layer.held());
+  }
+  REQUIRE_ERRNO(table->try_lock(LockKind::kLayer, 42, true, "layer 42"), EBUSY);
+  // A failed attempt leaves nothing behind in our table: the same request fails the same way.
+  REQUIRE_ERRNO(table->try_lock(LockKind::kContainer, 42, true, "container \"web\""), EBUSY);
+
+  // Let the child exit: its locks vanish with it.
+  done.write_end.reset();
+  REQUIRE(child.wait() == kChildGotLock);
+  CHECK_FALSE(table->is_locked(LockKind::kContainer, 42));
+  CHECK_FALSE(table->is_locked(LockKind::kLayer, 42));
+  Lock mine = MUST(table->try_lock(LockKind::kContainer, 42, true, "container \"web\""));
+  CHECK(mine.held());
+  Lock layer_x = MUST(table->try_lock(LockKind::kLayer, 42, true, "layer 42"));
+  // We are now the recorded holder.
+  CHECK(table->holder_of(42) == "pid " + std::to_string(::getpid()));
+}
+
+TEST_CASE("a process killed while holding a lock releases it", "[locks]") {
+  test::TempDir run;
+  test::Pipe ready;
+  auto child = std::make_unique<test::Child>([&]() -> int {
+    auto table = LockTable::open(run.path());
+    if (!table.ok()) return kChildNoTable;
+    auto lock = (*table)->try_lock(LockKind::kContainer, 9, true, "container \"k\"");
+    if (!lock.ok()) return kChildOtherError;
+    test::write_byte(ready.write_end.get());
+    for (;;) ::pause();
+  });
+  ready.write_end.reset();
+  REQUIRE(test::read_byte(ready.read_end.get()));
+  auto table = MUST(LockTable::open(run.path()));
+  REQUIRE_ERRNO(table->try_lock(LockKind::kContainer, 9, true, "container \"k\""), EBUSY);
+  child.reset();  // SIGKILL and reap
+  Lock mine = MUST(table->try_lock(LockKind::kContainer, 9, true, "container \"k\""));
+  CHECK(mine.held());
+}
