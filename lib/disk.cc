@@ -630,18 +630,26 @@ Result<std::shared_ptr<Disk>> DiskTable::acquire(const std::string& name, bool w
   return disk;
 }
 
-Status DiskTable::release(const std::shared_ptr<Disk>& disk) {
-  std::shared_ptr<Disk> last;
-  {
-    std::lock_guard<std::mutex> lk(mu_);
-    auto it = disks_.find(disk->name());
-    if (it == disks_.end() || it->second.disk != disk) return {};
-    if (--it->second.users > 0) return {};
-    last = std::move(it->second.disk);
-    disks_.erase(it);
-  }
-  // A clean disconnect keeps everything written, flushed or not.
-  return last->flush();
+Status DiskTable::release(std::shared_ptr<Disk> disk) {
+  std::unique_lock<std::mutex> lk(mu_);
+  auto it = disks_.find(disk->name());
+  if (it == disks_.end() || it->second.disk != disk) return {};
+  disk.reset();
+  if (--it->second.users > 0) return {};
+  std::shared_ptr<Disk> closing = it->second.disk;
+  const std::string name = closing->name();
+  ++it->second.closers;
+  lk.unlock();
+  // A clean disconnect keeps everything written, flushed or not. Meanwhile an acquire may
+  // take the Disk back (users > 0 again), and release it again (another closer).
+  Status s = closing->flush();
+  lk.lock();
+  closing.reset();
+  it = disks_.find(name);  // still there: closers > 0 keeps it
+  // The table's reference is now the only one left once no user or other closer holds it:
+  // erasing the entry destroys the Disk (closing files, dropping its locks) under mu_.
+  if (--it->second.closers == 0 && it->second.users == 0) disks_.erase(it);
+  return s;
 }
 
 Status DiskTable::flush_all() {

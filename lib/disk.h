@@ -136,14 +136,17 @@ class Disk {
 };
 
 // One Disk per container per process, shared by all connections to it (so multi-conn is
-// safe). The last release flushes and closes it, releasing its locks.
+// safe). The last release flushes and closes it, releasing its locks; an acquire racing that
+// close reuses the closing Disk, and the Disk is destroyed under the table's mutex, so a
+// reconnect never finds the container locked by the Disk that is going away.
 // Thread-safety: safe for concurrent use.
 class DiskTable {
  public:
   explicit DiskTable(Pool& pool) : pool_(pool) {}
   Result<std::shared_ptr<Disk>> acquire(const std::string& name, bool writable);
-  // Errors: the final flush's.
-  Status release(const std::shared_ptr<Disk>& disk);
+  // Takes the caller's reference (pass it with std::move: the Disk must not outlive the
+  // table's hold on it). Errors: the final flush's.
+  Status release(std::shared_ptr<Disk> disk);
   Status flush_all();
 
  private:
@@ -151,7 +154,8 @@ class DiskTable {
   std::mutex mu_;
   struct Entry {
     std::shared_ptr<Disk> disk;
-    unsigned users = 0;
+    unsigned users = 0;    // open handles
+    unsigned closers = 0;  // releases flushing it outside mu_; they keep the entry
   };
   std::map<std::string, Entry> disks_;  // GUARDED_BY(mu_)
 };

@@ -193,7 +193,7 @@ void layer_close(void* h) {
   guarded("close", [&] {
     std::unique_ptr<Handle> handle(static_cast<Handle*>(h));
     if (g_disks) {
-      auto s = g_disks->release(handle->disk);
+      auto s = g_disks->release(std::move(handle->disk));
       if (!s) nbdkit_error("flush on close: %s", s.error().message.c_str());
     }
     return 0;
