@@ -309,7 +309,8 @@ Status Disk::read(void* buf, uint64_t len, uint64_t offset) {
   return read_range(static_cast<uint8_t*>(buf), len, offset);
 }
 
-Status Disk::read_range(uint8_t* buf, uint64_t len, uint64_t offset) {
+Status Disk::for_each_run(uint64_t len, uint64_t offset,
+                          const std::function<Status(uint64_t, uint64_t, int)>& fn) const {
   const uint64_t end = offset + len;
   uint64_t b = offset / block_size_;
   const uint64_t last = (end - 1) / block_size_;
@@ -317,23 +318,33 @@ Status Disk::read_range(uint8_t* buf, uint64_t len, uint64_t offset) {
     const Run run = next_run(b, last - b + 1);
     const uint64_t from = std::max(offset, b * block_size_);
     const uint64_t to = std::min(end, (b + run.blocks) * block_size_);
-    uint8_t* dst = buf + (from - offset);
-    if (run.source == kFromZero) {
-      std::memset(dst, 0, to - from);
-    } else {
-      LayerFile* file = run.source == kFromDelta
-                            ? delta_raw_.load(std::memory_order_acquire)
-                            : chain_files_[static_cast<size_t>(run.source)].get();
-      if (!file) {
-        const LayerRecord& l = run.source == kFromDelta ? delta_layer_ : chain_[run.source];
-        return make_error(EIO, "layer {}: file {} is missing but holds block {}", l.id,
-                          pool_.layer_path(l), b);
-      }
-      LAYER_TRY(file->read(dst, to - from, from));
-    }
+    LAYER_TRY(fn(from, to, run.source));
     b += run.blocks;
   }
   return {};
+}
+
+LayerFile* Disk::file_of(int source) const {
+  if (source == kFromZero) return nullptr;
+  if (source == kFromDelta) return delta_raw_.load(std::memory_order_acquire);
+  return chain_files_[static_cast<size_t>(source)].get();
+}
+
+Status Disk::read_range(uint8_t* buf, uint64_t len, uint64_t offset) {
+  return for_each_run(len, offset, [&](uint64_t from, uint64_t to, int source) -> Status {
+    uint8_t* dst = buf + (from - offset);
+    if (source == kFromZero) {
+      std::memset(dst, 0, to - from);
+      return {};
+    }
+    LayerFile* file = file_of(source);
+    if (!file) {
+      const LayerRecord& l = source == kFromDelta ? delta_layer_ : chain_[source];
+      return make_error(EIO, "layer {}: file {} is missing but holds block {}", l.id,
+                        pool_.layer_path(l), from / block_size_);
+    }
+    return file->read(dst, to - from, from);
+  });
 }
 
 // ---- write ----
@@ -569,28 +580,20 @@ Status Disk::extents(uint64_t len, uint64_t offset,
   LAYER_TRY(check_range(len, offset, false));
   if (len == 0) return {};
   LAYER_TRY(ensure_loaded());
-  const uint64_t end = offset + len;
-  uint64_t b = offset / block_size_;
-  const uint64_t last = (end - 1) / block_size_;
+  // Runs of the same kind (data, or hole+zero) are merged into one extent.
   uint64_t cur_from = offset;
-  bool cur_data = false;
-  bool have = false;
-  while (b <= last) {
-    const Run run = next_run(b, last - b + 1);
-    const bool data = run.source != kFromZero;
-    const uint64_t from = std::max(offset, b * block_size_);
-    if (!have) {
+  bool cur_data = false, have = false;
+  LAYER_TRY(for_each_run(len, offset, [&](uint64_t from, uint64_t, int source) -> Status {
+    const bool data = source != kFromZero;
+    if (have && data != cur_data) fn(cur_from, from - cur_from, cur_data);
+    if (!have || data != cur_data) {
       cur_from = from;
       cur_data = data;
       have = true;
-    } else if (data != cur_data) {
-      fn(cur_from, from - cur_from, cur_data);
-      cur_from = from;
-      cur_data = data;
     }
-    b += run.blocks;
-  }
-  fn(cur_from, end - cur_from, cur_data);
+    return {};
+  }));
+  fn(cur_from, offset + len - cur_from, cur_data);
   return {};
 }
 
@@ -598,20 +601,10 @@ Status Disk::cache(uint64_t len, uint64_t offset) {
   LAYER_TRY(check_range(len, offset, false));
   if (len == 0) return {};
   LAYER_TRY(ensure_loaded());
-  const uint64_t end = offset + len;
-  uint64_t b = offset / block_size_;
-  const uint64_t last = (end - 1) / block_size_;
-  while (b <= last) {
-    const Run run = next_run(b, last - b + 1);
-    const uint64_t from = std::max(offset, b * block_size_);
-    const uint64_t to = std::min(end, (b + run.blocks) * block_size_);
-    LayerFile* file = run.source == kFromZero    ? nullptr
-                      : run.source == kFromDelta ? delta_raw_.load(std::memory_order_acquire)
-                                                 : chain_files_[static_cast<size_t>(run.source)].get();
-    if (file) file->prefetch(from, to - from);
-    b += run.blocks;
-  }
-  return {};
+  return for_each_run(len, offset, [&](uint64_t from, uint64_t to, int source) -> Status {
+    if (LayerFile* file = file_of(source)) file->prefetch(from, to - from);
+    return {};
+  });
 }
 
 // ---- DiskTable ----

@@ -77,6 +77,12 @@ class Disk {
     uint64_t blocks;
   };
   Run next_run(uint64_t block_no, uint64_t max_blocks) const;
+  // Calls fn(from, to, source) for the runs covering [offset, offset+len), in order; stops at
+  // and returns the first error. REQUIRES: loaded, len > 0, range checked.
+  Status for_each_run(uint64_t len, uint64_t offset,
+                      const std::function<Status(uint64_t, uint64_t, int)>& fn) const;
+  // The file holding a run's data; null for kFromZero or a missing file.
+  LayerFile* file_of(int source) const;
   uint64_t block_len(uint64_t block_no) const;
   Status ensure_loaded();
   Status check_range(uint64_t len, uint64_t offset, bool for_write) const;

@@ -234,24 +234,23 @@ class FaultInjectingStore::File : public LayerFile {
   std::vector<Undo> undo_;  // GUARDED_BY(mu_)
 };
 
-Result<std::shared_ptr<LayerFile>> FaultInjectingStore::open(const std::string& path,
-                                                             bool writable) {
-  LocalStore local;
-  LAYER_ASSIGN(auto inner, local.open(path, writable));
-  auto f = std::make_shared<File>(std::move(inner), this);
+Result<std::shared_ptr<LayerFile>> FaultInjectingStore::track(
+    Result<std::shared_ptr<LayerFile>> inner) {
+  if (!inner) return std::move(inner).error();
+  auto f = std::make_shared<File>(std::move(*inner), this);
   std::lock_guard<std::mutex> lk(mu_);
   files_.push_back(f);
   return std::shared_ptr<LayerFile>(f);
 }
 
+Result<std::shared_ptr<LayerFile>> FaultInjectingStore::open(const std::string& path,
+                                                             bool writable) {
+  return track(LocalStore().open(path, writable));
+}
+
 Result<std::shared_ptr<LayerFile>> FaultInjectingStore::create(const std::string& path,
                                                                uint64_t size_bytes) {
-  LocalStore local;
-  LAYER_ASSIGN(auto inner, local.create(path, size_bytes));
-  auto f = std::make_shared<File>(std::move(inner), this);
-  std::lock_guard<std::mutex> lk(mu_);
-  files_.push_back(f);
-  return std::shared_ptr<LayerFile>(f);
+  return track(LocalStore().create(path, size_bytes));
 }
 
 Status FaultInjectingStore::remove(const std::string& path) { return LocalStore().remove(path); }

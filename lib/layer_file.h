@@ -81,6 +81,8 @@ class FaultInjectingStore : public LayerStore {
 
  private:
   class File;
+  // Wraps a local file so its writes can be undone.
+  Result<std::shared_ptr<LayerFile>> track(Result<std::shared_ptr<LayerFile>> inner);
   std::mutex mu_;
   std::vector<std::shared_ptr<File>> files_;  // kept so a power loss can be simulated after close
   int failing_syncs_ = 0;
