@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "chain.h"
+#include "delta_map.h"
 #include "error.h"
 #include "layer_file.h"
 #include "locks.h"
@@ -68,7 +69,6 @@ class Disk {
 
  private:
   explicit Disk(Pool& pool);
-  class DeltaMap;
   // Where a run of blocks comes from.
   static constexpr int kFromDelta = -1;
   static constexpr int kFromZero = -2;  // zero tombstone or absent everywhere

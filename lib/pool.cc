@@ -1,10 +1,10 @@
-// pool.cc — pool creation and opening, names, images (import), containers (clone, rm), fsck.
+// pool.cc — pool creation and opening, names and sizes, layers, containers (clone, rm).
+// Images are in image.cc, fsck in fsck.cc.
 //
 // Design notes:
-// - Every metadata change is one write transaction through the Committer. Long work (import)
-//   commits bounded batches of rows under an `intents` row and publishes with one final
-//   transaction; until then no image or layer row names the new rows, so a crash leaves only
-//   invisible rows and a file that fsck --repair rolls back.
+// - Every metadata change is one write transaction through the Committer. Long work (import,
+//   image.cc) commits bounded batches of rows under an `intents` row and publishes with one
+//   final transaction.
 // - File order: a layer file is created, synced and its directory synced before any
 //   transaction refers to it; it is unlinked only after the transaction that drops the last
 //   reference commits. An orphan file is benign; a missing one is reported by fsck.
@@ -35,8 +35,6 @@ constexpr std::string_view kMetaCompat = "features.compat";
 constexpr std::string_view kMetaTierSsd = "tier.ssd";
 constexpr std::string_view kMetaTierHdd = "tier.hdd";
 constexpr std::string_view kMetaCreated = "created";
-constexpr size_t kMaxRowsPerTxn = 10000;
-constexpr uint64_t kImportWindowBytes = 1 << 20;
 
 Status mkdir_p(const std::string& path) {
   std::string cur;
@@ -78,19 +76,6 @@ std::optional<uint64_t> decode_uint(std::string_view v) {
   uint64_t r = 0;
   for (char c : v) r = r << 8 | static_cast<uint8_t>(c);
   return r;
-}
-
-bool is_zero(const uint8_t* p, size_t len) {
-  // Compare 8 bytes at a time: import reads every byte of the data regions anyway.
-  size_t i = 0;
-  for (; i + 8 <= len; i += 8) {
-    uint64_t w;
-    std::memcpy(&w, p + i, 8);
-    if (w != 0) return false;
-  }
-  for (; i < len; ++i)
-    if (p[i] != 0) return false;
-  return true;
 }
 
 // Reads meta and checks that this build understands the pool (docs/format.md).
@@ -288,12 +273,10 @@ Result<std::vector<LayerRecord>> Pool::chain_of(ReadTxn& txn, LayerId top) {
   return chain;
 }
 
-// ---- images ----
-
-namespace {
+// ---- layers ----
 
 // Counts the data and zero blocks of a layer from its map rows.
-Status count_blocks(ReadTxn& txn, LayerId id, uint64_t* data, uint64_t* zero) {
+Status Pool::count_blocks(ReadTxn& txn, LayerId id, uint64_t* data, uint64_t* zero) {
   *data = *zero = 0;
   return txn.scan(Db::kMaps, key_u64(id), [&](std::string_view, std::string_view v) -> Result<bool> {
     LAYER_ASSIGN(auto bits, decode_chunk(v));
@@ -311,224 +294,6 @@ Status count_blocks(ReadTxn& txn, LayerId id, uint64_t* data, uint64_t* zero) {
   });
 }
 
-// The data regions of fd in [0, size): SEEK_DATA/SEEK_HOLE, or the whole file where the
-// filesystem or device does not support them.
-Result<std::vector<std::pair<uint64_t, uint64_t>>> data_regions(int fd, uint64_t size,
-                                                                const std::string& file) {
-  std::vector<std::pair<uint64_t, uint64_t>> regions;
-  uint64_t pos = 0;
-  while (pos < size) {
-    off_t data = ::lseek(fd, static_cast<off_t>(pos), SEEK_DATA);
-    if (data < 0) {
-      if (errno == ENXIO) break;
-      if (errno == EINVAL || errno == EOPNOTSUPP) return decltype(regions){{0, size}};
-      return sys_error(errno, fmt::format("SEEK_DATA {}", file));
-    }
-    off_t hole = ::lseek(fd, data, SEEK_HOLE);
-    if (hole < 0) return sys_error(errno, fmt::format("SEEK_HOLE {}", file));
-    const uint64_t end = std::min<uint64_t>(static_cast<uint64_t>(hole), size);
-    if (static_cast<uint64_t>(data) >= end) break;
-    regions.emplace_back(static_cast<uint64_t>(data), end);
-    pos = end;
-  }
-  return regions;
-}
-
-// Closes an fd on every path.
-struct Fd {
-  int fd = -1;
-  ~Fd() {
-    if (fd >= 0) ::close(fd);
-  }
-};
-
-}  // namespace
-
-Result<ImageInfo> Pool::import_image(const std::string& ref, const std::string& file,
-                                     uint32_t block_size, const Progress& progress,
-                                     const std::string& description) {
-  if (read_only_) return make_error(EACCES, "pool {} is open read-only", paths_.root);
-  LAYER_TRY(validate_image_ref(ref));
-  if (block_size < kMinBlockSize || block_size > kMaxBlockSize ||
-      (block_size & (block_size - 1)) != 0)
-    return make_error(EINVAL, "block size {} is not a power of two from {} to {}", block_size,
-                      kMinBlockSize, kMaxBlockSize);
-  Fd in;
-  in.fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC);
-  if (in.fd < 0) return sys_error(errno, fmt::format("cannot open image file {}", file));
-  struct stat st;
-  if (::fstat(in.fd, &st) != 0) return sys_error(errno, fmt::format("stat {}", file));
-  uint64_t size = static_cast<uint64_t>(st.st_size);
-  if (S_ISBLK(st.st_mode)) {
-    off_t end = ::lseek(in.fd, 0, SEEK_END);
-    if (end < 0) return sys_error(errno, fmt::format("size of {}", file));
-    size = static_cast<uint64_t>(end);
-  } else if (!S_ISREG(st.st_mode)) {
-    return make_error(EINVAL, "{} is not a regular file or block device", file);
-  }
-  if (size == 0) return make_error(EINVAL, "image file {} is empty", file);
-  if (size % 512 != 0)
-    return make_error(EINVAL, "image file {} is {} bytes, not a multiple of 512", file, size);
-  if (size > kMaxDiskBytes)
-    return make_error(EINVAL, "image file {} is {} bytes, larger than the limit of {}", file, size,
-                      kMaxDiskBytes);
-  {
-    LAYER_ASSIGN(auto txn, index_->begin_read());
-    LAYER_ASSIGN(auto existing, txn.get(Db::kImages, ref));
-    if (existing) return make_error(EEXIST, "image {} already exists", ref);
-  }
-
-  // 1. Reserve a layer id under an intent, so a crash leaves something fsck can roll back.
-  LayerId layer_id = 0;
-  uint64_t intent_id = 0;
-  LAYER_TRY(committer_->run([&](WriteTxn& txn) -> Status {
-    LAYER_ASSIGN(layer_id, txn.next_id("layer"));
-    LAYER_ASSIGN(intent_id, txn.next_id("intent"));
-    IntentRecord intent{IntentRecord::Kind::kImport, layer_id, ref, now_unix()};
-    return txn.put(Db::kIntents, key_u64(intent_id), encode(intent));
-  }));
-  LayerRecord layer{layer_id, 0, Tier::kSsd, size, block_size, LayerState::kFrozen, 1, now_unix()};
-  const std::string path = layer_path(layer);
-  // Held until published or rolled back: fsck --repair skips intents whose layer is locked.
-  auto import_lock = locks_->try_lock(LockKind::kLayer, layer_id, true,
-                                      fmt::format("layer {}", layer_id));
-
-  auto rollback = [&](Error e) -> Error {
-    if (!import_lock) return e;  // not ours to roll back
-    (void)committer_->run([&](WriteTxn& txn) -> Status {
-      LAYER_TRY(txn.del_prefix(Db::kMaps, key_u64(layer_id)));
-      LAYER_TRY(txn.del_prefix(Db::kSums, key_u64(layer_id)));
-      return txn.del(Db::kIntents, key_u64(intent_id));
-    });
-    (void)store_->remove(path);
-    return e;
-  };
-
-  if (!import_lock) return rollback(std::move(import_lock).error());
-  // 2. Copy the data blocks into a new layer file at the same offsets; hash each 64 KiB group.
-  auto created = store_->create(path, size);
-  if (!created) return rollback(std::move(created).error());
-  std::shared_ptr<LayerFile> out = *created;
-  auto regions = data_regions(in.fd, size, file);
-  if (!regions) return rollback(std::move(regions).error());
-
-  BlockMap map;
-  std::map<uint64_t, uint64_t> sums;  // group no -> checksum
-  std::vector<uint8_t> buf(kImportWindowBytes);
-  uint64_t done_bytes = 0;
-  uint64_t last_window_end = 0;
-  for (const auto& [begin, end] : *regions) {
-    // Windows are aligned to 1 MiB, a multiple of the block size and of the 64 KiB group.
-    for (uint64_t w = begin / kImportWindowBytes * kImportWindowBytes; w < end;
-         w += kImportWindowBytes) {
-      if (w < last_window_end) continue;  // already done with the previous region
-      const uint64_t wlen = std::min<uint64_t>(kImportWindowBytes, size - w);
-      last_window_end = w + wlen;
-      uint64_t got = 0;
-      while (got < wlen) {
-        ssize_t n = ::pread(in.fd, buf.data() + got, wlen - got, static_cast<off_t>(w + got));
-        if (n < 0 && errno == EINTR) continue;
-        if (n < 0) return rollback(sys_error(errno, fmt::format("read {}", file)));
-        if (n == 0) return rollback(make_error(EIO, "{} shrank while importing", file));
-        got += static_cast<uint64_t>(n);
-      }
-      std::vector<bool> block_has_data;
-      for (uint64_t off = 0; off < wlen; off += block_size) {
-        const uint64_t blen = std::min<uint64_t>(block_size, wlen - off);
-        const bool data = !is_zero(buf.data() + off, blen);
-        block_has_data.push_back(data);
-        if (data) map.set((w + off) / block_size, BlockState::kData);
-      }
-      // Write runs of data blocks.
-      for (size_t i = 0; i < block_has_data.size();) {
-        if (!block_has_data[i]) {
-          ++i;
-          continue;
-        }
-        size_t j = i;
-        while (j < block_has_data.size() && block_has_data[j]) ++j;
-        const uint64_t off = i * uint64_t{block_size};
-        const uint64_t len = std::min<uint64_t>(j * uint64_t{block_size}, wlen) - off;
-        auto s = out->write(buf.data() + off, len, w + off);
-        if (!s) return rollback(std::move(s).error());
-        i = j;
-      }
-      for (uint64_t g = 0; g < wlen; g += kSumGroupBytes) {
-        const uint64_t glen = std::min<uint64_t>(kSumGroupBytes, wlen - g);
-        bool any = false;
-        for (uint64_t b = g / block_size; b * block_size < g + glen; ++b) any |= block_has_data[b];
-        if (any) sums[(w + g) / kSumGroupBytes] = group_checksum(buf.data() + g, glen);
-      }
-      done_bytes += wlen;
-      if (progress) progress(w + wlen, size);
-    }
-  }
-  if (progress) progress(size, size);
-  (void)done_bytes;
-  // Data reaches the disk before the rows that name it.
-  if (auto s = out->sync(); !s) return rollback(std::move(s).error());
-
-  // 3. Rows in bounded transactions (invisible until published: no layer row names them).
-  std::vector<std::pair<std::string, std::string>> rows;
-  for (const auto& [chunk, bits] : map.chunks())
-    rows.emplace_back(key_u64_u32(layer_id, chunk), encode_chunk(bits));
-  std::vector<std::pair<std::string, std::string>> sum_rows;
-  {
-    std::map<uint32_t, std::vector<uint64_t>> by_row;
-    for (const auto& [group, sum] : sums) {
-      auto& v = by_row[static_cast<uint32_t>(group / kSumsPerRow)];
-      v.resize(kSumsPerRow, 0);
-      v[group % kSumsPerRow] = sum;
-    }
-    for (const auto& [row, v] : by_row)
-      sum_rows.emplace_back(key_u64_u32(layer_id, row), encode_sums(v));
-  }
-  for (size_t i = 0; i < rows.size() || i < sum_rows.size(); i += kMaxRowsPerTxn) {
-    auto s = committer_->run([&](WriteTxn& txn) -> Status {
-      for (size_t j = i; j < std::min(rows.size(), i + kMaxRowsPerTxn); ++j)
-        LAYER_TRY(txn.append(Db::kMaps, rows[j].first, rows[j].second));
-      for (size_t j = i; j < std::min(sum_rows.size(), i + kMaxRowsPerTxn); ++j)
-        LAYER_TRY(txn.append(Db::kSums, sum_rows[j].first, sum_rows[j].second));
-      return {};
-    });
-    if (!s) return rollback(std::move(s).error());
-  }
-
-  // 4. Publish.
-  ImageRecord image{ref, layer_id, size, block_size, now_unix(), description};
-  auto s = committer_->run([&](WriteTxn& txn) -> Status {
-    LAYER_ASSIGN(auto intent, txn.get(Db::kIntents, key_u64(intent_id)));
-    if (!intent) return make_error(EIO, "import of {}: its intent was rolled back meanwhile", ref);
-    LAYER_ASSIGN(auto existing, txn.get(Db::kImages, ref));
-    if (existing) return make_error(EEXIST, "image {} already exists", ref);
-    LAYER_TRY(txn.put(Db::kLayers, key_u64(layer_id), encode(layer)));
-    LAYER_TRY(txn.put(Db::kImages, ref, encode(image)));
-    return txn.del(Db::kIntents, key_u64(intent_id));
-  });
-  if (!s) return rollback(std::move(s).error());
-  return ImageInfo{image, layer, map.count(BlockState::kData), 0};
-}
-
-Result<std::vector<ImageInfo>> Pool::list_images() {
-  LAYER_ASSIGN(auto txn, index_->begin_read());
-  std::map<std::string, uint32_t> users;
-  LAYER_TRY(txn.scan(Db::kContainers, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
-    LAYER_ASSIGN(auto c, decode_container(v, k));
-    ++users[c.image_ref];
-    return true;
-  }));
-  std::vector<ImageInfo> out;
-  LAYER_TRY(txn.scan(Db::kImages, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
-    LAYER_ASSIGN(auto image, decode_image(v, k));
-    LAYER_ASSIGN(auto layer, get_layer(txn, image.top_layer));
-    uint64_t data = 0, zero = 0;
-    LAYER_TRY(count_blocks(txn, layer.id, &data, &zero));
-    out.push_back(ImageInfo{image, layer, data, users[image.ref]});
-    return true;
-  }));
-  return out;
-}
-
 Status Pool::drop_layer(WriteTxn& txn, LayerId id, std::vector<std::string>* unlink_after) {
   while (id != 0) {
     LAYER_ASSIGN(auto layer, get_layer(txn, id));
@@ -543,32 +308,6 @@ Status Pool::drop_layer(WriteTxn& txn, LayerId id, std::vector<std::string>* unl
     unlink_after->push_back(layer_path(layer));
     id = layer.parent;  // the dropped layer's reference to its parent goes too
   }
-  return {};
-}
-
-Status Pool::remove_image(const std::string& ref) {
-  if (read_only_) return make_error(EACCES, "pool {} is open read-only", paths_.root);
-  LAYER_TRY(validate_image_ref(ref));
-  std::vector<std::string> unlink_after;
-  LAYER_TRY(committer_->run([&](WriteTxn& txn) -> Status {
-    unlink_after.clear();
-    LAYER_ASSIGN(auto v, txn.get(Db::kImages, ref));
-    if (!v) return make_error(ENOENT, "image {} not found in pool {}", ref, paths_.root);
-    LAYER_ASSIGN(auto image, decode_image(*v, ref));
-    std::vector<std::string> users;
-    LAYER_TRY(txn.scan(Db::kContainers, "", [&](std::string_view k, std::string_view cv) -> Result<bool> {
-      LAYER_ASSIGN(auto c, decode_container(cv, k));
-      if (c.image_ref == ref) users.push_back(c.name);
-      return true;
-    }));
-    if (!users.empty())
-      return make_error(EBUSY, "image {} is in use by {} container(s): {}", ref, users.size(),
-                        fmt::join(users, ", "));
-    LAYER_TRY(txn.del(Db::kImages, ref));
-    return drop_layer(txn, image.top_layer, &unlink_after);
-  }));
-  // Unlinked only after the transaction that dropped the last reference committed.
-  for (const auto& f : unlink_after) LAYER_TRY(store_->remove(f));
   return {};
 }
 

@@ -140,6 +140,8 @@ class Pool {
  private:
   Pool() = default;
   Result<ContainerInfo> container_info(ReadTxn& txn, const ContainerRecord& rec);
+  // Counts a layer's data and zero blocks from its `maps` rows. Errors: EIO (corrupt row).
+  static Status count_blocks(ReadTxn& txn, LayerId id, uint64_t* data, uint64_t* zero);
   // Drops a layer whose refcount reached 0 inside txn, and its parents as theirs do;
   // appends the files to unlink after the commit.
   Status drop_layer(WriteTxn& txn, LayerId id, std::vector<std::string>* unlink_after);
