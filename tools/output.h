@@ -1,0 +1,32 @@
+// output.h — the CLI's human and JSON output: sizes, times, tables, and the JSON objects of
+// images and containers (shapes in docs/cli-spec.md).
+#pragma once
+
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "pool.h"
+
+namespace layer_cli {
+
+// ordered_json keeps the fields in the order of docs/cli-spec.md.
+using json = nlohmann::ordered_json;
+
+// "64.0 MiB", "0 B".
+std::string human_size(uint64_t bytes);
+// Local time "YYYY-MM-DD HH:MM".
+std::string format_time(uint64_t unix_seconds);
+// Prints rows (the first is the header) with aligned columns on stdout.
+void print_table(const std::vector<std::vector<std::string>>& rows);
+// Blocks to bytes, never more than the disk's size (its last block may be short).
+uint64_t data_bytes(uint64_t blocks, uint32_t block_size, uint64_t size_bytes);
+// The JSON of `image ls` entries and `image import`.
+json image_json(const layer::ImageInfo& info);
+// The JSON of `ls` entries.
+json container_json(const layer::ContainerInfo& info);
+// container_json plus the chain (delta first) and labels: `clone` and `inspect`.
+json container_detail_json(layer::Pool& pool, const layer::ContainerInfo& info);
+
+}  // namespace layer_cli
