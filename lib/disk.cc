@@ -104,6 +104,7 @@ Status Disk::ensure_loaded() {
   auto f = pool_.store().open(pool_.layer_path(delta_layer_), writable_);
   if (f) {
     delta_file_ = *f;
+    delta_file_->hint_random_access();
     delta_raw_.store(delta_file_.get(), std::memory_order_release);
   } else if (f.error().code != ENOENT) {
     return std::move(f).error();
@@ -118,6 +119,7 @@ Result<LayerFile*> Disk::delta_file_for_write() {
   if (delta_file_) return delta_file_.get();
   // Created, synced and its directory synced before any row naming its data is committed.
   LAYER_ASSIGN(delta_file_, pool_.store().create(pool_.layer_path(delta_layer_), size_bytes_));
+  delta_file_->hint_random_access();
   delta_raw_.store(delta_file_.get(), std::memory_order_release);
   return delta_file_.get();
 }
@@ -208,10 +210,10 @@ class StripeGuard {
  public:
   StripeGuard(std::mutex* stripes, size_t nstripes, const std::vector<uint64_t>& blocks)
       : stripes_(stripes) {
-    std::vector<bool> want(nstripes, false);
-    for (uint64_t b : blocks) want[b % nstripes] = true;
-    for (size_t i = 0; i < nstripes; ++i)
-      if (want[i]) held_.push_back(i);
+    held_.reserve(std::min(blocks.size(), nstripes));
+    for (uint64_t b : blocks) held_.push_back(b % nstripes);
+    std::sort(held_.begin(), held_.end());
+    held_.erase(std::unique(held_.begin(), held_.end()), held_.end());
     for (size_t i : held_) stripes_[i].lock();
   }
   ~StripeGuard() {
@@ -220,7 +222,7 @@ class StripeGuard {
 
  private:
   std::mutex* stripes_;
-  std::vector<size_t> held_;
+  std::vector<size_t> held_;  // ascending, unique
 };
 
 }  // namespace

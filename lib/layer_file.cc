@@ -123,6 +123,10 @@ class LocalFile : public LayerFile {
                     POSIX_FADV_WILLNEED);
   }
 
+  void hint_random_access() override {
+    ::posix_fadvise(fd_, 0, 0, POSIX_FADV_RANDOM);
+  }
+
   Result<uint64_t> size() override {
     struct stat st;
     if (::fstat(fd_, &st) != 0) return sys_error(errno, fmt::format("stat {}", path_));
@@ -203,6 +207,7 @@ class FaultInjectingStore::File : public LayerFile {
     return inner_->data_extents(offset, len, fn);
   }
   void prefetch(uint64_t offset, uint64_t len) override { inner_->prefetch(offset, len); }
+  void hint_random_access() override { inner_->hint_random_access(); }
   Result<uint64_t> size() override { return inner_->size(); }
   const std::string& path() const override { return inner_->path(); }
 
