@@ -103,9 +103,7 @@ Status Disk::ensure_loaded() {
   delta_ = std::move(delta);
   auto f = pool_.store().open(pool_.layer_path(delta_layer_), writable_);
   if (f) {
-    delta_file_ = *f;
-    delta_file_->hint_random_access();
-    delta_raw_.store(delta_file_.get(), std::memory_order_release);
+    adopt_delta_file(std::move(*f));
   } else if (f.error().code != ENOENT) {
     return std::move(f).error();
   }
@@ -118,10 +116,15 @@ Result<LayerFile*> Disk::delta_file_for_write() {
   std::lock_guard<std::mutex> lk(delta_file_mu_);
   if (delta_file_) return delta_file_.get();
   // Created, synced and its directory synced before any row naming its data is committed.
-  LAYER_ASSIGN(delta_file_, pool_.store().create(pool_.layer_path(delta_layer_), size_bytes_));
+  LAYER_ASSIGN(auto file, pool_.store().create(pool_.layer_path(delta_layer_), size_bytes_));
+  adopt_delta_file(std::move(file));
+  return delta_file_.get();
+}
+
+void Disk::adopt_delta_file(std::shared_ptr<LayerFile> file) {
+  delta_file_ = std::move(file);
   delta_file_->hint_random_access();
   delta_raw_.store(delta_file_.get(), std::memory_order_release);
-  return delta_file_.get();
 }
 
 // ---- helpers ----
@@ -331,28 +334,13 @@ Status Disk::zero_whole_blocks(uint64_t first, uint64_t count) {
     LAYER_TRY(f->punch(from, to - from));
     write_seq_.fetch_add(1, std::memory_order_release);
   }
-  // Mark after the punch returned. A block that nothing below holds data for stays (or
-  // becomes) absent or zero without a tombstone where it has none.
-  uint64_t b = first;
-  const uint64_t end = first + count;
-  while (b < end) {
-    const BlockState ds = delta_->get(b);
-    uint64_t n;
-    bool tombstone;
-    if (ds == BlockState::kData) {
-      n = delta_->run(b, end - b, BlockState::kData);
-      tombstone = true;
-    } else if (ds == BlockState::kZero) {
-      n = delta_->run(b, end - b, BlockState::kZero);
-      tombstone = false;  // already zero
-    } else {
-      const Source src = chain_map_->lookup(b);
-      n = std::max<uint64_t>(1, std::min(chain_map_->run_length(b, end - b),
-                                         delta_->run(b, end - b, BlockState::kAbsent)));
-      tombstone = src != kSourceZero && src != kSourceAbsent;
-    }
-    if (tombstone) delta_->set_range(b, n, BlockState::kZero);
-    b += n;
+  // Mark after the punch returned. Blocks whose content is something (the delta's data, or a
+  // lower layer's) get a tombstone; blocks that already read as zeroes (a tombstone, or absent
+  // everywhere) are left as they are.
+  for (uint64_t b = first, end = first + count; b < end;) {
+    const Run run = next_run(b, end - b);
+    if (run.source != kFromZero) delta_->set_range(b, run.blocks, BlockState::kZero);
+    b += run.blocks;
   }
   return {};
 }

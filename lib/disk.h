@@ -87,6 +87,8 @@ class Disk {
   Status ensure_loaded();
   Status check_range(uint64_t len, uint64_t offset, bool for_write) const;
   Result<LayerFile*> delta_file_for_write();
+  // Installs the delta's file (opened or just created). REQUIRES: load_mu_ or delta_file_mu_.
+  void adopt_delta_file(std::shared_ptr<LayerFile> file);
   Status read_range(uint8_t* buf, uint64_t len, uint64_t offset);
   Status write_range(const uint8_t* buf, uint64_t len, uint64_t offset);
   Status zero_whole_blocks(uint64_t first, uint64_t count);

@@ -152,10 +152,9 @@ Result<uint64_t> parse_size(std::string_view text) {
   }
   if (i == 0) return make_error(EINVAL, "invalid size \"{}\"", text);
   std::string_view suffix = text.substr(i);
-  if (suffix.size() == 2 && (suffix[1] == 'B' || suffix[1] == 'b')) suffix = suffix.substr(0, 1);
-  if (suffix == "iB" || suffix.size() == 3) {
-    if (suffix.size() == 3 && suffix.substr(1) == "iB") suffix = suffix.substr(0, 1);
-  }
+  // "10G", "10GB" and "10GiB" all mean 10 GiB.
+  if (suffix.size() == 3 && suffix.substr(1) == "iB") suffix = suffix.substr(0, 1);
+  else if (suffix.size() == 2 && (suffix[1] == 'B' || suffix[1] == 'b')) suffix = suffix.substr(0, 1);
   unsigned shift = 0;
   if (suffix.empty()) shift = 0;
   else if (suffix.size() == 1) {
