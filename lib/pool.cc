@@ -203,12 +203,20 @@ Status Pool::create(const std::string& root, const std::string& ssd_dir,
   return txn.commit();
 }
 
-Status Pool::validate(const std::string& root) {
+// The absolute path of root, if it is a pool (has an index). Errors: ENOENT naming `root` as
+// given, so the user recognises it.
+static Result<std::string> pool_root(const std::string& root) {
   struct stat st;
   if (::stat(root.c_str(), &st) != 0) return make_error(ENOENT, "pool {} does not exist", root);
-  if (::stat((root + "/index/data.mdb").c_str(), &st) != 0)
+  LAYER_ASSIGN(std::string abs, real_path(root));
+  if (::stat((abs + "/index/data.mdb").c_str(), &st) != 0)
     return make_error(ENOENT, "{} is not a layer pool (no index; create one with `layer init`)",
                       root);
+  return abs;
+}
+
+Status Pool::validate(const std::string& root) {
+  LAYER_TRY(pool_root(root));
   LAYER_ASSIGN(auto index,
                Index::open(root + "/index", Index::Options{.read_only = true, .no_lock = true}));
   LAYER_ASSIGN(auto txn, index->begin_read());
@@ -216,12 +224,7 @@ Status Pool::validate(const std::string& root) {
 }
 
 Result<std::unique_ptr<Pool>> Pool::open(const std::string& root, const OpenOptions& options) {
-  struct stat st;
-  if (::stat(root.c_str(), &st) != 0) return make_error(ENOENT, "pool {} does not exist", root);
-  LAYER_ASSIGN(std::string abs, real_path(root));
-  if (::stat((abs + "/index/data.mdb").c_str(), &st) != 0)
-    return make_error(ENOENT, "{} is not a layer pool (no index; create one with `layer init`)",
-                      root);
+  LAYER_ASSIGN(std::string abs, pool_root(root));
   std::unique_ptr<Pool> pool(new Pool());
   pool->read_only_ = options.read_only;
   pool->paths_.root = abs;
