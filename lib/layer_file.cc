@@ -6,9 +6,11 @@
 // that a crash could lose.
 //
 // FaultInjectingStore: before each write or punch of a file it saves the bytes being replaced
-// (an undo record); sync() forgets the file's undo records; simulate_power_loss() replays the
-// undo records newest first, which is what the disk holds after losing its volatile cache.
-// With tear, only a random subset is undone (a cache that wrote back some blocks early).
+// (an undo record, marked completed once the write returned); sync() forgets the records of
+// writes completed before it began; simulate_power_loss() replays the remaining undo records
+// newest first, which is what the disk holds after losing its volatile cache. With tear, only
+// a random subset is undone (a cache that wrote back some blocks early). An injected sync
+// failure undoes every unsynced write, as Linux drops the dirty pages of a failed writeback.
 #include "layer_file.h"
 
 #include <fcntl.h>
@@ -29,7 +31,10 @@ std::string dir_of(const std::string& path) {
 
 Status fsync_dir(const std::string& dir) {
   int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return sys_error(errno, fmt::format("open directory {}", dir));
+  if (fd < 0) {
+    const int err = errno;
+    return sys_error(err, fmt::format("open directory {}", dir));
+  }
   int rc = ::fsync(fd);
   int err = errno;
   ::close(fd);
@@ -47,8 +52,9 @@ class LocalFile : public LayerFile {
     while (len > 0) {
       ssize_t n = ::pread(fd_, p, len, static_cast<off_t>(offset));
       if (n < 0) {
-        if (errno == EINTR) continue;
-        return sys_error(errno, fmt::format("read {} at {}", path_, offset));
+        const int err = errno;
+        if (err == EINTR) continue;
+        return sys_error(err, fmt::format("read {} at {}", path_, offset));
       }
       if (n == 0) {  // past the end of the file: zeroes
         std::memset(p, 0, len);
@@ -66,8 +72,9 @@ class LocalFile : public LayerFile {
     while (len > 0) {
       ssize_t n = ::pwrite(fd_, p, len, static_cast<off_t>(offset));
       if (n < 0) {
-        if (errno == EINTR) continue;
-        return sys_error(errno, fmt::format("write {} at {}", path_, offset));
+        const int err = errno;
+        if (err == EINTR) continue;
+        return sys_error(err, fmt::format("write {} at {}", path_, offset));
       }
       p += n;
       len -= static_cast<uint64_t>(n);
@@ -94,9 +101,14 @@ class LocalFile : public LayerFile {
   }
 
   Status sync() override {
-    if (::fdatasync(fd_) != 0) return sys_error(errno, fmt::format("fdatasync {}", path_));
+    if (::fdatasync(fd_) != 0) {
+      const int err = errno;
+      return sys_error(err, fmt::format("fdatasync {}", path_));
+    }
     return {};
   }
+
+  Status sync_entry() override { return fsync_dir(dir_of(path_)); }
 
   Status data_extents(uint64_t offset, uint64_t len,
                       const std::function<void(uint64_t, uint64_t)>& fn) override {
@@ -105,12 +117,16 @@ class LocalFile : public LayerFile {
     while (pos < end) {
       off_t data = ::lseek(fd_, static_cast<off_t>(pos), SEEK_DATA);
       if (data < 0) {
-        if (errno == ENXIO) return {};  // no more data
-        return sys_error(errno, fmt::format("SEEK_DATA {}", path_));
+        const int err = errno;
+        if (err == ENXIO) return {};  // no more data
+        return sys_error(err, fmt::format("SEEK_DATA {}", path_));
       }
       if (static_cast<uint64_t>(data) >= end) return {};
       off_t hole = ::lseek(fd_, data, SEEK_HOLE);
-      if (hole < 0) return sys_error(errno, fmt::format("SEEK_HOLE {}", path_));
+      if (hole < 0) {
+        const int err = errno;
+        return sys_error(err, fmt::format("SEEK_HOLE {}", path_));
+      }
       const uint64_t stop = std::min<uint64_t>(static_cast<uint64_t>(hole), end);
       fn(static_cast<uint64_t>(data), stop - static_cast<uint64_t>(data));
       pos = stop;
@@ -129,7 +145,10 @@ class LocalFile : public LayerFile {
 
   Result<uint64_t> size() override {
     struct stat st;
-    if (::fstat(fd_, &st) != 0) return sys_error(errno, fmt::format("stat {}", path_));
+    if (::fstat(fd_, &st) != 0) {
+      const int err = errno;
+      return sys_error(err, fmt::format("stat {}", path_));
+    }
     return static_cast<uint64_t>(st.st_size);
   }
 
@@ -144,7 +163,10 @@ class LocalFile : public LayerFile {
 
 Result<std::shared_ptr<LayerFile>> LocalStore::open(const std::string& path, bool writable) {
   int fd = ::open(path.c_str(), (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
-  if (fd < 0) return sys_error(errno, fmt::format("open layer file {}", path));
+  if (fd < 0) {
+    const int err = errno;
+    return sys_error(err, fmt::format("open layer file {}", path));
+  }
   return std::shared_ptr<LayerFile>(std::make_shared<LocalFile>(fd, path));
 }
 
@@ -154,29 +176,53 @@ Result<std::shared_ptr<LayerFile>> LocalStore::create(const std::string& path,
   if (::stat(path.c_str(), &st) == 0) return make_error(EEXIST, "layer file {} exists", path);
   const std::string tmp = path + ".new";
   int fd = ::open(tmp.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return sys_error(errno, fmt::format("create layer file {}", tmp));
+  if (fd < 0) {
+    const int err = errno;
+    return sys_error(err, fmt::format("create layer file {}", tmp));
+  }
   auto file = std::make_shared<LocalFile>(fd, path);
   if (::ftruncate(fd, static_cast<off_t>(size_bytes)) != 0 || ::fsync(fd) != 0) {
-    Error e = sys_error(errno, fmt::format("size layer file {}", tmp));
+    const int err = errno;
     ::unlink(tmp.c_str());
-    return e;
+    return sys_error(err, fmt::format("size layer file {}", tmp));
   }
   if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    Error e = sys_error(errno, fmt::format("rename {} into place", tmp));
+    const int err = errno;
     ::unlink(tmp.c_str());
-    return e;
+    return sys_error(err, fmt::format("rename {} into place", tmp));
   }
-  LAYER_TRY(fsync_dir(dir_of(path)));
+  // The file is in place now. A failed directory fsync is retried once; if it fails again
+  // the file stays (a retry of create sees EEXIST and may open it and call sync_entry()).
+  if (!sync_dir(dir_of(path)).ok()) LAYER_TRY(sync_dir(dir_of(path)));
   return std::shared_ptr<LayerFile>(file);
 }
 
 Status LocalStore::remove(const std::string& path) {
-  if (::unlink(path.c_str()) != 0 && errno != ENOENT)
-    return sys_error(errno, fmt::format("unlink {}", path));
+  if (::unlink(path.c_str()) != 0 && errno != ENOENT) {
+    const int err = errno;
+    return sys_error(err, fmt::format("unlink {}", path));
+  }
   return {};
 }
 
+Status LocalStore::sync_dir(const std::string& dir) { return fsync_dir(dir); }
+
 // ---- FaultInjectingStore ----
+
+// A LocalStore whose directory fsyncs go through the fault store's gate.
+class FaultInjectingStore::Local : public LocalStore {
+ public:
+  explicit Local(FaultInjectingStore* store) : store_(store) {}
+
+ protected:
+  Status sync_dir(const std::string& dir) override {
+    LAYER_TRY(store_->dir_sync_gate(dir));
+    return LocalStore::sync_dir(dir);
+  }
+
+ private:
+  FaultInjectingStore* store_;
+};
 
 class FaultInjectingStore::File : public LayerFile {
  public:
@@ -187,20 +233,46 @@ class FaultInjectingStore::File : public LayerFile {
     return inner_->read(buf, len, offset);
   }
   Status write(const void* buf, uint64_t len, uint64_t offset) override {
-    LAYER_TRY(save(offset, len));
-    return inner_->write(buf, len, offset);
+    LAYER_ASSIGN(uint64_t id, save(offset, len));
+    if (store_->on_write_saved) store_->on_write_saved();
+    LAYER_TRY(inner_->write(buf, len, offset));
+    complete(id);
+    return {};
   }
   Status punch(uint64_t offset, uint64_t len) override {
-    LAYER_TRY(save(offset, len));
-    return inner_->punch(offset, len);
+    LAYER_ASSIGN(uint64_t id, save(offset, len));
+    LAYER_TRY(inner_->punch(offset, len));
+    complete(id);
+    return {};
   }
   Status sync() override {
-    if (store_->take_sync_failure())
+    if (store_->on_sync) store_->on_sync();
+    // Covered: the writes that completed before this sync began. One whose pwrite lands
+    // after the sync started keeps its undo record.
+    std::vector<uint64_t> covered;  // ascending
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      for (const auto& u : undo_)
+        if (u.completed) covered.push_back(u.id);
+    }
+    if (store_->take_sync_failure()) {
+      // As Linux: the dirty pages are dropped (here: undone) and the error is reported once.
+      std::lock_guard<std::mutex> lk(mu_);
+      for (auto it = undo_.rbegin(); it != undo_.rend(); ++it)
+        (void)inner_->write(it->old.data(), it->old.size(), it->offset);
+      undo_.clear();
       return make_error(EIO, "fdatasync {}: Input/output error (injected)", inner_->path());
-    std::lock_guard<std::mutex> lk(mu_);
+    }
     LAYER_TRY(inner_->sync());
-    undo_.clear();
+    std::lock_guard<std::mutex> lk(mu_);
+    std::erase_if(undo_, [&](const Undo& u) {
+      return std::binary_search(covered.begin(), covered.end(), u.id);
+    });
     return {};
+  }
+  Status sync_entry() override {
+    LAYER_TRY(store_->dir_sync_gate(dir_of(inner_->path())));
+    return inner_->sync_entry();
   }
   Status data_extents(uint64_t offset, uint64_t len,
                       const std::function<void(uint64_t, uint64_t)>& fn) override {
@@ -223,20 +295,29 @@ class FaultInjectingStore::File : public LayerFile {
 
  private:
   struct Undo {
+    uint64_t id;  // ascending in undo_
     uint64_t offset;
     std::vector<uint8_t> old;
+    bool completed = false;  // the write or punch returned
   };
-  Status save(uint64_t offset, uint64_t len) {
-    Undo u{offset, std::vector<uint8_t>(len)};
+  Result<uint64_t> save(uint64_t offset, uint64_t len) {
+    Undo u{0, offset, std::vector<uint8_t>(len)};
     LAYER_TRY(inner_->read(u.old.data(), len, offset));
     std::lock_guard<std::mutex> lk(mu_);
+    u.id = next_id_++;
     undo_.push_back(std::move(u));
-    return {};
+    return undo_.back().id;
+  }
+  void complete(uint64_t id) {
+    std::lock_guard<std::mutex> lk(mu_);
+    for (auto& u : undo_)
+      if (u.id == id) u.completed = true;
   }
   std::shared_ptr<LayerFile> inner_;
   FaultInjectingStore* store_;
   std::mutex mu_;
   std::vector<Undo> undo_;  // GUARDED_BY(mu_)
+  uint64_t next_id_ = 0;    // GUARDED_BY(mu_)
 };
 
 Result<std::shared_ptr<LayerFile>> FaultInjectingStore::track(
@@ -250,15 +331,15 @@ Result<std::shared_ptr<LayerFile>> FaultInjectingStore::track(
 
 Result<std::shared_ptr<LayerFile>> FaultInjectingStore::open(const std::string& path,
                                                              bool writable) {
-  return track(LocalStore().open(path, writable));
+  return track(Local(this).open(path, writable));
 }
 
 Result<std::shared_ptr<LayerFile>> FaultInjectingStore::create(const std::string& path,
                                                                uint64_t size_bytes) {
-  return track(LocalStore().create(path, size_bytes));
+  return track(Local(this).create(path, size_bytes));
 }
 
-Status FaultInjectingStore::remove(const std::string& path) { return LocalStore().remove(path); }
+Status FaultInjectingStore::remove(const std::string& path) { return Local(this).remove(path); }
 
 void FaultInjectingStore::simulate_power_loss(bool tear, uint64_t seed) {
   std::mt19937_64 rng(seed);
@@ -271,11 +352,29 @@ void FaultInjectingStore::fail_next_syncs(int n) {
   failing_syncs_ = n;
 }
 
-int FaultInjectingStore::take_sync_failure() {
+void FaultInjectingStore::fail_next_dir_syncs(int n) {
   std::lock_guard<std::mutex> lk(mu_);
-  if (failing_syncs_ <= 0) return 0;
+  failing_dir_syncs_ = n;
+}
+
+int FaultInjectingStore::dir_syncs() {
+  std::lock_guard<std::mutex> lk(mu_);
+  return dir_syncs_;
+}
+
+bool FaultInjectingStore::take_sync_failure() {
+  std::lock_guard<std::mutex> lk(mu_);
+  if (failing_syncs_ <= 0) return false;
   --failing_syncs_;
-  return 1;
+  return true;
+}
+
+Status FaultInjectingStore::dir_sync_gate(const std::string& dir) {
+  std::lock_guard<std::mutex> lk(mu_);
+  ++dir_syncs_;
+  if (failing_dir_syncs_ <= 0) return {};
+  --failing_dir_syncs_;
+  return make_error(EIO, "fsync directory {}: Input/output error (injected)", dir);
 }
 
 }  // namespace layer

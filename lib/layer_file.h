@@ -32,6 +32,9 @@ class LayerFile {
   // fdatasync. After a failure the file's unsynced data may be lost: callers must not retry
   // and claim success (DESIGN.md "Durability"). Errors: EIO, ENOSPC.
   virtual Status sync() = 0;
+  // Makes the file's name durable in its directory (fsync of the directory). A writable delta
+  // opened after a crash may have a name nobody synced. Errors: EIO.
+  virtual Status sync_entry() = 0;
   // Calls fn(offset, len) for each allocated range in [offset, offset+len) (SEEK_DATA/HOLE).
   virtual Status data_extents(uint64_t offset, uint64_t len,
                               const std::function<void(uint64_t, uint64_t)>& fn) = 0;
@@ -51,7 +54,9 @@ class LayerStore {
   // Opens an existing layer file. Errors: ENOENT, EACCES, EIO.
   virtual Result<std::shared_ptr<LayerFile>> open(const std::string& path, bool writable) = 0;
   // Creates a new, empty file of size_bytes (sparse), fsyncs it and its directory so that the
-  // index may name it. Errors: EEXIST, ENOSPC, EIO.
+  // index may name it. Errors: EEXIST, ENOSPC, EIO. After an EIO from the directory fsync the
+  // file is in place (its name possibly not durable): a retry sees EEXIST, and the caller may
+  // open it and call sync_entry().
   virtual Result<std::shared_ptr<LayerFile>> create(const std::string& path,
                                                     uint64_t size_bytes) = 0;
   // Unlinks; a missing file is not an error.
@@ -64,13 +69,19 @@ class LocalStore : public LayerStore {
   Result<std::shared_ptr<LayerFile>> open(const std::string& path, bool writable) override;
   Result<std::shared_ptr<LayerFile>> create(const std::string& path, uint64_t size_bytes) override;
   Status remove(const std::string& path) override;
+
+ protected:
+  // fsync of a directory (the fault-injecting store fails it on demand).
+  virtual Status sync_dir(const std::string& dir);
 };
 
 // For power-loss tests: files behave like LocalStore's, but each write and punch first saves
 // what it overwrites; simulate_power_loss() puts back the saved bytes of every write not yet
 // covered by a sync() of its file (all of them, or with tear=true a random subset, as a disk
-// that reordered its cache would). It can also fail the next sync() with EIO.
-// Thread-safety: as LayerStore.
+// that reordered its cache would). A sync() covers the writes that completed before it began.
+// It can fail the next sync() with EIO as Linux does: the unsynced writes are lost (undone) and
+// the error is reported once, so the sync after it succeeds. It can fail directory fsyncs.
+// Thread-safety: as LayerStore; the hooks must be set while no I/O runs.
 class FaultInjectingStore : public LayerStore {
  public:
   Result<std::shared_ptr<LayerFile>> open(const std::string& path, bool writable) override;
@@ -79,17 +90,30 @@ class FaultInjectingStore : public LayerStore {
 
   // Undoes every unsynced write of every file this store opened. REQUIRES: no I/O in flight.
   void simulate_power_loss(bool tear, uint64_t seed);
-  // The next n sync() calls fail with EIO (and drop nothing: the caller must treat them as lost).
+  // The next n sync() calls fail with EIO, undoing that file's unsynced writes first.
   void fail_next_syncs(int n);
-  int take_sync_failure();
+  // The next n directory fsyncs (create's, sync_entry's) fail with EIO.
+  void fail_next_dir_syncs(int n);
+  // Directory fsyncs attempted so far.
+  int dir_syncs();
+
+  // Test hooks: on_sync runs at the start of every file sync(); on_write_saved runs inside
+  // write() after its undo record is saved and before its data is written.
+  std::function<void()> on_sync;
+  std::function<void()> on_write_saved;
 
  private:
   class File;
+  class Local;
+  bool take_sync_failure();
+  Status dir_sync_gate(const std::string& dir);
   // Wraps a local file so its writes can be undone.
   Result<std::shared_ptr<LayerFile>> track(Result<std::shared_ptr<LayerFile>> inner);
   std::mutex mu_;
   std::vector<std::shared_ptr<File>> files_;  // kept so a power loss can be simulated after close
-  int failing_syncs_ = 0;
+  int failing_syncs_ = 0;      // GUARDED_BY(mu_)
+  int failing_dir_syncs_ = 0;  // GUARDED_BY(mu_)
+  int dir_syncs_ = 0;          // GUARDED_BY(mu_)
 };
 
 }  // namespace layer

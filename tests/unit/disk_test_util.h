@@ -207,6 +207,7 @@ class TrackingStore : public LayerStore {
       return {};
     }
     Status punch(uint64_t offset, uint64_t len) override { return inner_->punch(offset, len); }
+    Status sync_entry() override { return inner_->sync_entry(); }
     Status sync() override {
       if (store_->on_sync) store_->on_sync();
       size_t covered;
