@@ -98,7 +98,13 @@ class DeltaMap {
       // re-add the chunk for the next round.
       if (!dirty_flag_[c].exchange(true, std::memory_order_acq_rel)) {
         std::lock_guard<std::mutex> lk(dirty_mu_);
-        dirty_.push_back(static_cast<uint32_t>(c));
+        try {
+          dirty_.push_back(static_cast<uint32_t>(c));
+        } catch (...) {
+          // Not listed, so not flagged: the next mark of this chunk lists it.
+          dirty_flag_[c].store(false, std::memory_order_release);
+          throw;
+        }
       }
     }
   }
@@ -113,33 +119,69 @@ class DeltaMap {
     }
   }
 
-  // Step 1 of a flush round: the rows of every dirty chunk, and the set cleared.
-  std::vector<std::pair<uint32_t, std::string>> take_dirty() {
+  using Rows = std::vector<std::pair<uint32_t, std::string>>;
+
+  // Step 1 of a flush round: the rows of every dirty chunk, and the set cleared. If building
+  // the rows throws (std::bad_alloc), every taken chunk is dirty again before the exception
+  // leaves, so no mark is lost.
+  Rows take_dirty() {
     std::vector<uint32_t> list;
     {
       std::lock_guard<std::mutex> lk(dirty_mu_);
       list.swap(dirty_);
     }
-    std::vector<std::pair<uint32_t, std::string>> rows;
+    struct Restore {
+      DeltaMap* map;
+      std::vector<uint32_t>* list;
+      ~Restore() {
+        if (list) map->requeue(std::move(*list));
+      }
+    } restore{this, &list};
+    Rows rows;
     rows.reserve(list.size());
     for (uint32_t c : list) {
       dirty_flag_[c].store(false, std::memory_order_seq_cst);
       rows.emplace_back(c, encode_chunk(snapshot(c)));
     }
+    restore.list = nullptr;
     return rows;
   }
 
-  // Puts chunks back into the dirty set after a failed commit.
-  void return_dirty(const std::vector<std::pair<uint32_t, std::string>>& rows) {
-    for (const auto& [c, row] : rows) {
-      if (!dirty_flag_[c].exchange(true)) {
-        std::lock_guard<std::mutex> lk(dirty_mu_);
-        dirty_.push_back(c);
-      }
+  // Puts chunks back into the dirty set after a failed round. Returns false only when that
+  // needed memory it could not get: then marks may be lost and the caller must stop
+  // acknowledging flushes.
+  [[nodiscard]] bool return_dirty(const Rows& rows) noexcept {
+    std::vector<uint32_t> list;
+    try {
+      list.reserve(rows.size());
+    } catch (...) {
+      return false;
     }
+    for (const auto& row : rows) list.push_back(row.first);
+    return requeue(std::move(list));
   }
 
  private:
+  // Marks the chunks of `list` dirty again (those a concurrent mark re-added already are
+  // skipped). Allocates only when the dirty list is not empty; false if that failed.
+  bool requeue(std::vector<uint32_t> list) noexcept {
+    size_t keep = 0;
+    for (uint32_t c : list)
+      if (!dirty_flag_[c].exchange(true, std::memory_order_acq_rel)) list[keep++] = c;
+    list.resize(keep);
+    std::lock_guard<std::mutex> lk(dirty_mu_);
+    if (dirty_.empty()) {
+      dirty_.swap(list);
+      return true;
+    }
+    try {
+      dirty_.insert(dirty_.end(), list.begin(), list.end());
+    } catch (...) {
+      return false;
+    }
+    return true;
+  }
+
   Chunk* ensure_chunk(uint64_t c) {
     Chunk* chunk = chunks_[c].load(std::memory_order_acquire);
     if (chunk) return chunk;

@@ -58,6 +58,9 @@ Result<std::shared_ptr<Disk>> Disk::open(Pool& pool, const std::string& name, bo
   if (disk->delta_layer_.parent != 0) {
     LAYER_ASSIGN(disk->chain_, pool.chain_of(txn, disk->delta_layer_.parent));
   }
+  LAYER_ASSIGN(disk->delta_lock_,
+               pool.locks().try_lock(LockKind::kLayer, disk->delta_layer_.id, writable,
+                                     fmt::format("layer {}", disk->delta_layer_.id)));
   for (const auto& layer : disk->chain_) {
     LAYER_ASSIGN(Lock l, pool.locks().try_lock(LockKind::kLayer, layer.id, false,
                                                fmt::format("layer {}", layer.id)));
@@ -65,14 +68,50 @@ Result<std::shared_ptr<Disk>> Disk::open(Pool& pool, const std::string& name, bo
   }
   disk->size_bytes_ = disk->container_.size_bytes;
   disk->block_size_ = disk->container_.block_size;
-  if (disk->block_size_ == 0 || disk->delta_layer_.size_bytes != disk->size_bytes_)
-    return make_error(EIO, "container \"{}\": inconsistent size or block size in the index", name);
+  LAYER_TRY(disk->validate_records());
   disk->size_blocks_ = (disk->size_bytes_ + disk->block_size_ - 1) / disk->block_size_;
   return disk;
 }
 
 Disk::Disk(Pool& pool) : pool_(pool) {}
 Disk::~Disk() = default;
+
+// The index is input from outside: a row that would make the maps or the files disagree is
+// refused here rather than served.
+Status Disk::validate_records() const {
+  const uint32_t bs = block_size_;
+  if (bs < kMinBlockSize || bs > kMaxBlockSize || (bs & (bs - 1)) != 0)
+    return make_error(EIO, "container \"{}\": block size {} in the index is not a power of two "
+                      "from {} to {}", name_, bs, kMinBlockSize, kMaxBlockSize);
+  if (size_bytes_ == 0 || size_bytes_ % 512 != 0 || size_bytes_ > kMaxDiskBytes)
+    return make_error(EIO, "container \"{}\": size {} in the index is not a positive multiple of "
+                      "512 up to {}", name_, size_bytes_, kMaxDiskBytes);
+  if (delta_layer_.size_bytes != size_bytes_ || delta_layer_.block_size != bs)
+    return make_error(EIO, "container \"{}\": its delta layer {} has size {} and block size {}, "
+                      "the container {} and {}", name_, delta_layer_.id,
+                      delta_layer_.size_bytes, delta_layer_.block_size, size_bytes_, bs);
+  if (delta_layer_.state != LayerState::kWritable)
+    return make_error(EIO, "container \"{}\": its delta layer {} is not writable", name_,
+                      delta_layer_.id);
+  for (const auto& layer : chain_) {
+    if (layer.block_size != bs)
+      return make_error(EIO, "container \"{}\": layer {} of its chain has block size {}, the "
+                        "container {}", name_, layer.id, layer.block_size, bs);
+    if (layer.state == LayerState::kWritable)
+      return make_error(EIO, "container \"{}\": layer {} of its chain is writable", name_,
+                        layer.id);
+  }
+  return {};
+}
+
+// A layer file shorter than its layer would read its tail as zeroes: refuse it.
+Status Disk::check_file_size(LayerFile& file, const LayerRecord& layer) const {
+  LAYER_ASSIGN(uint64_t actual, file.size());
+  if (actual < layer.size_bytes)
+    return make_error(EIO, "layer {}: file {} is {} bytes, index says {}", layer.id, file.path(),
+                      actual, layer.size_bytes);
+  return {};
+}
 
 Status Disk::ensure_loaded() {
   if (loaded_.load(std::memory_order_acquire)) return {};
@@ -84,11 +123,13 @@ Status Disk::ensure_loaded() {
   for (const auto& layer : chain_) {
     auto f = pool_.store().open(pool_.layer_path(layer), false);
     if (!f && f.error().code != ENOENT) return std::move(f).error();
+    if (f) LAYER_TRY(check_file_size(**f, layer));
     chain_files_.push_back(f ? *f : nullptr);  // missing: an error only if a read needs it
   }
   auto delta = std::make_unique<DeltaMap>(size_blocks_);
   const LayerId delta_id = delta_layer_.id;
   const uint64_t nchunks = (size_blocks_ + kBlocksPerChunk - 1) / kBlocksPerChunk;
+  bool delta_has_data = false;
   LAYER_TRY(txn.scan(Db::kMaps, key_u64(delta_id), [&](std::string_view k, std::string_view v)
                                                         -> Result<bool> {
     auto key = decode_key_u64_u32(k);
@@ -97,16 +138,26 @@ Status Disk::ensure_loaded() {
     auto bits = decode_chunk(v);
     if (!bits) return make_error(EIO, "layer {} chunk {}: {}", delta_id, key->second,
                                  bits.error().message);
+    for (uint32_t i = 0; i < kBlocksPerChunk && !delta_has_data; ++i)
+      delta_has_data = bits->get(i) == BlockState::kData;
     delta->load(key->second, *bits);
     return true;
   }));
-  delta_ = std::move(delta);
   auto f = pool_.store().open(pool_.layer_path(delta_layer_), writable_);
   if (f) {
+    LAYER_TRY(check_file_size(**f, delta_layer_));
+    // Its name may come from a create whose directory fsync failed, or from before a crash:
+    // make it durable before a flush commits rows naming its data.
+    if (writable_) LAYER_TRY((*f)->sync_entry());
     adopt_delta_file(std::move(*f));
   } else if (f.error().code != ENOENT) {
     return std::move(f).error();
+  } else if (delta_has_data) {
+    // Creating an empty file now would serve every data block as zeroes without an error.
+    return make_error(EIO, "layer {}: file {} is missing, but the index says it holds data of "
+                      "container \"{}\"", delta_id, pool_.layer_path(delta_layer_), name_);
   }
+  delta_ = std::move(delta);
   loaded_.store(true, std::memory_order_release);
   return {};
 }
@@ -115,8 +166,21 @@ Result<LayerFile*> Disk::delta_file_for_write() {
   if (LayerFile* f = delta_raw_.load(std::memory_order_acquire)) return f;
   std::lock_guard<std::mutex> lk(delta_file_mu_);
   if (delta_file_) return delta_file_.get();
+  // Only a delta without data gets here (ensure_loaded refuses one whose file is missing).
   // Created, synced and its directory synced before any row naming its data is committed.
-  LAYER_ASSIGN(auto file, pool_.store().create(pool_.layer_path(delta_layer_), size_bytes_));
+  const std::string path = pool_.layer_path(delta_layer_);
+  auto created = pool_.store().create(path, size_bytes_);
+  if (created) {
+    adopt_delta_file(std::move(*created));
+    return delta_file_.get();
+  }
+  if (created.error().code != EEXIST) return std::move(created).error();
+  // Left by an earlier create whose directory fsync failed (or a crash before any row named
+  // it): nothing reads its blocks before they are written, so adopt it once its name is
+  // durable and its size right.
+  LAYER_ASSIGN(auto file, pool_.store().open(path, true));
+  LAYER_TRY(check_file_size(*file, delta_layer_));
+  LAYER_TRY(file->sync_entry());
   adopt_delta_file(std::move(file));
   return delta_file_.get();
 }
@@ -256,16 +320,20 @@ Status Disk::write_range(const uint8_t* buf, uint64_t len, uint64_t offset) {
   }
 
   LAYER_ASSIGN(LayerFile * file, delta_file_for_write());
+  auto partial = [&](uint64_t b) {
+    return offset > b * block_size_ || end < b * block_size_ + block_len(b);
+  };
+  // The partial edge blocks are locked whatever their state now: one that is data here may be
+  // a tombstone by the re-check below, and its copy-up must not race another's.
   std::vector<uint64_t> locked;
   for (uint64_t b = first; b <= last; ++b)
-    if (delta_->get(b) != BlockState::kData) locked.push_back(b);
+    if (delta_->get(b) != BlockState::kData || ((b == first || b == last) && partial(b)))
+      locked.push_back(b);
+  at("write.stripes_chosen");
   StripeGuard guard(stripes_.get(), kStripes, locked);
 
   // Copy up a partial head or tail block that is not (re-checked under its stripe) data yet:
   // its whole content through the chain, merged with the request, in one write.
-  auto partial = [&](uint64_t b) {
-    return offset > b * block_size_ || end < b * block_size_ + block_len(b);
-  };
   uint64_t direct_from = offset, direct_to = end;
   std::vector<uint8_t> tmp;
   std::vector<uint64_t> edges{first};
@@ -275,6 +343,7 @@ Status Disk::write_range(const uint8_t* buf, uint64_t len, uint64_t offset) {
     const uint64_t bstart = b * block_size_, blen = block_len(b);
     tmp.resize(blen);
     LAYER_TRY(read_range(tmp.data(), blen, bstart));
+    at("write.copy_up_read");
     const uint64_t from = std::max(offset, bstart), to = std::min(end, bstart + blen);
     std::memcpy(tmp.data() + (from - bstart), buf + (from - offset), to - from);
     LAYER_TRY(file->write(tmp.data(), blen, bstart));
@@ -356,14 +425,18 @@ Status Disk::flush() {
   for (;;) {
     if (done_ >= ticket) return {};
     if (failed_upto_ >= ticket) return failed_error_;
+    // After a failed fdatasync no round may run again: Linux reports a writeback error once
+    // and marks the pages clean, so the next fdatasync would succeed over lost data.
+    LAYER_TRY(fail_if_broken());
     if (!round_running_) break;
+    at("flush.wait");
     flush_cv_.wait(lk);
   }
   // Lead a round covering every ticket issued so far.
   round_running_ = true;
   const uint64_t covers = tickets_;
   lk.unlock();
-  Status s = flush_round();
+  Status s = run_round();
   lk.lock();
   round_running_ = false;
   if (s.ok()) {
@@ -376,8 +449,48 @@ Status Disk::flush() {
   return s;
 }
 
+Status Disk::run_round() noexcept {
+  try {
+    return flush_round();
+  } catch (const std::bad_alloc&) {
+    return Error{ENOMEM, "out of memory"};
+  } catch (const std::exception& e) {
+    try {
+      return make_error(EIO, "container \"{}\": flush: {}", name_, e.what());
+    } catch (...) {
+      return Error{EIO, "flush failed"};
+    }
+  } catch (...) {
+    return Error{EIO, "flush failed"};
+  }
+}
+
+namespace {
+
+// Gives a flush round's rows back to the dirty set unless the round committed them. If that
+// fails for want of memory, marks may be lost: the disk is broken (EIO until reopened).
+class DirtyRowsGuard {
+ public:
+  DirtyRowsGuard(DeltaMap& map, const DeltaMap::Rows& rows, std::atomic<bool>& broken)
+      : map_(map), rows_(rows), broken_(broken) {}
+  ~DirtyRowsGuard() {
+    if (armed_ && !map_.return_dirty(rows_)) broken_.store(true, std::memory_order_release);
+  }
+  void committed() { armed_ = false; }
+
+ private:
+  DeltaMap& map_;
+  const DeltaMap::Rows& rows_;
+  std::atomic<bool>& broken_;
+  bool armed_ = true;
+};
+
+}  // namespace
+
 Status Disk::flush_round() {
-  auto rows = delta_->take_dirty();
+  DeltaMap::Rows rows = delta_->take_dirty();
+  DirtyRowsGuard guard(*delta_, rows, broken_);
+  at("flush.rows_taken");
   // Read after the copy: every write whose mark the copy holds bumped write_seq_ before it
   // marked, so seq counts it, and the sync below (which starts after this load) covers it.
   // (Read before the copy, a write finishing in between could be committed unsynced.)
@@ -389,29 +502,31 @@ Status Disk::flush_round() {
       auto s = f->sync();
       if (!s) {
         broken_.store(true, std::memory_order_release);
-        delta_->return_dirty(rows);
         return make_error(EIO, "container \"{}\": {}", name_, s.error().message);
       }
     }
     synced_seq_ = seq;
   }
-  if (rows.empty()) return {};
+  // Bounded transactions: LMDB has one writer for every process of the pool, so a round of
+  // many dirty chunks commits in pieces rather than holding the write lock for long. Each
+  // piece names synced data only, so a failure midway leaves a consistent index.
   const LayerId delta_id = delta_layer_.id;
-  auto s = pool_.committer().run([&](WriteTxn& txn) -> Status {
-    for (const auto& [chunk, row] : rows) {
-      const std::string key = key_u64_u32(delta_id, chunk);
-      if (row.size() == 1 && row[0] == static_cast<char>(BlockState::kAbsent)) {
-        LAYER_TRY(txn.del(Db::kMaps, key));
-      } else {
-        LAYER_TRY(txn.put(Db::kMaps, key, row));
+  for (size_t i = 0; i < rows.size(); i += kMaxRowsPerTxn) {
+    const size_t end = std::min(rows.size(), i + kMaxRowsPerTxn);
+    LAYER_TRY(pool_.committer().run([&](WriteTxn& txn) -> Status {
+      for (size_t j = i; j < end; ++j) {
+        const auto& [chunk, row] = rows[j];
+        const std::string key = key_u64_u32(delta_id, chunk);
+        if (row.size() == 1 && row[0] == static_cast<char>(BlockState::kAbsent)) {
+          LAYER_TRY(txn.del(Db::kMaps, key));
+        } else {
+          LAYER_TRY(txn.put(Db::kMaps, key, row));
+        }
       }
-    }
-    return {};
-  });
-  if (!s) {
-    delta_->return_dirty(rows);
-    return s;
+      return {};
+    }));
   }
+  guard.committed();
   return {};
 }
 

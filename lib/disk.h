@@ -19,6 +19,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "chain.h"
@@ -67,6 +68,11 @@ class Disk {
   // Hints that the range will be read soon.
   Status cache(uint64_t len, uint64_t offset);
 
+  // Test seam: hook(point) runs at named points of the I/O paths ("write.stripes_chosen",
+  // "write.copy_up_read", "flush.wait", "flush.rows_taken"), on the thread that reaches them.
+  // REQUIRES: set or cleared while no I/O runs.
+  void set_test_hook(std::function<void(std::string_view)> hook) { hook_ = std::move(hook); }
+
  private:
   explicit Disk(Pool& pool);
   // Where a run of blocks comes from.
@@ -85,6 +91,8 @@ class Disk {
   LayerFile* file_of(int source) const;
   uint64_t block_len(uint64_t block_no) const;
   Status ensure_loaded();
+  Status validate_records() const;
+  Status check_file_size(LayerFile& file, const LayerRecord& layer) const;
   Status check_range(uint64_t len, uint64_t offset, bool for_write) const;
   Result<LayerFile*> delta_file_for_write();
   // Installs the delta's file (opened or just created). REQUIRES: load_mu_ or delta_file_mu_.
@@ -92,8 +100,13 @@ class Disk {
   Status read_range(uint8_t* buf, uint64_t len, uint64_t offset);
   Status write_range(const uint8_t* buf, uint64_t len, uint64_t offset);
   Status zero_whole_blocks(uint64_t first, uint64_t count);
+  // One flush round (DESIGN.md "Durability"); flush() leads it. Catches exceptions (ENOMEM).
+  Status run_round() noexcept;
   Status flush_round();
   Status fail_if_broken() const;
+  void at(std::string_view point) {
+    if (hook_) hook_(point);
+  }
 
   Pool& pool_;
   std::string name_;
@@ -104,6 +117,7 @@ class Disk {
   uint64_t size_blocks_ = 0;
   bool writable_ = false;
   Lock container_lock_;
+  Lock delta_lock_;  // exclusive when writable: fsck --repair leaves the delta's file alone
   std::vector<Lock> layer_locks_;
   std::vector<LayerRecord> chain_;  // frozen layers below the delta, top first
 
@@ -141,6 +155,8 @@ class Disk {
   Error failed_error_;        // GUARDED_BY(flush_mu_)
   bool round_running_ = false;  // GUARDED_BY(flush_mu_)
   std::atomic<bool> broken_{false};  // an fdatasync failed: EIO until reopened
+
+  std::function<void(std::string_view)> hook_;  // tests only
 };
 
 // One Disk per container per process, shared by all connections to it (so multi-conn is

@@ -22,7 +22,6 @@
 namespace layer {
 
 constexpr uint64_t kImportWindowBytes = 1 << 20;
-constexpr size_t kMaxRowsPerTxn = 10000;
 
 namespace {
 

@@ -18,6 +18,7 @@
 
 #include <chrono>
 #include <cstring>
+#include <system_error>
 
 namespace layer {
 namespace {
@@ -149,14 +150,14 @@ Status WriteTxn::del(Db db, std::string_view key) {
   return {};
 }
 
-Result<uint64_t> WriteTxn::del_prefix(Db db, std::string_view prefix) {
+Result<uint64_t> WriteTxn::del_prefix(Db db, std::string_view prefix, uint64_t limit) {
   Cursor cur;
   int rc = mdb_cursor_open(txn_, index_->dbi_[static_cast<int>(db)], cur.out());
   if (rc != 0) return lmdb_error(rc, "cursor open");
   MDB_val k = val(prefix), v;
   uint64_t n = 0;
   rc = mdb_cursor_get(cur.get(), &k, &v, prefix.empty() ? MDB_FIRST : MDB_SET_RANGE);
-  while (rc == 0 && view(k).substr(0, prefix.size()) == prefix) {
+  while (rc == 0 && n < limit && view(k).substr(0, prefix.size()) == prefix) {
     rc = mdb_cursor_del(cur.get(), 0);
     if (rc != 0) return lmdb_error(rc, fmt::format("delete from {}", db_name(db)));
     ++n;
@@ -278,7 +279,18 @@ struct Committer::Pending {
   Status result;
 };
 
-Committer::Committer(Index& index) : index_(index), thread_([this] { loop(); }) {}
+Committer::Committer(Index& index) : index_(index) {}
+
+Result<std::unique_ptr<Committer>> Committer::start(Index& index) {
+  std::unique_ptr<Committer> c(new Committer(index));
+  try {
+    c->thread_ = std::thread([p = c.get()] { p->loop(); });
+  } catch (const std::system_error& e) {
+    const int code = e.code().value() == EAGAIN ? EAGAIN : ENOMEM;
+    return make_error(code, "index: cannot start the committer thread: {}", e.what());
+  }
+  return c;
+}
 
 Committer::~Committer() {
   {
@@ -286,15 +298,21 @@ Committer::~Committer() {
     stop_ = true;
   }
   cv_.notify_all();
-  thread_.join();
+  if (thread_.joinable()) thread_.join();
 }
 
 Status Committer::run(Job job) {
-  auto p = std::make_shared<Pending>();
-  p->job = std::move(job);
-  std::unique_lock<std::mutex> lk(mu_);
-  if (stop_) return make_error(ESHUTDOWN, "index committer is stopped");
-  queue_.push_back(p);
+  std::shared_ptr<Pending> p;
+  std::unique_lock<std::mutex> lk(mu_, std::defer_lock);
+  try {
+    p = std::make_shared<Pending>();
+    p->job = std::move(job);
+    lk.lock();
+    if (stop_) return make_error(ESHUTDOWN, "index committer is stopped");
+    queue_.push_back(p);
+  } catch (const std::bad_alloc&) {
+    return Error{ENOMEM, "out of memory"};
+  }
   cv_.notify_all();
   cv_.wait(lk, [&] { return p->done; });
   return p->result;
@@ -304,23 +322,45 @@ void Committer::loop() {
   auto last_reader_check = std::chrono::steady_clock::now();
   std::unique_lock<std::mutex> lk(mu_);
   for (;;) {
-    cv_.wait_for(lk, std::chrono::seconds(30), [&] { return stop_ || !queue_.empty(); });
+    cv_.wait_for(lk, kReaderCheckInterval, [&] { return stop_ || !queue_.empty(); });
+    // Reader slots of dead processes are cleared on a timer, busy or idle: a busy pool is the
+    // one that runs out of slots.
+    if (std::chrono::steady_clock::now() - last_reader_check >= kReaderCheckInterval) {
+      index_.check_readers();
+      last_reader_check = std::chrono::steady_clock::now();
+    }
     if (queue_.empty()) {
       if (stop_) return;
-      // Idle: clear reader slots of dead processes now and then.
-      if (std::chrono::steady_clock::now() - last_reader_check > std::chrono::seconds(60)) {
-        index_.check_readers();
-        last_reader_check = std::chrono::steady_clock::now();
-      }
       continue;
     }
     std::deque<std::shared_ptr<Pending>> batch;
     batch.swap(queue_);
     lk.unlock();
+    run_batch(batch);
+    lk.lock();
+    cv_.notify_all();
+  }
+}
 
-    // Results are collected here and published under mu_: waiters read them under mu_.
-    std::vector<std::optional<Status>> results(batch.size());
-    Status batch_status;
+// Runs a batch in one transaction, each job in a nested transaction of its own, and publishes
+// the results (waiters read them under mu_). Nothing thrown here may end the thread: a job's
+// exception fails that job; a failure to allocate the bookkeeping fails the whole batch.
+void Committer::run_batch(std::deque<std::shared_ptr<Pending>>& batch) noexcept {
+  auto run_job = [&](Pending& p, WriteTxn& nested) -> Status {
+    try {
+      Status s = p.job(nested);
+      if (s.ok()) s = nested.commit();  // merges into the batch
+      return s;
+    } catch (const std::bad_alloc&) {
+      return Error{ENOMEM, "out of memory"};
+    } catch (...) {
+      return Error{EIO, "index job failed"};
+    }
+  };
+  Status batch_status;
+  std::vector<std::optional<Status>> results;
+  try {
+    results.resize(batch.size());
     auto txn = index_.begin_write();
     if (!txn) {
       batch_status = txn.error();
@@ -334,19 +374,22 @@ void Committer::loop() {
           continue;
         }
         WriteTxn nested(&index_, child, std::shared_lock<std::shared_mutex>());
-        Status s = batch[i]->job(nested);
-        if (s.ok()) s = nested.commit();  // merges into the batch
+        Status s = run_job(*batch[i], nested);
         if (!s.ok()) results[i] = s;
         else any = true;
       }
       if (any) batch_status = txn->commit();
     }
-    lk.lock();
-    for (size_t i = 0; i < batch.size(); ++i) {
-      batch[i]->result = results[i] ? *results[i] : batch_status;
-      batch[i]->done = true;
-    }
-    cv_.notify_all();
+  } catch (...) {
+    // The batch transaction (if begun) was aborted by its destructor.
+    results.clear();
+    batch_status = Error{ENOMEM, "out of memory"};
+  }
+  std::lock_guard<std::mutex> lk(mu_);
+  for (size_t i = 0; i < batch.size(); ++i) {
+    if (i < results.size() && results[i]) batch[i]->result = std::move(*results[i]);
+    else batch[i]->result = batch_status;
+    batch[i]->done = true;
   }
 }
 

@@ -13,6 +13,7 @@
 
 #include <lmdb.h>
 
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -44,6 +45,10 @@ enum class Db : int {
   kCount
 };
 const char* db_name(Db db);
+
+// Rows one write transaction may change at most: LMDB has one writer for every process of a
+// pool, so long work (flush rounds, import, rm) commits in pieces this size.
+constexpr size_t kMaxRowsPerTxn = 10000;
 
 // Big-endian key encoding, so that range scans follow disk order.
 std::string key_u64(uint64_t id);
@@ -94,8 +99,8 @@ class WriteTxn : public ReadTxn {
   Status append(Db db, std::string_view key, std::string_view value);
   // Deletes `key`; deleting an absent key is not an error.
   Status del(Db db, std::string_view key);
-  // Deletes every key that starts with `prefix`; returns how many.
-  Result<uint64_t> del_prefix(Db db, std::string_view prefix);
+  // Deletes every key that starts with `prefix`, at most `limit` of them; returns how many.
+  Result<uint64_t> del_prefix(Db db, std::string_view prefix, uint64_t limit = UINT64_MAX);
   // Returns the next value of the u64 counter `name` in `meta` (first call returns 1).
   Result<uint64_t> next_id(std::string_view name);
 
@@ -159,18 +164,24 @@ class Index {
 class Committer {
  public:
   using Job = std::function<Status(WriteTxn&)>;
-  explicit Committer(Index& index);
+  // Starts the committer thread. Errors: EAGAIN or ENOMEM when no thread can be started.
+  static Result<std::unique_ptr<Committer>> start(Index& index);
   ~Committer();  // finishes queued jobs, then joins
   Committer(const Committer&) = delete;
   Committer& operator=(const Committer&) = delete;
 
-  // Runs job in a write transaction and commits it. Errors: the job's own, or the commit's
-  // (EIO, ENOSPC).
+  // Runs job in a write transaction and commits it. A job that throws fails alone with ENOMEM
+  // (std::bad_alloc) or EIO. Errors: the job's own, or the commit's (EIO, ENOSPC), ENOMEM.
   Status run(Job job);
+
+  // How often the thread clears reader slots of dead processes (mdb_reader_check), busy or not.
+  static constexpr std::chrono::seconds kReaderCheckInterval{30};
 
  private:
   struct Pending;
+  explicit Committer(Index& index);
   void loop();
+  void run_batch(std::deque<std::shared_ptr<Pending>>& batch) noexcept;
   Index& index_;
   std::mutex mu_;
   std::condition_variable cv_;

@@ -240,7 +240,9 @@ Result<std::unique_ptr<Pool>> Pool::open(const std::string& root, const OpenOpti
   }
   LAYER_ASSIGN(pool->locks_, LockTable::open(pool->paths_.run_dir));
   pool->store_ = std::make_unique<LocalStore>();
-  if (!options.read_only) pool->committer_ = std::make_unique<Committer>(*pool->index_);
+  if (!options.read_only) {
+    LAYER_ASSIGN(pool->committer_, Committer::start(*pool->index_));
+  }
   return pool;
 }
 

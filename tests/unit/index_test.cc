@@ -274,7 +274,8 @@ TEST_CASE("next_id counts from 1 per name and persists", "[index]") {
 TEST_CASE("a ReadTxn sees a snapshot", "[index]") {
   test::TempDir dir;
   auto index = open_new(dir);
-  Committer committer(*index);
+  auto committer_owner = MUST(Committer::start(*index));
+  Committer& committer = *committer_owner;
   REQUIRE_OK(committer.run([](WriteTxn& t) { return t.put(Db::kContainers, "c", "v1"); }));
 
   ReadTxn before = MUST(index->begin_read());
@@ -381,7 +382,8 @@ TEST_CASE("Committer runs jobs and reports their errors", "[index][committer]") 
   test::TempDir dir;
   auto index = open_new(dir);
   {
-    Committer committer(*index);
+    auto committer_owner = MUST(Committer::start(*index));
+    Committer& committer = *committer_owner;
     REQUIRE_OK(committer.run([](WriteTxn& t) { return t.put(Db::kMeta, "x", "1"); }));
     CHECK(read_key(*index, Db::kMeta, "x") == "1");
 
@@ -403,7 +405,8 @@ TEST_CASE("Committer runs jobs and reports their errors", "[index][committer]") 
 TEST_CASE("a failing job does not stop concurrent jobs from committing", "[index][committer]") {
   test::TempDir dir;
   auto index = open_new(dir);
-  Committer committer(*index);
+  auto committer_owner = MUST(Committer::start(*index));
+  Committer& committer = *committer_owner;
 
   constexpr int kThreads = 8;
   constexpr int kJobsPerThread = 100;
@@ -465,7 +468,8 @@ TEST_CASE("Committer destructor finishes queued jobs", "[index][committer]") {
   auto index = open_new(dir);
   std::atomic<int> ok{0};
   {
-    Committer committer(*index);
+    auto committer_owner = MUST(Committer::start(*index));
+    Committer& committer = *committer_owner;
     std::vector<std::thread> threads;
     for (int t = 0; t < 4; t++) {
       threads.emplace_back([&, t] {
@@ -484,4 +488,24 @@ TEST_CASE("Committer destructor finishes queued jobs", "[index][committer]") {
     return true;
   }));
   CHECK(rows == 200);
+}
+
+TEST_CASE("a Committer job that throws fails alone and the committer goes on",
+          "[index][committer]") {
+  test::TempDir dir;
+  auto index = open_new(dir);
+  auto committer_owner = MUST(Committer::start(*index));
+  Committer& committer = *committer_owner;
+  Status st = committer.run([](WriteTxn& t) -> Status {
+    LAYER_TRY(t.put(Db::kMeta, "thrower", "must not stay"));
+    throw std::bad_alloc();
+  });
+  REQUIRE_FALSE(st.ok());
+  CHECK(st.error().code == ENOMEM);
+  CHECK(read_key(*index, Db::kMeta, "thrower") == std::nullopt);
+  st = committer.run([](WriteTxn&) -> Status { throw std::runtime_error("boom"); });
+  REQUIRE_FALSE(st.ok());
+  CHECK(st.error().code == EIO);
+  REQUIRE_OK(committer.run([](WriteTxn& t) { return t.put(Db::kMeta, "after", "1"); }));
+  CHECK(read_key(*index, Db::kMeta, "after") == "1");
 }
