@@ -40,8 +40,9 @@ Result<FsckReport> Pool::fsck(bool full, bool repair) {
   FsckReport report;
   auto problem = [&](std::string line) { report.problems.push_back(std::move(line)); };
   std::map<LayerId, LayerFacts> layers;
-  std::vector<IntentRecord> intents;
-  std::vector<uint64_t> intent_ids;
+  std::vector<std::pair<uint64_t, IntentRecord>> stale_imports;  // intent id, intent
+  std::vector<uint64_t> drops;                                   // drop intent ids
+  std::map<LayerId, std::string> intent_files;  // files an intent accounts for
   std::map<LayerId, std::map<uint32_t, std::vector<uint64_t>>> sums;
   std::set<LayerId> importing;  // layers of every intent, running or interrupted
   {
@@ -159,14 +160,27 @@ Result<FsckReport> Pool::fsck(bool full, bool repair) {
         return true;
       }
       importing.insert(intent->layer);
+      if (intent->kind == IntentRecord::Kind::kDrop) {
+        auto tier = parse_tier(intent->target);
+        if (!tier) {
+          problem(fmt::format("intent {}: {}", id, tier.error().message));
+          return true;
+        }
+        intent_files[intent->layer] = layer_path(intent->layer, *tier);
+        drops.push_back(id);
+        if (!repair)
+          problem(fmt::format("unfinished removal of layer {} (intent {}): run `layer fsck "
+                              "--repair` or any command that opens the pool for writing",
+                              intent->layer, id));
+        return true;
+      }
+      intent_files[intent->layer] = layer_path(intent->layer, Tier::kSsd);
       // An import still running holds its layer's lock: not interrupted, leave it alone.
       if (locks_->is_locked(LockKind::kLayer, intent->layer)) return true;
-      intents.push_back(*intent);
-      intent_ids.push_back(id);
-      std::string line = fmt::format("interrupted import of {} (intent {}, layer {})",
-                                     intent->target, id, intent->layer);
-      if (repair) report.repaired.push_back(line + ": rolled back");
-      else problem(line);
+      stale_imports.emplace_back(id, *intent);
+      if (!repair)
+        problem(fmt::format("interrupted import of {} (intent {}, layer {}): run `layer fsck "
+                            "--repair` to roll it back", intent->target, id, intent->layer));
       return true;
     }));
     std::set<LayerId> leaked;
@@ -189,6 +203,8 @@ Result<FsckReport> Pool::fsck(bool full, bool repair) {
     }
   }
 
+  at("fsck.index_scanned");
+
   // Files.
   std::set<std::string> named;
   for (auto& [id, f] : layers) {
@@ -205,11 +221,9 @@ Result<FsckReport> Pool::fsck(bool full, bool repair) {
       problem(fmt::format("layer {}: file {} is {} bytes, index says {}", id, path, st.st_size,
                           f.rec.size_bytes));
   }
-  for (LayerId id : importing) {
-    LayerRecord probe{};
-    probe.id = id;
-    named.insert(layer_path(probe));  // reported with its intent, not as an orphan
-    named.insert(layer_path(probe) + ".new");
+  for (const auto& [id, path] : intent_files) {
+    named.insert(path);  // reported with its intent, not as an orphan
+    named.insert(path + ".new");
   }
   std::vector<std::string> orphans;
   for (const auto& dir : paths_.tier_dir) {
@@ -226,11 +240,15 @@ Result<FsckReport> Pool::fsck(bool full, bool repair) {
       const std::string path = dir + "/" + n;
       if (named.count(path)) continue;
       orphans.push_back(path);
-      if (repair) report.repaired.push_back(fmt::format("orphan file {}: removed", path));
-      else problem(fmt::format("orphan file {}", path));
     }
     ::closedir(d);
   }
+  // The scan's view is older than the directory listing: confirm each candidate.
+  LAYER_ASSIGN(orphans, confirm_orphans(orphans));
+  if (!repair)
+    for (const auto& path : orphans)
+      problem(fmt::format("orphan file {}: no layer names it; `layer fsck --repair` removes it",
+                          path));
 
   // Checksums.
   if (full) {
@@ -275,23 +293,108 @@ Result<FsckReport> Pool::fsck(bool full, bool repair) {
     }
   }
 
+  at("fsck.scanned");
   if (repair) {
-    for (size_t i = 0; i < intents.size(); ++i) {
-      const LayerId layer_id = intents[i].layer;
-      const uint64_t intent_id = intent_ids[i];
-      LAYER_TRY(committer_->run([&](WriteTxn& txn) -> Status {
-        LAYER_TRY(txn.del_prefix(Db::kMaps, key_u64(layer_id)));
-        LAYER_TRY(txn.del_prefix(Db::kSums, key_u64(layer_id)));
-        return txn.del(Db::kIntents, key_u64(intent_id));
-      }));
-      LayerRecord probe{};
-      probe.id = layer_id;
-      LAYER_TRY(store_->remove(layer_path(probe)));
-      LAYER_TRY(store_->remove(layer_path(probe) + ".new"));
+    // Everything above is a view from before the scan: each change re-checks its candidate
+    // in a fresh transaction and under the layer's lock, so work that started meanwhile (an
+    // import, a clone's first write) is never undone.
+    for (const auto& [intent_id, intent] : stale_imports) {
+      LAYER_ASSIGN(bool rolled_back, roll_back_import(intent_id, intent));
+      if (rolled_back)
+        report.repaired.push_back(fmt::format("interrupted import of {} (intent {}, layer {}): "
+                                              "rolled back", intent.target, intent_id,
+                                              intent.layer));
+      else
+        report.problems.push_back(fmt::format("import of {} (intent {}, layer {}) is running "
+                                              "or finished meanwhile: left alone", intent.target,
+                                              intent_id, intent.layer));
     }
-    for (const auto& path : orphans) LAYER_TRY(store_->remove(path));
+    for (uint64_t intent_id : drops) {
+      LAYER_TRY(finish_drop(intent_id));
+      report.repaired.push_back(fmt::format("unfinished removal (intent {}): finished", intent_id));
+    }
+    // Confirmed once more just before: a file made before the first confirmation has its row
+    // or intent committed by then, so what is still an orphan stays one.
+    LAYER_ASSIGN(orphans, confirm_orphans(orphans));
+    for (const auto& path : orphans) {
+      LAYER_TRY(store_->remove(path));
+      report.repaired.push_back(fmt::format("orphan file {}: removed", path));
+    }
   }
   return report;
+}
+
+Result<bool> Pool::roll_back_import(uint64_t intent_id, const IntentRecord& intent) {
+  // Held through the rollback: an import holds it from before its intent is visible until
+  // it publishes, so holding it here means no import of this layer runs.
+  auto lock = locks_->try_lock(LockKind::kLayer, intent.layer, true,
+                               fmt::format("layer {}", intent.layer));
+  if (!lock) {
+    if (lock.error().code == EBUSY) return false;
+    return std::move(lock).error();
+  }
+  for (;;) {
+    bool skip = false, done = false;
+    LAYER_TRY(committer_->run([&](WriteTxn& txn) -> Status {
+      LAYER_ASSIGN(auto current, txn.get(Db::kIntents, key_u64(intent_id)));
+      LAYER_ASSIGN(auto published, txn.get(Db::kLayers, key_u64(intent.layer)));
+      if (!current || published) {
+        skip = true;  // finished, published or rolled back meanwhile
+        return {};
+      }
+      const std::string prefix = key_u64(intent.layer);
+      LAYER_ASSIGN(uint64_t n, txn.del_prefix(Db::kMaps, prefix, kMaxRowsPerTxn));
+      LAYER_ASSIGN(uint64_t m, txn.del_prefix(Db::kSums, prefix, kMaxRowsPerTxn - n));
+      if (n + m > 0) return {};  // more to do: the intent stays until the rows are gone
+      done = true;
+      return txn.del(Db::kIntents, key_u64(intent_id));
+    }));
+    if (skip) return false;
+    if (done) break;
+  }
+  const std::string path = layer_path(intent.layer, Tier::kSsd);
+  LAYER_TRY(store_->remove(path));
+  LAYER_TRY(store_->remove(path + ".new"));
+  return true;
+}
+
+Result<std::vector<std::string>> Pool::confirm_orphans(const std::vector<std::string>& paths) {
+  std::vector<std::string> orphans;
+  if (paths.empty()) return orphans;
+  LAYER_ASSIGN(auto txn, index_->begin_read());
+  for (const auto& path : paths) {
+    const auto slash = path.rfind('/');
+    const std::string name = path.substr(slash + 1);
+    const auto dot = name.find('.');
+    LayerId id = 0;
+    for (size_t i = 0; i < dot && i < name.size(); ++i) {
+      if (name[i] < '0' || name[i] > '9') {
+        id = 0;
+        break;
+      }
+      id = id * 10 + static_cast<uint64_t>(name[i] - '0');
+    }
+    // Files are created only after the row or intent naming them committed, so a fresh
+    // transaction sees whatever made a file that the scan's older view did not know.
+    bool keep = false;
+    if (id != 0) {
+      LAYER_ASSIGN(auto row, txn.get(Db::kLayers, key_u64(id)));
+      if (row) {
+        LAYER_ASSIGN(auto rec, decode_layer(*row, id));
+        // Its own file, or a create of it in progress; a copy in another tier is a leftover.
+        keep = path == layer_path(rec) || path == layer_path(rec) + ".new";
+      }
+      LAYER_TRY(txn.scan(Db::kIntents, "", [&](std::string_view, std::string_view v) -> Result<bool> {
+        auto intent = decode_intent(v, 0);
+        if (intent && intent->layer == id) keep = true;
+        return !keep;
+      }));
+      // Work in progress on the layer (a Disk on its delta, an import, a move) holds its lock.
+      if (locks_->is_locked(LockKind::kLayer, id)) keep = true;
+    }
+    if (!keep) orphans.push_back(path);
+  }
+  return orphans;
 }
 
 }  // namespace layer

@@ -259,9 +259,9 @@ Result<std::vector<ImageInfo>> Pool::list_images() {
 Status Pool::remove_image(const std::string& ref) {
   if (read_only_) return make_error(EACCES, "pool {} is open read-only", paths_.root);
   LAYER_TRY(validate_image_ref(ref));
-  std::vector<std::string> unlink_after;
+  std::vector<uint64_t> drops;
   LAYER_TRY(committer_->run([&](WriteTxn& txn) -> Status {
-    unlink_after.clear();
+    drops.clear();
     LAYER_ASSIGN(auto v, txn.get(Db::kImages, ref));
     if (!v) return make_error(ENOENT, "image {} not found in pool {}", ref, paths_.root);
     LAYER_ASSIGN(auto image, decode_image(*v, ref));
@@ -275,10 +275,10 @@ Status Pool::remove_image(const std::string& ref) {
       return make_error(EBUSY, "image {} is in use by {} container(s): {}", ref, users.size(),
                         fmt::join(users, ", "));
     LAYER_TRY(txn.del(Db::kImages, ref));
-    return drop_layer(txn, image.top_layer, &unlink_after);
+    return drop_layer(txn, image.top_layer, &drops);
   }));
-  // Unlinked only after the transaction that dropped the last reference committed.
-  for (const auto& f : unlink_after) LAYER_TRY(store_->remove(f));
+  // Files are unlinked only after the transaction that dropped the last reference committed.
+  for (uint64_t intent_id : drops) LAYER_TRY(finish_drop(intent_id));
   return {};
 }
 

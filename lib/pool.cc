@@ -242,6 +242,8 @@ Result<std::unique_ptr<Pool>> Pool::open(const std::string& root, const OpenOpti
   pool->store_ = std::make_unique<LocalStore>();
   if (!options.read_only) {
     LAYER_ASSIGN(pool->committer_, Committer::start(*pool->index_));
+    // Removals a crash interrupted are finished here (their containers are already gone).
+    LAYER_TRY(pool->finish_drops());
   }
   return pool;
 }
@@ -249,7 +251,11 @@ Result<std::unique_ptr<Pool>> Pool::open(const std::string& root, const OpenOpti
 Pool::~Pool() = default;
 
 std::string Pool::layer_path(const LayerRecord& layer) const {
-  return fmt::format("{}/{}.layer", paths_.tier_dir[static_cast<int>(layer.tier)], layer.id);
+  return layer_path(layer.id, layer.tier);
+}
+
+std::string Pool::layer_path(LayerId id, Tier tier) const {
+  return fmt::format("{}/{}.layer", paths_.tier_dir[static_cast<int>(tier)], id);
 }
 
 Result<LayerRecord> Pool::get_layer(ReadTxn& txn, LayerId id) {
@@ -298,20 +304,73 @@ Status Pool::count_blocks(ReadTxn& txn, LayerId id, uint64_t* data, uint64_t* ze
   });
 }
 
-Status Pool::drop_layer(WriteTxn& txn, LayerId id, std::vector<std::string>* unlink_after) {
+Status Pool::drop_layer(WriteTxn& txn, LayerId id, std::vector<uint64_t>* drop_intents) {
   while (id != 0) {
     LAYER_ASSIGN(auto layer, get_layer(txn, id));
     if (layer.refcount > 1) {
       --layer.refcount;
       return txn.put(Db::kLayers, key_u64(id), encode(layer));
     }
+    // The layer row goes now; its map and checksum rows (any number) and its file go in
+    // bounded steps under a drop intent (finish_drop), so this transaction stays short.
     LAYER_TRY(txn.del(Db::kLayers, key_u64(id)));
-    LAYER_TRY(txn.del_prefix(Db::kMaps, key_u64(id)));
-    LAYER_TRY(txn.del_prefix(Db::kSums, key_u64(id)));
     LAYER_TRY(txn.del(Db::kHeat, key_u64(id)));
-    unlink_after->push_back(layer_path(layer));
+    LAYER_ASSIGN(uint64_t intent_id, txn.next_id("intent"));
+    IntentRecord intent{IntentRecord::Kind::kDrop, id, to_string(layer.tier), now_unix()};
+    LAYER_TRY(txn.put(Db::kIntents, key_u64(intent_id), encode(intent)));
+    drop_intents->push_back(intent_id);
     id = layer.parent;  // the dropped layer's reference to its parent goes too
   }
+  return {};
+}
+
+Status Pool::finish_drop(uint64_t intent_id) {
+  at("drop.rows");
+  IntentRecord intent;
+  for (;;) {
+    bool gone = false;
+    uint64_t deleted = 0;
+    LAYER_TRY(committer_->run([&](WriteTxn& txn) -> Status {
+      LAYER_ASSIGN(auto v, txn.get(Db::kIntents, key_u64(intent_id)));
+      if (!v) {
+        gone = true;  // finished by another process meanwhile
+        return {};
+      }
+      LAYER_ASSIGN(intent, decode_intent(*v, intent_id));
+      if (intent.kind != IntentRecord::Kind::kDrop)
+        return make_error(EIO, "intent {} is not a drop", intent_id);
+      const std::string prefix = key_u64(intent.layer);
+      LAYER_ASSIGN(deleted, txn.del_prefix(Db::kMaps, prefix, kMaxRowsPerTxn));
+      LAYER_ASSIGN(uint64_t sums, txn.del_prefix(Db::kSums, prefix, kMaxRowsPerTxn - deleted));
+      deleted += sums;
+      return {};
+    }));
+    if (gone) return {};
+    if (deleted == 0) break;
+  }
+  // No row names the layer any more: its file goes, then the intent (a crash in between
+  // repeats the unlink, which tolerates a missing file).
+  LAYER_ASSIGN(Tier tier, parse_tier(intent.target));
+  LAYER_TRY(store_->remove(layer_path(intent.layer, tier)));
+  return committer_->run([&](WriteTxn& txn) { return txn.del(Db::kIntents, key_u64(intent_id)); });
+}
+
+Result<std::vector<std::pair<uint64_t, IntentRecord>>> Pool::intents(IntentRecord::Kind kind) {
+  std::vector<std::pair<uint64_t, IntentRecord>> out;
+  LAYER_ASSIGN(auto txn, index_->begin_read());
+  LAYER_TRY(txn.scan(Db::kIntents, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
+    auto id = decode_key_u64(k);
+    if (!id) return make_error(EIO, "intents: key of {} bytes", k.size());
+    LAYER_ASSIGN(auto intent, decode_intent(v, *id));
+    if (intent.kind == kind) out.emplace_back(*id, intent);
+    return true;
+  }));
+  return out;
+}
+
+Status Pool::finish_drops() {
+  LAYER_ASSIGN(auto drops, intents(IntentRecord::Kind::kDrop));
+  for (const auto& [id, intent] : drops) LAYER_TRY(finish_drop(id));
   return {};
 }
 
@@ -400,15 +459,16 @@ Status Pool::remove_container(const std::string& name) {
   // Held until the rows and the file are gone, so no server can open it meanwhile.
   LAYER_ASSIGN(Lock lock, locks_->try_lock(LockKind::kContainer, rec.id, true,
                                            fmt::format("container \"{}\"", name)));
-  std::vector<std::string> unlink_after;
+  std::vector<uint64_t> drops;
   LAYER_TRY(committer_->run([&](WriteTxn& txn) -> Status {
-    unlink_after.clear();
+    drops.clear();
     LAYER_ASSIGN(auto current, get_container(txn, name));
     if (current.id != rec.id) return make_error(EBUSY, "container \"{}\" changed meanwhile", name);
     LAYER_TRY(txn.del(Db::kContainers, name));
-    return drop_layer(txn, current.delta_layer, &unlink_after);
+    return drop_layer(txn, current.delta_layer, &drops);
   }));
-  for (const auto& f : unlink_after) LAYER_TRY(store_->remove(f));
+  // The container is gone; a crash from here on is finished by the next open or fsck --repair.
+  for (uint64_t intent_id : drops) LAYER_TRY(finish_drop(intent_id));
   ::unlink(fmt::format("{}/holders/{}", paths_.run_dir, rec.id).c_str());
   return {};
 }

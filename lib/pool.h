@@ -100,6 +100,7 @@ class Pool {
   ChainCache& chains() { return chains_; }
   bool read_only() const { return read_only_; }
   std::string layer_path(const LayerRecord& layer) const;
+  std::string layer_path(LayerId id, Tier tier) const;
   // Replaces the layer store (tests: FaultInjectingStore). REQUIRES: no disk open.
   void set_store(std::unique_ptr<LayerStore> store) { store_ = std::move(store); }
 
@@ -134,17 +135,41 @@ class Pool {
   Status remove_container(const std::string& name);
 
   // Checks the index against the layer files (read-only unless repair: then rolls back
-  // interrupted imports and removes orphan files). full = also verify every checksum.
+  // interrupted imports, finishes interrupted removals and removes orphan files; it never
+  // touches a layer whose lock is held, and re-checks every candidate in a fresh transaction
+  // before changing anything). full = also verify every checksum.
   Result<FsckReport> fsck(bool full, bool repair);
+
+  // The intents of one kind in the index: (intent id, intent). Errors: EIO.
+  Result<std::vector<std::pair<uint64_t, IntentRecord>>> intents(IntentRecord::Kind kind);
+
+  // Test seam: hook(point) runs at named points of long operations ("fsck.index_scanned",
+  // "fsck.scanned", "drop.rows"). REQUIRES: set or cleared while no operation runs.
+  void set_test_hook(std::function<void(std::string_view)> hook) { hook_ = std::move(hook); }
 
  private:
   Pool() = default;
   Result<ContainerInfo> container_info(ReadTxn& txn, const ContainerRecord& rec);
   // Counts a layer's data and zero blocks from its `maps` rows. Errors: EIO (corrupt row).
   static Status count_blocks(ReadTxn& txn, LayerId id, uint64_t* data, uint64_t* zero);
-  // Drops a layer whose refcount reached 0 inside txn, and its parents as theirs do;
-  // appends the files to unlink after the commit.
-  Status drop_layer(WriteTxn& txn, LayerId id, std::vector<std::string>* unlink_after);
+  // Decrements a layer's refcount inside txn; one that reaches 0 loses its `layers` row and
+  // gets a drop intent (appended to drop_intents), and its parent is dropped the same way.
+  // After the commit, finish_drop() each intent.
+  Status drop_layer(WriteTxn& txn, LayerId id, std::vector<uint64_t>* drop_intents);
+  // Deletes a dropped layer's rows in bounded transactions, then its file, then the intent.
+  // Idempotent: another process may finish the same intent concurrently.
+  Status finish_drop(uint64_t intent_id);
+  // Finishes every drop intent (Pool::open, fsck --repair).
+  Status finish_drops();
+  void at(std::string_view point) {
+    if (hook_) hook_(point);
+  }
+  // fsck --repair: rolls back an interrupted import under its layer's lock, re-reading the
+  // intent; false when it was running, published or rolled back meanwhile.
+  Result<bool> roll_back_import(uint64_t intent_id, const IntentRecord& intent);
+  // fsck: the orphan candidates (files no layer of an older view names) that a fresh
+  // transaction and the layer locks still call orphans.
+  Result<std::vector<std::string>> confirm_orphans(const std::vector<std::string>& paths);
 
   PoolPaths paths_;
   bool read_only_ = false;
@@ -153,6 +178,7 @@ class Pool {
   std::unique_ptr<LockTable> locks_;
   std::unique_ptr<LayerStore> store_;
   ChainCache chains_;
+  std::function<void(std::string_view)> hook_;  // tests only
 };
 
 uint64_t now_unix();

@@ -94,6 +94,12 @@ class Decoder {
 
 const char* to_string(Tier tier) { return tier == Tier::kHdd ? "hdd" : "ssd"; }
 
+Result<Tier> parse_tier(std::string_view name) {
+  if (name == "ssd") return Tier::kSsd;
+  if (name == "hdd") return Tier::kHdd;
+  return make_error(EINVAL, "unknown tier \"{}\" (expected ssd or hdd)", name);
+}
+
 const char* to_string(LayerState state) {
   switch (state) {
     case LayerState::kWritable: return "writable";
@@ -202,7 +208,8 @@ Result<IntentRecord> decode_intent(std::string_view bytes, uint64_t id) {
   bool ok = d.version() && d.u8(&kind) && d.u64(&r.layer) && d.str(&r.target) &&
             d.u64(&r.created_unix);
   LAYER_TRY(d.finish(ok));
-  if (kind != static_cast<uint8_t>(IntentRecord::Kind::kImport))
+  if (kind != static_cast<uint8_t>(IntentRecord::Kind::kImport) &&
+      kind != static_cast<uint8_t>(IntentRecord::Kind::kDrop))
     return make_error(EIO, "intent {}: unknown kind {}", id, kind);
   r.kind = static_cast<IntentRecord::Kind>(kind);
   return r;

@@ -21,6 +21,8 @@ using LayerId = uint64_t;
 
 enum class Tier : uint8_t { kSsd = 0, kHdd = 1 };
 const char* to_string(Tier tier);
+// "ssd" / "hdd" -> Tier. Errors: EINVAL.
+Result<Tier> parse_tier(std::string_view name);
 
 enum class LayerState : uint8_t {
   kWritable = 0,        // a container's delta: changes in place, never hashed
@@ -72,12 +74,17 @@ struct ContainerRecord {
 std::string encode(const ContainerRecord& r);
 Result<ContainerRecord> decode_container(std::string_view bytes, std::string_view name);
 
-// `intents` db, key key_u64(id): a multi-transaction operation in progress.
+// `intents` db, key key_u64(id): a multi-transaction operation in progress. Each kind has its
+// own recovery (fsck --repair, and Pool::open for drops):
+// - kImport: `layer` is being built (no `layers` row yet); its rows and file are rolled back.
+// - kDrop: `layer` lost its last reference (its `layers` row is gone); its `maps`/`sums` rows
+//   are deleted in bounded transactions, then its file, then the intent.
 struct IntentRecord {
-  enum class Kind : uint8_t { kImport = 1 };
+  enum class Kind : uint8_t { kImport = 1, kDrop = 2 };
   Kind kind = Kind::kImport;
-  LayerId layer = 0;  // the layer being built; its rows and file are dropped on roll back
-  std::string target;  // e.g. the image ref being imported
+  LayerId layer = 0;
+  // kImport: the image ref being imported; kDrop: the tier of the layer's file ("ssd", "hdd").
+  std::string target;
   uint64_t created_unix = 0;
 };
 std::string encode(const IntentRecord& r);

@@ -34,10 +34,12 @@ layer::DiskTable* g_disks = nullptr;
 constexpr uint32_t kMaxRequestBytes = 32 << 20;
 
 // The client sees only a few errnos; anything else would arrive as EINVAL (DESIGN.md).
+// ENOTSUP is meaningful only as the answer to a fast zero (layer_zero sets it itself) and
+// EOVERFLOW only with DF, which this plugin does not offer: elsewhere they are internal
+// errors, EIO.
 int nbd_errno(int code) {
   switch (code) {
-    case EIO: case ENOSPC: case EPERM: case EINVAL: case ENOMEM: case ESHUTDOWN: case ENOTSUP:
-    case EOVERFLOW:
+    case EIO: case ENOSPC: case EPERM: case EINVAL: case ENOMEM: case ESHUTDOWN:
       return code;
     case EDQUOT: case EFBIG: return ENOSPC;
     case EROFS: return EPERM;
@@ -253,8 +255,9 @@ int layer_trim(void* h, uint32_t count, uint64_t offset, uint32_t flags) {
 
 int layer_zero(void* h, uint32_t count, uint64_t offset, uint32_t flags) {
   return guarded("zero", [&] {
-    auto s = disk_of(h).zero(count, offset, flags & NBDKIT_FLAG_FUA, flags & NBDKIT_FLAG_FAST_ZERO);
-    if (!s && s.error().code == ENOTSUP) {
+    const bool fast = flags & NBDKIT_FLAG_FAST_ZERO;
+    auto s = disk_of(h).zero(count, offset, flags & NBDKIT_FLAG_FUA, fast);
+    if (fast && !s && s.error().code == ENOTSUP) {
       nbdkit_set_error(ENOTSUP);  // expected for fast zero; not worth an error line
       return -1;
     }
