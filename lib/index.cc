@@ -14,11 +14,16 @@
 //   LMDB syncs for all the flush rounds that queued up meanwhile).
 #include "index.h"
 
+#include <lmdb.h>
+
 #include <sys/stat.h>
 
 #include <chrono>
 #include <cstring>
 #include <system_error>
+#include <type_traits>
+
+static_assert(std::is_same_v<MDB_dbi, unsigned int>, "index.h stores MDB_dbi as unsigned int");
 
 namespace layer {
 namespace {
@@ -368,7 +373,7 @@ void Committer::run_batch(std::deque<std::shared_ptr<Pending>>& batch) noexcept 
       bool any = false;
       for (size_t i = 0; i < batch.size(); ++i) {
         MDB_txn* child = nullptr;
-        int rc = mdb_txn_begin(index_.env_, txn->raw(), 0, &child);
+        int rc = mdb_txn_begin(index_.env_, txn->txn_, 0, &child);
         if (rc != 0) {
           results[i] = lmdb_error(rc, "begin nested transaction");
           continue;

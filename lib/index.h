@@ -11,8 +11,6 @@
 // to one thread at a time (MDB_NOTLS lets it move between threads, never be shared).
 #pragma once
 
-#include <lmdb.h>
-
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -28,6 +26,10 @@
 #include <vector>
 
 #include "error.h"
+
+// LMDB's handles, opaque here: only index.cc includes <lmdb.h>.
+struct MDB_env;
+struct MDB_txn;
 
 namespace layer {
 
@@ -74,8 +76,6 @@ class ReadTxn {
   // false. Errors: EIO; fn's own errors are returned as they are.
   Status scan(Db db, std::string_view prefix,
               const std::function<Result<bool>(std::string_view, std::string_view)>& fn);
-
-  MDB_txn* raw() { return txn_; }
 
  protected:
   friend class Index;
@@ -150,7 +150,7 @@ class Index {
   Result<MDB_txn*> begin(unsigned flags, std::shared_lock<std::shared_mutex>& lock);
 
   MDB_env* env_ = nullptr;
-  MDB_dbi dbi_[static_cast<int>(Db::kCount)] = {};
+  unsigned int dbi_[static_cast<int>(Db::kCount)] = {};  // MDB_dbi
   bool read_only_ = false;
   std::string dir_;
   std::shared_mutex resize_mu_;  // shared by every open transaction; exclusive for a resize
