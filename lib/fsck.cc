@@ -160,7 +160,8 @@ Result<FsckReport> Pool::fsck(bool full, bool repair) {
       }
       importing.insert(intent->layer);
       // An import still running holds its layer's lock: not interrupted, leave it alone.
-      if (locks_->is_locked(LockKind::kLayer, intent->layer)) return true;
+      LAYER_ASSIGN(const bool running, locks_->is_locked(LockKind::kLayer, intent->layer));
+      if (running) return true;
       intents.push_back(*intent);
       intent_ids.push_back(id);
       std::string line = fmt::format("interrupted import of {} (intent {}, layer {})",

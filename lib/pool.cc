@@ -326,7 +326,8 @@ Result<ContainerInfo> Pool::container_info(ReadTxn& txn, const ContainerRecord& 
     LAYER_TRY(count_blocks(txn, info.chain[i].id, &data, &zero));
     info.chain_data_blocks.push_back(data);
   }
-  if (locks_->is_locked(LockKind::kContainer, rec.id)) info.served_by = locks_->holder_of(rec.id);
+  LAYER_ASSIGN(const bool served, locks_->is_locked(LockKind::kContainer, rec.id));
+  if (served) info.served_by = locks_->holder_of(rec.id);
   return info;
 }
 
@@ -407,7 +408,6 @@ Status Pool::remove_container(const std::string& name) {
     return drop_layer(txn, current.delta_layer, &unlink_after);
   }));
   for (const auto& f : unlink_after) LAYER_TRY(store_->remove(f));
-  ::unlink(fmt::format("{}/holders/{}", paths_.run_dir, rec.id).c_str());
   return {};
 }
 
