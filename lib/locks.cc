@@ -153,7 +153,8 @@ void LockTable::remove_holder(uint64_t container_id) const {
   char buf[64];
   const ssize_t n = ::read(fd, buf, sizeof buf);
   ::close(fd);
-  // Another process's record (a stale one: we hold the byte) is left for it to explain.
+  // A record naming another process is stale (we hold the byte) but not ours to remove; the
+  // next exclusive holder overwrites it.
   if (n == static_cast<ssize_t>(note.size()) && std::string_view(buf, n) == note)
     ::unlink(path.c_str());
 }
