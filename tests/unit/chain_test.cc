@@ -295,10 +295,10 @@ TEST_CASE("ChainCache shares one map per chain, sized to the chain", "[chain]") 
 TEST_CASE("ChainCache: disks of different sizes on one chain share its map", "[chain]") {
   // As clones of one image with different --size: the disks' sizes are not part of the key.
   test::PoolFixture p;
-  const uint64_t image_bytes = 2 * kChunk * 4096 + 8192;  // a partial last chunk
+  const uint64_t image_bytes = 17 * 4096;  // well inside one chunk of the map
   const auto content = p.import("base:1", image_bytes, 4096, 7);
   MUST(p.pool->clone("base:1", "small", std::nullopt));
-  MUST(p.pool->clone("base:1", "big", 8 * kChunk * 4096));
+  MUST(p.pool->clone("base:1", "big", 3 * kChunk * 4096));  // chunks the chain does not have
   auto small = MUST(Disk::open(*p.pool, "small", true));
   auto big = MUST(Disk::open(*p.pool, "big", true));
   CHECK(p.pool->chains().resident() == 0);  // maps are built on first I/O, not at open
@@ -310,10 +310,14 @@ TEST_CASE("ChainCache: disks of different sizes on one chain share its map", "[c
   MUST(big->read(buf.data(), buf.size(), 0));
   CHECK(buf == content);
   CHECK(p.pool->chains().resident() == 1);
-  // Past the chain, the big disk reads zeroes.
-  std::fill(buf.begin(), buf.end(), 0xAA);
-  MUST(big->read(buf.data(), 4096, 5 * kChunk * 4096));
-  CHECK(test::all_zero(buf.data(), 4096));
+  // Past the chain, the big disk reads zeroes: across the chain's end, and in later chunks.
+  std::vector<uint8_t> edge(2 * 4096, 0xAA);
+  MUST(big->read(edge.data(), edge.size(), image_bytes - 4096));
+  CHECK(std::equal(edge.begin(), edge.begin() + 4096, content.end() - 4096));
+  CHECK(test::all_zero(edge.data() + 4096, 4096));
+  std::fill(edge.begin(), edge.end(), 0xAA);
+  MUST(big->read(edge.data(), edge.size(), 2 * kChunk * 4096 + 4096));
+  CHECK(test::all_zero(edge.data(), edge.size()));
 }
 
 TEST_CASE("ChainCache frees a map after its linger without another lookup", "[chain]") {
