@@ -8,9 +8,13 @@
 //   4 KiB array, so sequentially imported images cost almost nothing.
 // - The map never changes after build: readers need no lock, and a lookup is two array reads
 //   whatever the depth, which is the point (DESIGN.md "Read path").
+// - The cache keys a map by the chain's top layer and sizes it to the chain, not to the disk:
+//   clones of one image with different sizes share one map, and a disk's blocks past its chain
+//   are absent in every frozen layer, which is what lookup() says past the map.
 #include "chain.h"
 
 #include <algorithm>
+#include <system_error>
 
 #include "index.h"
 
@@ -38,7 +42,7 @@ Result<std::shared_ptr<const ChainMap>> ChainMap::build(ReadTxn& txn,
       auto parsed = decode_key_u64_u32(key);
       if (!parsed) return make_error(EIO, "layer {}: map key of {} bytes", id, key.size());
       const uint32_t c = parsed->second;
-      if (c >= nchunks) return true;  // beyond this disk (cannot happen: sizes only grow)
+      if (c >= nchunks) return true;  // beyond the size asked for: not needed
       auto bits = decode_chunk(value);
       if (!bits) return make_error(EIO, "layer {} chunk {}: {}", id, c, bits.error().message);
       BlockState u;
@@ -96,36 +100,100 @@ uint64_t ChainMap::run_length(uint64_t block_no, uint64_t max_blocks) const {
   return std::min(n, max_blocks);
 }
 
-Result<std::shared_ptr<const ChainMap>> ChainCache::get(ReadTxn& txn,
-                                                        const std::vector<LayerRecord>& layers,
-                                                        uint64_t size_blocks) {
-  const auto key = std::make_pair(layers.empty() ? LayerId{0} : layers.front().id, size_blocks);
-  const auto now = std::chrono::steady_clock::now();
+ChainCache::~ChainCache() {
   {
     std::lock_guard<std::mutex> lk(mu_);
-    for (auto it = slots_.begin(); it != slots_.end();) {
-      if (it->second.lingering && it->second.expires < now) it->second.lingering.reset();
-      if (!it->second.lingering && it->second.live.expired()) it = slots_.erase(it);
-      else ++it;
+    stop_ = true;
+  }
+  wake_.notify_all();
+  if (reaper_.joinable()) reaper_.join();
+}
+
+size_t ChainCache::resident() {
+  std::lock_guard<std::mutex> lk(mu_);
+  return slots_.size();
+}
+
+bool ChainCache::sweep(std::chrono::steady_clock::time_point now,
+                       std::vector<std::shared_ptr<const ChainMap>>* freed) {
+  for (auto it = slots_.begin(); it != slots_.end();) {
+    Slot& slot = it->second;
+    // use_count() == 1 is stable here: only get(), under mu_, makes new references from ours.
+    if (slot.map.use_count() > 1) {
+      slot.idle = false;
+    } else if (!slot.idle) {
+      slot.idle = true;
+      slot.idle_since = now;
+    } else if (now - slot.idle_since >= linger_) {
+      freed->push_back(std::move(slot.map));
+      it = slots_.erase(it);
+      continue;
     }
+    ++it;
+  }
+  return !slots_.empty();
+}
+
+// Why a thread: a map's users are Disks that drop their reference without telling the cache,
+// and the last one to leave may be the last I/O the server sees, so neither lookups nor
+// releases can be relied on to free it. The thread polls only while maps are held (every half
+// linger: a map is freed between 1 and 1.5 lingers after its last user left) and sleeps
+// otherwise. It starts on the first map, never at construction: a Pool may be made before
+// nbdkit forks, and a thread made then would be lost in the child.
+void ChainCache::reap() {
+  const auto period = std::max<std::chrono::milliseconds>(linger_ / 2, std::chrono::milliseconds(1));
+  std::unique_lock<std::mutex> lk(mu_);
+  while (!stop_) {
+    std::vector<std::shared_ptr<const ChainMap>> freed;
+    const bool held = sweep(std::chrono::steady_clock::now(), &freed);
+    if (!freed.empty()) {
+      lk.unlock();
+      freed.clear();  // a large map is not freed under mu_
+      lk.lock();
+      continue;
+    }
+    if (held) wake_.wait_for(lk, period);
+    else wake_.wait(lk);
+  }
+}
+
+Result<std::shared_ptr<const ChainMap>> ChainCache::get(ReadTxn& txn,
+                                                        const std::vector<LayerRecord>& layers) {
+  const LayerId key = layers.empty() ? LayerId{0} : layers.front().id;
+  // Destroyed after the lock is released (declared before it).
+  std::vector<std::shared_ptr<const ChainMap>> freed;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    // Also here, so maps are still freed if the reaper could not start.
+    sweep(std::chrono::steady_clock::now(), &freed);
     auto it = slots_.find(key);
     if (it != slots_.end()) {
-      if (auto live = it->second.live.lock()) {
-        it->second.lingering = live;
-        it->second.expires = now + linger_;
-        return std::shared_ptr<const ChainMap>(live);
-      }
+      it->second.idle = false;
+      return std::shared_ptr<const ChainMap>(it->second.map);
     }
   }
-  // Built outside the lock: two disks racing on a new chain may both build; one result wins.
+  uint64_t size_blocks = 0;
+  for (const auto& layer : layers) {
+    if (layer.block_size == 0) return make_error(EIO, "layer {}: block size 0", layer.id);
+    size_blocks = std::max(size_blocks, (layer.size_bytes + layer.block_size - 1) / layer.block_size);
+  }
+  // Built outside the lock: two disks racing on a new chain may both build; the first one kept
+  // wins.
   LAYER_ASSIGN(auto built, ChainMap::build(txn, layers, size_blocks));
   std::lock_guard<std::mutex> lk(mu_);
-  Slot& slot = slots_[key];
-  if (auto live = slot.live.lock()) built = live;
-  slot.live = built;
-  slot.lingering = built;
-  slot.expires = now + linger_;
-  return built;
+  auto [it, inserted] = slots_.try_emplace(key);
+  if (inserted) it->second.map = built;
+  it->second.idle = false;
+  if (!reaper_tried_) {
+    reaper_tried_ = true;
+    try {
+      reaper_ = std::thread([this] { reap(); });
+    } catch (const std::system_error&) {
+      // No thread: get() still sweeps, so maps are freed at the next lookup instead.
+    }
+  }
+  wake_.notify_one();  // the reaper may be sleeping without a deadline
+  return std::shared_ptr<const ChainMap>(it->second.map);
 }
 
 }  // namespace layer

@@ -12,10 +12,12 @@
 
 #include <array>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <thread>
 #include <vector>
 
 #include "block_map.h"
@@ -50,6 +52,7 @@ class ChainMap {
   uint64_t run_length(uint64_t block_no, uint64_t max_blocks) const;
 
   const std::vector<LayerRecord>& layers() const { return layers_; }
+  // The blocks the map covers; lookups at or past it return kSourceAbsent.
   uint64_t size_blocks() const { return size_blocks_; }
 
  private:
@@ -62,25 +65,45 @@ class ChainMap {
   uint64_t size_blocks_ = 0;
 };
 
-// Shares chain maps between open disks: keyed by the chain's top layer id and size; an entry
-// lives while a disk uses it and for `linger` after (so a reconnect does not rebuild it).
+// Shares chain maps between open disks: one map per chain, keyed by the chain's top layer (a
+// frozen layer's chain below it never changes), whatever the size of the disks on it. A map
+// lives while a disk holds it and for about `linger` after the last one lets go (so a reconnect
+// does not rebuild it); then a reaper thread frees it, without waiting for another lookup.
+// Thread-safety: safe for concurrent use. The maps it returns may outlive it.
 class ChainCache {
  public:
   explicit ChainCache(std::chrono::milliseconds linger = std::chrono::seconds(5))
       : linger_(linger) {}
-  // Returns the cached map for (layers, size_blocks) or builds it with `txn`.
-  Result<std::shared_ptr<const ChainMap>> get(ReadTxn& txn, const std::vector<LayerRecord>& layers,
-                                              uint64_t size_blocks);
+  ~ChainCache();
+  ChainCache(const ChainCache&) = delete;
+  ChainCache& operator=(const ChainCache&) = delete;
+
+  // Returns the map of `layers` (top first; empty for a disk without a chain), cached or built
+  // with `txn`. It covers the chain's own size (its largest layer): a disk larger than its chain
+  // reads kSourceAbsent beyond it. Errors: those of ChainMap::build; EIO for a block size of 0.
+  Result<std::shared_ptr<const ChainMap>> get(ReadTxn& txn, const std::vector<LayerRecord>& layers);
+
+  // Number of maps held, in use or lingering.
+  size_t resident();
 
  private:
   struct Slot {
-    std::weak_ptr<const ChainMap> live;
-    std::shared_ptr<const ChainMap> lingering;
-    std::chrono::steady_clock::time_point expires;
+    std::shared_ptr<const ChainMap> map;  // the cache's own reference
+    bool idle = false;                    // only the cache's reference was left at idle_since
+    std::chrono::steady_clock::time_point idle_since;
   };
-  std::chrono::milliseconds linger_;
+  // Frees (into *freed, to be destroyed after mu_ is released) the maps idle for linger_.
+  // Returns whether any map is still held. REQUIRES: mu_ held.
+  bool sweep(std::chrono::steady_clock::time_point now,
+             std::vector<std::shared_ptr<const ChainMap>>* freed);
+  void reap();
+  const std::chrono::milliseconds linger_;
   std::mutex mu_;
-  std::map<std::pair<LayerId, uint64_t>, Slot> slots_;  // GUARDED_BY(mu_)
+  std::condition_variable wake_;
+  std::map<LayerId, Slot> slots_;  // GUARDED_BY(mu_)
+  bool stop_ = false;              // GUARDED_BY(mu_)
+  bool reaper_tried_ = false;      // GUARDED_BY(mu_)
+  std::thread reaper_;
 };
 
 }  // namespace layer

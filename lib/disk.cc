@@ -118,7 +118,7 @@ Status Disk::ensure_loaded() {
   std::lock_guard<std::mutex> lk(load_mu_);
   if (loaded_.load(std::memory_order_relaxed)) return {};
   LAYER_ASSIGN(auto txn, pool_.index().begin_read());
-  LAYER_ASSIGN(chain_map_, pool_.chains().get(txn, chain_, size_blocks_));
+  LAYER_ASSIGN(chain_map_, pool_.chains().get(txn, chain_));
   chain_files_.clear();
   for (const auto& layer : chain_) {
     auto f = pool_.store().open(pool_.layer_path(layer), false);

@@ -176,7 +176,8 @@ Result<FsckReport> Pool::fsck(bool full, bool repair) {
       }
       intent_files[intent->layer] = layer_path(intent->layer, Tier::kSsd);
       // An import still running holds its layer's lock: not interrupted, leave it alone.
-      if (locks_->is_locked(LockKind::kLayer, intent->layer)) return true;
+      LAYER_ASSIGN(const bool running, locks_->is_locked(LockKind::kLayer, intent->layer));
+      if (running) return true;
       stale_imports.emplace_back(id, *intent);
       if (!repair)
         problem(fmt::format("interrupted import of {} (intent {}, layer {}): run `layer fsck "
@@ -390,7 +391,8 @@ Result<std::vector<std::string>> Pool::confirm_orphans(const std::vector<std::st
         return !keep;
       }));
       // Work in progress on the layer (a Disk on its delta, an import, a move) holds its lock.
-      if (locks_->is_locked(LockKind::kLayer, id)) keep = true;
+      LAYER_ASSIGN(const bool locked, locks_->is_locked(LockKind::kLayer, id));
+      if (locked) keep = true;
     }
     if (!keep) orphans.push_back(path);
   }

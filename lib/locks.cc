@@ -19,6 +19,9 @@ namespace {
 
 uint64_t lock_offset(LockKind kind, uint64_t id) { return 2 * id + static_cast<uint64_t>(kind); }
 
+// The content of this process's holder records.
+std::string holder_note() { return fmt::format("pid {}\n", ::getpid()); }
+
 int ofd_lock(int fd, short type, uint64_t offset) {
   struct flock fl = {};
   fl.l_type = type;
@@ -73,36 +76,31 @@ std::string LockTable::holder_of(uint64_t container_id) const {
 Result<Lock> LockTable::try_lock(LockKind kind, uint64_t id, bool exclusive,
                                  const std::string& what) {
   const uint64_t offset = lock_offset(kind, id);
-  std::lock_guard<std::mutex> lk(mu_);
-  auto it = held_.find(offset);
-  if (it != held_.end()) {
-    if (exclusive || it->second.exclusive)
-      return make_error(EBUSY, "{} is in use by this process", what);
-    ++it->second.count;
-    return Lock(this, offset, exclusive);
-  }
-  int rc = ofd_lock(fd_, exclusive ? F_WRLCK : F_RDLCK, offset);
-  if (rc == EAGAIN || rc == EACCES) {
-    if (kind == LockKind::kContainer)
-      return make_error(EBUSY, "{} is in use by a running server ({})", what, holder_of(id));
-    return make_error(EBUSY, "{} is in use by another process", what);
-  }
-  if (rc != 0) return sys_error(rc, fmt::format("lock {}", what));
-  held_[offset] = Held{exclusive, 1};
-  if (exclusive && kind == LockKind::kContainer) {
-    // Best effort: only used to name the holder in other processes' errors.
-    const std::string path = fmt::format("{}/holders/{}", run_dir_, id);
-    const std::string tmp = path + ".tmp." + std::to_string(::getpid());
-    {
-      std::ofstream out(tmp, std::ios::trunc);
-      out << "pid " << ::getpid() << "\n";
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = held_.find(offset);
+    if (it != held_.end()) {
+      if (exclusive || it->second.exclusive)
+        return make_error(EBUSY, "{} is in use by this process", what);
+      ++it->second.count;
+      return Lock(this, offset, exclusive);
     }
-    std::rename(tmp.c_str(), path.c_str());
+    int rc = ofd_lock(fd_, exclusive ? F_WRLCK : F_RDLCK, offset);
+    if (rc == EAGAIN || rc == EACCES) {
+      if (kind == LockKind::kContainer)
+        return make_error(EBUSY, "{} is in use by a running server ({})", what, holder_of(id));
+      return make_error(EBUSY, "{} is in use by another process", what);
+    }
+    if (rc != 0) return sys_error(rc, fmt::format("lock {}", what));
+    held_[offset] = Held{exclusive, 1};
   }
+  // Outside mu_: file I/O must not stall other objects' locks. Safe without it: we are the only
+  // holder of the byte (exclusive), and the previous holder removed its record before unlocking.
+  if (exclusive && kind == LockKind::kContainer) write_holder(id);
   return Lock(this, offset, exclusive);
 }
 
-bool LockTable::is_locked(LockKind kind, uint64_t id) {
+Result<bool> LockTable::is_locked(LockKind kind, uint64_t id) {
   const uint64_t offset = lock_offset(kind, id);
   {
     std::lock_guard<std::mutex> lk(mu_);
@@ -113,18 +111,52 @@ bool LockTable::is_locked(LockKind kind, uint64_t id) {
   fl.l_whence = SEEK_SET;
   fl.l_start = static_cast<off_t>(offset);
   fl.l_len = 1;
-  if (fcntl(fd_, F_OFD_GETLK, &fl) != 0) return false;
+  if (fcntl(fd_, F_OFD_GETLK, &fl) != 0)
+    return sys_error(errno, fmt::format("F_OFD_GETLK {}/locks at {}", run_dir_, offset));
   return fl.l_type != F_UNLCK;
 }
 
 void LockTable::unlock(uint64_t offset, bool exclusive) {
-  (void)exclusive;
+  // An exclusive holder is the only one, so its release is the last: the record goes while we
+  // still hold the byte, so it cannot remove the record of whoever takes the byte next.
+  if (exclusive && offset % 2 == static_cast<uint64_t>(LockKind::kContainer))
+    remove_holder(offset / 2);
   std::lock_guard<std::mutex> lk(mu_);
   auto it = held_.find(offset);
   if (it == held_.end()) return;
   if (--it->second.count > 0) return;
   held_.erase(it);
   ofd_lock(fd_, F_UNLCK, offset);
+}
+
+std::string LockTable::holder_path(uint64_t container_id) const {
+  return fmt::format("{}/holders/{}", run_dir_, container_id);
+}
+
+// Best effort throughout: a record only names the holder in other processes' errors.
+void LockTable::write_holder(uint64_t container_id) const {
+  const std::string path = holder_path(container_id);
+  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  const std::string note = holder_note();
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return;
+  const bool written = ::write(fd, note.data(), note.size()) == static_cast<ssize_t>(note.size());
+  ::close(fd);
+  if (!written || std::rename(tmp.c_str(), path.c_str()) != 0) ::unlink(tmp.c_str());
+}
+
+void LockTable::remove_holder(uint64_t container_id) const {
+  const std::string path = holder_path(container_id);
+  const std::string note = holder_note();
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return;
+  char buf[64];
+  const ssize_t n = ::read(fd, buf, sizeof buf);
+  ::close(fd);
+  // A record naming another process is stale (we hold the byte) but not ours to remove; the
+  // next exclusive holder overwrites it.
+  if (n == static_cast<ssize_t>(note.size()) && std::string_view(buf, n) == note)
+    ::unlink(path.c_str());
 }
 
 }  // namespace layer

@@ -5,7 +5,10 @@
 // descriptions of one process conflict, so each process opens run/locks once (one LockTable per
 // Pool) and counts holders, locking the byte on the first holder and unlocking it on the last.
 // F_OFD_GETLK cannot name a holder, so an exclusive holder of a container records itself in
-// run/holders/<id> ("pid N"), read to name it in errors; a record whose lock is free is stale.
+// run/holders/<id> ("pid N"), read to name it in errors. The table owns these files: it writes
+// one after taking the byte and removes it (only if it names this process) before unlocking the
+// byte, so a record exists only while its lock is held, except after a crash (a record whose
+// lock is free is stale).
 //
 // Thread-safety: LockTable is safe for concurrent use; a Lock belongs to its owner.
 #pragma once
@@ -57,7 +60,8 @@ class LockTable {
 
   // True when some process (this one included) holds a lock on the object that conflicts
   // with an exclusive lock (F_OFD_GETLK: takes nothing, so it cannot disturb a server).
-  bool is_locked(LockKind kind, uint64_t id);
+  // Errors: the errno of a failed F_OFD_GETLK (EBADF, EINVAL, ...): never read as "unlocked".
+  Result<bool> is_locked(LockKind kind, uint64_t id);
 
   // The holder note written for exclusive container locks ("pid N").
   std::string holder_of(uint64_t container_id) const;
@@ -66,6 +70,10 @@ class LockTable {
   friend class Lock;
   LockTable(int fd, std::string run_dir) : fd_(fd), run_dir_(std::move(run_dir)) {}
   void unlock(uint64_t offset, bool exclusive);
+  std::string holder_path(uint64_t container_id) const;
+  // REQUIRES: this process holds the container's byte exclusively (no one else writes it).
+  void write_holder(uint64_t container_id) const;
+  void remove_holder(uint64_t container_id) const;
   struct Held {
     bool exclusive = false;
     unsigned count = 0;

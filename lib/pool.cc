@@ -387,7 +387,8 @@ Result<ContainerInfo> Pool::container_info(ReadTxn& txn, const ContainerRecord& 
     LAYER_TRY(count_blocks(txn, info.chain[i].id, &data, &zero));
     info.chain_data_blocks.push_back(data);
   }
-  if (locks_->is_locked(LockKind::kContainer, rec.id)) info.served_by = locks_->holder_of(rec.id);
+  LAYER_ASSIGN(const bool served, locks_->is_locked(LockKind::kContainer, rec.id));
+  if (served) info.served_by = locks_->holder_of(rec.id);
   return info;
 }
 
@@ -469,7 +470,6 @@ Status Pool::remove_container(const std::string& name) {
   }));
   // The container is gone; a crash from here on is finished by the next open or fsck --repair.
   for (uint64_t intent_id : drops) LAYER_TRY(finish_drop(intent_id));
-  ::unlink(fmt::format("{}/holders/{}", paths_.run_dir, rec.id).c_str());
   return {};
 }
 

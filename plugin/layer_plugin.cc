@@ -21,6 +21,7 @@
 
 #include "disk.h"
 #include "pool.h"
+#include "version.h"
 
 #define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
 
@@ -294,7 +295,7 @@ struct nbdkit_plugin make_plugin() {
   struct nbdkit_plugin p = {};
   p.name = "layer";
   p.longname = "layer: layered copy-on-write disks";
-  p.version = "0.1.0";
+  p.version = LAYER_VERSION;
   p.description = "Serves the containers of a layer pool: export name = container name";
   p.config = layer_config;
   p.config_complete = layer_config_complete;

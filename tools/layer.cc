@@ -28,10 +28,7 @@
 #include "pool.h"
 #include "output.h"
 #include "records.h"
-
-#ifndef LAYER_VERSION
-#define LAYER_VERSION "0.1.0"
-#endif
+#include "version.h"
 
 namespace {
 

@@ -1,6 +1,6 @@
 // Unit tests for lib/locks.h: counted holders within a process, conflicts within and across
-// processes (forked children with their own LockTable), holder names, and locks vanishing when
-// their process exits.
+// processes (forked children with their own LockTable), holder names and the life of holder
+// records, is_locked's errors, and locks vanishing when their process exits.
 #include "locks.h"
 
 #include "test_util.h"
@@ -70,13 +70,13 @@ TEST_CASE("shared locks in one process are counted", "[locks]") {
 TEST_CASE("is_locked sees this process's holders and takes nothing", "[locks]") {
   test::TempDir run;
   auto table = MUST(LockTable::open(run.path()));
-  CHECK_FALSE(table->is_locked(LockKind::kContainer, 3));
+  CHECK_FALSE(MUST(table->is_locked(LockKind::kContainer, 3)));
   {
     Lock s = MUST(table->try_lock(LockKind::kContainer, 3, false, "c3"));
-    CHECK(table->is_locked(LockKind::kContainer, 3));
-    CHECK_FALSE(table->is_locked(LockKind::kLayer, 3));
+    CHECK(MUST(table->is_locked(LockKind::kContainer, 3)));
+    CHECK_FALSE(MUST(table->is_locked(LockKind::kLayer, 3)));
   }
-  CHECK_FALSE(table->is_locked(LockKind::kContainer, 3));
+  CHECK_FALSE(MUST(table->is_locked(LockKind::kContainer, 3)));
   // Asking took nothing: another process can lock it exclusively.
   CHECK(try_in_child(run.path(), LockKind::kContainer, 3, true) == kChildGotLock);
 }
@@ -162,10 +162,10 @@ TEST_CASE("a lock held by another process: EBUSY naming the holder, gone when it
 
   auto table = MUST(LockTable::open(run.path()));
   const std::string holder = "pid " + std::to_string(child.pid());
-  CHECK(table->is_locked(LockKind::kContainer, 42));
-  CHECK(table->is_locked(LockKind::kLayer, 42));  // shared conflicts with exclusive
-  CHECK_FALSE(table->is_locked(LockKind::kContainer, 41));
-  CHECK_FALSE(table->is_locked(LockKind::kLayer, 43));
+  CHECK(MUST(table->is_locked(LockKind::kContainer, 42)));
+  CHECK(MUST(table->is_locked(LockKind::kLayer, 42)));  // shared conflicts with exclusive
+  CHECK_FALSE(MUST(table->is_locked(LockKind::kContainer, 41)));
+  CHECK_FALSE(MUST(table->is_locked(LockKind::kLayer, 43)));
   CHECK(table->holder_of(42) == holder);
 
   auto busy = table->try_lock(LockKind::kContainer, 42, true, "container \"web\"");
@@ -187,8 +187,8 @@ TEST_CASE("a lock held by another process: EBUSY naming the holder, gone when it
   // Let the child exit: its locks vanish with it.
   done.write_end.reset();
   REQUIRE(child.wait() == kChildGotLock);
-  CHECK_FALSE(table->is_locked(LockKind::kContainer, 42));
-  CHECK_FALSE(table->is_locked(LockKind::kLayer, 42));
+  CHECK_FALSE(MUST(table->is_locked(LockKind::kContainer, 42)));
+  CHECK_FALSE(MUST(table->is_locked(LockKind::kLayer, 42)));
   Lock mine = MUST(table->try_lock(LockKind::kContainer, 42, true, "container \"web\""));
   CHECK(mine.held());
   Lock layer_x = MUST(table->try_lock(LockKind::kLayer, 42, true, "layer 42"));
@@ -214,4 +214,117 @@ TEST_CASE("a process killed while holding a lock releases it", "[locks]") {
   child.reset();  // SIGKILL and reap
   Lock mine = MUST(table->try_lock(LockKind::kContainer, 9, true, "container \"k\""));
   CHECK(mine.held());
+}
+
+namespace {
+
+std::string holder_record(const test::TempDir& run, uint64_t container_id) {
+  const std::string path = run.sub("holders/" + std::to_string(container_id));
+  if (!std::filesystem::exists(path)) return "";
+  auto bytes = test::read_file(path);
+  return std::string(bytes.begin(), bytes.end());
+}
+
+size_t holder_files(const test::TempDir& run) {
+  size_t n = 0;
+  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator(run.sub("holders"))) ++n;
+  return n;
+}
+
+// The descriptor this process has open on `path`, found through /proc/self/fd; -1 if none.
+int fd_open_on(const std::string& path) {
+  const auto want = std::filesystem::canonical(path);
+  for (const auto& e : std::filesystem::directory_iterator("/proc/self/fd")) {
+    std::error_code ec;
+    const auto target = std::filesystem::read_symlink(e.path(), ec);
+    if (!ec && target == want) return std::stoi(e.path().filename().string());
+  }
+  return -1;
+}
+
+}  // namespace
+
+TEST_CASE("a container's holder record lives exactly as long as its exclusive lock", "[locks]") {
+  test::TempDir run;
+  auto table = MUST(LockTable::open(run.path()));
+  const std::string mine = "pid " + std::to_string(::getpid()) + "\n";
+  {
+    Lock x = MUST(table->try_lock(LockKind::kContainer, 8, true, "container 8"));
+    CHECK(holder_record(run, 8) == mine);
+    CHECK(table->holder_of(8) == "pid " + std::to_string(::getpid()));
+  }
+  CHECK(holder_record(run, 8).empty());
+  CHECK(holder_files(run) == 0);
+
+  // Shared container locks and layer locks write no record.
+  {
+    Lock s1 = MUST(table->try_lock(LockKind::kContainer, 8, false, "container 8"));
+    Lock s2 = MUST(table->try_lock(LockKind::kContainer, 8, false, "container 8"));
+    Lock l = MUST(table->try_lock(LockKind::kLayer, 8, true, "layer 8"));
+    CHECK(holder_files(run) == 0);
+  }
+
+  // Open/close probes (every nbdinfo --list opens every export) leave nothing behind.
+  for (uint64_t id = 100; id < 300; ++id) {
+    Lock x = MUST(table->try_lock(LockKind::kContainer, id, true, "probe"));
+  }
+  CHECK(holder_files(run) == 0);
+}
+
+TEST_CASE("a holder record that does not name this process is not removed", "[locks]") {
+  test::TempDir run;
+  auto table = MUST(LockTable::open(run.path()));
+  Lock x = MUST(table->try_lock(LockKind::kContainer, 5, true, "container 5"));
+  // Our own write of the record failed, say, and an old one is in its place.
+  {
+    test::Fd fd(::open(run.sub("holders/5").c_str(), O_WRONLY | O_TRUNC | O_CLOEXEC));
+    REQUIRE(fd.get() >= 0);
+    test::pwrite_all(fd.get(), "pid 1\n", 6, 0);
+  }
+  x.release();
+  CHECK(holder_record(run, 5) == "pid 1\n");
+}
+
+TEST_CASE("a stale holder record of a killed process is replaced, then removed", "[locks]") {
+  test::TempDir run;
+  test::Pipe ready;
+  auto child = std::make_unique<test::Child>([&]() -> int {
+    auto table = LockTable::open(run.path());
+    if (!table.ok()) return kChildNoTable;
+    auto lock = (*table)->try_lock(LockKind::kContainer, 12, true, "container 12");
+    if (!lock.ok()) return kChildOtherError;
+    test::write_byte(ready.write_end.get());
+    for (;;) ::pause();
+  });
+  ready.write_end.reset();
+  REQUIRE(test::read_byte(ready.read_end.get()));
+  const pid_t dead = child->pid();
+  child.reset();  // SIGKILL: its record stays behind, stale
+  auto table = MUST(LockTable::open(run.path()));
+  CHECK(holder_record(run, 12) == "pid " + std::to_string(dead) + "\n");
+  CHECK_FALSE(MUST(table->is_locked(LockKind::kContainer, 12)));
+  {
+    Lock x = MUST(table->try_lock(LockKind::kContainer, 12, true, "container 12"));
+    CHECK(holder_record(run, 12) == "pid " + std::to_string(::getpid()) + "\n");
+  }
+  CHECK(holder_files(run) == 0);
+}
+
+TEST_CASE("is_locked reports a failed F_OFD_GETLK as an error, not as unlocked", "[locks]") {
+  test::TempDir run;
+  // In a child, whose copy of the table can be broken without harm: close the descriptor the
+  // table holds on run/locks behind its back, so fcntl fails with EBADF.
+  test::Child child([&]() -> int {
+    auto table = LockTable::open(run.path());
+    if (!table.ok()) return kChildNoTable;
+    const int fd = fd_open_on(run.sub("locks"));
+    if (fd < 0) return 10;
+    ::close(fd);
+    auto r = (*table)->is_locked(LockKind::kContainer, 77);
+    if (r.ok()) return 11;
+    if (r.error().code != EBADF) return 12;
+    if (r.error().message.find("locks") == std::string::npos) return 13;
+    return 0;
+  });
+  CHECK(child.wait() == 0);
 }

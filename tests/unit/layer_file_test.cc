@@ -1,0 +1,406 @@
+// Unit tests for lib/layer_file.h: LocalStore (create: sized, renamed into place, EEXIST;
+// read past the end, punch and its write-zeroes fallback, data_extents, size, remove) and the
+// basics of FaultInjectingStore (synced writes survive a simulated power loss, unsynced ones
+// do not, injected sync failures).
+#include "layer_file.h"
+
+#include <linux/audit.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+
+#include <cstddef>
+
+#include "test_util.h"
+
+using namespace layer;
+
+namespace {
+
+constexpr uint64_t kKiB = 1024;
+
+std::vector<uint8_t> read_at(LayerFile& f, uint64_t len, uint64_t offset) {
+  std::vector<uint8_t> buf(len, 0xEE);  // not zero: a read that leaves bytes alone is seen
+  MUST(f.read(buf.data(), len, offset));
+  return buf;
+}
+
+uint64_t file_size(const std::string& path) {
+  struct stat st;
+  REQUIRE(::stat(path.c_str(), &st) == 0);
+  return static_cast<uint64_t>(st.st_size);
+}
+
+// Bytes the filesystem allocated to path.
+uint64_t allocated_bytes(const std::string& path) {
+  struct stat st;
+  REQUIRE(::stat(path.c_str(), &st) == 0);
+  return static_cast<uint64_t>(st.st_blocks) * 512;
+}
+
+std::vector<std::pair<uint64_t, uint64_t>> extents_of(LayerFile& f, uint64_t offset, uint64_t len) {
+  std::vector<std::pair<uint64_t, uint64_t>> out;
+  MUST(f.data_extents(offset, len, [&](uint64_t o, uint64_t l) { out.emplace_back(o, l); }));
+  return out;
+}
+
+std::vector<uint8_t> pattern(uint64_t len, uint8_t seed) {
+  std::vector<uint8_t> v(len);
+  for (uint64_t i = 0; i < len; i++) v[i] = static_cast<uint8_t>(seed + i * 7 + i / 4096);
+  return v;
+}
+
+// Makes this process's fallocate(2) fail with `err` (a seccomp filter; for a forked child only:
+// it cannot be undone). Returns false where seccomp filters cannot be installed.
+bool deny_fallocate(int err) {
+#if defined(__x86_64__)
+  constexpr uint32_t kArch = AUDIT_ARCH_X86_64;
+#elif defined(__aarch64__)
+  constexpr uint32_t kArch = AUDIT_ARCH_AARCH64;
+#else
+  (void)err;
+  return false;
+#endif
+#if defined(__x86_64__) || defined(__aarch64__)
+  struct sock_filter code[] = {
+      BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
+      BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, kArch, 1, 0),
+      BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+      BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+      BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_fallocate, 0, 1),
+      BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (static_cast<uint32_t>(err) & SECCOMP_RET_DATA)),
+      BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+  };
+  struct sock_fprog prog = {static_cast<unsigned short>(sizeof code / sizeof code[0]), code};
+  if (::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) return false;
+  return ::prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) == 0;
+#endif
+}
+
+constexpr int kChildNoSeccomp = 77;
+
+}  // namespace
+
+// ---- LocalStore ----
+
+TEST_CASE("LocalStore::create makes a sized, sparse file in place, and refuses an existing one",
+          "[layer_file]") {
+  test::TempDir dir;
+  LocalStore store;
+  const std::string path = dir.sub("7.layer");
+  const uint64_t size = 10 * 1024 * kKiB + 512;
+  auto f = MUST(store.create(path, size));
+  CHECK(f->path() == path);
+  CHECK(file_size(path) == size);
+  CHECK(MUST(f->size()) == size);
+  CHECK(allocated_bytes(path) < 64 * kKiB);  // sparse: sizing allocates nothing
+  CHECK_FALSE(std::filesystem::exists(path + ".new"));  // renamed into place
+  CHECK(read_at(*f, 4096, size - 4096) == std::vector<uint8_t>(4096, 0));
+
+  // The new file is writable through the handle create returned.
+  const auto data = pattern(8192, 1);
+  MUST(f->write(data.data(), data.size(), 4096));
+  MUST(f->sync());
+  CHECK(read_at(*f, 8192, 4096) == data);
+
+  // An existing file is refused and left as it was.
+  CHECK_ERRNO(store.create(path, 4096), EEXIST);
+  CHECK(file_size(path) == size);
+  auto again = MUST(store.open(path, false));
+  CHECK(read_at(*again, 8192, 4096) == data);
+  CHECK_FALSE(std::filesystem::exists(path + ".new"));
+
+  // A directory that does not exist.
+  CHECK_ERRNO(store.create(dir.sub("missing/8.layer"), 4096), ENOENT);
+  CHECK_FALSE(std::filesystem::exists(dir.sub("missing")));
+}
+
+TEST_CASE("LocalStore::create replaces a .new file left by a crash", "[layer_file]") {
+  test::TempDir dir;
+  LocalStore store;
+  const std::string path = dir.sub("9.layer");
+  {
+    test::Fd leftover(::open((path + ".new").c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0644));
+    REQUIRE(leftover.get() >= 0);
+    const auto junk = pattern(4096, 3);
+    test::pwrite_all(leftover.get(), junk.data(), junk.size(), 0);
+  }
+  auto f = MUST(store.create(path, 2 * 4096));
+  CHECK(file_size(path) == 2 * 4096);
+  CHECK(read_at(*f, 2 * 4096, 0) == std::vector<uint8_t>(2 * 4096, 0));  // not the leftover
+  CHECK_FALSE(std::filesystem::exists(path + ".new"));
+}
+
+TEST_CASE("LocalStore::open: missing files, read-only handles", "[layer_file]") {
+  test::TempDir dir;
+  LocalStore store;
+  CHECK_ERRNO(store.open(dir.sub("1.layer"), false), ENOENT);
+  CHECK_ERRNO(store.open(dir.sub("1.layer"), true), ENOENT);
+  MUST(store.create(dir.sub("1.layer"), 4096));
+  auto ro = MUST(store.open(dir.sub("1.layer"), false));
+  const auto data = pattern(512, 9);
+  auto w = ro->write(data.data(), data.size(), 0);
+  REQUIRE_FALSE(w.ok());
+  CHECK(w.error().code == EBADF);
+  CHECK_THAT(w.error().message, Catch::Contains("1.layer"));
+}
+
+TEST_CASE("LocalFile::read: holes and bytes past the end read as zeroes", "[layer_file]") {
+  test::TempDir dir;
+  LocalStore store;
+  auto f = MUST(store.create(dir.sub("2.layer"), 8192));
+  const auto data = pattern(8192, 5);
+  MUST(f->write(data.data(), data.size(), 0));
+
+  // Straddling the end: the file's bytes, then zeroes.
+  auto buf = read_at(*f, 3 * 4096, 4096);
+  CHECK(std::equal(buf.begin(), buf.begin() + 4096, data.begin() + 4096));
+  CHECK(test::all_zero(buf.data() + 4096, 2 * 4096));
+  // Wholly past the end.
+  CHECK(read_at(*f, 4096, 1 << 20) == std::vector<uint8_t>(4096, 0));
+  // A hole inside the file.
+  auto g = MUST(store.create(dir.sub("3.layer"), 1 << 20));
+  MUST(g->write(data.data(), 4096, 512 * kKiB));
+  CHECK(read_at(*g, 4096, 256 * kKiB) == std::vector<uint8_t>(4096, 0));
+  CHECK(read_at(*g, 4096, 512 * kKiB) == std::vector<uint8_t>(data.begin(), data.begin() + 4096));
+  // Unaligned, odd-sized.
+  CHECK(read_at(*f, 777, 1001) ==
+        std::vector<uint8_t>(data.begin() + 1001, data.begin() + 1001 + 777));
+}
+
+TEST_CASE("LocalFile::punch: the range reads zeroes, is deallocated, the size is kept",
+          "[layer_file]") {
+  test::TempDir dir;
+  LocalStore store;
+  const std::string path = dir.sub("4.layer");
+  const uint64_t size = 1024 * kKiB;
+  auto f = MUST(store.create(path, size));
+  const auto data = pattern(size, 11);
+  MUST(f->write(data.data(), data.size(), 0));
+  MUST(f->sync());
+  const uint64_t before = allocated_bytes(path);
+
+  MUST(f->punch(256 * kKiB, 512 * kKiB));
+  CHECK(file_size(path) == size);
+  auto all = read_at(*f, size, 0);
+  CHECK(std::equal(all.begin(), all.begin() + 256 * kKiB, data.begin()));
+  CHECK(test::all_zero(all.data() + 256 * kKiB, 512 * kKiB));
+  CHECK(std::equal(all.begin() + 768 * kKiB, all.end(), data.begin() + 768 * kKiB));
+  CHECK(allocated_bytes(path) <= before - 512 * kKiB);
+  CHECK(extents_of(*f, 0, size) ==
+        std::vector<std::pair<uint64_t, uint64_t>>{{0, 256 * kKiB}, {768 * kKiB, 256 * kKiB}});
+
+  // Punching the tail keeps the size too (KEEP_SIZE); a partial block reads zeroes as well.
+  MUST(f->punch(size - 4096, 4096));
+  MUST(f->punch(1000, 100));
+  CHECK(file_size(path) == size);
+  CHECK(read_at(*f, 4096, size - 4096) == std::vector<uint8_t>(4096, 0));
+  all = read_at(*f, 2000, 0);
+  CHECK(std::equal(all.begin(), all.begin() + 1000, data.begin()));
+  CHECK(test::all_zero(all.data() + 1000, 100));
+  CHECK(std::equal(all.begin() + 1100, all.end(), data.begin() + 1100));
+}
+
+TEST_CASE("LocalFile::punch writes zeroes where fallocate cannot punch", "[layer_file]") {
+  test::TempDir dir;
+  const std::string path = dir.sub("5.layer");
+  const uint64_t size = 3 * 1024 * kKiB;  // the fallback writes in 1 MiB pieces: cross them
+  const auto data = pattern(size, 13);
+  LocalStore store;
+  auto f = MUST(store.create(path, size));
+  // In a child whose fallocate fails as on a filesystem without hole punching.
+  for (int err : {EOPNOTSUPP, ENOSYS}) {
+    INFO("fallocate fails with " << std::strerror(err));
+    MUST(f->write(data.data(), data.size(), 0));
+    MUST(f->sync());
+    test::Child child([&]() -> int {
+      if (!deny_fallocate(err)) return kChildNoSeccomp;
+      auto g = store.open(path, true);
+      if (!g.ok()) return 10;
+      return (*g)->punch(100 * kKiB + 3, 2 * 1024 * kKiB + 5).ok() ? 0 : 11;
+    });
+    const int rc = child.wait();
+    if (rc == kChildNoSeccomp) {
+      WARN("seccomp filters unavailable here: the punch fallback is not tested");
+      return;
+    }
+    REQUIRE(rc == 0);
+    CHECK(file_size(path) == size);
+    const auto all = test::read_file(path);
+    CHECK(std::equal(all.begin(), all.begin() + 100 * kKiB + 3, data.begin()));
+    CHECK(test::all_zero(all.data() + 100 * kKiB + 3, 2 * 1024 * kKiB + 5));
+    CHECK(std::equal(all.begin() + 2148 * kKiB + 8, all.end(), data.begin() + 2148 * kKiB + 8));
+  }
+  // Any other failure is reported, not papered over with zeroes.
+  test::Child child([&]() -> int {
+    if (!deny_fallocate(EIO)) return kChildNoSeccomp;
+    auto g = store.open(path, true);
+    if (!g.ok()) return 10;
+    auto s = (*g)->punch(0, 4096);
+    if (s.ok()) return 11;
+    return s.error().code == EIO ? 0 : 12;
+  });
+  const int rc = child.wait();
+  if (rc != kChildNoSeccomp) CHECK(rc == 0);
+  CHECK(std::equal(data.begin(), data.begin() + 4096, test::read_file(path).begin()));
+}
+
+TEST_CASE("LocalFile::data_extents reports allocated ranges within the range asked",
+          "[layer_file]") {
+  test::TempDir dir;
+  LocalStore store;
+  const uint64_t size = 4 * 1024 * kKiB;
+  auto f = MUST(store.create(dir.sub("6.layer"), size));
+  CHECK(extents_of(*f, 0, size).empty());
+  const auto data = pattern(256 * kKiB, 17);
+  MUST(f->write(data.data(), 128 * kKiB, 512 * kKiB));
+  MUST(f->write(data.data(), 256 * kKiB, 2048 * kKiB));
+  using Ranges = std::vector<std::pair<uint64_t, uint64_t>>;
+  CHECK(extents_of(*f, 0, size) == Ranges{{512 * kKiB, 128 * kKiB}, {2048 * kKiB, 256 * kKiB}});
+  // Clipped to the range asked.
+  CHECK(extents_of(*f, 576 * kKiB, 2048 * kKiB - 576 * kKiB + 64 * kKiB) ==
+        Ranges{{576 * kKiB, 64 * kKiB}, {2048 * kKiB, 64 * kKiB}});
+  CHECK(extents_of(*f, 0, 512 * kKiB).empty());
+  CHECK(extents_of(*f, 3 * 1024 * kKiB, 1024 * kKiB).empty());
+  // A range past the end of the file.
+  CHECK(extents_of(*f, size, 1024 * kKiB).empty());
+}
+
+TEST_CASE("LocalStore::remove: gone afterwards, a missing file is fine, other errors are not",
+          "[layer_file]") {
+  test::TempDir dir;
+  LocalStore store;
+  const std::string path = dir.sub("10.layer");
+  {
+    auto f = MUST(store.create(path, 4096));
+  }
+  MUST(store.remove(path));
+  CHECK_FALSE(std::filesystem::exists(path));
+  MUST(store.remove(path));  // already gone
+  MUST(store.remove(dir.sub("missing/11.layer")));
+  std::filesystem::create_directory(dir.sub("12.layer"));
+  auto r = store.remove(dir.sub("12.layer"));
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.error().code == EISDIR);
+  CHECK_THAT(r.error().message, Catch::Contains("12.layer"));
+}
+
+TEST_CASE("LocalFile: an open handle keeps reading a removed file", "[layer_file]") {
+  // The mover and gc unlink files that readers may still hold (DESIGN.md "Tiering mover").
+  test::TempDir dir;
+  LocalStore store;
+  const std::string path = dir.sub("13.layer");
+  auto f = MUST(store.create(path, 8192));
+  const auto data = pattern(8192, 19);
+  MUST(f->write(data.data(), data.size(), 0));
+  MUST(store.remove(path));
+  CHECK(read_at(*f, 8192, 0) == data);
+  CHECK(MUST(f->size()) == 8192);
+}
+
+// ---- FaultInjectingStore ----
+
+TEST_CASE("FaultInjectingStore: a power loss undoes exactly the unsynced writes and punches",
+          "[layer_file]") {
+  test::TempDir dir;
+  FaultInjectingStore store;
+  const std::string path = dir.sub("20.layer");
+  const uint64_t size = 16 * 4096;
+  auto f = MUST(store.create(path, size));
+  const auto a = pattern(size, 21);
+  const auto b = pattern(size, 22);
+  MUST(f->write(a.data(), size, 0));
+  MUST(f->sync());
+  // Unsynced: an overwrite of blocks 0..3, a punch of 8..9, a write past the old data.
+  MUST(f->write(b.data(), 4 * 4096, 0));
+  MUST(f->punch(8 * 4096, 2 * 4096));
+  // Reads see them before the loss, as the page cache would.
+  CHECK(read_at(*f, 4 * 4096, 0) == std::vector<uint8_t>(b.begin(), b.begin() + 4 * 4096));
+  CHECK(read_at(*f, 2 * 4096, 8 * 4096) == std::vector<uint8_t>(2 * 4096, 0));
+
+  store.simulate_power_loss(false, 1);
+  CHECK(read_at(*f, size, 0) == a);
+  CHECK(test::read_file(path) == a);
+
+  // Synced writes survive; a second loss has nothing left to undo.
+  MUST(f->write(b.data(), 4096, 5 * 4096));
+  MUST(f->sync());
+  store.simulate_power_loss(false, 2);
+  auto want = a;
+  std::copy(b.begin(), b.begin() + 4096, want.begin() + 5 * 4096);
+  CHECK(test::read_file(path) == want);
+}
+
+TEST_CASE("FaultInjectingStore: files closed before the loss are undone too; torn losses "
+          "leave each write whole or gone",
+          "[layer_file]") {
+  test::TempDir dir;
+  FaultInjectingStore store;
+  const std::string path = dir.sub("21.layer");
+  const uint64_t blocks = 64;
+  const auto old_data = pattern(blocks * 4096, 31);
+  const auto new_data = pattern(blocks * 4096, 32);
+  {
+    auto f = MUST(store.create(path, blocks * 4096));
+    MUST(f->write(old_data.data(), old_data.size(), 0));
+    MUST(f->sync());
+    for (uint64_t b = 0; b < blocks; b++)
+      MUST(f->write(new_data.data() + b * 4096, 4096, b * 4096));
+  }  // closed, never synced
+  const uint64_t seed = test::test_seed("torn power loss");
+  store.simulate_power_loss(true, seed);
+  const auto after = test::read_file(path);
+  REQUIRE(after.size() == old_data.size());
+  uint64_t kept = 0, undone = 0;
+  for (uint64_t b = 0; b < blocks; b++) {
+    INFO("block " << b);
+    const auto* got = after.data() + b * 4096;
+    const bool is_new = std::equal(got, got + 4096, new_data.data() + b * 4096);
+    const bool is_old = std::equal(got, got + 4096, old_data.data() + b * 4096);
+    CHECK((is_new || is_old));
+    kept += is_new;
+    undone += is_old;
+  }
+  // With 64 coin flips, both outcomes (the odds of either never showing are 2^-63).
+  CHECK(kept > 0);
+  CHECK(undone > 0);
+}
+
+TEST_CASE("FaultInjectingStore: injected sync failures", "[layer_file]") {
+  test::TempDir dir;
+  FaultInjectingStore store;
+  auto f = MUST(store.create(dir.sub("22.layer"), 4096));
+  const auto data = pattern(4096, 41);
+  MUST(f->write(data.data(), data.size(), 0));
+  store.fail_next_syncs(2);
+  for (int i = 0; i < 2; i++) {
+    auto s = f->sync();
+    REQUIRE_FALSE(s.ok());
+    CHECK(s.error().code == EIO);
+    CHECK_THAT(s.error().message, Catch::Contains("22.layer"));
+  }
+  MUST(f->sync());  // the third one succeeds
+  store.fail_next_syncs(1);
+  CHECK_ERRNO(f->sync(), EIO);
+  MUST(f->sync());
+}
+
+TEST_CASE("FaultInjectingStore passes open, create and remove through to local files",
+          "[layer_file]") {
+  test::TempDir dir;
+  FaultInjectingStore store;
+  const std::string path = dir.sub("23.layer");
+  CHECK_ERRNO(store.open(path, false), ENOENT);
+  {
+    auto f = MUST(store.create(path, 8192));
+    CHECK(f->path() == path);
+    CHECK(MUST(f->size()) == 8192);
+  }
+  CHECK_ERRNO(store.create(path, 8192), EEXIST);
+  auto g = MUST(store.open(path, false));
+  CHECK(read_at(*g, 8192, 0) == std::vector<uint8_t>(8192, 0));
+  MUST(store.remove(path));
+  CHECK_FALSE(std::filesystem::exists(path));
+  MUST(store.remove(path));
+}
