@@ -51,8 +51,12 @@ class DeltaMap {
     return static_cast<BlockState>((c->w[i / 32].load(std::memory_order_acquire) >> (i % 32 * 2)) & 3);
   }
 
-  // Number of blocks from b (at most max) in state s.
+  // Number of blocks from b (at most max) in state s. Blocks past the map's last chunk end the
+  // run (callers pass ranges inside the disk).
   uint64_t run(uint64_t b, uint64_t max, BlockState s) const {
+    const uint64_t limit = nchunks_ * kBlocksPerChunk;
+    if (b >= limit) return 0;
+    max = std::min(max, limit - b);
     uint64_t n = 0;
     const uint64_t pattern = 0x5555555555555555ULL * static_cast<uint64_t>(s);
     while (n < max) {
@@ -140,7 +144,10 @@ class DeltaMap {
     Rows rows;
     rows.reserve(list.size());
     for (uint32_t c : list) {
-      dirty_flag_[c].store(false, std::memory_order_seq_cst);
+      // A read-modify-write: it reads from (and so synchronises with) the exchange of any mark
+      // ordered before it, whose bits the copy then sees; a later mark's exchange reads false
+      // and lists the chunk again.
+      dirty_flag_[c].exchange(false, std::memory_order_acq_rel);
       rows.emplace_back(c, encode_chunk(snapshot(c)));
     }
     restore.list = nullptr;

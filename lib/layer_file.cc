@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <random>
 
@@ -186,10 +187,18 @@ Result<std::shared_ptr<LayerFile>> LocalStore::create(const std::string& path,
     ::unlink(tmp.c_str());
     return sys_error(err, fmt::format("size layer file {}", tmp));
   }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    const int err = errno;
-    ::unlink(tmp.c_str());
-    return sys_error(err, fmt::format("rename {} into place", tmp));
+  // Never over an existing file (another creator's, or one the stat above missed): a
+  // RENAME_NOREPLACE rename, or link+unlink where the filesystem lacks it.
+  if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, path.c_str(), RENAME_NOREPLACE) != 0) {
+    int err = errno;
+    if (err == EINVAL || err == ENOSYS) {
+      err = ::link(tmp.c_str(), path.c_str()) == 0 ? 0 : errno;
+      ::unlink(tmp.c_str());
+    } else {
+      ::unlink(tmp.c_str());
+    }
+    if (err == EEXIST) return make_error(EEXIST, "layer file {} exists", path);
+    if (err != 0) return sys_error(err, fmt::format("rename {} into place", tmp));
   }
   // The file is in place now. A failed directory fsync is retried once; if it fails again
   // the file stays (a retry of create sees EEXIST and may open it and call sync_entry()).
