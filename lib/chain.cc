@@ -24,7 +24,7 @@ Result<std::shared_ptr<const ChainMap>> ChainMap::build(ReadTxn& txn,
                                                         const std::vector<LayerRecord>& layers,
                                                         uint64_t size_blocks) {
   if (layers.size() > kMaxChainDepth)
-    return make_error(EINVAL, "chain of {} layers is deeper than the limit of {}", layers.size(),
+    return make_error(EIO, "chain of {} layers is deeper than the limit of {}", layers.size(),
                       kMaxChainDepth);
   auto map = std::make_shared<ChainMap>();
   map->layers_ = layers;

@@ -36,7 +36,8 @@ constexpr size_t kMaxChainDepth = 250;
 class ChainMap {
  public:
   // Builds the map of `layers` (top first; all frozen) covering size_blocks blocks from their
-  // `maps` rows. Errors: EIO (corrupt row), EINVAL (depth over kMaxChainDepth).
+  // `maps` rows. Errors: EIO (corrupt row, or depth over kMaxChainDepth: the index is
+  // damaged, not the request).
   static Result<std::shared_ptr<const ChainMap>> build(ReadTxn& txn,
                                                        const std::vector<LayerRecord>& layers,
                                                        uint64_t size_blocks);

@@ -59,7 +59,10 @@ void Lock::release() {
 Result<std::unique_ptr<LockTable>> LockTable::open(const std::string& run_dir) {
   const std::string path = run_dir + "/locks";
   int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-  if (fd < 0) return sys_error(errno, fmt::format("open {}", path));
+  if (fd < 0) {
+    const int err = errno;  // read before formatting, which may change it
+    return sys_error(err, fmt::format("open {}", path));
+  }
   ::mkdir((run_dir + "/holders").c_str(), 0755);  // may exist; failures show up when writing
   return std::unique_ptr<LockTable>(new LockTable(fd, run_dir));
 }
@@ -111,8 +114,10 @@ Result<bool> LockTable::is_locked(LockKind kind, uint64_t id) {
   fl.l_whence = SEEK_SET;
   fl.l_start = static_cast<off_t>(offset);
   fl.l_len = 1;
-  if (fcntl(fd_, F_OFD_GETLK, &fl) != 0)
-    return sys_error(errno, fmt::format("F_OFD_GETLK {}/locks at {}", run_dir_, offset));
+  if (fcntl(fd_, F_OFD_GETLK, &fl) != 0) {
+    const int err = errno;
+    return sys_error(err, fmt::format("F_OFD_GETLK {}/locks at {}", run_dir_, offset));
+  }
   return fl.l_type != F_UNLCK;
 }
 

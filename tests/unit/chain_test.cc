@@ -229,7 +229,7 @@ TEST_CASE("ChainMap depth limit", "[chain]") {
   }
   layers.push_back(f.make_layer(5000, 0, 8));
   ReadTxn txn = MUST(f.index->begin_read());
-  REQUIRE_ERRNO(ChainMap::build(txn, layers, 8), EINVAL);
+  REQUIRE_ERRNO(ChainMap::build(txn, layers, 8), EIO);
 }
 
 TEST_CASE("ChainMap::build rejects a corrupt map row with EIO", "[chain]") {
