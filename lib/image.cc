@@ -107,22 +107,26 @@ Result<ImageInfo> Pool::import_image(const std::string& ref, const std::string& 
   }
 
   // 1. Reserve a layer id under an intent, so a crash leaves something fsck can roll back.
+  // The layer's lock is taken inside the transaction that makes the intent visible: fsck
+  // --repair rolls back an intent whose layer is unlocked, so the lock must exist first. The
+  // id is not taken by anyone else meanwhile (LMDB has one writer); if the transaction fails,
+  // the lock goes with `import_lock`.
   LayerId layer_id = 0;
   uint64_t intent_id = 0;
+  Lock import_lock;
   LAYER_TRY(committer_->run([&](WriteTxn& txn) -> Status {
     LAYER_ASSIGN(layer_id, txn.next_id("layer"));
+    LAYER_ASSIGN(import_lock, locks_->try_lock(LockKind::kLayer, layer_id, true,
+                                               fmt::format("layer {}", layer_id)));
     LAYER_ASSIGN(intent_id, txn.next_id("intent"));
     IntentRecord intent{IntentRecord::Kind::kImport, layer_id, ref, now_unix()};
     return txn.put(Db::kIntents, key_u64(intent_id), encode(intent));
   }));
+  test_point("import.intent-committed");
   LayerRecord layer{layer_id, 0, Tier::kSsd, size, block_size, LayerState::kFrozen, 1, now_unix()};
   const std::string path = layer_path(layer);
-  // Held until published or rolled back: fsck --repair skips intents whose layer is locked.
-  auto import_lock = locks_->try_lock(LockKind::kLayer, layer_id, true,
-                                      fmt::format("layer {}", layer_id));
 
   auto rollback = [&](Error e) -> Error {
-    if (!import_lock) return e;  // not ours to roll back
     (void)committer_->run([&](WriteTxn& txn) -> Status {
       LAYER_TRY(txn.del_prefix(Db::kMaps, key_u64(layer_id)));
       LAYER_TRY(txn.del_prefix(Db::kSums, key_u64(layer_id)));
@@ -132,7 +136,6 @@ Result<ImageInfo> Pool::import_image(const std::string& ref, const std::string& 
     return e;
   };
 
-  if (!import_lock) return rollback(std::move(import_lock).error());
   // 2. Copy the data blocks into a new layer file at the same offsets; hash each 64 KiB group.
   auto created = store_->create(path, size);
   if (!created) return rollback(std::move(created).error());

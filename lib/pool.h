@@ -102,6 +102,13 @@ class Pool {
   std::string layer_path(const LayerRecord& layer) const;
   // Replaces the layer store (tests: FaultInjectingStore). REQUIRES: no disk open.
   void set_store(std::unique_ptr<LayerStore> store) { store_ = std::move(store); }
+  // Test seam for interleavings: when set, long operations call it with a named point on
+  // their own thread, and it may block (pause the operation) or change the world meanwhile.
+  // Points: "import.intent-committed" (intent row visible), "import.data-walked" (the source's
+  // data regions found, nothing read yet). Unset in production.
+  // REQUIRES: set before the operations it observes start.
+  using TestHook = std::function<void(std::string_view point)>;
+  void set_test_hook(TestHook hook) { test_hook_ = std::move(hook); }
 
   // The chain of `top` following parents, top first. Errors: ENOENT/EIO on a missing or cyclic
   // parent (the index is corrupt).
@@ -113,8 +120,8 @@ class Pool {
   using Progress = std::function<void(uint64_t done_bytes, uint64_t total_bytes)>;
   // Imports a raw disk image as image `ref` (one frozen, hashed layer). Holes (SEEK_DATA) and
   // all-zero blocks are stored as nothing. The file size must be a multiple of 512 and at most
-  // kMaxDiskBytes. The new layer is locked exclusively while the import runs, so fsck --repair
-  // leaves it alone. Errors: EINVAL (bad ref, block size or file size), EEXIST, ENOENT/EACCES
+  // kMaxDiskBytes. The new layer is locked exclusively from before its intent is visible
+  // until it is published or rolled back, so fsck --repair leaves a running import alone. Errors: EINVAL (bad ref, block size or file size), EEXIST, ENOENT/EACCES
   // (file), ENOSPC, EIO.
   Result<ImageInfo> import_image(const std::string& ref, const std::string& file,
                                  uint32_t block_size, const Progress& progress,
@@ -145,6 +152,9 @@ class Pool {
   // Drops a layer whose refcount reached 0 inside txn, and its parents as theirs do;
   // appends the files to unlink after the commit.
   Status drop_layer(WriteTxn& txn, LayerId id, std::vector<std::string>* unlink_after);
+  void test_point(std::string_view point) {
+    if (test_hook_) test_hook_(point);
+  }
 
   PoolPaths paths_;
   bool read_only_ = false;
@@ -153,6 +163,7 @@ class Pool {
   std::unique_ptr<LockTable> locks_;
   std::unique_ptr<LayerStore> store_;
   ChainCache chains_;
+  TestHook test_hook_;
 };
 
 uint64_t now_unix();

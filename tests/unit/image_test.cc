@@ -1,0 +1,65 @@
+// Unit tests for import (lib/image.cc) that need the Pool's test hook: interleavings with
+// other processes, the source changing underneath, and what a failed import leaves behind.
+#include <sys/stat.h>
+
+#include <filesystem>
+
+#include "pool.h"
+#include "test_util.h"
+
+using namespace layer;
+using test::PoolFixture;
+
+namespace {
+
+// The layer ids named by the pool's `intents` rows.
+std::vector<LayerId> intent_layers(Pool& pool) {
+  std::vector<LayerId> out;
+  ReadTxn txn = MUST(pool.index().begin_read());
+  REQUIRE_OK(txn.scan(Db::kIntents, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
+    IntentRecord intent = MUST(decode_intent(v, decode_key_u64(k).value_or(0)));
+    out.push_back(intent.layer);
+    return true;
+  }));
+  return out;
+}
+
+// Rows of `db` whose key starts with the layer id.
+[[maybe_unused]] int rows_of(Pool& pool, Db db, LayerId id) {
+  int rows = 0;
+  ReadTxn txn = MUST(pool.index().begin_read());
+  REQUIRE_OK(txn.scan(db, key_u64(id), [&](std::string_view, std::string_view) -> Result<bool> {
+    rows++;
+    return true;
+  }));
+  return rows;
+}
+
+}  // namespace
+
+TEST_CASE("import holds the new layer's lock before its intent is visible", "[image][import]") {
+  PoolFixture f;
+  const std::string file = f.tmp.sub("img.raw");
+  test::write_patterned_image(file, 256 * 1024, 4096, 7);
+  int seen = 0;
+  f.pool->set_test_hook([&](std::string_view point) {
+    if (point != "import.intent-committed") return;
+    ++seen;
+    // fsck judges an intent whose layer is unlocked an interrupted import: from the moment
+    // the intent is visible, the lock must be held, in this process and for others.
+    auto layers = intent_layers(*f.pool);
+    REQUIRE(layers.size() == 1);
+    CHECK(f.pool->locks().is_locked(LockKind::kLayer, layers[0]));
+    test::Child child([&] {
+      auto other = LockTable::open(f.pool->paths().run_dir);
+      if (!other.ok()) return 2;
+      return (*other)->is_locked(LockKind::kLayer, layers[0]) ? 0 : 1;
+    });
+    CHECK(child.wait() == 0);
+  });
+  ImageInfo info = MUST(f.pool->import_image("locked:1", file, 4096, nullptr));
+  CHECK(seen == 1);
+  CHECK(intent_layers(*f.pool).empty());
+  CHECK_FALSE(f.pool->locks().is_locked(LockKind::kLayer, info.layer.id));
+}
+
