@@ -125,20 +125,24 @@ Result<ImageInfo> Pool::import_image(const std::string& ref, const std::string& 
   test_point("import.intent-committed");
   LayerRecord layer{layer_id, 0, Tier::kSsd, size, block_size, LayerState::kFrozen, 1, now_unix()};
   const std::string path = layer_path(layer);
+  bool created_file = false;
 
+  // Removes what this import made: its rows, its intent and, only if it created it, its file
+  // (a file that was already there belongs to someone else). The lock is released after.
   auto rollback = [&](Error e) -> Error {
     (void)committer_->run([&](WriteTxn& txn) -> Status {
       LAYER_TRY(txn.del_prefix(Db::kMaps, key_u64(layer_id)));
       LAYER_TRY(txn.del_prefix(Db::kSums, key_u64(layer_id)));
       return txn.del(Db::kIntents, key_u64(intent_id));
     });
-    (void)store_->remove(path);
+    if (created_file) (void)store_->remove(path);
     return e;
   };
 
   // 2. Copy the data blocks into a new layer file at the same offsets; hash each 64 KiB group.
   auto created = store_->create(path, size);
   if (!created) return rollback(std::move(created).error());
+  created_file = true;
   std::shared_ptr<LayerFile> out = *created;
   auto regions = data_regions(in.fd, size, file);
   if (!regions) return rollback(std::move(regions).error());

@@ -121,8 +121,10 @@ class Pool {
   // Imports a raw disk image as image `ref` (one frozen, hashed layer). Holes (SEEK_DATA) and
   // all-zero blocks are stored as nothing. The file size must be a multiple of 512 and at most
   // kMaxDiskBytes. The new layer is locked exclusively from before its intent is visible
-  // until it is published or rolled back, so fsck --repair leaves a running import alone. Errors: EINVAL (bad ref, block size or file size), EEXIST, ENOENT/EACCES
-  // (file), ENOSPC, EIO.
+  // until it is published or rolled back, so fsck --repair leaves a running import alone.
+  // A failed import removes its rows, its intent and the layer file only if it created it.
+  // Errors: EINVAL (bad ref, block size or file size), EEXIST, ENOENT/EACCES (file), ENOSPC,
+  // EIO.
   Result<ImageInfo> import_image(const std::string& ref, const std::string& file,
                                  uint32_t block_size, const Progress& progress,
                                  const std::string& description = "");

@@ -63,3 +63,28 @@ TEST_CASE("import holds the new layer's lock before its intent is visible", "[im
   CHECK_FALSE(f.pool->locks().is_locked(LockKind::kLayer, info.layer.id));
 }
 
+TEST_CASE("a failed import never removes a layer file it did not create", "[image][import]") {
+  PoolFixture f;
+  const std::string file = f.tmp.sub("img.raw");
+  test::write_patterned_image(file, 256 * 1024, 4096, 8);
+  // A file already where the import's layer file would go (another pool's, say): the
+  // import's create fails with EEXIST, and its rollback must leave the file alone.
+  LayerId next = 0;
+  f.pool->set_test_hook([&](std::string_view point) {
+    if (point != "import.intent-committed") return;
+    auto layers = intent_layers(*f.pool);
+    REQUIRE(layers.size() == 1);
+    next = layers[0];
+    LayerRecord probe{next, 0, Tier::kSsd, 0, 4096, LayerState::kFrozen, 1, 0};
+    test::write_raw_image(f.pool->layer_path(probe), std::vector<uint8_t>(4096, 0x5a),
+                          {{0, 4096}});
+  });
+  REQUIRE_ERRNO(f.pool->import_image("clash:1", file, 4096, nullptr), EEXIST);
+  REQUIRE(next != 0);
+  LayerRecord probe{next, 0, Tier::kSsd, 0, 4096, LayerState::kFrozen, 1, 0};
+  const std::string foreign = f.pool->layer_path(probe);
+  REQUIRE(std::filesystem::exists(foreign));
+  CHECK(test::read_file(foreign) == std::vector<uint8_t>(4096, 0x5a));
+  CHECK(intent_layers(*f.pool).empty());
+  CHECK(MUST(f.pool->list_images()).empty());
+}
