@@ -123,8 +123,8 @@ class Pool {
   // kMaxDiskBytes. The new layer is locked exclusively from before its intent is visible
   // until it is published or rolled back, so fsck --repair leaves a running import alone.
   // A failed import removes its rows, its intent and the layer file only if it created it.
-  // Errors: EINVAL (bad ref, block size or file size), EEXIST, ENOENT/EACCES (file), ENOSPC,
-  // EIO.
+  // Errors: EINVAL (bad ref, block size or file size), EEXIST, ENOENT/EACCES (file), EBUSY
+  // (the file's size, mtime or ctime changed during the copy), ENOSPC, EIO.
   Result<ImageInfo> import_image(const std::string& ref, const std::string& file,
                                  uint32_t block_size, const Progress& progress,
                                  const std::string& description = "");

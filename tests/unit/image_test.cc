@@ -25,7 +25,7 @@ std::vector<LayerId> intent_layers(Pool& pool) {
 }
 
 // Rows of `db` whose key starts with the layer id.
-[[maybe_unused]] int rows_of(Pool& pool, Db db, LayerId id) {
+int rows_of(Pool& pool, Db db, LayerId id) {
   int rows = 0;
   ReadTxn txn = MUST(pool.index().begin_read());
   REQUIRE_OK(txn.scan(db, key_u64(id), [&](std::string_view, std::string_view) -> Result<bool> {
@@ -87,4 +87,51 @@ TEST_CASE("a failed import never removes a layer file it did not create", "[imag
   CHECK(test::read_file(foreign) == std::vector<uint8_t>(4096, 0x5a));
   CHECK(intent_layers(*f.pool).empty());
   CHECK(MUST(f.pool->list_images()).empty());
+}
+
+TEST_CASE("an image file changed during import fails the import and leaves nothing",
+          "[image][import]") {
+  PoolFixture f;
+  const std::string file = f.tmp.sub("img.raw");
+  const uint64_t size = 8 << 20;
+  // Data at 0 and 4 MiB; the rest is a hole.
+  std::vector<uint8_t> content(size, 0);
+  std::fill(content.begin(), content.begin() + 4096, 0x11);
+  std::fill(content.begin() + (4 << 20), content.begin() + (4 << 20) + 4096, 0x22);
+  test::write_raw_image(file, content, {{0, 4096}, {4 << 20, 4096}});
+  // An old mtime, so the writer below changes it even within one timestamp tick.
+  const struct timespec old_times[2] = {{1000000000, 0}, {1000000000, 0}};
+  REQUIRE(::utimensat(AT_FDCWD, file.c_str(), old_times, 0) == 0);
+
+  LayerId layer_id = 0;
+  f.pool->set_test_hook([&](std::string_view point) {
+    if (point == "import.intent-committed") {
+      auto layers = intent_layers(*f.pool);
+      REQUIRE(layers.size() == 1);
+      layer_id = layers[0];
+    }
+    if (point != "import.data-walked") return;
+    // A writer fills part of a former hole after the data regions were found.
+    test::Fd fd(::open(file.c_str(), O_WRONLY | O_CLOEXEC));
+    REQUIRE(fd.get() >= 0);
+    const std::vector<uint8_t> data(4096, 0x33);
+    test::pwrite_all(fd.get(), data.data(), data.size(), 2 << 20);
+  });
+  auto r = f.pool->import_image("moving:1", file, 4096, nullptr);
+  REQUIRE_FALSE(r.ok());
+  INFO(test::describe(r.error()));
+  CHECK(r.error().code == EBUSY);
+  CHECK_THAT(r.error().message, Catch::Contains(file) && Catch::Contains("changed while importing"));
+  REQUIRE(layer_id != 0);
+  CHECK(MUST(f.pool->list_images()).empty());
+  CHECK(intent_layers(*f.pool).empty());
+  CHECK(rows_of(*f.pool, Db::kMaps, layer_id) == 0);
+  CHECK(rows_of(*f.pool, Db::kSums, layer_id) == 0);
+  CHECK(rows_of(*f.pool, Db::kLayers, layer_id) == 0);
+  LayerRecord probe{layer_id, 0, Tier::kSsd, 0, 4096, LayerState::kFrozen, 1, 0};
+  CHECK_FALSE(std::filesystem::exists(f.pool->layer_path(probe)));
+
+  // Unchanged, the same file imports.
+  f.pool->set_test_hook(nullptr);
+  MUST(f.pool->import_image("moving:1", file, 4096, nullptr));
 }
