@@ -135,3 +135,51 @@ TEST_CASE("an image file changed during import fails the import and leaves nothi
   f.pool->set_test_hook(nullptr);
   MUST(f.pool->import_image("moving:1", file, 4096, nullptr));
 }
+
+TEST_CASE("import commits its rows in bounded transactions as the copy goes",
+          "[image][import]") {
+  PoolFixture f;
+  // 40 GiB with one 4 KiB data block every 4 MiB: 10240 sums rows and 2560 chunk rows, more
+  // than one transaction's worth (10k rows, image.cc kMaxRowsPerTxn).
+  constexpr uint64_t kMaxRowsPerTxn = 10000;
+  const uint64_t size = 40ULL << 30, step = 4 << 20;
+  const std::string file = f.tmp.sub("scatter.raw");
+  {
+    test::Fd fd(::open(file.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0644));
+    REQUIRE(fd.get() >= 0);
+    REQUIRE(::ftruncate(fd.get(), static_cast<off_t>(size)) == 0);
+    std::vector<uint8_t> block(4096);
+    for (uint64_t off = 0; off < size; off += step) {
+      std::memcpy(block.data(), &off, sizeof off);
+      block[4095] = 1;
+      test::pwrite_all(fd.get(), block.data(), block.size(), off);
+    }
+  }
+  LayerId layer_id = 0;
+  uint64_t copied = 0;
+  std::vector<std::pair<int, uint64_t>> commits;  // (rows in the index, bytes copied by then)
+  f.pool->set_test_hook([&](std::string_view point) {
+    if (point == "import.intent-committed") layer_id = intent_layers(*f.pool).at(0);
+    if (point == "import.rows-committed")
+      commits.emplace_back(rows_of(*f.pool, Db::kMaps, layer_id) +
+                               rows_of(*f.pool, Db::kSums, layer_id),
+                           copied);
+  });
+  ImageInfo info = MUST(f.pool->import_image("scatter:1", file, 4096,
+                                             [&](uint64_t done, uint64_t) { copied = done; }));
+  CHECK(info.data_blocks == size / step);
+  REQUIRE(commits.size() >= 2);
+  // The first batch left memory while most of the image was still to copy.
+  CHECK(commits.front().second < size);
+  int before = 0;
+  for (const auto& [rows, at] : commits) {
+    INFO("rows " << rows << " after " << at << " bytes");
+    CHECK(rows - before > 0);
+    CHECK(static_cast<uint64_t>(rows - before) <= kMaxRowsPerTxn);
+    before = rows;
+  }
+  CHECK(before == static_cast<int>(size / step + size / step / 4));
+  FsckReport rep = MUST(f.pool->fsck(true, false));
+  CHECK(rep.problems.empty());
+  CHECK(rep.groups_verified == size / step);
+}
