@@ -76,8 +76,10 @@ struct FsckReport {
 class Pool {
  public:
   // Creates an empty pool at root (made if missing; must be empty if it exists) with tier
-  // directories ssd_dir/hdd_dir ("" = default under root). Errors: EEXIST (already a pool or
-  // not empty), EACCES, EIO, EINVAL.
+  // directories ssd_dir/hdd_dir ("" = default under root), each new or empty and claimed with
+  // a marker holding the pool's id (docs/format.md); new directories are fsynced into their
+  // parents. Errors: EEXIST (already a pool, or root or a tier not empty), EACCES, EIO, EINVAL
+  // (both tiers one directory).
   static Status create(const std::string& root, const std::string& ssd_dir,
                        const std::string& hdd_dir);
 
@@ -85,7 +87,7 @@ class Pool {
     bool read_only = false;  // no writes, no committer (fsck, ls)
   };
   // Opens a pool. Errors: ENOENT (not a pool: names the path), ENOTSUP (newer format or unknown
-  // feature bit), EIO (corrupt meta), EACCES.
+  // feature bit), EIO (corrupt meta; a tier's marker missing or naming another pool), EACCES.
   static Result<std::unique_ptr<Pool>> open(const std::string& root, const OpenOptions& options);
   // Checks a pool without creating or locking anything (MDB_RDONLY|MDB_NOLOCK), as nbdkit's
   // get_ready needs. Errors: as open.

@@ -144,6 +144,71 @@ TEST_CASE("Pool::create refuses an existing pool or a non-empty directory", "[po
   REQUIRE_OK(Pool::create(tmp.sub("empty"), "", ""));
 }
 
+TEST_CASE("a tier directory belongs to one pool", "[pool][tiers]") {
+  test::TempDir tmp;
+  const std::string shared = tmp.sub("shared-ssd");
+  REQUIRE_OK(Pool::create(tmp.sub("a"), shared, ""));
+  // Each tier holds a marker naming its pool; a second pool cannot claim the directory.
+  CHECK(std::filesystem::exists(shared + "/.layer-pool"));
+  CHECK(std::filesystem::exists(tmp.sub("a/tiers/hdd/.layer-pool")));
+  auto e = ERROR_OF(Pool::create(tmp.sub("b"), shared, ""));
+  CHECK(e.code == EEXIST);
+  CHECK_THAT(e.message, Catch::Contains(std::filesystem::canonical(shared).string()) ||
+                            Catch::Contains(shared));
+  // Nor a non-empty directory, nor one directory for both tiers.
+  std::filesystem::create_directories(tmp.sub("used"));
+  test::write_raw_image(tmp.sub("used/1.layer"), std::vector<uint8_t>(512, 1), {{0, 512}});
+  REQUIRE_ERRNO(Pool::create(tmp.sub("c"), tmp.sub("used"), ""), EEXIST);
+  REQUIRE_ERRNO(Pool::create(tmp.sub("d"), tmp.sub("same"), tmp.sub("same")), EINVAL);
+  // An empty existing directory is fine.
+  std::filesystem::create_directories(tmp.sub("empty"));
+  REQUIRE_OK(Pool::create(tmp.sub("e"), tmp.sub("empty"), ""));
+  MUST(Pool::open(tmp.sub("e"), Pool::OpenOptions{}));
+}
+
+TEST_CASE("Pool::open refuses a tier directory of another pool or without its marker",
+          "[pool][tiers]") {
+  test::TempDir tmp;
+  REQUIRE_OK(Pool::create(tmp.sub("a"), "", ""));
+  REQUIRE_OK(Pool::create(tmp.sub("b"), "", ""));
+  const std::string a_ssd = tmp.sub("a/tiers/ssd");
+  const std::string b_ssd = tmp.sub("b/tiers/ssd");
+  const auto a_marker = test::read_file(a_ssd + "/.layer-pool");
+  const auto b_marker = test::read_file(b_ssd + "/.layer-pool");
+  REQUIRE(a_marker != b_marker);
+  SECTION("another pool's marker") {
+    std::filesystem::copy_file(b_ssd + "/.layer-pool", a_ssd + "/.layer-pool",
+                               std::filesystem::copy_options::overwrite_existing);
+    auto e = ERROR_OF(Pool::open(tmp.sub("a"), Pool::OpenOptions{}));
+    CHECK(e.code == EIO);
+    CHECK_THAT(e.message, Catch::Contains("tiers/ssd"));
+    // Both ids are named.
+    std::string a_id(a_marker.begin(), a_marker.end()), b_id(b_marker.begin(), b_marker.end());
+    a_id = a_id.substr(0, a_id.find('\n'));
+    b_id = b_id.substr(0, b_id.find('\n'));
+    CHECK_THAT(e.message, Catch::Contains(a_id) && Catch::Contains(b_id));
+    REQUIRE_ERRNO(Pool::validate(tmp.sub("a")), EIO);
+  }
+  SECTION("no marker (an unmounted tier, say)") {
+    std::filesystem::remove(a_ssd + "/.layer-pool");
+    auto e = ERROR_OF(Pool::open(tmp.sub("a"), Pool::OpenOptions{.read_only = true}));
+    CHECK(e.code == EIO);
+    CHECK_THAT(e.message, Catch::Contains("tiers/ssd") && Catch::Contains(".layer-pool"));
+  }
+  SECTION("a pool made before markers opens as it is") {
+    std::filesystem::remove(a_ssd + "/.layer-pool");
+    std::filesystem::remove(tmp.sub("a/tiers/hdd/.layer-pool"));
+    {
+      auto index = MUST(Index::open(tmp.sub("a/index"), Index::Options{}));
+      WriteTxn txn = MUST(index->begin_write());
+      REQUIRE_OK(txn.del(Db::kMeta, "pool.id"));
+      REQUIRE_OK(txn.commit());
+    }
+    MUST(Pool::open(tmp.sub("a"), Pool::OpenOptions{}));
+    REQUIRE_OK(Pool::validate(tmp.sub("a")));
+  }
+}
+
 TEST_CASE("Pool::open of a missing or non-pool directory is ENOENT naming the path", "[pool]") {
   test::TempDir tmp;
   const std::string missing = tmp.sub("no-such-pool");
