@@ -112,6 +112,7 @@ Result<ImageInfo> Pool::import_image(const std::string& ref, const std::string& 
   if (size > kMaxDiskBytes)
     return make_error(EINVAL, "image file {} is {} bytes, larger than the limit of {}", file, size,
                       kMaxDiskBytes);
+  LAYER_TRY(check_tiers_hold(size));
   {
     LAYER_ASSIGN(auto txn, index_->begin_read());
     LAYER_ASSIGN(auto existing, txn.get(Db::kImages, ref));

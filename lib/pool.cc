@@ -342,6 +342,30 @@ Result<std::unique_ptr<Pool>> Pool::open(const std::string& root, const OpenOpti
 
 Pool::~Pool() = default;
 
+Status Pool::check_tiers_hold(uint64_t size_bytes) const {
+  for (const auto& tier : paths_.tier_dir) {
+    // O_TMPFILE: nameless, gone on close; a named probe where the filesystem lacks it.
+    std::string named;
+    int fd = ::open(tier.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+    if (fd < 0 && (errno == EOPNOTSUPP || errno == EISDIR || errno == EINVAL)) {
+      named = fmt::format("{}/.size-probe.{}", tier, ::getpid());
+      fd = ::open(named.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    }
+    if (fd < 0) return sys_error(errno, fmt::format("probe file size limit in tier {}", tier));
+    const int rc = ::ftruncate(fd, static_cast<off_t>(size_bytes));
+    const int err = errno;
+    ::close(fd);
+    if (!named.empty()) ::unlink(named.c_str());
+    if (rc != 0 && (err == EFBIG || err == EINVAL))
+      return make_error(EINVAL,
+                        "size {} is larger than the filesystem of tier {} can hold in one file "
+                        "(ftruncate: {}); choose a smaller size or a tier on another filesystem",
+                        size_bytes, tier, std::strerror(err));
+    if (rc != 0) return sys_error(err, fmt::format("probe file size limit in tier {}", tier));
+  }
+  return {};
+}
+
 std::string Pool::layer_path(const LayerRecord& layer) const {
   return fmt::format("{}/{}.layer", paths_.tier_dir[static_cast<int>(layer.tier)], layer.id);
 }
@@ -436,6 +460,8 @@ Result<ContainerInfo> Pool::clone(const std::string& image_ref, const std::strin
   if (size_bytes && *size_bytes > kMaxDiskBytes)
     return make_error(EINVAL, "size {} is larger than the limit of {} (16 TiB)", *size_bytes,
                       kMaxDiskBytes);
+  // The image's own size was checked by its import.
+  if (size_bytes) LAYER_TRY(check_tiers_hold(*size_bytes));
   ContainerRecord rec;
   LAYER_TRY(committer_->run([&](WriteTxn& txn) -> Status {
     LAYER_ASSIGN(auto existing, txn.get(Db::kContainers, name));

@@ -122,8 +122,9 @@ class Pool {
   using Progress = std::function<void(uint64_t done_bytes, uint64_t total_bytes)>;
   // Imports a raw disk image as image `ref` (one frozen, hashed layer). Holes (SEEK_DATA) and
   // all-zero blocks are stored as nothing. The file size must be a multiple of 512 and at most
-  // kMaxDiskBytes. The new layer is locked exclusively from before its intent is visible
-  // until it is published or rolled back, so fsck --repair leaves a running import alone.
+  // kMaxDiskBytes (and what the tiers hold: check_tiers_hold). The new layer is locked
+  // exclusively from before its intent is visible until it is published or rolled back, so
+  // fsck --repair leaves a running import alone.
   // A failed import removes its rows, its intent and the layer file only if it created it.
   // Errors: EINVAL (bad ref, block size or file size), EEXIST, ENOENT/EACCES (file), EBUSY
   // (the file's size, mtime or ctime changed during the copy), ENOSPC, EIO.
@@ -135,8 +136,8 @@ class Pool {
   Status remove_image(const std::string& ref);
 
   // A new container on image_ref: one transaction, no file work. size_bytes defaults to the
-  // image's size and may only grow it (multiple of 512, at most kMaxDiskBytes).
-  // Errors: ENOENT, EEXIST, EINVAL.
+  // image's size and may only grow it (multiple of 512, at most kMaxDiskBytes and what the
+  // tiers' filesystems hold in one file: check_tiers_hold). Errors: ENOENT, EEXIST, EINVAL.
   Result<ContainerInfo> clone(const std::string& image_ref, const std::string& name,
                               std::optional<uint64_t> size_bytes);
   Result<std::vector<ContainerInfo>> list_containers();
@@ -156,6 +157,10 @@ class Pool {
   // Drops a layer whose refcount reached 0 inside txn, and its parents as theirs do;
   // appends the files to unlink after the commit.
   Status drop_layer(WriteTxn& txn, LayerId id, std::vector<std::string>* unlink_after);
+  // Checks that every tier's filesystem can hold a layer file of size_bytes (ext4 with 4 KiB
+  // blocks stops at 16 TiB - 4 KiB, below kMaxDiskBytes): a sparse temporary file in each tier
+  // is sized to it. Errors: EINVAL naming the tier and the size; EIO/EACCES from the probe.
+  Status check_tiers_hold(uint64_t size_bytes) const;
   void test_point(std::string_view point) {
     if (test_hook_) test_hook_(point);
   }

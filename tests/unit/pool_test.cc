@@ -6,6 +6,7 @@
 
 #include <set>
 
+#include "disk.h"
 #include "test_util.h"
 
 using namespace layer;
@@ -480,6 +481,47 @@ TEST_CASE("clone", "[pool][clone]") {
   f.reopen();
   CHECK(MUST(f.pool->list_containers()).size() == 2);
   REQUIRE_FSCK_CLEAN(f.pool, true);
+}
+
+// True when the filesystem of `dir` can hold a file of size_bytes (a sparse one).
+bool fs_holds_file(const std::string& dir, uint64_t size_bytes) {
+  const std::string probe = dir + "/size-probe-in-test";
+  test::Fd fd(::open(probe.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644));
+  REQUIRE(fd.get() >= 0);
+  const bool ok = ::ftruncate(fd.get(), static_cast<off_t>(size_bytes)) == 0;
+  ::unlink(probe.c_str());
+  return ok;
+}
+
+TEST_CASE("clone refuses a size the tier's filesystem cannot hold", "[pool][clone][limits]") {
+  PoolFixture f;
+  f.import("base:1", 64 * 1024, 4096, 5);
+  const std::string tier = f.pool->paths().tier_dir[static_cast<int>(Tier::kSsd)];
+  // ext4 with 4 KiB blocks holds 16 TiB - 4 KiB, one block short of kMaxDiskBytes; tmpfs and
+  // xfs hold all of it. Every accepted size must be writable up to its last byte.
+  int accepted = 0;
+  for (uint64_t size : {kMaxDiskBytes, kMaxDiskBytes - 4096}) {
+    INFO("size " << size);
+    const std::string name = "c" + std::to_string(size);
+    auto r = f.pool->clone("base:1", name, size);
+    if (!fs_holds_file(tier, size)) {
+      REQUIRE_FALSE(r.ok());
+      CHECK(r.error().code == EINVAL);
+      CHECK_THAT(r.error().message, Catch::Contains(tier) && Catch::Contains(std::to_string(size)));
+      continue;
+    }
+    REQUIRE(r.ok());
+    ++accepted;
+    auto disk = MUST(Disk::open(*f.pool, name, true));
+    std::vector<uint8_t> block(4096, 0x77), back(4096);
+    REQUIRE_OK(disk->write(block.data(), block.size(), size - 4096, false));
+    REQUIRE_OK(disk->flush());
+    REQUIRE_OK(disk->read(back.data(), back.size(), size - 4096));
+    CHECK(back == block);
+  }
+  CHECK(accepted >= 1);
+  // The same limit holds for an image: a sparse source file of kMaxDiskBytes cannot exist on a
+  // filesystem that refuses it, so import is checked by its own probe of the tier.
 }
 
 TEST_CASE("image rm is refused while a container uses it", "[pool][clone]") {
