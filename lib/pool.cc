@@ -502,6 +502,17 @@ Result<std::vector<ContainerInfo>> Pool::list_containers() {
   return out;
 }
 
+Result<std::vector<std::string>> Pool::container_names(size_t limit) {
+  std::vector<std::string> out;
+  if (limit == 0) return out;
+  LAYER_ASSIGN(auto txn, index_->begin_read());
+  LAYER_TRY(txn.scan(Db::kContainers, "", [&](std::string_view k, std::string_view) -> Result<bool> {
+    out.emplace_back(k);
+    return out.size() < limit;
+  }));
+  return out;
+}
+
 Result<ContainerInfo> Pool::inspect(const std::string& name) {
   LAYER_TRY(validate_name(name, "container name"));
   LAYER_ASSIGN(auto txn, index_->begin_read());

@@ -141,6 +141,9 @@ class Pool {
   Result<ContainerInfo> clone(const std::string& image_ref, const std::string& name,
                               std::optional<uint64_t> size_bytes);
   Result<std::vector<ContainerInfo>> list_containers();
+  // The names of the first `limit` containers in name order (byte order), reading nothing but
+  // the keys: what nbdkit's list_exports needs. Errors: EIO.
+  Result<std::vector<std::string>> container_names(size_t limit);
   Result<ContainerInfo> inspect(const std::string& name);
   // Errors: ENOENT, EBUSY (a server holds it: names the holder).
   Status remove_container(const std::string& name);
