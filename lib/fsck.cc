@@ -204,7 +204,7 @@ Result<FsckReport> Pool::fsck(bool full, bool repair) {
     }
   }
 
-  at("fsck.index_scanned");
+  test_point("fsck.index_scanned");
 
   // Files.
   std::set<std::string> named;
@@ -294,7 +294,7 @@ Result<FsckReport> Pool::fsck(bool full, bool repair) {
     }
   }
 
-  at("fsck.scanned");
+  test_point("fsck.scanned");
   if (repair) {
     // Everything above is a view from before the scan: each change re-checks its candidate
     // in a fresh transaction and under the layer's lock, so work that started meanwhile (an

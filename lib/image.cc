@@ -1,12 +1,14 @@
 // image.cc — images: import of raw disk images, listing, removal.
 //
-// Import reads the source in 1 MiB windows over the data regions SEEK_DATA/SEEK_HOLE report,
-// stores all-zero blocks as nothing (absent reads as zeroes), writes data blocks at the same
-// offset of a new layer file, hashes every 64 KiB group holding data, fdatasyncs, then commits
-// the rows in bounded transactions under an `intents` row and publishes with one final
-// transaction (layer + image rows, intent deleted). Until then nothing names the rows, so a
-// crash leaves invisible rows and a file that fsck --repair rolls back. The new layer's lock
-// is held throughout, so fsck leaves a running import alone.
+// Import reads the data regions SEEK_DATA/SEEK_HOLE report (or the whole file where
+// unsupported) in 1 MiB windows, holes reading as zeroes; stores all-zero blocks as nothing
+// (absent reads as zeroes); writes data blocks at the same offset of a new layer file; hashes
+// every 64 KiB group holding data. Rows of finished chunks and checksum groups are committed as
+// the copy goes, in bounded transactions under an `intents` row, so memory stays flat; after
+// the copy it fdatasyncs and publishes with one final transaction (layer + image rows, intent
+// deleted). Until then nothing names the rows, so a crash leaves invisible rows and a file that
+// fsck --repair rolls back. The new layer's lock is held from before the intent is visible, so
+// fsck leaves a running import alone.
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -61,6 +63,16 @@ Result<std::vector<std::pair<uint64_t, uint64_t>>> data_regions(int fd, uint64_t
   return regions;
 }
 
+// The identity of one version of the source: a writer changes the mtime and ctime (and maybe
+// the size). Timestamps move with the kernel's clock tick, so a write in the same tick as a
+// change made just before the import started can go unseen: this catches writers, it does not
+// lock them out.
+bool same_version(const struct stat& a, const struct stat& b) {
+  return a.st_size == b.st_size && a.st_mtim.tv_sec == b.st_mtim.tv_sec &&
+         a.st_mtim.tv_nsec == b.st_mtim.tv_nsec && a.st_ctim.tv_sec == b.st_ctim.tv_sec &&
+         a.st_ctim.tv_nsec == b.st_ctim.tv_nsec;
+}
+
 // Closes an fd on every path.
 struct Fd {
   int fd = -1;
@@ -99,6 +111,7 @@ Result<ImageInfo> Pool::import_image(const std::string& ref, const std::string& 
   if (size > kMaxDiskBytes)
     return make_error(EINVAL, "image file {} is {} bytes, larger than the limit of {}", file, size,
                       kMaxDiskBytes);
+  LAYER_TRY(check_tiers_hold(size));
   {
     LAYER_ASSIGN(auto txn, index_->begin_read());
     LAYER_ASSIGN(auto existing, txn.get(Db::kImages, ref));
@@ -106,65 +119,125 @@ Result<ImageInfo> Pool::import_image(const std::string& ref, const std::string& 
   }
 
   // 1. Reserve a layer id under an intent, so a crash leaves something fsck can roll back.
+  // The layer's lock is taken inside the transaction that makes the intent visible: fsck
+  // --repair rolls back an intent whose layer is unlocked, so the lock must exist first. The
+  // id is not taken by anyone else meanwhile (LMDB has one writer); if the transaction fails,
+  // the lock goes with `import_lock`.
   LayerId layer_id = 0;
   uint64_t intent_id = 0;
+  Lock import_lock;
   LAYER_TRY(committer_->run([&](WriteTxn& txn) -> Status {
     LAYER_ASSIGN(layer_id, txn.next_id("layer"));
+    LAYER_ASSIGN(import_lock, locks_->try_lock(LockKind::kLayer, layer_id, true,
+                                               fmt::format("layer {}", layer_id)));
     LAYER_ASSIGN(intent_id, txn.next_id("intent"));
     IntentRecord intent{IntentRecord::Kind::kImport, layer_id, ref, now_unix()};
     return txn.put(Db::kIntents, key_u64(intent_id), encode(intent));
   }));
+  test_point("import.intent-committed");
   LayerRecord layer{layer_id, 0, Tier::kSsd, size, block_size, LayerState::kFrozen, 1, now_unix()};
   const std::string path = layer_path(layer);
-  // Held until published or rolled back: fsck --repair skips intents whose layer is locked.
-  auto import_lock = locks_->try_lock(LockKind::kLayer, layer_id, true,
-                                      fmt::format("layer {}", layer_id));
+  bool created_file = false;
 
+  // Removes what this import made: its rows, its intent and, only if it created it, its file
+  // (a file that was already there belongs to someone else). The lock is released after.
   auto rollback = [&](Error e) -> Error {
-    if (!import_lock) return e;  // not ours to roll back
     (void)committer_->run([&](WriteTxn& txn) -> Status {
       LAYER_TRY(txn.del_prefix(Db::kMaps, key_u64(layer_id)));
       LAYER_TRY(txn.del_prefix(Db::kSums, key_u64(layer_id)));
       return txn.del(Db::kIntents, key_u64(intent_id));
     });
-    (void)store_->remove(path);
+    if (created_file) (void)store_->remove(path);
     return e;
   };
 
-  if (!import_lock) return rollback(std::move(import_lock).error());
-  // 2. Copy the data blocks into a new layer file at the same offsets; hash each 64 KiB group.
+  // 2. Copy the data blocks into a new layer file at the same offsets; hash each 64 KiB group;
+  // commit the rows of finished chunks and checksum groups as the copy goes (3).
   auto created = store_->create(path, size);
   if (!created) return rollback(std::move(created).error());
+  created_file = true;
   std::shared_ptr<LayerFile> out = *created;
   auto regions = data_regions(in.fd, size, file);
   if (!regions) return rollback(std::move(regions).error());
+  test_point("import.data-walked");
 
-  BlockMap map;
-  std::map<uint64_t, uint64_t> sums;  // group no -> checksum
+  // 3. Rows in bounded transactions, invisible until published: no layer row names them yet.
+  // Windows go in disk order, so a chunk (or a row of checksums) is finished once a window has
+  // passed its end: it moves to `rows` and leaves memory with the next transaction. Memory
+  // stays flat whatever the image's size: the open chunk and sums row, and at most
+  // kMaxRowsPerTxn finished rows.
+  const uint64_t chunk_bytes = uint64_t{kBlocksPerChunk} * block_size;
+  const uint64_t sums_row_bytes = uint64_t{kSumsPerRow} * kSumGroupBytes;
+  std::map<uint32_t, ChunkBits> open_chunks;              // chunk no -> bits
+  std::map<uint32_t, std::vector<uint64_t>> open_sums;    // sums row no -> checksums
+  std::vector<std::pair<Db, std::pair<std::string, std::string>>> rows;  // finished, in key order per db
+  uint64_t data_blocks = 0;
+  auto commit_rows = [&]() -> Status {
+    if (rows.empty()) return {};
+    LAYER_TRY(committer_->run([&](WriteTxn& txn) -> Status {
+      for (const auto& [db, kv] : rows) LAYER_TRY(txn.append(db, kv.first, kv.second));
+      return {};
+    }));
+    rows.clear();
+    test_point("import.rows-committed");
+    return {};
+  };
+  // Moves every chunk and sums row that ends at or before `offset` to `rows`, committing
+  // whenever kMaxRowsPerTxn are waiting.
+  auto finish_before = [&](uint64_t offset) -> Status {
+    for (;;) {
+      const bool chunk_done = !open_chunks.empty() &&
+                              (open_chunks.begin()->first + uint64_t{1}) * chunk_bytes <= offset;
+      const bool sums_done = !open_sums.empty() &&
+                             (open_sums.begin()->first + uint64_t{1}) * sums_row_bytes <= offset;
+      if (!chunk_done && !sums_done) return {};
+      if (chunk_done) {
+        auto it = open_chunks.begin();
+        rows.push_back({Db::kMaps, {key_u64_u32(layer_id, it->first), encode_chunk(it->second)}});
+        open_chunks.erase(it);
+      } else {
+        auto it = open_sums.begin();
+        rows.push_back({Db::kSums, {key_u64_u32(layer_id, it->first), encode_sums(it->second)}});
+        open_sums.erase(it);
+      }
+      if (rows.size() >= kMaxRowsPerTxn) LAYER_TRY(commit_rows());
+    }
+  };
+
   std::vector<uint8_t> buf(kImportWindowBytes);
-  uint64_t done_bytes = 0;
+  std::vector<bool> block_has_data;
   uint64_t last_window_end = 0;
-  for (const auto& [begin, end] : *regions) {
+  for (size_t r = 0; r < regions->size(); ++r) {
+    const auto [begin, end] = (*regions)[r];
     // Windows are aligned to 1 MiB, a multiple of the block size and of the 64 KiB group.
     for (uint64_t w = begin / kImportWindowBytes * kImportWindowBytes; w < end;
          w += kImportWindowBytes) {
       if (w < last_window_end) continue;  // already done with the previous region
       const uint64_t wlen = std::min<uint64_t>(kImportWindowBytes, size - w);
       last_window_end = w + wlen;
-      uint64_t got = 0;
-      while (got < wlen) {
-        ssize_t n = ::pread(in.fd, buf.data() + got, wlen - got, static_cast<off_t>(w + got));
-        if (n < 0 && errno == EINTR) continue;
-        if (n < 0) return rollback(sys_error(errno, fmt::format("read {}", file)));
-        if (n == 0) return rollback(make_error(EIO, "{} shrank while importing", file));
-        got += static_cast<uint64_t>(n);
+      // Only the data regions are read; the holes between them read as zeroes.
+      std::memset(buf.data(), 0, wlen);
+      for (size_t q = r; q < regions->size() && (*regions)[q].first < w + wlen; ++q) {
+        const uint64_t lo = std::max(w, (*regions)[q].first);
+        const uint64_t hi = std::min(w + wlen, (*regions)[q].second);
+        for (uint64_t pos = lo; pos < hi;) {
+          ssize_t n = ::pread(in.fd, buf.data() + (pos - w), hi - pos, static_cast<off_t>(pos));
+          if (n < 0 && errno == EINTR) continue;
+          if (n < 0) return rollback(sys_error(errno, fmt::format("read {}", file)));
+          if (n == 0) return rollback(make_error(EIO, "{} shrank while importing", file));
+          pos += static_cast<uint64_t>(n);
+        }
       }
-      std::vector<bool> block_has_data;
+      block_has_data.clear();
       for (uint64_t off = 0; off < wlen; off += block_size) {
         const uint64_t blen = std::min<uint64_t>(block_size, wlen - off);
         const bool data = !is_zero(buf.data() + off, blen);
         block_has_data.push_back(data);
-        if (data) map.set((w + off) / block_size, BlockState::kData);
+        if (!data) continue;
+        const uint64_t block_no = (w + off) / block_size;
+        open_chunks[static_cast<uint32_t>(block_no / kBlocksPerChunk)].set(
+            static_cast<uint32_t>(block_no % kBlocksPerChunk), BlockState::kData);
+        ++data_blocks;
       }
       // Write runs of data blocks.
       for (size_t i = 0; i < block_has_data.size();) {
@@ -184,42 +257,30 @@ Result<ImageInfo> Pool::import_image(const std::string& ref, const std::string& 
         const uint64_t glen = std::min<uint64_t>(kSumGroupBytes, wlen - g);
         bool any = false;
         for (uint64_t b = g / block_size; b * block_size < g + glen; ++b) any |= block_has_data[b];
-        if (any) sums[(w + g) / kSumGroupBytes] = group_checksum(buf.data() + g, glen);
+        if (!any) continue;
+        const uint64_t group = (w + g) / kSumGroupBytes;
+        auto& v = open_sums[static_cast<uint32_t>(group / kSumsPerRow)];
+        v.resize(kSumsPerRow, 0);
+        v[group % kSumsPerRow] = group_checksum(buf.data() + g, glen);
       }
-      done_bytes += wlen;
+      if (auto s = finish_before(w + wlen); !s) return rollback(std::move(s).error());
       if (progress) progress(w + wlen, size);
     }
   }
   if (progress) progress(size, size);
-  (void)done_bytes;
-  // Data reaches the disk before the rows that name it.
+  // The data regions were found once, before reading: data written meanwhile, into a former
+  // hole say, would be missing from the image without a word.
+  struct stat after;
+  if (::fstat(in.fd, &after) != 0) return rollback(sys_error(errno, fmt::format("stat {}", file)));
+  if (!same_version(st, after))
+    return rollback(make_error(EBUSY,
+                               "image file {} changed while importing (its size, mtime or ctime "
+                               "moved); stop the writer and import again",
+                               file));
+  if (auto s = finish_before(UINT64_MAX); !s) return rollback(std::move(s).error());
+  if (auto s = commit_rows(); !s) return rollback(std::move(s).error());
+  // Data reaches the disk before the publishing transaction that names it.
   if (auto s = out->sync(); !s) return rollback(std::move(s).error());
-
-  // 3. Rows in bounded transactions (invisible until published: no layer row names them).
-  std::vector<std::pair<std::string, std::string>> rows;
-  for (const auto& [chunk, bits] : map.chunks())
-    rows.emplace_back(key_u64_u32(layer_id, chunk), encode_chunk(bits));
-  std::vector<std::pair<std::string, std::string>> sum_rows;
-  {
-    std::map<uint32_t, std::vector<uint64_t>> by_row;
-    for (const auto& [group, sum] : sums) {
-      auto& v = by_row[static_cast<uint32_t>(group / kSumsPerRow)];
-      v.resize(kSumsPerRow, 0);
-      v[group % kSumsPerRow] = sum;
-    }
-    for (const auto& [row, v] : by_row)
-      sum_rows.emplace_back(key_u64_u32(layer_id, row), encode_sums(v));
-  }
-  for (size_t i = 0; i < rows.size() || i < sum_rows.size(); i += kMaxRowsPerTxn) {
-    auto s = committer_->run([&](WriteTxn& txn) -> Status {
-      for (size_t j = i; j < std::min(rows.size(), i + kMaxRowsPerTxn); ++j)
-        LAYER_TRY(txn.append(Db::kMaps, rows[j].first, rows[j].second));
-      for (size_t j = i; j < std::min(sum_rows.size(), i + kMaxRowsPerTxn); ++j)
-        LAYER_TRY(txn.append(Db::kSums, sum_rows[j].first, sum_rows[j].second));
-      return {};
-    });
-    if (!s) return rollback(std::move(s).error());
-  }
 
   // 4. Publish.
   ImageRecord image{ref, layer_id, size, block_size, now_unix(), description};
@@ -233,7 +294,7 @@ Result<ImageInfo> Pool::import_image(const std::string& ref, const std::string& 
     return txn.del(Db::kIntents, key_u64(intent_id));
   });
   if (!s) return rollback(std::move(s).error());
-  return ImageInfo{image, layer, map.count(BlockState::kData), 0};
+  return ImageInfo{image, layer, data_blocks, 0};
 }
 
 Result<std::vector<ImageInfo>> Pool::list_images() {

@@ -14,6 +14,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -35,7 +36,22 @@ constexpr std::string_view kMetaCompat = "features.compat";
 constexpr std::string_view kMetaTierSsd = "tier.ssd";
 constexpr std::string_view kMetaTierHdd = "tier.hdd";
 constexpr std::string_view kMetaCreated = "created";
+// The pool's random id, also in each tier's marker file; absent in pools made before markers.
+constexpr std::string_view kMetaPoolId = "pool.id";
+constexpr std::string_view kTierMarker = ".layer-pool";
 
+Status fsync_dir(const std::string& dir) {
+  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return sys_error(errno, fmt::format("open directory {}", dir));
+  const int rc = ::fsync(fd);
+  const int err = errno;
+  ::close(fd);
+  if (rc != 0) return sys_error(err, fmt::format("fsync directory {}", dir));
+  return {};
+}
+
+// Creates path and its missing parents; each new directory is fsynced into its parent, so a
+// pool's directories survive a power loss once init returns.
 Status mkdir_p(const std::string& path) {
   std::string cur;
   size_t pos = 0;
@@ -43,8 +59,67 @@ Status mkdir_p(const std::string& path) {
     pos = path.find('/', pos + 1);
     cur = path.substr(0, pos);
     if (cur.empty()) continue;
-    if (::mkdir(cur.c_str(), 0755) != 0 && errno != EEXIST)
+    if (::mkdir(cur.c_str(), 0755) != 0) {
+      if (errno == EEXIST) continue;
       return sys_error(errno, fmt::format("create directory {}", cur));
+    }
+    const auto slash = cur.rfind('/');
+    LAYER_TRY(fsync_dir(slash == 0 ? "/" : slash == std::string::npos ? "." : cur.substr(0, slash)));
+  }
+  return {};
+}
+
+Result<std::string> new_pool_id() {
+  uint8_t bytes[16];
+  if (::getrandom(bytes, sizeof bytes, 0) != static_cast<ssize_t>(sizeof bytes))
+    return sys_error(errno, "getrandom for the pool id");
+  std::string id;
+  for (uint8_t b : bytes) id += fmt::format("{:02x}", b);
+  return id;
+}
+
+// Writes TIER/.layer-pool ("ID\n"), fsynced with its directory. Errors: EEXIST, EIO, EACCES.
+Status write_tier_marker(const std::string& tier, const std::string& pool_id) {
+  const std::string path = fmt::format("{}/{}", tier, kTierMarker);
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (fd < 0) return sys_error(errno, fmt::format("create pool marker {}", path));
+  const std::string text = pool_id + "\n";
+  const bool ok = ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size()) &&
+                  ::fsync(fd) == 0;
+  const int err = errno;
+  ::close(fd);
+  if (!ok) return sys_error(err, fmt::format("write pool marker {}", path));
+  return fsync_dir(tier);
+}
+
+// Checks that every tier directory carries this pool's marker: a tier directory shared by two
+// pools would mix their layer files (named by per-pool ids), and an unmounted tier would take
+// new files on the wrong filesystem. A pool whose meta has no id predates markers and is
+// accepted as it is. Errors: EIO naming the directory and both ids.
+Status check_tier_markers(ReadTxn& txn, const std::string& root, const std::string (&tiers)[2]) {
+  LAYER_ASSIGN(auto id, txn.get(Db::kMeta, kMetaPoolId));
+  if (!id) return {};
+  for (const auto& tier : tiers) {
+    const std::string path = fmt::format("{}/{}", tier, kTierMarker);
+    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+      const int err = errno;
+      if (err == ENOENT)
+        return make_error(EIO,
+                          "pool {}: tier directory {} has no pool marker {} (pool id {}); is the "
+                          "tier's filesystem mounted?",
+                          root, tier, kTierMarker, *id);
+      return sys_error(err, fmt::format("pool {}: open {}", root, path));
+    }
+    char buf[128];
+    const ssize_t n = ::read(fd, buf, sizeof buf);
+    ::close(fd);
+    if (n < 0) return sys_error(errno, fmt::format("pool {}: read {}", root, path));
+    std::string_view found(buf, static_cast<size_t>(n));
+    if (auto nl = found.find('\n'); nl != std::string_view::npos) found = found.substr(0, nl);
+    if (found != *id)
+      return make_error(EIO, "pool {}: tier directory {} belongs to pool id {}, not to this pool "
+                             "(id {})", root, tier, found, *id);
   }
   return {};
 }
@@ -188,9 +263,24 @@ Status Pool::create(const std::string& root, const std::string& ssd_dir,
   LAYER_ASSIGN(std::string abs, real_path(root));
   const std::string ssd = ssd_dir.empty() ? abs + "/tiers/ssd" : ssd_dir;
   const std::string hdd = hdd_dir.empty() ? abs + "/tiers/hdd" : hdd_dir;
+  // A tier directory belongs to one pool: layer files are named by this pool's ids.
+  for (const auto& d : {ssd, hdd}) {
+    if (::stat(d.c_str(), &st) != 0) continue;
+    if (!S_ISDIR(st.st_mode)) return make_error(EEXIST, "tier {} exists and is not a directory", d);
+    if (!dir_is_empty(d))
+      return make_error(EEXIST, "tier directory {} is not empty (it may belong to another pool)",
+                        d);
+  }
   for (const auto& d : {abs + "/index", abs + "/run", ssd, hdd}) LAYER_TRY(mkdir_p(d));
   LAYER_ASSIGN(std::string ssd_abs, real_path(ssd));
   LAYER_ASSIGN(std::string hdd_abs, real_path(hdd));
+  if (ssd_abs == hdd_abs)
+    return make_error(EINVAL, "the ssd and hdd tiers must be different directories, both are {}",
+                      ssd_abs);
+  LAYER_ASSIGN(std::string pool_id, new_pool_id());
+  // Markers before the index: a crash in between leaves a pool that is not one yet.
+  LAYER_TRY(write_tier_marker(ssd_abs, pool_id));
+  LAYER_TRY(write_tier_marker(hdd_abs, pool_id));
 
   LAYER_ASSIGN(auto index, Index::open(abs + "/index", Index::Options{.create = true}));
   LAYER_ASSIGN(auto txn, index->begin_write());
@@ -200,6 +290,7 @@ Status Pool::create(const std::string& root, const std::string& ssd_dir,
   LAYER_TRY(txn.put(Db::kMeta, kMetaTierSsd, ssd_abs));
   LAYER_TRY(txn.put(Db::kMeta, kMetaTierHdd, hdd_abs));
   LAYER_TRY(txn.put(Db::kMeta, kMetaCreated, key_u64(now_unix())));
+  LAYER_TRY(txn.put(Db::kMeta, kMetaPoolId, pool_id));
   return txn.commit();
 }
 
@@ -220,7 +311,11 @@ Status Pool::validate(const std::string& root) {
   LAYER_ASSIGN(auto index,
                Index::open(root + "/index", Index::Options{.read_only = true, .no_lock = true}));
   LAYER_ASSIGN(auto txn, index->begin_read());
-  return check_format(txn, root);
+  LAYER_TRY(check_format(txn, root));
+  std::string tiers[2];
+  LAYER_ASSIGN(tiers[0], meta_string(txn, kMetaTierSsd, root));
+  LAYER_ASSIGN(tiers[1], meta_string(txn, kMetaTierHdd, root));
+  return check_tier_markers(txn, root, tiers);
 }
 
 Result<std::unique_ptr<Pool>> Pool::open(const std::string& root, const OpenOptions& options) {
@@ -237,6 +332,7 @@ Result<std::unique_ptr<Pool>> Pool::open(const std::string& root, const OpenOpti
     LAYER_TRY(check_format(txn, abs));
     LAYER_ASSIGN(pool->paths_.tier_dir[0], meta_string(txn, kMetaTierSsd, abs));
     LAYER_ASSIGN(pool->paths_.tier_dir[1], meta_string(txn, kMetaTierHdd, abs));
+    LAYER_TRY(check_tier_markers(txn, abs, pool->paths_.tier_dir));
   }
   LAYER_ASSIGN(pool->locks_, LockTable::open(pool->paths_.run_dir));
   pool->store_ = std::make_unique<LocalStore>();
@@ -249,6 +345,30 @@ Result<std::unique_ptr<Pool>> Pool::open(const std::string& root, const OpenOpti
 }
 
 Pool::~Pool() = default;
+
+Status Pool::check_tiers_hold(uint64_t size_bytes) const {
+  for (const auto& tier : paths_.tier_dir) {
+    // O_TMPFILE: nameless, gone on close; a named probe where the filesystem lacks it.
+    std::string named;
+    int fd = ::open(tier.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+    if (fd < 0 && (errno == EOPNOTSUPP || errno == EISDIR || errno == EINVAL)) {
+      named = fmt::format("{}/.size-probe.{}", tier, ::getpid());
+      fd = ::open(named.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    }
+    if (fd < 0) return sys_error(errno, fmt::format("probe file size limit in tier {}", tier));
+    const int rc = ::ftruncate(fd, static_cast<off_t>(size_bytes));
+    const int err = errno;
+    ::close(fd);
+    if (!named.empty()) ::unlink(named.c_str());
+    if (rc != 0 && (err == EFBIG || err == EINVAL))
+      return make_error(EINVAL,
+                        "size {} is larger than the filesystem of tier {} can hold in one file "
+                        "(ftruncate: {}); choose a smaller size or a tier on another filesystem",
+                        size_bytes, tier, std::strerror(err));
+    if (rc != 0) return sys_error(err, fmt::format("probe file size limit in tier {}", tier));
+  }
+  return {};
+}
 
 std::string Pool::layer_path(const LayerRecord& layer) const {
   return layer_path(layer.id, layer.tier);
@@ -325,7 +445,7 @@ Status Pool::drop_layer(WriteTxn& txn, LayerId id, std::vector<uint64_t>* drop_i
 }
 
 Status Pool::finish_drop(uint64_t intent_id) {
-  at("drop.rows");
+  test_point("drop.rows");
   IntentRecord intent;
   for (;;) {
     bool gone = false;
@@ -402,6 +522,8 @@ Result<ContainerInfo> Pool::clone(const std::string& image_ref, const std::strin
   if (size_bytes && *size_bytes > kMaxDiskBytes)
     return make_error(EINVAL, "size {} is larger than the limit of {} (16 TiB)", *size_bytes,
                       kMaxDiskBytes);
+  // The image's own size was checked by its import.
+  if (size_bytes) LAYER_TRY(check_tiers_hold(*size_bytes));
   ContainerRecord rec;
   LAYER_TRY(committer_->run([&](WriteTxn& txn) -> Status {
     LAYER_ASSIGN(auto existing, txn.get(Db::kContainers, name));
@@ -438,6 +560,17 @@ Result<std::vector<ContainerInfo>> Pool::list_containers() {
     LAYER_ASSIGN(auto info, container_info(txn, rec));
     out.push_back(std::move(info));
     return true;
+  }));
+  return out;
+}
+
+Result<std::vector<std::string>> Pool::container_names(size_t limit) {
+  std::vector<std::string> out;
+  if (limit == 0) return out;
+  LAYER_ASSIGN(auto txn, index_->begin_read());
+  LAYER_TRY(txn.scan(Db::kContainers, "", [&](std::string_view k, std::string_view) -> Result<bool> {
+    out.emplace_back(k);
+    return out.size() < limit;
   }));
   return out;
 }

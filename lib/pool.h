@@ -76,8 +76,10 @@ struct FsckReport {
 class Pool {
  public:
   // Creates an empty pool at root (made if missing; must be empty if it exists) with tier
-  // directories ssd_dir/hdd_dir ("" = default under root). Errors: EEXIST (already a pool or
-  // not empty), EACCES, EIO, EINVAL.
+  // directories ssd_dir/hdd_dir ("" = default under root), each new or empty and claimed with
+  // a marker holding the pool's id (docs/format.md); new directories are fsynced into their
+  // parents. Errors: EEXIST (already a pool, or root or a tier not empty), EACCES, EIO, EINVAL
+  // (both tiers one directory).
   static Status create(const std::string& root, const std::string& ssd_dir,
                        const std::string& hdd_dir);
 
@@ -85,7 +87,7 @@ class Pool {
     bool read_only = false;  // no writes, no committer (fsck, ls)
   };
   // Opens a pool. Errors: ENOENT (not a pool: names the path), ENOTSUP (newer format or unknown
-  // feature bit), EIO (corrupt meta), EACCES.
+  // feature bit), EIO (corrupt meta; a tier's marker missing or naming another pool), EACCES.
   static Result<std::unique_ptr<Pool>> open(const std::string& root, const OpenOptions& options);
   // Checks a pool without creating or locking anything (MDB_RDONLY|MDB_NOLOCK), as nbdkit's
   // get_ready needs. Errors: as open.
@@ -103,6 +105,16 @@ class Pool {
   std::string layer_path(LayerId id, Tier tier) const;
   // Replaces the layer store (tests: FaultInjectingStore). REQUIRES: no disk open.
   void set_store(std::unique_ptr<LayerStore> store) { store_ = std::move(store); }
+  // Test seam for interleavings: when set, long operations call it with a named point on
+  // their own thread, and it may block (pause the operation) or change the world meanwhile.
+  // Points: "import.intent-committed" (intent row visible), "import.data-walked" (the source's
+  // data regions found, nothing read yet), "import.rows-committed", "fsck.index_scanned"
+  // (fsck's index snapshot read, directories not yet listed), "fsck.scanned" (before any
+  // repair), "drop.rows" (a removal's container row is gone, its layer rows not yet).
+  // Unset in production.
+  // REQUIRES: set before the operations it observes start.
+  using TestHook = std::function<void(std::string_view point)>;
+  void set_test_hook(TestHook hook) { test_hook_ = std::move(hook); }
 
   // The chain of `top` following parents, top first. Errors: ENOENT/EIO on a missing or cyclic
   // parent (the index is corrupt).
@@ -114,9 +126,12 @@ class Pool {
   using Progress = std::function<void(uint64_t done_bytes, uint64_t total_bytes)>;
   // Imports a raw disk image as image `ref` (one frozen, hashed layer). Holes (SEEK_DATA) and
   // all-zero blocks are stored as nothing. The file size must be a multiple of 512 and at most
-  // kMaxDiskBytes. The new layer is locked exclusively while the import runs, so fsck --repair
-  // leaves it alone. Errors: EINVAL (bad ref, block size or file size), EEXIST, ENOENT/EACCES
-  // (file), ENOSPC, EIO.
+  // kMaxDiskBytes (and what the tiers hold: check_tiers_hold). The new layer is locked
+  // exclusively from before its intent is visible until it is published or rolled back, so
+  // fsck --repair leaves a running import alone.
+  // A failed import removes its rows, its intent and the layer file only if it created it.
+  // Errors: EINVAL (bad ref, block size or file size), EEXIST, ENOENT/EACCES (file), EBUSY
+  // (the file's size, mtime or ctime changed during the copy), ENOSPC, EIO.
   Result<ImageInfo> import_image(const std::string& ref, const std::string& file,
                                  uint32_t block_size, const Progress& progress,
                                  const std::string& description = "");
@@ -125,11 +140,14 @@ class Pool {
   Status remove_image(const std::string& ref);
 
   // A new container on image_ref: one transaction, no file work. size_bytes defaults to the
-  // image's size and may only grow it (multiple of 512, at most kMaxDiskBytes).
-  // Errors: ENOENT, EEXIST, EINVAL.
+  // image's size and may only grow it (multiple of 512, at most kMaxDiskBytes and what the
+  // tiers' filesystems hold in one file: check_tiers_hold). Errors: ENOENT, EEXIST, EINVAL.
   Result<ContainerInfo> clone(const std::string& image_ref, const std::string& name,
                               std::optional<uint64_t> size_bytes);
   Result<std::vector<ContainerInfo>> list_containers();
+  // The names of the first `limit` containers in name order (byte order), reading nothing but
+  // the keys: what nbdkit's list_exports needs. Errors: EIO.
+  Result<std::vector<std::string>> container_names(size_t limit);
   Result<ContainerInfo> inspect(const std::string& name);
   // Errors: ENOENT, EBUSY (a server holds it: names the holder).
   Status remove_container(const std::string& name);
@@ -142,10 +160,6 @@ class Pool {
 
   // The intents of one kind in the index: (intent id, intent). Errors: EIO.
   Result<std::vector<std::pair<uint64_t, IntentRecord>>> intents(IntentRecord::Kind kind);
-
-  // Test seam: hook(point) runs at named points of long operations ("fsck.index_scanned",
-  // "fsck.scanned", "drop.rows"). REQUIRES: set or cleared while no operation runs.
-  void set_test_hook(std::function<void(std::string_view)> hook) { hook_ = std::move(hook); }
 
  private:
   Pool() = default;
@@ -161,15 +175,19 @@ class Pool {
   Status finish_drop(uint64_t intent_id);
   // Finishes every drop intent (Pool::open, fsck --repair).
   Status finish_drops();
-  void at(std::string_view point) {
-    if (hook_) hook_(point);
-  }
   // fsck --repair: rolls back an interrupted import under its layer's lock, re-reading the
   // intent; false when it was running, published or rolled back meanwhile.
   Result<bool> roll_back_import(uint64_t intent_id, const IntentRecord& intent);
   // fsck: the orphan candidates (files no layer of an older view names) that a fresh
   // transaction and the layer locks still call orphans.
   Result<std::vector<std::string>> confirm_orphans(const std::vector<std::string>& paths);
+  // Checks that every tier's filesystem can hold a layer file of size_bytes (ext4 with 4 KiB
+  // blocks stops at 16 TiB - 4 KiB, below kMaxDiskBytes): a sparse temporary file in each tier
+  // is sized to it. Errors: EINVAL naming the tier and the size; EIO/EACCES from the probe.
+  Status check_tiers_hold(uint64_t size_bytes) const;
+  void test_point(std::string_view point) {
+    if (test_hook_) test_hook_(point);
+  }
 
   PoolPaths paths_;
   bool read_only_ = false;
@@ -178,7 +196,7 @@ class Pool {
   std::unique_ptr<LockTable> locks_;
   std::unique_ptr<LayerStore> store_;
   ChainCache chains_;
-  std::function<void(std::string_view)> hook_;  // tests only
+  TestHook test_hook_;
 };
 
 uint64_t now_unix();

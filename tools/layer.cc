@@ -324,6 +324,22 @@ std::string plugin_path() {
   return "layer";
 }
 
+// A path as a URI query value (RFC 3986): unreserved characters and '/' stay, every other byte
+// becomes %XX, so a space or a '%' in a pool path gives a URI that clients parse back to it.
+std::string percent_encode_path(std::string_view path) {
+  std::string out;
+  for (unsigned char c : path) {
+    const bool unreserved = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+                            (c >= '0' && c <= '9') || c == '-' || c == '.' || c == '_' ||
+                            c == '~' || c == '/';
+    if (unreserved)
+      out += static_cast<char>(c);
+    else
+      out += fmt::format("%{:02X}", c);
+  }
+  return out;
+}
+
 // nbdkit refuses to bind over an existing path, and a killed server leaves its socket behind.
 // A socket nobody accepts on is stale and removed; a live one means another server.
 void clear_stale_socket(const std::string& path) {
@@ -370,7 +386,7 @@ int cmd_serve(const Globals& g, const ServeArgs& a) {
         a.socket.empty() ? root + "/run/" + kDefaultSocketName : absolute_path(a.socket);
     clear_stale_socket(sock);
     args.insert(args.end(), {"-U", sock});
-    uri = fmt::format("nbd+unix:///{}?socket={}", export_name, sock);
+    uri = fmt::format("nbd+unix:///{}?socket={}", export_name, percent_encode_path(sock));
   }
   args.push_back(plugin_path());
   args.push_back("pool=" + root);

@@ -158,6 +158,31 @@ done
 check_sanitizer_reports "$tmp/serve.sanitizer"
 ! nbdinfo --size "$(uri w1 "$tmp/serve.sock")" >/dev/null 2>&1 || fail "still served after stop"
 
+# ---- layer serve: the printed URI percent-encodes the socket path ----
+odd="$tmp/my pool%41"
+"$LAYER_BIN" init "$odd" >/dev/null || fail "init of a pool path with a space and %"
+"$LAYER_BIN" --pool "$odd" image import base:1 "$tmp/base.img" >/dev/null
+"$LAYER_BIN" --pool "$odd" clone base:1 w2 >/dev/null
+# shellcheck disable=SC2046
+background serve-odd env $(nbdkit_env "$tmp/serve-odd.sanitizer") "$LAYER_BIN" --pool "$odd" \
+  --json serve --threads 4 --default w2
+serve_odd_pid=$bg_pid
+wait_until 30 eval "grep -q '\"uri\"' '$tmp/serve-odd.log'" ||
+  fail "layer serve printed no URI: $(cat "$tmp/serve-odd.log")"
+printed_uri=$(grep '"uri"' "$tmp/serve-odd.log" | json_get 'j["uri"]')
+[[ "$printed_uri" == "nbd+unix:///w2?socket=$tmp/my%20pool%2541/run/nbd.sock" ]] ||
+  fail "layer serve printed $printed_uri, want the socket path percent-encoded"
+wait_until 30 eval "nbdinfo --size '$printed_uri' >/dev/null 2>&1" ||
+  fail "nbdinfo does not accept the printed URI $printed_uri: $(nbdinfo --size "$printed_uri" 2>&1)"
+size=$(nbdinfo --size "$printed_uri")
+((size == 4 << 20)) || fail "layer serve with an odd pool path: size $size"
+if [[ -n "${LAYER_NBDKIT_PRELOAD:-}" ]]; then
+  kill -TERM "$serve_odd_pid"
+  tolerate_exit_hang "$serve_odd_pid"
+fi
+kill_pid "$serve_odd_pid"
+check_sanitizer_reports "$tmp/serve-odd.sanitizer"
+
 # ---- fsck ----
 layer fsck >"$tmp/fsck.out" 2>&1 || fail "fsck after a workload: $(cat "$tmp/fsck.out")"
 [[ $(layer --json fsck | json_get 'j["ok"]') == True ]] || fail "fsck --json not ok"

@@ -6,6 +6,7 @@
 
 #include <set>
 
+#include "disk.h"
 #include "test_util.h"
 
 using namespace layer;
@@ -142,6 +143,71 @@ TEST_CASE("Pool::create refuses an existing pool or a non-empty directory", "[po
   // An existing empty directory is fine.
   std::filesystem::create_directories(tmp.sub("empty"));
   REQUIRE_OK(Pool::create(tmp.sub("empty"), "", ""));
+}
+
+TEST_CASE("a tier directory belongs to one pool", "[pool][tiers]") {
+  test::TempDir tmp;
+  const std::string shared = tmp.sub("shared-ssd");
+  REQUIRE_OK(Pool::create(tmp.sub("a"), shared, ""));
+  // Each tier holds a marker naming its pool; a second pool cannot claim the directory.
+  CHECK(std::filesystem::exists(shared + "/.layer-pool"));
+  CHECK(std::filesystem::exists(tmp.sub("a/tiers/hdd/.layer-pool")));
+  auto e = ERROR_OF(Pool::create(tmp.sub("b"), shared, ""));
+  CHECK(e.code == EEXIST);
+  CHECK_THAT(e.message, Catch::Contains(std::filesystem::canonical(shared).string()) ||
+                            Catch::Contains(shared));
+  // Nor a non-empty directory, nor one directory for both tiers.
+  std::filesystem::create_directories(tmp.sub("used"));
+  test::write_raw_image(tmp.sub("used/1.layer"), std::vector<uint8_t>(512, 1), {{0, 512}});
+  REQUIRE_ERRNO(Pool::create(tmp.sub("c"), tmp.sub("used"), ""), EEXIST);
+  REQUIRE_ERRNO(Pool::create(tmp.sub("d"), tmp.sub("same"), tmp.sub("same")), EINVAL);
+  // An empty existing directory is fine.
+  std::filesystem::create_directories(tmp.sub("empty"));
+  REQUIRE_OK(Pool::create(tmp.sub("e"), tmp.sub("empty"), ""));
+  MUST(Pool::open(tmp.sub("e"), Pool::OpenOptions{}));
+}
+
+TEST_CASE("Pool::open refuses a tier directory of another pool or without its marker",
+          "[pool][tiers]") {
+  test::TempDir tmp;
+  REQUIRE_OK(Pool::create(tmp.sub("a"), "", ""));
+  REQUIRE_OK(Pool::create(tmp.sub("b"), "", ""));
+  const std::string a_ssd = tmp.sub("a/tiers/ssd");
+  const std::string b_ssd = tmp.sub("b/tiers/ssd");
+  const auto a_marker = test::read_file(a_ssd + "/.layer-pool");
+  const auto b_marker = test::read_file(b_ssd + "/.layer-pool");
+  REQUIRE(a_marker != b_marker);
+  SECTION("another pool's marker") {
+    std::filesystem::copy_file(b_ssd + "/.layer-pool", a_ssd + "/.layer-pool",
+                               std::filesystem::copy_options::overwrite_existing);
+    auto e = ERROR_OF(Pool::open(tmp.sub("a"), Pool::OpenOptions{}));
+    CHECK(e.code == EIO);
+    CHECK_THAT(e.message, Catch::Contains("tiers/ssd"));
+    // Both ids are named.
+    std::string a_id(a_marker.begin(), a_marker.end()), b_id(b_marker.begin(), b_marker.end());
+    a_id = a_id.substr(0, a_id.find('\n'));
+    b_id = b_id.substr(0, b_id.find('\n'));
+    CHECK_THAT(e.message, Catch::Contains(a_id) && Catch::Contains(b_id));
+    REQUIRE_ERRNO(Pool::validate(tmp.sub("a")), EIO);
+  }
+  SECTION("no marker (an unmounted tier, say)") {
+    std::filesystem::remove(a_ssd + "/.layer-pool");
+    auto e = ERROR_OF(Pool::open(tmp.sub("a"), Pool::OpenOptions{.read_only = true}));
+    CHECK(e.code == EIO);
+    CHECK_THAT(e.message, Catch::Contains("tiers/ssd") && Catch::Contains(".layer-pool"));
+  }
+  SECTION("a pool made before markers opens as it is") {
+    std::filesystem::remove(a_ssd + "/.layer-pool");
+    std::filesystem::remove(tmp.sub("a/tiers/hdd/.layer-pool"));
+    {
+      auto index = MUST(Index::open(tmp.sub("a/index"), Index::Options{}));
+      WriteTxn txn = MUST(index->begin_write());
+      REQUIRE_OK(txn.del(Db::kMeta, "pool.id"));
+      REQUIRE_OK(txn.commit());
+    }
+    MUST(Pool::open(tmp.sub("a"), Pool::OpenOptions{}));
+    REQUIRE_OK(Pool::validate(tmp.sub("a")));
+  }
 }
 
 TEST_CASE("Pool::open of a missing or non-pool directory is ENOENT naming the path", "[pool]") {
@@ -415,6 +481,47 @@ TEST_CASE("clone", "[pool][clone]") {
   f.reopen();
   CHECK(MUST(f.pool->list_containers()).size() == 2);
   REQUIRE_FSCK_CLEAN(f.pool, true);
+}
+
+// True when the filesystem of `dir` can hold a file of size_bytes (a sparse one).
+bool fs_holds_file(const std::string& dir, uint64_t size_bytes) {
+  const std::string probe = dir + "/size-probe-in-test";
+  test::Fd fd(::open(probe.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644));
+  REQUIRE(fd.get() >= 0);
+  const bool ok = ::ftruncate(fd.get(), static_cast<off_t>(size_bytes)) == 0;
+  ::unlink(probe.c_str());
+  return ok;
+}
+
+TEST_CASE("clone refuses a size the tier's filesystem cannot hold", "[pool][clone][limits]") {
+  PoolFixture f;
+  f.import("base:1", 64 * 1024, 4096, 5);
+  const std::string tier = f.pool->paths().tier_dir[static_cast<int>(Tier::kSsd)];
+  // ext4 with 4 KiB blocks holds 16 TiB - 4 KiB, one block short of kMaxDiskBytes; tmpfs and
+  // xfs hold all of it. Every accepted size must be writable up to its last byte.
+  int accepted = 0;
+  for (uint64_t size : {kMaxDiskBytes, kMaxDiskBytes - 4096}) {
+    INFO("size " << size);
+    const std::string name = "c" + std::to_string(size);
+    auto r = f.pool->clone("base:1", name, size);
+    if (!fs_holds_file(tier, size)) {
+      REQUIRE_FALSE(r.ok());
+      CHECK(r.error().code == EINVAL);
+      CHECK_THAT(r.error().message, Catch::Contains(tier) && Catch::Contains(std::to_string(size)));
+      continue;
+    }
+    REQUIRE(r.ok());
+    ++accepted;
+    auto disk = MUST(Disk::open(*f.pool, name, true));
+    std::vector<uint8_t> block(4096, 0x77), back(4096);
+    REQUIRE_OK(disk->write(block.data(), block.size(), size - 4096, false));
+    REQUIRE_OK(disk->flush());
+    REQUIRE_OK(disk->read(back.data(), back.size(), size - 4096));
+    CHECK(back == block);
+  }
+  CHECK(accepted >= 1);
+  // The same limit holds for an image: a sparse source file of kMaxDiskBytes cannot exist on a
+  // filesystem that refuses it, so import is checked by its own probe of the tier.
 }
 
 TEST_CASE("image rm is refused while a container uses it", "[pool][clone]") {
