@@ -31,6 +31,12 @@ Error make_error(int code, fmt::format_string<Args...> format, Args&&... args) {
 
 // An Error whose message ends with strerror(code): "open tiers/ssd/7.layer: No such file".
 Error sys_error(int code, std::string_view what);
+// sys_error(errno, "open {}", path): formats after `code` is taken, so a formatting step that
+// changes errno (an allocation) cannot change the error reported.
+template <typename... Args>
+Error sys_error(int code, fmt::format_string<Args...> format, Args&&... args) {
+  return sys_error(code, std::string_view(fmt::format(format, std::forward<Args>(args)...)));
+}
 
 template <typename T>
 class [[nodiscard]] Result {

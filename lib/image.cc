@@ -51,10 +51,10 @@ Result<std::vector<std::pair<uint64_t, uint64_t>>> data_regions(int fd, uint64_t
     if (data < 0) {
       if (errno == ENXIO) break;
       if (errno == EINVAL || errno == EOPNOTSUPP) return decltype(regions){{0, size}};
-      return sys_error(errno, fmt::format("SEEK_DATA {}", file));
+      return sys_error(errno, "SEEK_DATA {}", file);
     }
     off_t hole = ::lseek(fd, data, SEEK_HOLE);
-    if (hole < 0) return sys_error(errno, fmt::format("SEEK_HOLE {}", file));
+    if (hole < 0) return sys_error(errno, "SEEK_HOLE {}", file);
     const uint64_t end = std::min<uint64_t>(static_cast<uint64_t>(hole), size);
     if (static_cast<uint64_t>(data) >= end) break;
     regions.emplace_back(static_cast<uint64_t>(data), end);
@@ -94,13 +94,13 @@ Result<ImageInfo> Pool::import_image(const std::string& ref, const std::string& 
                       kMinBlockSize, kMaxBlockSize);
   Fd in;
   in.fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC);
-  if (in.fd < 0) return sys_error(errno, fmt::format("cannot open image file {}", file));
+  if (in.fd < 0) return sys_error(errno, "cannot open image file {}", file);
   struct stat st;
-  if (::fstat(in.fd, &st) != 0) return sys_error(errno, fmt::format("stat {}", file));
+  if (::fstat(in.fd, &st) != 0) return sys_error(errno, "stat {}", file);
   uint64_t size = static_cast<uint64_t>(st.st_size);
   if (S_ISBLK(st.st_mode)) {
     off_t end = ::lseek(in.fd, 0, SEEK_END);
-    if (end < 0) return sys_error(errno, fmt::format("size of {}", file));
+    if (end < 0) return sys_error(errno, "size of {}", file);
     size = static_cast<uint64_t>(end);
   } else if (!S_ISREG(st.st_mode)) {
     return make_error(EINVAL, "{} is not a regular file or block device", file);
@@ -141,12 +141,20 @@ Result<ImageInfo> Pool::import_image(const std::string& ref, const std::string& 
 
   // Removes what this import made: its rows, its intent and, only if it created it, its file
   // (a file that was already there belongs to someone else). The lock is released after.
+  // Rows go in bounded transactions; the intent goes with the last of them, so a failure
+  // midway leaves it for fsck --repair.
   auto rollback = [&](Error e) -> Error {
-    (void)committer_->run([&](WriteTxn& txn) -> Status {
-      LAYER_TRY(txn.del_prefix(Db::kMaps, key_u64(layer_id)));
-      LAYER_TRY(txn.del_prefix(Db::kSums, key_u64(layer_id)));
-      return txn.del(Db::kIntents, key_u64(intent_id));
-    });
+    for (bool done = false; !done;) {
+      auto s = committer_->run([&](WriteTxn& txn) -> Status {
+        LAYER_ASSIGN(uint64_t n, txn.del_prefix(Db::kMaps, key_u64(layer_id), kMaxRowsPerTxn));
+        LAYER_ASSIGN(uint64_t m,
+                     txn.del_prefix(Db::kSums, key_u64(layer_id), kMaxRowsPerTxn - n));
+        if (n + m > 0) return {};
+        done = true;
+        return txn.del(Db::kIntents, key_u64(intent_id));
+      });
+      if (!s) return e;  // fsck --repair finishes it
+    }
     if (created_file) (void)store_->remove(path);
     return e;
   };
@@ -223,7 +231,7 @@ Result<ImageInfo> Pool::import_image(const std::string& ref, const std::string& 
         for (uint64_t pos = lo; pos < hi;) {
           ssize_t n = ::pread(in.fd, buf.data() + (pos - w), hi - pos, static_cast<off_t>(pos));
           if (n < 0 && errno == EINTR) continue;
-          if (n < 0) return rollback(sys_error(errno, fmt::format("read {}", file)));
+          if (n < 0) return rollback(sys_error(errno, "read {}", file));
           if (n == 0) return rollback(make_error(EIO, "{} shrank while importing", file));
           pos += static_cast<uint64_t>(n);
         }
@@ -271,7 +279,7 @@ Result<ImageInfo> Pool::import_image(const std::string& ref, const std::string& 
   // The data regions were found once, before reading: data written meanwhile, into a former
   // hole say, would be missing from the image without a word.
   struct stat after;
-  if (::fstat(in.fd, &after) != 0) return rollback(sys_error(errno, fmt::format("stat {}", file)));
+  if (::fstat(in.fd, &after) != 0) return rollback(sys_error(errno, "stat {}", file));
   if (!same_version(st, after))
     return rollback(make_error(EBUSY,
                                "image file {} changed while importing (its size, mtime or ctime "

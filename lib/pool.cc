@@ -42,7 +42,7 @@ constexpr std::string_view kTierMarker = ".layer-pool";
 
 Status fsync_dir(const std::string& dir) {
   int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return sys_error(errno, fmt::format("open directory {}", dir));
+  if (fd < 0) return sys_error(errno, "open directory {}", dir);
   const int rc = ::fsync(fd);
   const int err = errno;
   ::close(fd);
@@ -61,7 +61,7 @@ Status mkdir_p(const std::string& path) {
     if (cur.empty()) continue;
     if (::mkdir(cur.c_str(), 0755) != 0) {
       if (errno == EEXIST) continue;
-      return sys_error(errno, fmt::format("create directory {}", cur));
+      return sys_error(errno, "create directory {}", cur);
     }
     const auto slash = cur.rfind('/');
     LAYER_TRY(fsync_dir(slash == 0 ? "/" : slash == std::string::npos ? "." : cur.substr(0, slash)));
@@ -82,7 +82,7 @@ Result<std::string> new_pool_id() {
 Status write_tier_marker(const std::string& tier, const std::string& pool_id) {
   const std::string path = fmt::format("{}/{}", tier, kTierMarker);
   int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-  if (fd < 0) return sys_error(errno, fmt::format("create pool marker {}", path));
+  if (fd < 0) return sys_error(errno, "create pool marker {}", path);
   const std::string text = pool_id + "\n";
   const bool ok = ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size()) &&
                   ::fsync(fd) == 0;
@@ -114,7 +114,7 @@ Status check_tier_markers(ReadTxn& txn, const std::string& root, const std::stri
     char buf[128];
     const ssize_t n = ::read(fd, buf, sizeof buf);
     ::close(fd);
-    if (n < 0) return sys_error(errno, fmt::format("pool {}: read {}", root, path));
+    if (n < 0) return sys_error(errno, "pool {}: read {}", root, path);
     std::string_view found(buf, static_cast<size_t>(n));
     if (auto nl = found.find('\n'); nl != std::string_view::npos) found = found.substr(0, nl);
     if (found != *id)
@@ -355,7 +355,7 @@ Status Pool::check_tiers_hold(uint64_t size_bytes) const {
       named = fmt::format("{}/.size-probe.{}", tier, ::getpid());
       fd = ::open(named.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     }
-    if (fd < 0) return sys_error(errno, fmt::format("probe file size limit in tier {}", tier));
+    if (fd < 0) return sys_error(errno, "probe file size limit in tier {}", tier);
     const int rc = ::ftruncate(fd, static_cast<off_t>(size_bytes));
     const int err = errno;
     ::close(fd);
