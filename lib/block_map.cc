@@ -11,9 +11,12 @@ namespace layer {
 
 const char* to_string(BlockState state) {
   switch (state) {
-    case BlockState::kAbsent: return "absent";
-    case BlockState::kData: return "data";
-    case BlockState::kZero: return "zero";
+    case BlockState::kAbsent:
+      return "absent";
+    case BlockState::kData:
+      return "data";
+    case BlockState::kZero:
+      return "zero";
   }
   return "invalid";
 }

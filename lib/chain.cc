@@ -37,33 +37,35 @@ Result<std::shared_ptr<const ChainMap>> ChainMap::build(ReadTxn& txn,
   for (size_t k = layers.size(); k-- > 0;) {
     const Source self = static_cast<Source>(k);
     const LayerId id = layers[k].id;
-    LAYER_TRY(txn.scan(Db::kMaps, key_u64(id), [&](std::string_view key, std::string_view value)
-                                                   -> Result<bool> {
-      auto parsed = decode_key_u64_u32(key);
-      if (!parsed) return make_error(EIO, "layer {}: map key of {} bytes", id, key.size());
-      const uint32_t c = parsed->second;
-      if (c >= nchunks) return true;  // beyond the size asked for: not needed
-      auto bits = decode_chunk(value);
-      if (!bits) return make_error(EIO, "layer {} chunk {}: {}", id, c, bits.error().message);
-      BlockState u;
-      if (bits->uniform(&u)) {
-        if (u == BlockState::kAbsent) return true;
-        mixed[c].reset();
-        map->chunks_[c].uniform = u == BlockState::kData ? self : kSourceZero;
-        return true;
-      }
-      if (!mixed[c]) {
-        mixed[c] = std::make_unique<Array>();
-        mixed[c]->fill(map->chunks_[c].uniform);
-      }
-      Array& a = *mixed[c];
-      for (uint32_t i = 0; i < kBlocksPerChunk; ++i) {
-        const BlockState s = bits->get(i);
-        if (s == BlockState::kData) a[i] = self;
-        else if (s == BlockState::kZero) a[i] = kSourceZero;
-      }
-      return true;
-    }));
+    LAYER_TRY(txn.scan(
+        Db::kMaps, key_u64(id), [&](std::string_view key, std::string_view value) -> Result<bool> {
+          auto parsed = decode_key_u64_u32(key);
+          if (!parsed) return make_error(EIO, "layer {}: map key of {} bytes", id, key.size());
+          const uint32_t c = parsed->second;
+          if (c >= nchunks) return true;  // beyond the size asked for: not needed
+          auto bits = decode_chunk(value);
+          if (!bits) return make_error(EIO, "layer {} chunk {}: {}", id, c, bits.error().message);
+          BlockState u;
+          if (bits->uniform(&u)) {
+            if (u == BlockState::kAbsent) return true;
+            mixed[c].reset();
+            map->chunks_[c].uniform = u == BlockState::kData ? self : kSourceZero;
+            return true;
+          }
+          if (!mixed[c]) {
+            mixed[c] = std::make_unique<Array>();
+            mixed[c]->fill(map->chunks_[c].uniform);
+          }
+          Array& a = *mixed[c];
+          for (uint32_t i = 0; i < kBlocksPerChunk; ++i) {
+            const BlockState s = bits->get(i);
+            if (s == BlockState::kData)
+              a[i] = self;
+            else if (s == BlockState::kZero)
+              a[i] = kSourceZero;
+          }
+          return true;
+        }));
   }
   for (uint64_t c = 0; c < nchunks; ++c) {
     if (!mixed[c]) continue;
@@ -83,7 +85,8 @@ uint64_t ChainMap::run_length(uint64_t block_no, uint64_t max_blocks) const {
   while (n < max_blocks) {
     const uint64_t b = block_no + n;
     const uint64_t chunk = b / kBlocksPerChunk;
-    const uint64_t in_chunk = std::min<uint64_t>(kBlocksPerChunk - b % kBlocksPerChunk, max_blocks - n);
+    const uint64_t in_chunk =
+        std::min<uint64_t>(kBlocksPerChunk - b % kBlocksPerChunk, max_blocks - n);
     if (chunk >= chunks_.size() || !chunks_[chunk].mixed) {
       const Source s = chunk >= chunks_.size() ? kSourceAbsent : chunks_[chunk].uniform;
       if (s != first) break;
@@ -141,7 +144,8 @@ bool ChainCache::sweep(std::chrono::steady_clock::time_point now,
 // otherwise. It starts on the first map, never at construction: a Pool may be made before
 // nbdkit forks, and a thread made then would be lost in the child.
 void ChainCache::reap() {
-  const auto period = std::max<std::chrono::milliseconds>(linger_ / 2, std::chrono::milliseconds(1));
+  const auto period =
+      std::max<std::chrono::milliseconds>(linger_ / 2, std::chrono::milliseconds(1));
   std::unique_lock<std::mutex> lk(mu_);
   while (!stop_) {
     std::vector<std::shared_ptr<const ChainMap>> freed;
@@ -152,8 +156,10 @@ void ChainCache::reap() {
       lk.lock();
       continue;
     }
-    if (held) wake_.wait_for(lk, period);
-    else wake_.wait(lk);
+    if (held)
+      wake_.wait_for(lk, period);
+    else
+      wake_.wait(lk);
   }
 }
 
@@ -175,7 +181,8 @@ Result<std::shared_ptr<const ChainMap>> ChainCache::get(ReadTxn& txn,
   uint64_t size_blocks = 0;
   for (const auto& layer : layers) {
     if (layer.block_size == 0) return make_error(EIO, "layer {}: block size 0", layer.id);
-    size_blocks = std::max(size_blocks, (layer.size_bytes + layer.block_size - 1) / layer.block_size);
+    size_blocks =
+        std::max(size_blocks, (layer.size_bytes + layer.block_size - 1) / layer.block_size);
   }
   // Built outside the lock: two disks racing on a new chain may both build; the first one kept
   // wins.

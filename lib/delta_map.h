@@ -48,7 +48,8 @@ class DeltaMap {
     const Chunk* c = chunks_[b / kBlocksPerChunk].load(std::memory_order_acquire);
     if (!c) return BlockState::kAbsent;
     const uint32_t i = b % kBlocksPerChunk;
-    return static_cast<BlockState>((c->w[i / 32].load(std::memory_order_acquire) >> (i % 32 * 2)) & 3);
+    return static_cast<BlockState>((c->w[i / 32].load(std::memory_order_acquire) >> (i % 32 * 2)) &
+                                   3);
   }
 
   // Number of blocks from b (at most max) in state s. Blocks past the map's last chunk end the

@@ -47,9 +47,8 @@ Result<std::shared_ptr<Disk>> Disk::open(Pool& pool, const std::string& name, bo
   }
   // The lock comes before the row we trust: a concurrent `rm` or rollback holds it while it
   // changes the row.
-  LAYER_ASSIGN(disk->container_lock_,
-               pool.locks().try_lock(LockKind::kContainer, id, writable,
-                                     fmt::format("container \"{}\"", name)));
+  LAYER_ASSIGN(disk->container_lock_, pool.locks().try_lock(LockKind::kContainer, id, writable,
+                                                            fmt::format("container \"{}\"", name)));
   LAYER_ASSIGN(auto txn, pool.index().begin_read());
   LAYER_ASSIGN(disk->container_, pool.get_container(txn, name));
   if (disk->container_.id != id)
@@ -81,22 +80,30 @@ Disk::~Disk() = default;
 Status Disk::validate_records() const {
   const uint32_t bs = block_size_;
   if (bs < kMinBlockSize || bs > kMaxBlockSize || (bs & (bs - 1)) != 0)
-    return make_error(EIO, "container \"{}\": block size {} in the index is not a power of two "
-                      "from {} to {}", name_, bs, kMinBlockSize, kMaxBlockSize);
+    return make_error(EIO,
+                      "container \"{}\": block size {} in the index is not a power of two "
+                      "from {} to {}",
+                      name_, bs, kMinBlockSize, kMaxBlockSize);
   if (size_bytes_ == 0 || size_bytes_ % 512 != 0 || size_bytes_ > kMaxDiskBytes)
-    return make_error(EIO, "container \"{}\": size {} in the index is not a positive multiple of "
-                      "512 up to {}", name_, size_bytes_, kMaxDiskBytes);
+    return make_error(EIO,
+                      "container \"{}\": size {} in the index is not a positive multiple of "
+                      "512 up to {}",
+                      name_, size_bytes_, kMaxDiskBytes);
   if (delta_layer_.size_bytes != size_bytes_ || delta_layer_.block_size != bs)
-    return make_error(EIO, "container \"{}\": its delta layer {} has size {} and block size {}, "
-                      "the container {} and {}", name_, delta_layer_.id,
-                      delta_layer_.size_bytes, delta_layer_.block_size, size_bytes_, bs);
+    return make_error(EIO,
+                      "container \"{}\": its delta layer {} has size {} and block size {}, "
+                      "the container {} and {}",
+                      name_, delta_layer_.id, delta_layer_.size_bytes, delta_layer_.block_size,
+                      size_bytes_, bs);
   if (delta_layer_.state != LayerState::kWritable)
     return make_error(EIO, "container \"{}\": its delta layer {} is not writable", name_,
                       delta_layer_.id);
   for (const auto& layer : chain_) {
     if (layer.block_size != bs)
-      return make_error(EIO, "container \"{}\": layer {} of its chain has block size {}, the "
-                        "container {}", name_, layer.id, layer.block_size, bs);
+      return make_error(EIO,
+                        "container \"{}\": layer {} of its chain has block size {}, the "
+                        "container {}",
+                        name_, layer.id, layer.block_size, bs);
     if (layer.state == LayerState::kWritable)
       return make_error(EIO, "container \"{}\": layer {} of its chain is writable", name_,
                         layer.id);
@@ -130,19 +137,20 @@ Status Disk::ensure_loaded() {
   const LayerId delta_id = delta_layer_.id;
   const uint64_t nchunks = (size_blocks_ + kBlocksPerChunk - 1) / kBlocksPerChunk;
   bool delta_has_data = false;
-  LAYER_TRY(txn.scan(Db::kMaps, key_u64(delta_id), [&](std::string_view k, std::string_view v)
-                                                        -> Result<bool> {
-    auto key = decode_key_u64_u32(k);
-    if (!key || key->second >= nchunks)
-      return make_error(EIO, "layer {}: map row outside the disk", delta_id);
-    auto bits = decode_chunk(v);
-    if (!bits) return make_error(EIO, "layer {} chunk {}: {}", delta_id, key->second,
-                                 bits.error().message);
-    for (uint32_t i = 0; i < kBlocksPerChunk && !delta_has_data; ++i)
-      delta_has_data = bits->get(i) == BlockState::kData;
-    delta->load(key->second, *bits);
-    return true;
-  }));
+  LAYER_TRY(txn.scan(Db::kMaps, key_u64(delta_id),
+                     [&](std::string_view k, std::string_view v) -> Result<bool> {
+                       auto key = decode_key_u64_u32(k);
+                       if (!key || key->second >= nchunks)
+                         return make_error(EIO, "layer {}: map row outside the disk", delta_id);
+                       auto bits = decode_chunk(v);
+                       if (!bits)
+                         return make_error(EIO, "layer {} chunk {}: {}", delta_id, key->second,
+                                           bits.error().message);
+                       for (uint32_t i = 0; i < kBlocksPerChunk && !delta_has_data; ++i)
+                         delta_has_data = bits->get(i) == BlockState::kData;
+                       delta->load(key->second, *bits);
+                       return true;
+                     }));
   auto f = pool_.store().open(pool_.layer_path(delta_layer_), writable_);
   if (f) {
     LAYER_TRY(check_file_size(**f, delta_layer_));
@@ -154,8 +162,10 @@ Status Disk::ensure_loaded() {
     return std::move(f).error();
   } else if (delta_has_data) {
     // Creating an empty file now would serve every data block as zeroes without an error.
-    return make_error(EIO, "layer {}: file {} is missing, but the index says it holds data of "
-                      "container \"{}\"", delta_id, pool_.layer_path(delta_layer_), name_);
+    return make_error(EIO,
+                      "layer {}: file {} is missing, but the index says it holds data of "
+                      "container \"{}\"",
+                      delta_id, pool_.layer_path(delta_layer_), name_);
   }
   delta_ = std::move(delta);
   loaded_.store(true, std::memory_order_release);
@@ -216,7 +226,8 @@ Disk::Run Disk::next_run(uint64_t b, uint64_t max) const {
   if (ds == BlockState::kData) return Run{kFromDelta, delta_->run(b, max, BlockState::kData)};
   if (ds == BlockState::kZero) return Run{kFromZero, delta_->run(b, max, BlockState::kZero)};
   const Source src = chain_map_->lookup(b);
-  const uint64_t n = std::min(chain_map_->run_length(b, max), delta_->run(b, max, BlockState::kAbsent));
+  const uint64_t n =
+      std::min(chain_map_->run_length(b, max), delta_->run(b, max, BlockState::kAbsent));
   if (src == kSourceZero || src == kSourceAbsent) return Run{kFromZero, std::max<uint64_t>(n, 1)};
   return Run{static_cast<int>(src), std::max<uint64_t>(n, 1)};
 }

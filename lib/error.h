@@ -85,17 +85,18 @@ using Status = Result<void>;
 }  // namespace layer
 
 // Propagates an error: `LAYER_TRY(f());` returns f()'s Error from the enclosing function.
-#define LAYER_TRY(expr)                                  \
-  do {                                                   \
-    auto layer_try_r_ = (expr);                          \
+#define LAYER_TRY(expr)                                             \
+  do {                                                              \
+    auto layer_try_r_ = (expr);                                     \
     if (!layer_try_r_.ok()) return std::move(layer_try_r_).error(); \
   } while (0)
 
 #define LAYER_CONCAT_INNER(a, b) a##b
 #define LAYER_CONCAT(a, b) LAYER_CONCAT_INNER(a, b)
 // `LAYER_ASSIGN(auto x, f());` declares x from f()'s value or returns its Error.
-#define LAYER_ASSIGN(decl, expr) LAYER_ASSIGN_IMPL(LAYER_CONCAT(layer_assign_r_, __LINE__), decl, expr)
-#define LAYER_ASSIGN_IMPL(tmp, decl, expr)         \
-  auto tmp = (expr);                               \
-  if (!tmp.ok()) return std::move(tmp).error();    \
+#define LAYER_ASSIGN(decl, expr) \
+  LAYER_ASSIGN_IMPL(LAYER_CONCAT(layer_assign_r_, __LINE__), decl, expr)
+#define LAYER_ASSIGN_IMPL(tmp, decl, expr)      \
+  auto tmp = (expr);                            \
+  if (!tmp.ok()) return std::move(tmp).error(); \
   decl = std::move(tmp).value()

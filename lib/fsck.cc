@@ -42,22 +42,25 @@ Result<FsckReport> Pool::fsck(bool full, bool repair) {
   std::map<LayerId, LayerFacts> layers;
   std::vector<std::pair<uint64_t, IntentRecord>> stale_imports;  // intent id, intent
   std::vector<uint64_t> drops;                                   // drop intent ids
-  std::map<LayerId, std::string> intent_files;  // files an intent accounts for
+  std::map<LayerId, std::string> intent_files;                   // files an intent accounts for
   std::map<LayerId, std::map<uint32_t, std::vector<uint64_t>>> sums;
   std::set<LayerId> importing;  // layers of every intent, running or interrupted
   {
     LAYER_ASSIGN(auto txn, index_->begin_read());
-    LAYER_TRY(txn.scan(Db::kLayers, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
-      auto id = decode_key_u64(k);
-      if (!id) {
-        problem(fmt::format("layers: key of {} bytes", k.size()));
-        return true;
-      }
-      auto rec = decode_layer(v, *id);
-      if (!rec) problem(rec.error().message);
-      else layers[*id].rec = *rec;
-      return true;
-    }));
+    LAYER_TRY(
+        txn.scan(Db::kLayers, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
+          auto id = decode_key_u64(k);
+          if (!id) {
+            problem(fmt::format("layers: key of {} bytes", k.size()));
+            return true;
+          }
+          auto rec = decode_layer(v, *id);
+          if (!rec)
+            problem(rec.error().message);
+          else
+            layers[*id].rec = *rec;
+          return true;
+        }));
     report.layers = layers.size();
     for (auto& [id, f] : layers) {
       if (f.rec.parent == 0) continue;
@@ -73,45 +76,47 @@ Result<FsckReport> Pool::fsck(bool full, bool repair) {
         problem(fmt::format("layer {}: block size {} differs from parent {}'s {}", id,
                             f.rec.block_size, f.rec.parent, parent->second.rec.block_size));
     }
-    LAYER_TRY(txn.scan(Db::kImages, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
-      ++report.images;
-      auto image = decode_image(v, k);
-      if (!image) {
-        problem(image.error().message);
-        return true;
-      }
-      auto it = layers.find(image->top_layer);
-      if (it == layers.end()) {
-        problem(fmt::format("image {}: layer {} is missing", k, image->top_layer));
-        return true;
-      }
-      ++it->second.refs;
-      if (it->second.rec.state == LayerState::kWritable)
-        problem(fmt::format("image {}: layer {} is writable", k, image->top_layer));
-      return true;
-    }));
-    LAYER_TRY(txn.scan(Db::kContainers, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
-      ++report.containers;
-      auto c = decode_container(v, k);
-      if (!c) {
-        problem(c.error().message);
-        return true;
-      }
-      auto it = layers.find(c->delta_layer);
-      if (it == layers.end()) {
-        problem(fmt::format("container {}: delta layer {} is missing", k, c->delta_layer));
-        return true;
-      }
-      ++it->second.refs;
-      if (it->second.rec.state != LayerState::kWritable)
-        problem(fmt::format("container {}: delta layer {} is not writable", k, c->delta_layer));
-      if (it->second.rec.size_bytes != c->size_bytes)
-        problem(fmt::format("container {}: size {} differs from its delta's {}", k, c->size_bytes,
-                            it->second.rec.size_bytes));
-      auto chain = chain_of(txn, c->delta_layer);
-      if (!chain) problem(fmt::format("container {}: {}", k, chain.error().message));
-      return true;
-    }));
+    LAYER_TRY(
+        txn.scan(Db::kImages, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
+          ++report.images;
+          auto image = decode_image(v, k);
+          if (!image) {
+            problem(image.error().message);
+            return true;
+          }
+          auto it = layers.find(image->top_layer);
+          if (it == layers.end()) {
+            problem(fmt::format("image {}: layer {} is missing", k, image->top_layer));
+            return true;
+          }
+          ++it->second.refs;
+          if (it->second.rec.state == LayerState::kWritable)
+            problem(fmt::format("image {}: layer {} is writable", k, image->top_layer));
+          return true;
+        }));
+    LAYER_TRY(
+        txn.scan(Db::kContainers, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
+          ++report.containers;
+          auto c = decode_container(v, k);
+          if (!c) {
+            problem(c.error().message);
+            return true;
+          }
+          auto it = layers.find(c->delta_layer);
+          if (it == layers.end()) {
+            problem(fmt::format("container {}: delta layer {} is missing", k, c->delta_layer));
+            return true;
+          }
+          ++it->second.refs;
+          if (it->second.rec.state != LayerState::kWritable)
+            problem(fmt::format("container {}: delta layer {} is not writable", k, c->delta_layer));
+          if (it->second.rec.size_bytes != c->size_bytes)
+            problem(fmt::format("container {}: size {} differs from its delta's {}", k,
+                                c->size_bytes, it->second.rec.size_bytes));
+          auto chain = chain_of(txn, c->delta_layer);
+          if (!chain) problem(fmt::format("container {}: {}", k, chain.error().message));
+          return true;
+        }));
     for (auto& [id, f] : layers) {
       if (f.refs != f.rec.refcount)
         problem(fmt::format("layer {}: refcount is {}, but {} references were found", id,
@@ -152,55 +157,63 @@ Result<FsckReport> Pool::fsck(bool full, bool repair) {
       return true;
     }));
     // Map rows whose layer is unknown and not an import in progress are leaks.
-    LAYER_TRY(txn.scan(Db::kIntents, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
-      auto id = decode_key_u64(k).value_or(0);
-      auto intent = decode_intent(v, id);
-      if (!intent) {
-        problem(intent.error().message);
-        return true;
-      }
-      importing.insert(intent->layer);
-      if (intent->kind == IntentRecord::Kind::kDrop) {
-        auto tier = parse_tier(intent->target);
-        if (!tier) {
-          problem(fmt::format("intent {}: {}", id, tier.error().message));
-          return true;
-        }
-        intent_files[intent->layer] = layer_path(intent->layer, *tier);
-        drops.push_back(id);
-        if (!repair)
-          problem(fmt::format("unfinished removal of layer {} (intent {}): run `layer fsck "
+    LAYER_TRY(
+        txn.scan(Db::kIntents, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
+          auto id = decode_key_u64(k).value_or(0);
+          auto intent = decode_intent(v, id);
+          if (!intent) {
+            problem(intent.error().message);
+            return true;
+          }
+          importing.insert(intent->layer);
+          if (intent->kind == IntentRecord::Kind::kDrop) {
+            auto tier = parse_tier(intent->target);
+            if (!tier) {
+              problem(fmt::format("intent {}: {}", id, tier.error().message));
+              return true;
+            }
+            intent_files[intent->layer] = layer_path(intent->layer, *tier);
+            drops.push_back(id);
+            if (!repair)
+              problem(
+                  fmt::format("unfinished removal of layer {} (intent {}): run `layer fsck "
                               "--repair` or any command that opens the pool for writing",
                               intent->layer, id));
-        return true;
-      }
-      intent_files[intent->layer] = layer_path(intent->layer, Tier::kSsd);
-      // An import still running holds its layer's lock: not interrupted, leave it alone.
-      LAYER_ASSIGN(const bool running, locks_->is_locked(LockKind::kLayer, intent->layer));
-      if (running) return true;
-      stale_imports.emplace_back(id, *intent);
-      if (!repair)
-        problem(fmt::format("interrupted import of {} (intent {}, layer {}): run `layer fsck "
-                            "--repair` to roll it back", intent->target, id, intent->layer));
-      return true;
-    }));
+            return true;
+          }
+          intent_files[intent->layer] = layer_path(intent->layer, Tier::kSsd);
+          // An import still running holds its layer's lock: not interrupted, leave it alone.
+          LAYER_ASSIGN(const bool running, locks_->is_locked(LockKind::kLayer, intent->layer));
+          if (running) return true;
+          stale_imports.emplace_back(id, *intent);
+          if (!repair)
+            problem(
+                fmt::format("interrupted import of {} (intent {}, layer {}): run `layer fsck "
+                            "--repair` to roll it back",
+                            intent->target, id, intent->layer));
+          return true;
+        }));
     std::set<LayerId> leaked;
     LAYER_TRY(txn.scan(Db::kMaps, "", [&](std::string_view k, std::string_view) -> Result<bool> {
       auto key = decode_key_u64_u32(k);
-      if (key && !layers.count(key->first) && !importing.count(key->first)) leaked.insert(key->first);
+      if (key && !layers.count(key->first) && !importing.count(key->first))
+        leaked.insert(key->first);
       return true;
     }));
     for (LayerId id : leaked) problem(fmt::format("maps: rows of unknown layer {}", id));
     if (full) {
-      LAYER_TRY(txn.scan(Db::kSums, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
-        auto key = decode_key_u64_u32(k);
-        if (!key) return true;
-        auto s = decode_sums(v);
-        if (!s) problem(fmt::format("layer {} sums row {}: {}", key->first, key->second,
-                                    s.error().message));
-        else sums[key->first][key->second] = *s;
-        return true;
-      }));
+      LAYER_TRY(
+          txn.scan(Db::kSums, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
+            auto key = decode_key_u64_u32(k);
+            if (!key) return true;
+            auto s = decode_sums(v);
+            if (!s)
+              problem(fmt::format("layer {} sums row {}: {}", key->first, key->second,
+                                  s.error().message));
+            else
+              sums[key->first][key->second] = *s;
+            return true;
+          }));
     }
   }
 
@@ -248,8 +261,8 @@ Result<FsckReport> Pool::fsck(bool full, bool repair) {
   LAYER_ASSIGN(orphans, confirm_orphans(orphans));
   if (!repair)
     for (const auto& path : orphans)
-      problem(fmt::format("orphan file {}: no layer names it; `layer fsck --repair` removes it",
-                          path));
+      problem(
+          fmt::format("orphan file {}: no layer names it; `layer fsck --repair` removes it", path));
 
   // Checksums.
   if (full) {
@@ -264,7 +277,8 @@ Result<FsckReport> Pool::fsck(bool full, bool repair) {
       };
       for (uint64_t g : f.data_groups)
         if (sum_of(g) == 0)
-          problem(fmt::format("layer {}: no checksum for data at offset {}", id, g * kSumGroupBytes));
+          problem(
+              fmt::format("layer {}: no checksum for data at offset {}", id, g * kSumGroupBytes));
       if (rows.empty()) continue;
       auto file = store_->open(layer_path(f.rec), false);
       if (!file) continue;  // reported above when it matters
@@ -286,9 +300,10 @@ Result<FsckReport> Pool::fsck(bool full, bool repair) {
           ++report.groups_verified;
           const uint64_t got = group_checksum(buf.data(), len);
           if (got != v[i])
-            problem(fmt::format("layer {}: checksum mismatch at offset {} (index says {:016x}, "
-                                "data hashes to {:016x})",
-                                id, off, v[i], got));
+            problem(
+                fmt::format("layer {}: checksum mismatch at offset {} (index says {:016x}, "
+                            "data hashes to {:016x})",
+                            id, off, v[i], got));
         }
       }
     }
@@ -302,13 +317,15 @@ Result<FsckReport> Pool::fsck(bool full, bool repair) {
     for (const auto& [intent_id, intent] : stale_imports) {
       LAYER_ASSIGN(bool rolled_back, roll_back_import(intent_id, intent));
       if (rolled_back)
-        report.repaired.push_back(fmt::format("interrupted import of {} (intent {}, layer {}): "
-                                              "rolled back", intent.target, intent_id,
-                                              intent.layer));
+        report.repaired.push_back(
+            fmt::format("interrupted import of {} (intent {}, layer {}): "
+                        "rolled back",
+                        intent.target, intent_id, intent.layer));
       else
-        report.problems.push_back(fmt::format("import of {} (intent {}, layer {}) is running "
-                                              "or finished meanwhile: left alone", intent.target,
-                                              intent_id, intent.layer));
+        report.problems.push_back(
+            fmt::format("import of {} (intent {}, layer {}) is running "
+                        "or finished meanwhile: left alone",
+                        intent.target, intent_id, intent.layer));
     }
     for (uint64_t intent_id : drops) {
       LAYER_TRY(finish_drop(intent_id));
@@ -328,8 +345,8 @@ Result<FsckReport> Pool::fsck(bool full, bool repair) {
 Result<bool> Pool::roll_back_import(uint64_t intent_id, const IntentRecord& intent) {
   // Held through the rollback: an import holds it from before its intent is visible until
   // it publishes, so holding it here means no import of this layer runs.
-  auto lock = locks_->try_lock(LockKind::kLayer, intent.layer, true,
-                               fmt::format("layer {}", intent.layer));
+  auto lock =
+      locks_->try_lock(LockKind::kLayer, intent.layer, true, fmt::format("layer {}", intent.layer));
   if (!lock) {
     if (lock.error().code == EBUSY) return false;
     return std::move(lock).error();
@@ -385,11 +402,12 @@ Result<std::vector<std::string>> Pool::confirm_orphans(const std::vector<std::st
         // Its own file, or a create of it in progress; a copy in another tier is a leftover.
         keep = path == layer_path(rec) || path == layer_path(rec) + ".new";
       }
-      LAYER_TRY(txn.scan(Db::kIntents, "", [&](std::string_view, std::string_view v) -> Result<bool> {
-        auto intent = decode_intent(v, 0);
-        if (intent && intent->layer == id) keep = true;
-        return !keep;
-      }));
+      LAYER_TRY(
+          txn.scan(Db::kIntents, "", [&](std::string_view, std::string_view v) -> Result<bool> {
+            auto intent = decode_intent(v, 0);
+            if (intent && intent->layer == id) keep = true;
+            return !keep;
+          }));
       // Work in progress on the layer (a Disk on its delta, an import, a move) holds its lock.
       LAYER_ASSIGN(const bool locked, locks_->is_locked(LockKind::kLayer, id));
       if (locked) keep = true;

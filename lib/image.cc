@@ -147,8 +147,7 @@ Result<ImageInfo> Pool::import_image(const std::string& ref, const std::string& 
     for (bool done = false; !done;) {
       auto s = committer_->run([&](WriteTxn& txn) -> Status {
         LAYER_ASSIGN(uint64_t n, txn.del_prefix(Db::kMaps, key_u64(layer_id), kMaxRowsPerTxn));
-        LAYER_ASSIGN(uint64_t m,
-                     txn.del_prefix(Db::kSums, key_u64(layer_id), kMaxRowsPerTxn - n));
+        LAYER_ASSIGN(uint64_t m, txn.del_prefix(Db::kSums, key_u64(layer_id), kMaxRowsPerTxn - n));
         if (n + m > 0) return {};
         done = true;
         return txn.del(Db::kIntents, key_u64(intent_id));
@@ -176,9 +175,10 @@ Result<ImageInfo> Pool::import_image(const std::string& ref, const std::string& 
   // kMaxRowsPerTxn finished rows.
   const uint64_t chunk_bytes = uint64_t{kBlocksPerChunk} * block_size;
   const uint64_t sums_row_bytes = uint64_t{kSumsPerRow} * kSumGroupBytes;
-  std::map<uint32_t, ChunkBits> open_chunks;              // chunk no -> bits
-  std::map<uint32_t, std::vector<uint64_t>> open_sums;    // sums row no -> checksums
-  std::vector<std::pair<Db, std::pair<std::string, std::string>>> rows;  // finished, in key order per db
+  std::map<uint32_t, ChunkBits> open_chunks;            // chunk no -> bits
+  std::map<uint32_t, std::vector<uint64_t>> open_sums;  // sums row no -> checksums
+  std::vector<std::pair<Db, std::pair<std::string, std::string>>>
+      rows;  // finished, in key order per db
   uint64_t data_blocks = 0;
   auto commit_rows = [&]() -> Status {
     if (rows.empty()) return {};
@@ -196,8 +196,8 @@ Result<ImageInfo> Pool::import_image(const std::string& ref, const std::string& 
     for (;;) {
       const bool chunk_done = !open_chunks.empty() &&
                               (open_chunks.begin()->first + uint64_t{1}) * chunk_bytes <= offset;
-      const bool sums_done = !open_sums.empty() &&
-                             (open_sums.begin()->first + uint64_t{1}) * sums_row_bytes <= offset;
+      const bool sums_done =
+          !open_sums.empty() && (open_sums.begin()->first + uint64_t{1}) * sums_row_bytes <= offset;
       if (!chunk_done && !sums_done) return {};
       if (chunk_done) {
         auto it = open_chunks.begin();
@@ -308,11 +308,12 @@ Result<ImageInfo> Pool::import_image(const std::string& ref, const std::string& 
 Result<std::vector<ImageInfo>> Pool::list_images() {
   LAYER_ASSIGN(auto txn, index_->begin_read());
   std::map<std::string, uint32_t> users;
-  LAYER_TRY(txn.scan(Db::kContainers, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
-    LAYER_ASSIGN(auto c, decode_container(v, k));
-    ++users[c.image_ref];
-    return true;
-  }));
+  LAYER_TRY(
+      txn.scan(Db::kContainers, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
+        LAYER_ASSIGN(auto c, decode_container(v, k));
+        ++users[c.image_ref];
+        return true;
+      }));
   std::vector<ImageInfo> out;
   LAYER_TRY(txn.scan(Db::kImages, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
     LAYER_ASSIGN(auto image, decode_image(v, k));
@@ -335,11 +336,12 @@ Status Pool::remove_image(const std::string& ref) {
     if (!v) return make_error(ENOENT, "image {} not found in pool {}", ref, paths_.root);
     LAYER_ASSIGN(auto image, decode_image(*v, ref));
     std::vector<std::string> users;
-    LAYER_TRY(txn.scan(Db::kContainers, "", [&](std::string_view k, std::string_view cv) -> Result<bool> {
-      LAYER_ASSIGN(auto c, decode_container(cv, k));
-      if (c.image_ref == ref) users.push_back(c.name);
-      return true;
-    }));
+    LAYER_TRY(
+        txn.scan(Db::kContainers, "", [&](std::string_view k, std::string_view cv) -> Result<bool> {
+          LAYER_ASSIGN(auto c, decode_container(cv, k));
+          if (c.image_ref == ref) users.push_back(c.name);
+          return true;
+        }));
     if (!users.empty())
       return make_error(EBUSY, "image {} is in use by {} container(s): {}", ref, users.size(),
                         fmt::join(users, ", "));

@@ -30,14 +30,14 @@ namespace {
 
 Error lmdb_error(int rc, std::string_view what) {
   int code = EIO;
-  if (rc == MDB_MAP_FULL) code = ENOSPC;
-  else if (rc == EACCES || rc == ENOENT || rc == ENOSPC || rc == ENOMEM || rc == EROFS) code = rc;
+  if (rc == MDB_MAP_FULL)
+    code = ENOSPC;
+  else if (rc == EACCES || rc == ENOENT || rc == ENOSPC || rc == ENOMEM || rc == EROFS)
+    code = rc;
   return make_error(code, "index: {}: {}", what, mdb_strerror(rc));
 }
 
-MDB_val val(std::string_view s) {
-  return MDB_val{s.size(), const_cast<char*>(s.data())};
-}
+MDB_val val(std::string_view s) { return MDB_val{s.size(), const_cast<char*>(s.data())}; }
 std::string_view view(const MDB_val& v) {
   return std::string_view(static_cast<const char*>(v.mv_data), v.mv_size);
 }
@@ -59,7 +59,7 @@ class Cursor {
 }  // namespace
 
 const char* db_name(Db db) {
-  static const char* const kNames[] = {"meta",       "layers",    "maps",  "sums",   "images",
+  static const char* const kNames[] = {"meta",       "layers",    "maps", "sums",   "images",
                                        "containers", "snapshots", "heat", "intents"};
   return kNames[static_cast<int>(db)];
 }
@@ -151,7 +151,8 @@ Status WriteTxn::append(Db db, std::string_view key, std::string_view value) {
 Status WriteTxn::del(Db db, std::string_view key) {
   MDB_val k = val(key);
   int rc = mdb_del(txn_, index_->dbi_[static_cast<int>(db)], &k, nullptr);
-  if (rc != 0 && rc != MDB_NOTFOUND) return lmdb_error(rc, fmt::format("delete from {}", db_name(db)));
+  if (rc != 0 && rc != MDB_NOTFOUND)
+    return lmdb_error(rc, fmt::format("delete from {}", db_name(db)));
   return {};
 }
 
@@ -380,8 +381,10 @@ void Committer::run_batch(std::deque<std::shared_ptr<Pending>>& batch) noexcept 
         }
         WriteTxn nested(&index_, child, std::shared_lock<std::shared_mutex>());
         Status s = run_job(*batch[i], nested);
-        if (!s.ok()) results[i] = s;
-        else any = true;
+        if (!s.ok())
+          results[i] = s;
+        else
+          any = true;
       }
       if (any) batch_status = txn->commit();
     }
@@ -392,8 +395,10 @@ void Committer::run_batch(std::deque<std::shared_ptr<Pending>>& batch) noexcept 
   }
   std::lock_guard<std::mutex> lk(mu_);
   for (size_t i = 0; i < batch.size(); ++i) {
-    if (i < results.size() && results[i]) batch[i]->result = std::move(*results[i]);
-    else batch[i]->result = batch_status;
+    if (i < results.size() && results[i])
+      batch[i]->result = std::move(*results[i]);
+    else
+      batch[i]->result = batch_status;
     batch[i]->done = true;
   }
 }

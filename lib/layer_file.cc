@@ -136,13 +136,10 @@ class LocalFile : public LayerFile {
   }
 
   void prefetch(uint64_t offset, uint64_t len) override {
-    ::posix_fadvise(fd_, static_cast<off_t>(offset), static_cast<off_t>(len),
-                    POSIX_FADV_WILLNEED);
+    ::posix_fadvise(fd_, static_cast<off_t>(offset), static_cast<off_t>(len), POSIX_FADV_WILLNEED);
   }
 
-  void hint_random_access() override {
-    ::posix_fadvise(fd_, 0, 0, POSIX_FADV_RANDOM);
-  }
+  void hint_random_access() override { ::posix_fadvise(fd_, 0, 0, POSIX_FADV_RANDOM); }
 
   Result<uint64_t> size() override {
     struct stat st;

@@ -111,9 +111,9 @@ class FaultInjectingStore : public LayerStore {
   Result<std::shared_ptr<LayerFile>> track(Result<std::shared_ptr<LayerFile>> inner);
   std::mutex mu_;
   std::vector<std::shared_ptr<File>> files_;  // kept so a power loss can be simulated after close
-  int failing_syncs_ = 0;      // GUARDED_BY(mu_)
-  int failing_dir_syncs_ = 0;  // GUARDED_BY(mu_)
-  int dir_syncs_ = 0;          // GUARDED_BY(mu_)
+  int failing_syncs_ = 0;                     // GUARDED_BY(mu_)
+  int failing_dir_syncs_ = 0;                 // GUARDED_BY(mu_)
+  int dir_syncs_ = 0;                         // GUARDED_BY(mu_)
 };
 
 }  // namespace layer

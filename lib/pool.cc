@@ -64,7 +64,9 @@ Status mkdir_p(const std::string& path) {
       return sys_error(errno, "create directory {}", cur);
     }
     const auto slash = cur.rfind('/');
-    LAYER_TRY(fsync_dir(slash == 0 ? "/" : slash == std::string::npos ? "." : cur.substr(0, slash)));
+    LAYER_TRY(fsync_dir(slash == 0                   ? "/"
+                        : slash == std::string::npos ? "."
+                                                     : cur.substr(0, slash)));
   }
   return {};
 }
@@ -118,8 +120,10 @@ Status check_tier_markers(ReadTxn& txn, const std::string& root, const std::stri
     std::string_view found(buf, static_cast<size_t>(n));
     if (auto nl = found.find('\n'); nl != std::string_view::npos) found = found.substr(0, nl);
     if (found != *id)
-      return make_error(EIO, "pool {}: tier directory {} belongs to pool id {}, not to this pool "
-                             "(id {})", root, tier, found, *id);
+      return make_error(EIO,
+                        "pool {}: tier directory {} belongs to pool id {}, not to this pool "
+                        "(id {})",
+                        root, tier, found, *id);
   }
   return {};
 }
@@ -228,22 +232,39 @@ Result<uint64_t> parse_size(std::string_view text) {
   if (i == 0) return make_error(EINVAL, "invalid size \"{}\"", text);
   std::string_view suffix = text.substr(i);
   // "10G", "10GB" and "10GiB" all mean 10 GiB.
-  if (suffix.size() == 3 && suffix.substr(1) == "iB") suffix = suffix.substr(0, 1);
-  else if (suffix.size() == 2 && (suffix[1] == 'B' || suffix[1] == 'b')) suffix = suffix.substr(0, 1);
+  if (suffix.size() == 3 && suffix.substr(1) == "iB")
+    suffix = suffix.substr(0, 1);
+  else if (suffix.size() == 2 && (suffix[1] == 'B' || suffix[1] == 'b'))
+    suffix = suffix.substr(0, 1);
   unsigned shift = 0;
-  if (suffix.empty()) shift = 0;
+  if (suffix.empty())
+    shift = 0;
   else if (suffix.size() == 1) {
     switch (suffix[0]) {
-      case 'k': case 'K': shift = 10; break;
-      case 'm': case 'M': shift = 20; break;
-      case 'g': case 'G': shift = 30; break;
-      case 't': case 'T': shift = 40; break;
-      default: return make_error(EINVAL, "invalid size \"{}\": unknown suffix", text);
+      case 'k':
+      case 'K':
+        shift = 10;
+        break;
+      case 'm':
+      case 'M':
+        shift = 20;
+        break;
+      case 'g':
+      case 'G':
+        shift = 30;
+        break;
+      case 't':
+      case 'T':
+        shift = 40;
+        break;
+      default:
+        return make_error(EINVAL, "invalid size \"{}\": unknown suffix", text);
     }
   } else {
     return make_error(EINVAL, "invalid size \"{}\": unknown suffix", text);
   }
-  if (shift && n > (UINT64_MAX >> shift)) return make_error(EINVAL, "size \"{}\" is too large", text);
+  if (shift && n > (UINT64_MAX >> shift))
+    return make_error(EINVAL, "size \"{}\" is too large", text);
   return n << shift;
 }
 
@@ -408,20 +429,21 @@ Result<std::vector<LayerRecord>> Pool::chain_of(ReadTxn& txn, LayerId top) {
 // Counts the data and zero blocks of a layer from its map rows.
 Status Pool::count_blocks(ReadTxn& txn, LayerId id, uint64_t* data, uint64_t* zero) {
   *data = *zero = 0;
-  return txn.scan(Db::kMaps, key_u64(id), [&](std::string_view, std::string_view v) -> Result<bool> {
-    LAYER_ASSIGN(auto bits, decode_chunk(v));
-    BlockState u;
-    if (bits.uniform(&u)) {
-      if (u == BlockState::kData) *data += kBlocksPerChunk;
-      if (u == BlockState::kZero) *zero += kBlocksPerChunk;
-      return true;
-    }
-    for (uint32_t i = 0; i < kBlocksPerChunk; ++i) {
-      *data += bits.get(i) == BlockState::kData;
-      *zero += bits.get(i) == BlockState::kZero;
-    }
-    return true;
-  });
+  return txn.scan(Db::kMaps, key_u64(id),
+                  [&](std::string_view, std::string_view v) -> Result<bool> {
+                    LAYER_ASSIGN(auto bits, decode_chunk(v));
+                    BlockState u;
+                    if (bits.uniform(&u)) {
+                      if (u == BlockState::kData) *data += kBlocksPerChunk;
+                      if (u == BlockState::kZero) *zero += kBlocksPerChunk;
+                      return true;
+                    }
+                    for (uint32_t i = 0; i < kBlocksPerChunk; ++i) {
+                      *data += bits.get(i) == BlockState::kData;
+                      *zero += bits.get(i) == BlockState::kZero;
+                    }
+                    return true;
+                  });
 }
 
 Status Pool::drop_layer(WriteTxn& txn, LayerId id, std::vector<uint64_t>* drop_intents) {
@@ -541,11 +563,12 @@ Result<ContainerInfo> Pool::clone(const std::string& image_ref, const std::strin
     LAYER_ASSIGN(LayerId delta_id, txn.next_id("layer"));
     LAYER_ASSIGN(uint64_t container_id, txn.next_id("container"));
     // The delta's file is created on its first write: a clone is this transaction only.
-    LayerRecord delta{delta_id, base.id, Tier::kSsd, size, image.block_size,
-                      LayerState::kWritable, 1, now_unix()};
+    LayerRecord delta{delta_id, base.id,          Tier::kSsd,
+                      size,     image.block_size, LayerState::kWritable,
+                      1,        now_unix()};
     LAYER_TRY(txn.put(Db::kLayers, key_u64(delta_id), encode(delta)));
-    rec = ContainerRecord{name, container_id, image_ref, delta_id, size, image.block_size,
-                          now_unix(), 1, {}};
+    rec = ContainerRecord{
+        name, container_id, image_ref, delta_id, size, image.block_size, now_unix(), 1, {}};
     return txn.put(Db::kContainers, name, encode(rec));
   }));
   LAYER_ASSIGN(auto txn, index_->begin_read());
@@ -555,12 +578,13 @@ Result<ContainerInfo> Pool::clone(const std::string& image_ref, const std::strin
 Result<std::vector<ContainerInfo>> Pool::list_containers() {
   LAYER_ASSIGN(auto txn, index_->begin_read());
   std::vector<ContainerInfo> out;
-  LAYER_TRY(txn.scan(Db::kContainers, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
-    LAYER_ASSIGN(auto rec, decode_container(v, k));
-    LAYER_ASSIGN(auto info, container_info(txn, rec));
-    out.push_back(std::move(info));
-    return true;
-  }));
+  LAYER_TRY(
+      txn.scan(Db::kContainers, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
+        LAYER_ASSIGN(auto rec, decode_container(v, k));
+        LAYER_ASSIGN(auto info, container_info(txn, rec));
+        out.push_back(std::move(info));
+        return true;
+      }));
   return out;
 }
 
@@ -568,10 +592,11 @@ Result<std::vector<std::string>> Pool::container_names(size_t limit) {
   std::vector<std::string> out;
   if (limit == 0) return out;
   LAYER_ASSIGN(auto txn, index_->begin_read());
-  LAYER_TRY(txn.scan(Db::kContainers, "", [&](std::string_view k, std::string_view) -> Result<bool> {
-    out.emplace_back(k);
-    return out.size() < limit;
-  }));
+  LAYER_TRY(
+      txn.scan(Db::kContainers, "", [&](std::string_view k, std::string_view) -> Result<bool> {
+        out.emplace_back(k);
+        return out.size() < limit;
+      }));
   return out;
 }
 

@@ -60,9 +60,9 @@ struct ImageInfo {
 
 struct ContainerInfo {
   ContainerRecord container;
-  std::vector<LayerRecord> chain;  // delta first, then the frozen layers below it
+  std::vector<LayerRecord> chain;           // delta first, then the frozen layers below it
   std::vector<uint64_t> chain_data_blocks;  // parallel to chain: data blocks in each layer
-  uint64_t delta_data_blocks = 0;  // as of the last flush (== chain_data_blocks[0])
+  uint64_t delta_data_blocks = 0;           // as of the last flush (== chain_data_blocks[0])
   uint64_t delta_zero_blocks = 0;
   std::optional<std::string> served_by;  // "pid N" when a server holds it
 };

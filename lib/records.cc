@@ -72,8 +72,7 @@ class Decoder {
   }
   // Finishes decoding: an error unless every byte was consumed and every read succeeded.
   Status finish(bool ok) {
-    if (ok && pos_ != in_.size())
-      bad_ = fmt::format("{} trailing bytes", in_.size() - pos_);
+    if (ok && pos_ != in_.size()) bad_ = fmt::format("{} trailing bytes", in_.size() - pos_);
     if (ok && bad_.empty()) return {};
     return make_error(EIO, "{}: corrupt record ({})", what_, bad_.empty() ? "truncated" : bad_);
   }
@@ -102,9 +101,12 @@ Result<Tier> parse_tier(std::string_view name) {
 
 const char* to_string(LayerState state) {
   switch (state) {
-    case LayerState::kWritable: return "writable";
-    case LayerState::kFrozenUnhashed: return "frozen-unhashed";
-    case LayerState::kFrozen: return "frozen";
+    case LayerState::kWritable:
+      return "writable";
+    case LayerState::kFrozenUnhashed:
+      return "frozen-unhashed";
+    case LayerState::kFrozen:
+      return "frozen";
   }
   return "invalid";
 }
@@ -205,8 +207,8 @@ Result<IntentRecord> decode_intent(std::string_view bytes, uint64_t id) {
   Decoder d(bytes, fmt::format("intent {}", id));
   IntentRecord r;
   uint8_t kind = 0;
-  bool ok = d.version() && d.u8(&kind) && d.u64(&r.layer) && d.str(&r.target) &&
-            d.u64(&r.created_unix);
+  bool ok =
+      d.version() && d.u8(&kind) && d.u64(&r.layer) && d.str(&r.target) && d.u64(&r.created_unix);
   LAYER_TRY(d.finish(ok));
   if (kind != static_cast<uint8_t>(IntentRecord::Kind::kImport) &&
       kind != static_cast<uint8_t>(IntentRecord::Kind::kDrop))

@@ -40,11 +40,20 @@ constexpr uint32_t kMaxRequestBytes = 32 << 20;
 // errors, EIO.
 int nbd_errno(int code) {
   switch (code) {
-    case EIO: case ENOSPC: case EPERM: case EINVAL: case ENOMEM: case ESHUTDOWN:
+    case EIO:
+    case ENOSPC:
+    case EPERM:
+    case EINVAL:
+    case ENOMEM:
+    case ESHUTDOWN:
       return code;
-    case EDQUOT: case EFBIG: return ENOSPC;
-    case EROFS: return EPERM;
-    default: return EIO;
+    case EDQUOT:
+    case EFBIG:
+      return ENOSPC;
+    case EROFS:
+      return EPERM;
+    default:
+      return EIO;
   }
 }
 
@@ -70,8 +79,10 @@ auto guarded(const char* what, F&& f) -> decltype(f()) {
     nbdkit_error("%s: unknown exception", what);
     nbdkit_set_error(EIO);
   }
-  if constexpr (std::is_pointer_v<decltype(f())>) return nullptr;
-  else return -1;
+  if constexpr (std::is_pointer_v<decltype(f())>)
+    return nullptr;
+  else
+    return -1;
 }
 
 struct Handle {
@@ -155,9 +166,10 @@ int layer_list_exports(int /*readonly*/, int /*is_tls*/, struct nbdkit_exports* 
       ++listed;
     }
     if (listed < names->size())
-      nbdkit_debug("list_exports: listing the first %zu containers; more are not listed (an "
-                   "NBD export list holds at most %zu names)",
-                   listed, kMaxListedExports);
+      nbdkit_debug(
+          "list_exports: listing the first %zu containers; more are not listed (an "
+          "NBD export list holds at most %zu names)",
+          listed, kMaxListedExports);
     return 0;
   });
 }
@@ -171,8 +183,9 @@ void* layer_open(int readonly) {
   return guarded("open", [&]() -> void* {
     const char* name = nbdkit_export_name();
     if (!name || !*name) {
-      nbdkit_error("no export name given: name a container, or start the server with "
-                   "default=NAME");
+      nbdkit_error(
+          "no export name given: name a container, or start the server with "
+          "default=NAME");
       nbdkit_set_error(EINVAL);
       return nullptr;
     }
@@ -191,8 +204,10 @@ void* layer_open(int readonly) {
     auto disk = g_disks->acquire(name, true);
     if (!disk) {
       const auto& e = disk.error();
-      if (e.code == ENOENT) nbdkit_error("unknown export \"%s\": %s", name, e.message.c_str());
-      else nbdkit_error("%s", e.message.c_str());
+      if (e.code == ENOENT)
+        nbdkit_error("unknown export \"%s\": %s", name, e.message.c_str());
+      else
+        nbdkit_error("%s", e.message.c_str());
       nbdkit_set_error(nbd_errno(e.code));
       return nullptr;
     }
@@ -218,9 +233,7 @@ const char* layer_export_description(void* h) {
   });
 }
 
-int64_t layer_get_size(void* h) {
-  return static_cast<int64_t>(disk_of(h).size_bytes());
-}
+int64_t layer_get_size(void* h) { return static_cast<int64_t>(disk_of(h).size_bytes()); }
 
 int layer_block_size(void* h, uint32_t* minimum, uint32_t* preferred, uint32_t* maximum) {
   // Any alignment works (partial blocks are copied up), so the minimum is 1; the preferred
@@ -257,9 +270,8 @@ int layer_flush(void* h, uint32_t /*flags*/) {
 }
 
 int layer_trim(void* h, uint32_t count, uint64_t offset, uint32_t flags) {
-  return guarded("trim", [&] {
-    return check(disk_of(h).trim(count, offset, flags & NBDKIT_FLAG_FUA));
-  });
+  return guarded("trim",
+                 [&] { return check(disk_of(h).trim(count, offset, flags & NBDKIT_FLAG_FUA)); });
 }
 
 int layer_zero(void* h, uint32_t count, uint64_t offset, uint32_t flags) {
@@ -295,9 +307,7 @@ int layer_cache(void* h, uint32_t count, uint64_t offset, uint32_t /*flags*/) {
   return guarded("cache", [&] { return check(disk_of(h).cache(count, offset)); });
 }
 
-void layer_dump_plugin() {
-  std::printf("layer_format_version=%u\n", layer::kFormatVersion);
-}
+void layer_dump_plugin() { std::printf("layer_format_version=%u\n", layer::kFormatVersion); }
 
 struct nbdkit_plugin make_plugin() {
   struct nbdkit_plugin p = {};

@@ -25,8 +25,8 @@
 
 #include "error.h"
 #include "index.h"
-#include "pool.h"
 #include "output.h"
+#include "pool.h"
 #include "records.h"
 #include "version.h"
 
@@ -185,8 +185,8 @@ int cmd_image_import(const Globals& g, const ImportArgs& a) {
                              total >> 20)
               << std::flush;
   };
-  auto result = pool->import_image(a.ref, a.file, static_cast<uint32_t>(block_size), progress,
-                                   a.description);
+  auto result =
+      pool->import_image(a.ref, a.file, static_cast<uint32_t>(block_size), progress, a.description);
   if (last_percent >= 0) std::cerr << '\n';
   auto info = take(std::move(result));
 

@@ -20,13 +20,13 @@
 
 #include <atomic>
 #include <cerrno>
-#include <mutex>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <mutex>
 #include <sstream>
 #include <thread>
 
@@ -404,8 +404,7 @@ std::vector<std::string> nbdkit_env(const std::string& report_prefix) {
   std::string preload = env_or_empty("LAYER_NBDKIT_PRELOAD");
   if (preload.empty()) return {};
   // nbdkit is not instrumented: leak checking would report nbdkit's own allocations.
-  return {"LD_PRELOAD=" + preload,
-          "ASAN_OPTIONS=detect_leaks=0:log_path=" + report_prefix,
+  return {"LD_PRELOAD=" + preload, "ASAN_OPTIONS=detect_leaks=0:log_path=" + report_prefix,
           "UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:log_path=" + report_prefix};
 }
 
@@ -510,7 +509,8 @@ Server::Server(const TempDir& dir, const Pool& pool, ServerOptions options)
     argv.push_back("--log=stderr");
   }
   argv.insert(argv.end(), {"-P", pidfile_, "-U", socket_});
-  if (options_.threads > 0) argv.insert(argv.end(), {"--threads", std::to_string(options_.threads)});
+  if (options_.threads > 0)
+    argv.insert(argv.end(), {"--threads", std::to_string(options_.threads)});
   if (options_.read_only) argv.push_back("-r");
   argv.insert(argv.end(), options_.extra_args.begin(), options_.extra_args.end());
   argv.push_back(require_env("LAYER_PLUGIN"));
@@ -707,20 +707,18 @@ std::vector<std::string> Nbd::list_exports(const std::string& socket) {
   } handle;
   auto fail_with = [](const std::string& what) {
     const char* msg = nbd_get_error();
-    throw NbdError("list exports: " + what + ": " + (msg ? msg : "(no message)"),
-                   nbd_get_errno());
+    throw NbdError("list exports: " + what + ": " + (msg ? msg : "(no message)"), nbd_get_errno());
   };
   if (handle.h == nullptr) fail_with("nbd_create");
   if (nbd_set_opt_mode(handle.h, true) == -1) fail_with("set_opt_mode");
   if (nbd_connect_unix(handle.h, socket.c_str()) == -1) fail_with("connect");
   std::vector<std::string> names;
-  nbd_list_callback cb = {
-      .callback = [](void* user, const char* name, const char*) -> int {
-        static_cast<std::vector<std::string>*>(user)->push_back(name);
-        return 0;
-      },
-      .user_data = &names,
-      .free = nullptr};
+  nbd_list_callback cb = {.callback = [](void* user, const char* name, const char*) -> int {
+                            static_cast<std::vector<std::string>*>(user)->push_back(name);
+                            return 0;
+                          },
+                          .user_data = &names,
+                          .free = nullptr};
   if (nbd_opt_list(handle.h, cb) == -1) fail_with("opt_list");
   nbd_opt_abort(handle.h);
   return names;
@@ -788,21 +786,21 @@ std::vector<Extent> Nbd::extents(uint64_t len, uint64_t offset) {
   uint64_t at = offset;
   while (at < offset + len) {
     size_t before = c.got.size();
-    nbd_extent_callback cb = {
-        .callback = [](void* user, const char* context, uint64_t off, uint32_t* entries,
-                       size_t n, int*) -> int {
-          auto* col = static_cast<Collector*>(user);
-          if (std::strcmp(context, LIBNBD_CONTEXT_BASE_ALLOCATION) != 0) return 0;
-          for (size_t i = 0; i + 1 < n; i += 2) {
-            if (off >= col->end) break;
-            uint64_t l = std::min<uint64_t>(entries[i], col->end - off);
-            col->got.push_back(Extent{off, l, entries[i + 1]});
-            off += entries[i];
-          }
-          return 0;
-        },
-        .user_data = &c,
-        .free = nullptr};
+    nbd_extent_callback cb = {.callback = [](void* user, const char* context, uint64_t off,
+                                             uint32_t* entries, size_t n, int*) -> int {
+                                auto* col = static_cast<Collector*>(user);
+                                if (std::strcmp(context, LIBNBD_CONTEXT_BASE_ALLOCATION) != 0)
+                                  return 0;
+                                for (size_t i = 0; i + 1 < n; i += 2) {
+                                  if (off >= col->end) break;
+                                  uint64_t l = std::min<uint64_t>(entries[i], col->end - off);
+                                  col->got.push_back(Extent{off, l, entries[i + 1]});
+                                  off += entries[i];
+                                }
+                                return 0;
+                              },
+                              .user_data = &c,
+                              .free = nullptr};
     uint64_t ask = std::min<uint64_t>(offset + len - at, uint64_t(1) << 30);
     if (nbd_block_status(h_, ask, at, cb, 0) == -1) fail(range_text("block_status", ask, at));
     if (c.got.size() == before) {

@@ -10,10 +10,10 @@
 // block reported data must have been written (or held data in the image); fast zero succeeds
 // on whole blocks and otherwise fails with ENOTSUP without changing anything.
 #define CATCH_CONFIG_RUNNER
-#include <catch2/catch.hpp>
 #include <libnbd.h>
 #include <signal.h>
 #include <unistd.h>
+#include <catch2/catch.hpp>
 
 #include <algorithm>
 #include <cerrno>
@@ -40,9 +40,8 @@ class Model {
     data_allowed.assign((bytes.size() + kBlock - 1) / kBlock, false);
     for (uint64_t b = 0; b < data_allowed.size(); ++b) {
       uint64_t end = std::min<uint64_t>((b + 1) * kBlock, bytes.size());
-      data_allowed[b] =
-          std::any_of(bytes.begin() + long(b * kBlock), bytes.begin() + long(end),
-                      [](uint8_t x) { return x != 0; });
+      data_allowed[b] = std::any_of(bytes.begin() + long(b * kBlock), bytes.begin() + long(end),
+                                    [](uint8_t x) { return x != 0; });
     }
   }
   uint64_t size() const { return bytes.size(); }
@@ -81,8 +80,8 @@ std::string first_difference(const std::vector<uint8_t>& got, const std::vector<
   uint64_t n = 0;
   for (uint64_t i = at; i < got.size(); ++i) n += got[i] != want[i];
   return "first difference at byte " + std::to_string(base + at) + " (block " +
-         std::to_string((base + at) / kBlock) + "): got " + std::to_string(got[at]) +
-         ", want " + std::to_string(want[at]) + "; " + std::to_string(n) + " bytes differ";
+         std::to_string((base + at) / kBlock) + "): got " + std::to_string(got[at]) + ", want " +
+         std::to_string(want[at]) + "; " + std::to_string(n) + " bytes differ";
 }
 
 // Reads [offset, offset+len) through nbd and compares with the model.
@@ -175,7 +174,8 @@ Range random_range(std::mt19937_64& rng, uint64_t size) {
 }
 
 bool whole_full_blocks(Range r, uint64_t size) {
-  return r.offset % kBlock == 0 && r.len % kBlock == 0 && r.offset + r.len <= size / kBlock * kBlock;
+  return r.offset % kBlock == 0 && r.len % kBlock == 0 &&
+         r.offset + r.len <= size / kBlock * kBlock;
 }
 
 // One random operation on `nbd`, mirrored in the model. Returns a short description.
@@ -270,8 +270,7 @@ void check_capabilities(Nbd& nbd) {
 
 }  // namespace
 
-TEST_CASE("random writes, zeroes and trims from two connections match the reference",
-          "[random]") {
+TEST_CASE("random writes, zeroes and trims from two connections match the reference", "[random]") {
   Fixture f("random");
   f.pool.clone("base:1", "c1");
   Server server(f.dir, f.pool, with_threads(4));
@@ -460,8 +459,7 @@ TEST_CASE("data survives a server restart", "[restart]") {
   check_extents(nbd, model, "after a close without flush and a restart");
 }
 
-TEST_CASE("after kill -9, every write acknowledged before a completed flush is intact",
-          "[kill9]") {
+TEST_CASE("after kill -9, every write acknowledged before a completed flush is intact", "[kill9]") {
   Fixture f("kill9");
   f.pool.clone("base:1", "c1");
   Model model(f.image);
@@ -623,8 +621,8 @@ TEST_CASE("connections to one export open and close quickly, in parallel", "[rec
         nbd.shutdown();
       } catch (const std::exception& e) {
         std::lock_guard<std::mutex> lk(mu);
-        errors.push_back("thread " + std::to_string(t) + " round " + std::to_string(round) +
-                         ": " + e.what());
+        errors.push_back("thread " + std::to_string(t) + " round " + std::to_string(round) + ": " +
+                         e.what());
       }
     }
   };
@@ -706,8 +704,8 @@ TEST_CASE("the server runs daemonized, in the foreground and captive with --run"
   require_program("nbdcopy");
   std::string plugin = require_env("LAYER_PLUGIN");
   auto env = nbdkit_env(f.dir / "captive.sanitizer");
-  RunResult size = run_ok({"nbdkit", "-U", "-", "-e", "c1", plugin, "pool=" + f.pool.dir(),
-                           "--run", "nbdinfo --size \"$uri\""},
+  RunResult size = run_ok({"nbdkit", "-U", "-", "-e", "c1", plugin, "pool=" + f.pool.dir(), "--run",
+                           "nbdinfo --size \"$uri\""},
                           env);
   CHECK(size.out == std::to_string(model.size()) + "\n");
   std::string out = f.dir / "copy.img";

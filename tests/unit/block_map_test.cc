@@ -118,7 +118,8 @@ TEST_CASE("encode_chunk/decode_chunk round trip random chunks", "[block_map]") {
     ChunkBits bits;
     const int density = static_cast<int>(rng() % 4);  // 0: very sparse .. 3: dense
     for (uint32_t i = 0; i < kBlocksPerChunk; i++) {
-      if (static_cast<int>(rng() % 8) <= density * 2) bits.set(i, static_cast<BlockState>(rng() % 3));
+      if (static_cast<int>(rng() % 8) <= density * 2)
+        bits.set(i, static_cast<BlockState>(rng() % 3));
     }
     const std::string row = encode_chunk(bits);
     BlockState st;

@@ -46,7 +46,8 @@ struct ChainFixture {
     REQUIRE_OK(txn.commit());
   }
 
-  std::shared_ptr<const ChainMap> build(const std::vector<LayerRecord>& layers, uint64_t size_blocks) {
+  std::shared_ptr<const ChainMap> build(const std::vector<LayerRecord>& layers,
+                                        uint64_t size_blocks) {
     ReadTxn txn = MUST(index->begin_read());
     return MUST(ChainMap::build(txn, layers, size_blocks));
   }

@@ -19,7 +19,8 @@ constexpr uint64_t kChunk = kBlocksPerChunk;
 // The state block b gets from the thread that owns it in the concurrent tests.
 BlockState state_for(uint64_t b) { return b % 3 == 0 ? BlockState::kZero : BlockState::kData; }
 
-std::map<uint32_t, ChunkBits> decode_rows(const std::vector<std::pair<uint32_t, std::string>>& rows) {
+std::map<uint32_t, ChunkBits> decode_rows(
+    const std::vector<std::pair<uint32_t, std::string>>& rows) {
   std::map<uint32_t, ChunkBits> out;
   for (const auto& [c, row] : rows) {
     auto bits = decode_chunk(row);
@@ -56,14 +57,14 @@ TEST_CASE("DeltaMap: set_range and get across word and chunk boundaries", "[delt
     m.set_range(first, count, s);
     for (uint64_t b = first; b < first + count; b++) ref.set(b, s);
   };
-  set(31, 2, BlockState::kData);                   // straddles words 0 and 1
-  set(64, 32, BlockState::kZero);                  // exactly word 2
-  set(100, 1, BlockState::kData);                  // one block mid-word
-  set(kChunk - 5, 10, BlockState::kData);          // straddles chunks 0 and 1
+  set(31, 2, BlockState::kData);                      // straddles words 0 and 1
+  set(64, 32, BlockState::kZero);                     // exactly word 2
+  set(100, 1, BlockState::kData);                     // one block mid-word
+  set(kChunk - 5, 10, BlockState::kData);             // straddles chunks 0 and 1
   set(kChunk + 200, kChunk + 50, BlockState::kZero);  // chunk 1 to 2, many whole words
-  set(kChunk + 300, 40, BlockState::kData);        // overwrites part of the zero run
-  set(kChunk + 310, 5, BlockState::kAbsent);       // back to absent inside it
-  set(size - 7, 7, BlockState::kData);             // up to the end of the partial chunk
+  set(kChunk + 300, 40, BlockState::kData);           // overwrites part of the zero run
+  set(kChunk + 310, 5, BlockState::kAbsent);          // back to absent inside it
+  set(size - 7, 7, BlockState::kData);                // up to the end of the partial chunk
   for (uint64_t b = 0; b < size; b++) {
     INFO("block " << b);
     REQUIRE(m.get(b) == ref.get(b));
@@ -92,8 +93,7 @@ TEST_CASE("DeltaMap::run counts blocks in one state, across words and chunks", "
   CHECK(m.run(kChunk, kChunk, BlockState::kData) == kChunk);     // a whole chunk
   CHECK(m.run(10, size, BlockState::kZero) == 0);
   // From the end of the data run: absent through the rest of chunk 2 into chunk 3.
-  CHECK(m.run(2 * kChunk + 10, size - (2 * kChunk + 10), BlockState::kAbsent) ==
-        kChunk - 10 + 7);
+  CHECK(m.run(2 * kChunk + 10, size - (2 * kChunk + 10), BlockState::kAbsent) == kChunk - 10 + 7);
   // An absent run over a chunk never touched counts all of it.
   DeltaMap sparse(4 * kChunk);
   sparse.set_range(3 * kChunk + 1, 1, BlockState::kData);
@@ -140,8 +140,9 @@ TEST_CASE("DeltaMap: take_dirty takes each dirty chunk once; return_dirty puts t
   BlockState u;
   CHECK(rows[3].uniform(&u));
   CHECK(u == BlockState::kData);
-  for (const auto& [c, row] : taken) CHECK(row.size() == (c == 3 ? 1u : kChunkBytes));  // uniform: 1 byte
-  CHECK(m.take_dirty().empty());  // taken: clean
+  for (const auto& [c, row] : taken)
+    CHECK(row.size() == (c == 3 ? 1u : kChunkBytes));  // uniform: 1 byte
+  CHECK(m.take_dirty().empty());                       // taken: clean
 
   // A failed commit returns them; a chunk marked again meanwhile is not listed twice.
   m.set_range(1, 1, BlockState::kData);
@@ -242,9 +243,10 @@ TEST_CASE("DeltaMap: a mark racing take_dirty of its chunk, started together, is
           "[delta_map][threads]") {
   // The narrow case, many times: a chunk is dirty; one thread marks another block of it while
   // this one takes the dirty rows (had take_dirty copied a row before clearing the chunk's
-  // flag, a mark landing in between would be in no row, and its chunk clean). The mark must be in the taken row, or its chunk must be dirty
-  // again (then the next round's row has it). Both are released together each episode, each
-  // after a random short spin, so the mark lands before, during or after take_dirty.
+  // flag, a mark landing in between would be in no row, and its chunk clean). The mark must be in
+  // the taken row, or its chunk must be dirty again (then the next round's row has it). Both are
+  // released together each episode, each after a random short spin, so the mark lands before,
+  // during or after take_dirty.
   constexpr int kEpisodes = 3000;
   const uint64_t seed = test::test_seed("delta_map mark vs take_dirty");
   DeltaMap m(4 * kChunk);
@@ -288,9 +290,12 @@ TEST_CASE("DeltaMap: a mark racing take_dirty of its chunk, started together, is
       }
       return false;
     };
-    if (has_mark(taken)) ++in_row;
-    else if (has_mark(next)) ++dirty_again;
-    else ++lost;
+    if (has_mark(taken))
+      ++in_row;
+    else if (has_mark(next))
+      ++dirty_again;
+    else
+      ++lost;
   }
   writer.join();
   INFO("in the taken row: " << in_row << ", dirty again: " << dirty_again);

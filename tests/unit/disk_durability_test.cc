@@ -118,7 +118,8 @@ TEST_CASE("power loss keeps every flushed write and nothing half-made", "[disk][
     REQUIRE_OK(disk->flush());
     disk.reset();
     FsckReport rep = MUST(d.f.pool->fsck(false, false));
-    INFO(rep.problems.size() << " problems, first: " << (rep.problems.empty() ? "" : rep.problems[0]));
+    INFO(rep.problems.size() << " problems, first: "
+                             << (rep.problems.empty() ? "" : rep.problems[0]));
     CHECK(rep.problems.empty());
   }
 }
@@ -131,9 +132,9 @@ TEST_CASE("a FUA write survives power loss without a flush", "[disk][powerloss]"
   d.f.pool->set_store(std::move(store));
   Model m = d.model;
   auto disk = d.open();
-  do_write(*disk, m, 4096 + 100, pattern(300, 1), true);    // copy-up of a data block, FUA
-  do_write(*disk, m, 7 * 4096, pattern(4096, 2), true);      // whole block, FUA
-  REQUIRE_OK(disk->zero(4096, 0, true, false));              // zero, FUA
+  do_write(*disk, m, 4096 + 100, pattern(300, 1), true);  // copy-up of a data block, FUA
+  do_write(*disk, m, 7 * 4096, pattern(4096, 2), true);   // whole block, FUA
+  REQUIRE_OK(disk->zero(4096, 0, true, false));           // zero, FUA
   m.zero(0, 4096);
   disk.reset();
   faults->simulate_power_loss(false, 1);
@@ -233,7 +234,8 @@ TEST_CASE("flush syncs data before committing the rows that name it, under concu
   REQUIRE(failures == 0);
   REQUIRE_OK(disk->flush());
   CHECK(unsynced_data_in_index(*d.f.pool, *tracking, "c") == "");
-  CHECK(MUST(committed_data_blocks(*d.f.pool, MUST(d.f.pool->inspect("c")).container.delta_layer)).size() == 1500);
+  CHECK(MUST(committed_data_blocks(*d.f.pool, MUST(d.f.pool->inspect("c")).container.delta_layer))
+            .size() == 1500);
   tracking->on_sync = nullptr;
 }
 
@@ -271,7 +273,8 @@ TEST_CASE("a write racing a flush round is not committed before its data is sync
     const std::string name = "r" + std::to_string(attempt);
     MUST(f.pool->clone("sparse:1", name, std::nullopt));
     auto disk = MUST(Disk::open(*f.pool, name, true));
-    for (uint64_t c = 0; c < kChunks; c++) REQUIRE_OK(disk->zero(4096, c * chunk_bytes, false, false));
+    for (uint64_t c = 0; c < kChunks; c++)
+      REQUIRE_OK(disk->zero(4096, c * chunk_bytes, false, false));
     const uint64_t target = (kChunks - 1) * uint64_t{kBlocksPerChunk} + 1;
     std::atomic<bool> go{false};
     Status write_status;
@@ -286,7 +289,8 @@ TEST_CASE("a write racing a flush round is not committed before its data is sync
     writer.join();
     REQUIRE_OK(flush_status);
     REQUIRE_OK(write_status);
-    auto data_blocks = MUST(committed_data_blocks(*f.pool, MUST(f.pool->inspect(name)).container.delta_layer));
+    auto data_blocks =
+        MUST(committed_data_blocks(*f.pool, MUST(f.pool->inspect(name)).container.delta_layer));
     if (std::find(data_blocks.begin(), data_blocks.end(), target) != data_blocks.end()) raced++;
     INFO("attempt " << attempt);
     CHECK(unsynced_data_in_index(*f.pool, *tracking, name) == "");
@@ -297,4 +301,3 @@ TEST_CASE("a write racing a flush round is not committed before its data is sync
   std::cerr << "flush-order race: the write's row was in the racing flush's commit in " << raced
             << " of 10 attempts\n";
 }
-

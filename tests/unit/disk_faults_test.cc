@@ -256,7 +256,8 @@ TEST_CASE("an exception inside a flush round fails that flush only and loses no 
   // The round flag was restored (this would hang otherwise) and the rows are dirty again.
   REQUIRE_OK(disk->flush());
   disk->set_test_hook(nullptr);
-  auto blocks = MUST(committed_data_blocks(*d.f.pool, MUST(d.f.pool->inspect("c")).container.delta_layer));
+  auto blocks =
+      MUST(committed_data_blocks(*d.f.pool, MUST(d.f.pool->inspect("c")).container.delta_layer));
   CHECK(blocks == std::vector<uint64_t>{1});
   disk.reset();
   disk = d.open();

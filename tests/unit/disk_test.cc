@@ -52,25 +52,25 @@ TEST_CASE("Disk aligned and unaligned writes", "[disk]") {
     uint64_t off, len;
   };
   const std::vector<W> writes = {
-      {0, 1},                            // 1 byte into a data block
-      {4095, 1},                         // last byte of block 0
-      {4096 + 1, 1},                     // 1 byte into written-zeroes block 1
-      {2 * 4096 + 100, 1},               // 1 byte into a hole
-      {4000, 513},                       // spans blocks 0/1
-      {12345, 513},                      // odd offset
-      {6 * 4096 - 300, 513},             // spans into block 6
-      {8 * 4096, 4096},                  // one whole block
-      {9 * 4096 + 1, 4096},              // a block's worth, unaligned: two partial blocks
-      {20 * 4096 - 7, 3 * 4096 + 14},    // partial, 2 whole, partial
-      {1 << 20, 1 << 20},                // a whole MiB, aligned
-      {(3 << 20) + 512, 1 << 20},        // a MiB at a sector offset
-      {image_size - 100, 300},           // across the image's end
-      {image_size + 8192, 4096},         // beyond the image
-      {m.size() - 1536, 1536},           // the short last block, whole
-      {m.size() - 1, 1},                 // the very last byte
-      {0, 1},                            // again: now data in the delta
+      {0, 1},                          // 1 byte into a data block
+      {4095, 1},                       // last byte of block 0
+      {4096 + 1, 1},                   // 1 byte into written-zeroes block 1
+      {2 * 4096 + 100, 1},             // 1 byte into a hole
+      {4000, 513},                     // spans blocks 0/1
+      {12345, 513},                    // odd offset
+      {6 * 4096 - 300, 513},           // spans into block 6
+      {8 * 4096, 4096},                // one whole block
+      {9 * 4096 + 1, 4096},            // a block's worth, unaligned: two partial blocks
+      {20 * 4096 - 7, 3 * 4096 + 14},  // partial, 2 whole, partial
+      {1 << 20, 1 << 20},              // a whole MiB, aligned
+      {(3 << 20) + 512, 1 << 20},      // a MiB at a sector offset
+      {image_size - 100, 300},         // across the image's end
+      {image_size + 8192, 4096},       // beyond the image
+      {m.size() - 1536, 1536},         // the short last block, whole
+      {m.size() - 1, 1},               // the very last byte
+      {0, 1},                          // again: now data in the delta
       {4000, 513},
-      {8 * 4096 + 10, 20},               // into a block already data in the delta
+      {8 * 4096 + 10, 20},  // into a block already data in the delta
   };
   for (const W& w : writes) {
     do_write(*disk, m, w.off, pattern(w.len, seed++));
@@ -258,7 +258,8 @@ TEST_CASE("two clones of one image stay independent; the image does not change",
   auto a = d.open("c");
   check_disk(*a, m1);
   FsckReport rep = MUST(d.f.pool->fsck(true, false));
-  INFO(rep.problems.size() << " problems, first: " << (rep.problems.empty() ? "" : rep.problems[0]));
+  INFO(rep.problems.size() << " problems, first: "
+                           << (rep.problems.empty() ? "" : rep.problems[0]));
   CHECK(rep.problems.empty());
   // The delta of c has its data now; inspect counts it as of the last flush.
   ContainerInfo info = MUST(d.f.pool->inspect("c"));
@@ -295,10 +296,18 @@ TEST_CASE("Disk model-based random test", "[disk][random]") {
   auto pick_range = [&](uint64_t max_len) -> std::pair<uint64_t, uint64_t> {
     uint64_t len;
     switch (rng() % 6) {
-      case 0: len = 1 + rng() % 16; break;
-      case 1: len = 512 * (1 + rng() % 16); break;
-      case 2: len = bs * (1 + rng() % 3); break;
-      default: len = 1 + rng() % max_len; break;
+      case 0:
+        len = 1 + rng() % 16;
+        break;
+      case 1:
+        len = 512 * (1 + rng() % 16);
+        break;
+      case 2:
+        len = bs * (1 + rng() % 3);
+        break;
+      default:
+        len = 1 + rng() % max_len;
+        break;
     }
     len = std::min<uint64_t>(len, m.size());
     uint64_t off = rng() % (m.size() - len + 1);
@@ -330,8 +339,10 @@ TEST_CASE("Disk model-based random test", "[disk][random]") {
         REQUIRE_OK(st);
         m.zero(off, len);
       } else if (at_end) {
-        if (st.ok()) m.zero(off, len);
-        else CHECK(st.error().code == ENOTSUP);
+        if (st.ok())
+          m.zero(off, len);
+        else
+          CHECK(st.error().code == ENOTSUP);
       } else {
         REQUIRE_FALSE(st.ok());
         REQUIRE(st.error().code == ENOTSUP);
@@ -362,7 +373,8 @@ TEST_CASE("Disk model-based random test", "[disk][random]") {
   CHECK(reopens > 0);
   disk.reset();
   FsckReport rep = MUST(d.f.pool->fsck(true, false));
-  INFO(rep.problems.size() << " problems, first: " << (rep.problems.empty() ? "" : rep.problems[0]));
+  INFO(rep.problems.size() << " problems, first: "
+                           << (rep.problems.empty() ? "" : rep.problems[0]));
   CHECK(rep.problems.empty());
 }
 
@@ -371,8 +383,8 @@ TEST_CASE("concurrent partial writers to shared blocks", "[disk][threads]") {
   CAPTURE(seed);
   constexpr int kThreads = 8;
   constexpr uint32_t kSlice = 4096 / kThreads;  // thread t owns bytes [t*512, t*512+512) of a block
-  constexpr uint64_t kShared = 64;               // blocks 0..63: every thread writes in each
-  constexpr uint64_t kOwned = 64;                // blocks 64..127: block b belongs to thread b%8
+  constexpr uint64_t kShared = 64;              // blocks 0..63: every thread writes in each
+  constexpr uint64_t kOwned = 64;               // blocks 64..127: block b belongs to thread b%8
   const uint64_t size = (kShared + kOwned) * 4096;
 
   for (int round = 0; round < 3; round++) {
@@ -398,7 +410,8 @@ TEST_CASE("concurrent partial writers to shared blocks", "[disk][threads]") {
             const uint64_t off = slice + sub;
             if (rng() % 4 == 0) {
               if (!disk->zero(len, off, false, false).ok()) failures++;
-              std::fill(want.begin() + static_cast<long>(off), want.begin() + static_cast<long>(off + len), 0);
+              std::fill(want.begin() + static_cast<long>(off),
+                        want.begin() + static_cast<long>(off + len), 0);
             } else {
               auto data = pattern(len, rng());
               if (!disk->write(data.data(), len, off, false).ok()) failures++;
@@ -417,11 +430,13 @@ TEST_CASE("concurrent partial writers to shared blocks", "[disk][threads]") {
               }
               case 1:
                 if (!disk->zero(4096, off, false, false).ok()) failures++;
-                std::fill(want.begin() + static_cast<long>(off), want.begin() + static_cast<long>(off + 4096), 0);
+                std::fill(want.begin() + static_cast<long>(off),
+                          want.begin() + static_cast<long>(off + 4096), 0);
                 break;
               default:
                 if (!disk->trim(4096, off, false).ok()) failures++;
-                std::fill(want.begin() + static_cast<long>(off), want.begin() + static_cast<long>(off + 4096), 0);
+                std::fill(want.begin() + static_cast<long>(off),
+                          want.begin() + static_cast<long>(off + 4096), 0);
                 break;
             }
           }
@@ -463,8 +478,10 @@ TEST_CASE("concurrent reads, writes and flushes on one disk", "[disk][threads]")
           // Readers: blocks 32..63 never change.
           const uint64_t off = 32 * 4096 + rng() % (32 * 4096 - 8192);
           std::vector<uint8_t> buf(1 + rng() % 8192);
-          if (!disk->read(buf.data(), buf.size(), off).ok()) failures++;
-          else if (!std::equal(buf.begin(), buf.end(), stable.begin() + static_cast<long>(off))) failures++;
+          if (!disk->read(buf.data(), buf.size(), off).ok())
+            failures++;
+          else if (!std::equal(buf.begin(), buf.end(), stable.begin() + static_cast<long>(off)))
+            failures++;
         }
       }
     });
@@ -473,8 +490,7 @@ TEST_CASE("concurrent reads, writes and flushes on one disk", "[disk][threads]")
   CHECK(failures == 0);
 }
 
-TEST_CASE("DiskTable shares one Disk per container and flushes on the last release",
-          "[disk]") {
+TEST_CASE("DiskTable shares one Disk per container and flushes on the last release", "[disk]") {
   const uint64_t size = 32 * 4096;
   DiskFixture d(size, size, 4096, 51);
   auto store = std::make_unique<FaultInjectingStore>();

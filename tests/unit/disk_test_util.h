@@ -36,7 +36,8 @@ struct Model {
   // Zero/trim: whole blocks become known holes, except the short last block whose handling
   // (tombstone or written zeroes) the contract leaves open; partial blocks become unknown.
   void zero(uint64_t off, uint64_t len) {
-    std::fill(bytes.begin() + static_cast<long>(off), bytes.begin() + static_cast<long>(off + len), 0);
+    std::fill(bytes.begin() + static_cast<long>(off), bytes.begin() + static_cast<long>(off + len),
+              0);
     for (uint64_t b = off / block_size; b * block_size < off + len; b++) {
       const bool whole = b * block_size >= off && (b + 1) * block_size <= off + len;
       must_be_hole[b] = whole;
@@ -55,8 +56,9 @@ struct DiskFixture {
   DiskFixture(uint64_t image_size, uint64_t disk_size, uint32_t bs = 4096, uint64_t seed = 11)
       : block_size(bs) {
     image = f.import("base:1", image_size, bs, seed);
-    MUST(f.pool->clone("base:1", "c", disk_size == image_size ? std::nullopt
-                                                               : std::optional<uint64_t>(disk_size)));
+    MUST(
+        f.pool->clone("base:1", "c",
+                      disk_size == image_size ? std::nullopt : std::optional<uint64_t>(disk_size)));
     model = initial_model(disk_size);
   }
 
@@ -67,7 +69,8 @@ struct DiskFixture {
     m.bytes.resize(disk_size, 0);
     m.must_be_hole.assign(m.blocks(), false);
     for (uint64_t b = 0; b < m.blocks(); b++) {
-      m.must_be_hole[b] = test::all_zero(m.bytes.data() + b * block_size, m.block_end(b) - b * block_size);
+      m.must_be_hole[b] =
+          test::all_zero(m.bytes.data() + b * block_size, m.block_end(b) - b * block_size);
     }
     return m;
   }
@@ -99,8 +102,8 @@ void require_same(const std::vector<uint8_t>& got, const std::vector<uint8_t>& w
   auto mm = std::mismatch(got.begin(), got.end(), want.begin());
   if (mm.first != got.end()) {
     const uint64_t at = static_cast<uint64_t>(mm.first - got.begin());
-    FAIL("first difference at disk offset " << base + at << ": got " << int(*mm.first)
-                                            << ", want " << int(*mm.second));
+    FAIL("first difference at disk offset " << base + at << ": got " << int(*mm.first) << ", want "
+                                            << int(*mm.second));
   }
 }
 
@@ -112,7 +115,8 @@ inline void check_read(Disk& disk, const Model& m, uint64_t off, uint64_t len) {
   require_same(read_range(disk, off, len), want, off);
 }
 
-inline void do_write(Disk& disk, Model& m, uint64_t off, const std::vector<uint8_t>& data, bool fua = false) {
+inline void do_write(Disk& disk, Model& m, uint64_t off, const std::vector<uint8_t>& data,
+                     bool fua = false) {
   INFO("write " << data.size() << " bytes at " << off);
   REQUIRE_OK(disk.write(data.data(), data.size(), off, fua));
   m.write(off, data.data(), data.size());
@@ -140,7 +144,9 @@ struct Extent {
 inline void check_extents(Disk& disk, const Model& m, uint64_t off, uint64_t len) {
   INFO("extents " << len << " bytes at " << off);
   std::vector<Extent> ext;
-  REQUIRE_OK(disk.extents(len, off, [&](uint64_t o, uint64_t l, bool d) { ext.push_back({o, l, d}); }));
+  REQUIRE_OK(disk.extents(len, off, [&](uint64_t o, uint64_t l, bool d) {
+    ext.push_back({o, l, d});
+  }));
   REQUIRE_FALSE(ext.empty());
   uint64_t pos = off;
   for (const Extent& e : ext) {
@@ -219,7 +225,8 @@ class TrackingStore : public LayerStore {
       std::lock_guard<std::mutex> lk(mu_);
       for (size_t i = 0; i < covered; i++) {
         auto [off, len] = completed_[i];
-        for (uint64_t b = (off + block_size_ - 1) / block_size_; (b + 1) * block_size_ <= off + len; b++)
+        for (uint64_t b = (off + block_size_ - 1) / block_size_; (b + 1) * block_size_ <= off + len;
+             b++)
           durable_.insert(b);
       }
       completed_.erase(completed_.begin(), completed_.begin() + static_cast<long>(covered));
@@ -244,7 +251,7 @@ class TrackingStore : public LayerStore {
     TrackingStore* store_;
     std::mutex mu_;
     std::vector<std::pair<uint64_t, uint64_t>> completed_;  // unsynced, in completion order
-    std::set<uint64_t> durable_;                             // blocks fully written, then synced
+    std::set<uint64_t> durable_;                            // blocks fully written, then synced
   };
 
   Result<std::shared_ptr<LayerFile>> open(const std::string& path, bool writable) override {
@@ -276,7 +283,8 @@ class TrackingStore : public LayerStore {
   }
 
  private:
-  Result<std::shared_ptr<LayerFile>> add(const std::string& path, std::shared_ptr<LayerFile> inner) {
+  Result<std::shared_ptr<LayerFile>> add(const std::string& path,
+                                         std::shared_ptr<LayerFile> inner) {
     auto f = std::make_shared<File>(std::move(inner), block_size_, this);
     std::lock_guard<std::mutex> lk(mu_);
     files_.emplace(path, f);
@@ -292,20 +300,23 @@ class TrackingStore : public LayerStore {
 inline Result<std::vector<uint64_t>> committed_data_blocks(Pool& pool, LayerId id) {
   std::vector<uint64_t> out;
   LAYER_ASSIGN(ReadTxn txn, pool.index().begin_read());
-  LAYER_TRY(txn.scan(Db::kMaps, key_u64(id), [&](std::string_view k, std::string_view v) -> Result<bool> {
-    auto key = decode_key_u64_u32(k);
-    if (!key) return make_error(EIO, "bad maps key");
-    LAYER_ASSIGN(ChunkBits bits, decode_chunk(v));
-    for (uint32_t i = 0; i < kBlocksPerChunk; i++)
-      if (bits.get(i) == BlockState::kData) out.push_back(uint64_t{key->second} * kBlocksPerChunk + i);
-    return true;
-  }));
+  LAYER_TRY(
+      txn.scan(Db::kMaps, key_u64(id), [&](std::string_view k, std::string_view v) -> Result<bool> {
+        auto key = decode_key_u64_u32(k);
+        if (!key) return make_error(EIO, "bad maps key");
+        LAYER_ASSIGN(ChunkBits bits, decode_chunk(v));
+        for (uint32_t i = 0; i < kBlocksPerChunk; i++)
+          if (bits.get(i) == BlockState::kData)
+            out.push_back(uint64_t{key->second} * kBlocksPerChunk + i);
+        return true;
+      }));
   return out;
 }
 
 // "" when every block the index names as data in the delta of `container` has synced data;
 // else what is wrong. No Catch macros: runs on helper threads too.
-inline std::string unsynced_data_in_index(Pool& pool, TrackingStore& store, const std::string& container) {
+inline std::string unsynced_data_in_index(Pool& pool, TrackingStore& store,
+                                          const std::string& container) {
   auto info = pool.inspect(container);
   if (!info.ok()) return "inspect: " + info.error().message;
   const std::string path = pool.layer_path(info->chain[0]);
@@ -313,9 +324,10 @@ inline std::string unsynced_data_in_index(Pool& pool, TrackingStore& store, cons
   if (!blocks.ok()) return "maps: " + blocks.error().message;
   for (uint64_t b : *blocks) {
     if (!store.durable(path, b))
-      return fmt::format("container {}: block {} is data in the committed index, but no write "
-                         "of it was synced before",
-                         container, b);
+      return fmt::format(
+          "container {}: block {} is data in the committed index, but no write "
+          "of it was synced before",
+          container, b);
   }
   return "";
 }

@@ -56,10 +56,11 @@ Status publish(Pool& pool, const UnpublishedImport& u, const std::string& ref) {
 uint64_t map_rows(Pool& pool, LayerId id) {
   uint64_t n = 0;
   ReadTxn txn = MUST(pool.index().begin_read());
-  REQUIRE_OK(txn.scan(Db::kMaps, key_u64(id), [&](std::string_view, std::string_view) -> Result<bool> {
-    n++;
-    return true;
-  }));
+  REQUIRE_OK(
+      txn.scan(Db::kMaps, key_u64(id), [&](std::string_view, std::string_view) -> Result<bool> {
+        n++;
+        return true;
+      }));
   return n;
 }
 
@@ -138,7 +139,8 @@ TEST_CASE("fsck --repair leaves an import alone whose lock was taken after the s
   FsckReport later = MUST(f.pool->fsck(false, true));
   REQUIRE(later.repaired.size() == 1);
   CHECK(later.repaired[0] == fmt::format("interrupted import of base:1 (intent {}, layer {}): "
-                                         "rolled back", u.intent_id, u.layer));
+                                         "rolled back",
+                                         u.intent_id, u.layer));
   CHECK(map_rows(*f.pool, u.layer) == 0);
   CHECK_FALSE(std::filesystem::exists(f.pool->layer_path(u.layer, Tier::kSsd)));
   CHECK(joined(MUST(f.pool->fsck(true, false)).problems) == "");

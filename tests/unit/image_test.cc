@@ -16,11 +16,12 @@ namespace {
 std::vector<LayerId> intent_layers(Pool& pool) {
   std::vector<LayerId> out;
   ReadTxn txn = MUST(pool.index().begin_read());
-  REQUIRE_OK(txn.scan(Db::kIntents, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
-    IntentRecord intent = MUST(decode_intent(v, decode_key_u64(k).value_or(0)));
-    out.push_back(intent.layer);
-    return true;
-  }));
+  REQUIRE_OK(
+      txn.scan(Db::kIntents, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
+        IntentRecord intent = MUST(decode_intent(v, decode_key_u64(k).value_or(0)));
+        out.push_back(intent.layer);
+        return true;
+      }));
   return out;
 }
 
@@ -77,8 +78,7 @@ TEST_CASE("a failed import never removes a layer file it did not create", "[imag
     REQUIRE(layers.size() == 1);
     next = layers[0];
     LayerRecord probe{next, 0, Tier::kSsd, 0, 4096, LayerState::kFrozen, 1, 0};
-    test::write_raw_image(f.pool->layer_path(probe), std::vector<uint8_t>(4096, 0x5a),
-                          {{0, 4096}});
+    test::write_raw_image(f.pool->layer_path(probe), std::vector<uint8_t>(4096, 0x5a), {{0, 4096}});
   });
   REQUIRE_ERRNO(f.pool->import_image("clash:1", file, 4096, nullptr), EEXIST);
   REQUIRE(next != 0);
@@ -122,7 +122,8 @@ TEST_CASE("an image file changed during import fails the import and leaves nothi
   REQUIRE_FALSE(r.ok());
   INFO(test::describe(r.error()));
   CHECK(r.error().code == EBUSY);
-  CHECK_THAT(r.error().message, Catch::Contains(file) && Catch::Contains("changed while importing"));
+  CHECK_THAT(r.error().message,
+             Catch::Contains(file) && Catch::Contains("changed while importing"));
   REQUIRE(layer_id != 0);
   CHECK(MUST(f.pool->list_images()).empty());
   CHECK(intent_layers(*f.pool).empty());
@@ -137,8 +138,7 @@ TEST_CASE("an image file changed during import fails the import and leaves nothi
   MUST(f.pool->import_image("moving:1", file, 4096, nullptr));
 }
 
-TEST_CASE("import commits its rows in bounded transactions as the copy goes",
-          "[image][import]") {
+TEST_CASE("import commits its rows in bounded transactions as the copy goes", "[image][import]") {
   PoolFixture f;
   // 40 GiB with one 4 KiB data block every 4 MiB: 10240 sums rows and 2560 chunk rows, more
   // than one transaction's worth (10k rows, image.cc kMaxRowsPerTxn).
@@ -162,9 +162,8 @@ TEST_CASE("import commits its rows in bounded transactions as the copy goes",
   f.pool->set_test_hook([&](std::string_view point) {
     if (point == "import.intent-committed") layer_id = intent_layers(*f.pool).at(0);
     if (point == "import.rows-committed")
-      commits.emplace_back(rows_of(*f.pool, Db::kMaps, layer_id) +
-                               rows_of(*f.pool, Db::kSums, layer_id),
-                           copied);
+      commits.emplace_back(
+          rows_of(*f.pool, Db::kMaps, layer_id) + rows_of(*f.pool, Db::kSums, layer_id), copied);
   });
   ImageInfo info = MUST(f.pool->import_image("scatter:1", file, 4096,
                                              [&](uint64_t done, uint64_t) { copied = done; }));

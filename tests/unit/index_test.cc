@@ -180,14 +180,15 @@ TEST_CASE("scan with prefix, order and early stop; del_prefix", "[index]") {
 
   ReadTxn txn = MUST(index->begin_read());
   std::vector<uint32_t> seen;
-  REQUIRE_OK(txn.scan(Db::kMaps, key_u64(2), [&](std::string_view k, std::string_view v) -> Result<bool> {
-    auto key = decode_key_u64_u32(k);
-    REQUIRE(key.has_value());
-    CHECK(key->first == 2);
-    CHECK(std::string(v) == std::to_string(2000000 + key->second));
-    seen.push_back(key->second);
-    return true;
-  }));
+  REQUIRE_OK(
+      txn.scan(Db::kMaps, key_u64(2), [&](std::string_view k, std::string_view v) -> Result<bool> {
+        auto key = decode_key_u64_u32(k);
+        REQUIRE(key.has_value());
+        CHECK(key->first == 2);
+        CHECK(std::string(v) == std::to_string(2000000 + key->second));
+        seen.push_back(key->second);
+        return true;
+      }));
   CHECK(seen == std::vector<uint32_t>{0, 1, 255, 256, 70000});
 
   // Everything, in key order.
@@ -203,9 +204,9 @@ TEST_CASE("scan with prefix, order and early stop; del_prefix", "[index]") {
 
   // Early stop after 3.
   int calls = 0;
-  REQUIRE_OK(txn.scan(Db::kMaps, key_u64(1), [&](std::string_view, std::string_view) -> Result<bool> {
-    return ++calls < 3;
-  }));
+  REQUIRE_OK(
+      txn.scan(Db::kMaps, key_u64(1),
+               [&](std::string_view, std::string_view) -> Result<bool> { return ++calls < 3; }));
   CHECK(calls == 3);
 
   // A prefix with no keys, one past the end, and an empty db.
@@ -318,21 +319,23 @@ TEST_CASE("append writes ascending keys", "[index]") {
     WriteTxn txn = MUST(index->begin_write());
     REQUIRE_OK(txn.put(Db::kMaps, key_u64_u32(1, 5), "before"));
     for (uint32_t n = 0; n < 3000; n++) {
-      REQUIRE_OK(txn.append(Db::kMaps, key_u64_u32(9, n), std::string(n % 7 == 0 ? 1 : 1024, char('a' + n % 26))));
+      REQUIRE_OK(txn.append(Db::kMaps, key_u64_u32(9, n),
+                            std::string(n % 7 == 0 ? 1 : 1024, char('a' + n % 26))));
     }
     REQUIRE_OK(txn.commit());
   }
   ReadTxn txn = MUST(index->begin_read());
   uint32_t expect = 0;
-  REQUIRE_OK(txn.scan(Db::kMaps, key_u64(9), [&](std::string_view k, std::string_view v) -> Result<bool> {
-    auto key = decode_key_u64_u32(k);
-    REQUIRE(key);
-    REQUIRE(key->second == expect);
-    REQUIRE(v.size() == (expect % 7 == 0 ? 1u : 1024u));
-    REQUIRE(v[0] == char('a' + expect % 26));
-    expect++;
-    return true;
-  }));
+  REQUIRE_OK(
+      txn.scan(Db::kMaps, key_u64(9), [&](std::string_view k, std::string_view v) -> Result<bool> {
+        auto key = decode_key_u64_u32(k);
+        REQUIRE(key);
+        REQUIRE(key->second == expect);
+        REQUIRE(v.size() == (expect % 7 == 0 ? 1u : 1024u));
+        REQUIRE(v[0] == char('a' + expect % 26));
+        expect++;
+        return true;
+      }));
   CHECK(expect == 3000);
   CHECK(get_str(txn, Db::kMaps, key_u64_u32(1, 5)) == "before");
 }
@@ -366,7 +369,7 @@ TEST_CASE("del_prefix removes many rows across pages and nothing else", "[index]
   {
     WriteTxn w = MUST(index->begin_write());
     CHECK(MUST(w.del_prefix(Db::kMaps, key_u64(10))) == 2000);  // the last keys of the db
-    CHECK(MUST(w.del_prefix(Db::kMaps, "")) == 2000);             // everything left
+    CHECK(MUST(w.del_prefix(Db::kMaps, "")) == 2000);           // everything left
     REQUIRE_OK(w.commit());
   }
   ReadTxn after = MUST(index->begin_read());
@@ -474,7 +477,10 @@ TEST_CASE("Committer destructor finishes queued jobs", "[index][committer]") {
     for (int t = 0; t < 4; t++) {
       threads.emplace_back([&, t] {
         for (int j = 0; j < 50; j++) {
-          if (committer.run([=](WriteTxn& txn) { return txn.put(Db::kHeat, key_u64(t * 50 + j), "v"); }).ok()) ok++;
+          if (committer
+                  .run([=](WriteTxn& txn) { return txn.put(Db::kHeat, key_u64(t * 50 + j), "v"); })
+                  .ok())
+            ok++;
         }
       });
     }

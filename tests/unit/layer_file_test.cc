@@ -69,7 +69,8 @@ bool deny_fallocate(int err) {
       BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
       BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
       BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_fallocate, 0, 1),
-      BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (static_cast<uint32_t>(err) & SECCOMP_RET_DATA)),
+      BPF_STMT(BPF_RET | BPF_K,
+               SECCOMP_RET_ERRNO | (static_cast<uint32_t>(err) & SECCOMP_RET_DATA)),
       BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
   };
   struct sock_fprog prog = {static_cast<unsigned short>(sizeof code / sizeof code[0]), code};
@@ -94,7 +95,7 @@ TEST_CASE("LocalStore::create makes a sized, sparse file in place, and refuses a
   CHECK(f->path() == path);
   CHECK(file_size(path) == size);
   CHECK(MUST(f->size()) == size);
-  CHECK(allocated_bytes(path) < 64 * kKiB);  // sparse: sizing allocates nothing
+  CHECK(allocated_bytes(path) < 64 * kKiB);             // sparse: sizing allocates nothing
   CHECK_FALSE(std::filesystem::exists(path + ".new"));  // renamed into place
   CHECK(read_at(*f, 4096, size - 4096) == std::vector<uint8_t>(4096, 0));
 
@@ -272,9 +273,7 @@ TEST_CASE("LocalStore::remove: gone afterwards, a missing file is fine, other er
   test::TempDir dir;
   LocalStore store;
   const std::string path = dir.sub("10.layer");
-  {
-    auto f = MUST(store.create(path, 4096));
-  }
+  { auto f = MUST(store.create(path, 4096)); }
   MUST(store.remove(path));
   CHECK_FALSE(std::filesystem::exists(path));
   MUST(store.remove(path));  // already gone
@@ -332,9 +331,10 @@ TEST_CASE("FaultInjectingStore: a power loss undoes exactly the unsynced writes 
   CHECK(test::read_file(path) == want);
 }
 
-TEST_CASE("FaultInjectingStore: files closed before the loss are undone too; torn losses "
-          "leave each write whole or gone",
-          "[layer_file]") {
+TEST_CASE(
+    "FaultInjectingStore: files closed before the loss are undone too; torn losses "
+    "leave each write whole or gone",
+    "[layer_file]") {
   test::TempDir dir;
   FaultInjectingStore store;
   const std::string path = dir.sub("21.layer");

@@ -227,7 +227,8 @@ std::string holder_record(const test::TempDir& run, uint64_t container_id) {
 
 size_t holder_files(const test::TempDir& run) {
   size_t n = 0;
-  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator(run.sub("holders"))) ++n;
+  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator(run.sub("holders")))
+    ++n;
   return n;
 }
 

@@ -42,11 +42,11 @@ std::string problems_text(const FsckReport& r) {
   return s;
 }
 
-#define REQUIRE_FSCK_CLEAN(pool, full)                                  \
-  do {                                                                  \
-    FsckReport rep_ = MUST((pool)->fsck((full), false));                \
-    INFO("fsck problems:" << problems_text(rep_));                      \
-    REQUIRE(rep_.problems.empty());                                     \
+#define REQUIRE_FSCK_CLEAN(pool, full)                   \
+  do {                                                   \
+    FsckReport rep_ = MUST((pool)->fsck((full), false)); \
+    INFO("fsck problems:" << problems_text(rep_));       \
+    REQUIRE(rep_.problems.empty());                      \
   } while (0)
 
 }  // namespace
@@ -54,13 +54,14 @@ std::string problems_text(const FsckReport& r) {
 // ---- names and sizes ----
 
 TEST_CASE("validate_name accepts the documented names only", "[pool][names]") {
-  for (const char* ok : {"a", "0", "web-1", "web_1", "a.b", "debian", "x9", "a-", "a.", "a_b.c-d"}) {
+  for (const char* ok :
+       {"a", "0", "web-1", "web_1", "a.b", "debian", "x9", "a-", "a.", "a_b.c-d"}) {
     INFO("name \"" << ok << "\"");
     REQUIRE_OK(validate_name(ok, "container name"));
   }
   REQUIRE_OK(validate_name(std::string(64, 'a'), "container name"));
-  for (const std::string bad : {"", "A", "Web", "../x", "..", ".", "a..b", "-a", ".a", "_a",
-                                "a/b", "/a", "a b", "a:b", "a\nb", "é", "a\\b", "a*"}) {
+  for (const std::string bad : {"", "A", "Web", "../x", "..", ".", "a..b", "-a", ".a", "_a", "a/b",
+                                "/a", "a b", "a:b", "a\nb", "é", "a\\b", "a*"}) {
     INFO("name \"" << bad << "\"");
     auto st = validate_name(bad, "container name");
     REQUIRE_FALSE(st.ok());
@@ -93,8 +94,8 @@ TEST_CASE("parse_size", "[pool][names]") {
   CHECK(MUST(parse_size("10G")) == 10ULL << 30);
   CHECK(MUST(parse_size("1T")) == 1ULL << 40);
   CHECK(MUST(parse_size("16383T")) == 16383ULL << 40);
-  for (const char* bad : {"", "G", "1.5G", "-1", "+1", "10X", "abc", "10 G", " 10G", "10G ",
-                          "0x10", "1e3", "99999999999999999999", "16777216T", "10GG"}) {
+  for (const char* bad : {"", "G", "1.5G", "-1", "+1", "10X", "abc", "10 G", " 10G", "10G ", "0x10",
+                          "1e3", "99999999999999999999", "16777216T", "10GG"}) {
     INFO("size \"" << bad << "\"");
     REQUIRE_ERRNO(parse_size(bad), EINVAL);
   }
@@ -296,9 +297,10 @@ TEST_CASE("import of a raw file with holes and zero blocks", "[pool][import]") {
   REQUIRE(data_blocks > 0);
 
   std::vector<std::pair<uint64_t, uint64_t>> progress;
-  ImageInfo info = MUST(f.pool->import_image("debian:12.1", file, bs, [&](uint64_t done, uint64_t total) {
-    progress.emplace_back(done, total);
-  }));
+  ImageInfo info =
+      MUST(f.pool->import_image("debian:12.1", file, bs, [&](uint64_t done, uint64_t total) {
+        progress.emplace_back(done, total);
+      }));
   CHECK(info.image.ref == "debian:12.1");
   CHECK(info.image.size_bytes == size);
   CHECK(info.image.block_size == bs);
@@ -366,10 +368,11 @@ TEST_CASE("import of a 64 GiB sparse file stores no data", "[pool][import]") {
   CHECK(allocated_bytes(f.pool->layer_path(info.layer)) == 0);
   ReadTxn txn = MUST(f.pool->index().begin_read());
   int rows = 0;
-  REQUIRE_OK(txn.scan(Db::kMaps, key_u64(info.layer.id), [&](std::string_view, std::string_view) -> Result<bool> {
-    rows++;
-    return true;
-  }));
+  REQUIRE_OK(txn.scan(Db::kMaps, key_u64(info.layer.id),
+                      [&](std::string_view, std::string_view) -> Result<bool> {
+                        rows++;
+                        return true;
+                      }));
   CHECK(rows == 0);
 }
 
@@ -564,8 +567,8 @@ TEST_CASE("remove_container is refused while another holder has it", "[pool][clo
   f.import("base:1", 64 * 1024, 4096, 7);
   ContainerInfo c = MUST(f.pool->clone("base:1", "held", std::nullopt));
   {
-    Lock lock = MUST(f.pool->locks().try_lock(LockKind::kContainer, c.container.id, true,
-                                              "container \"held\""));
+    Lock lock = MUST(
+        f.pool->locks().try_lock(LockKind::kContainer, c.container.id, true, "container \"held\""));
     REQUIRE_ERRNO(f.pool->remove_container("held"), EBUSY);
     ContainerInfo info = MUST(f.pool->inspect("held"));
     CHECK(info.served_by.has_value());

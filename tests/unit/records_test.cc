@@ -103,7 +103,8 @@ void check_untrusted(const std::string& good, Decode decode, const std::string& 
     CHECK(r.error().code == EIO);
     if (n > 0 && !key.empty()) CHECK_THAT(r.error().message, Catch::Contains(key));
   }
-  for (const std::string& tail : {std::string(1, '\0'), std::string("junk"), std::string(64, 'x')}) {
+  for (const std::string& tail :
+       {std::string(1, '\0'), std::string("junk"), std::string(64, 'x')}) {
     INFO("extended by " << tail.size() << " bytes");
     auto r = decode(good + tail);
     REQUIRE_FALSE(r.ok());
@@ -173,8 +174,9 @@ TEST_CASE("LayerRecord: damaged bytes give EIO", "[records]") {
   const uint64_t seed = test::test_seed("records layer garbage");
   CAPTURE(seed);
   const LayerRecord r = sample_layer();
-  check_untrusted(encode(r), [&](std::string_view b) { return decode_layer(b, r.id); },
-                  std::to_string(r.id), seed);
+  check_untrusted(
+      encode(r), [&](std::string_view b) { return decode_layer(b, r.id); }, std::to_string(r.id),
+      seed);
 }
 
 TEST_CASE("ImageRecord round trip", "[records]") {
@@ -189,8 +191,8 @@ TEST_CASE("ImageRecord: damaged bytes give EIO", "[records]") {
   const uint64_t seed = test::test_seed("records image garbage");
   CAPTURE(seed);
   const ImageRecord r = sample_image();
-  check_untrusted(encode(r), [&](std::string_view b) { return decode_image(b, "img:7"); }, "img:7",
-                  seed);
+  check_untrusted(
+      encode(r), [&](std::string_view b) { return decode_image(b, "img:7"); }, "img:7", seed);
 }
 
 TEST_CASE("ContainerRecord round trip, with and without labels", "[records]") {
@@ -209,8 +211,8 @@ TEST_CASE("ContainerRecord: damaged bytes give EIO", "[records]") {
   const uint64_t seed = test::test_seed("records container garbage");
   CAPTURE(seed);
   const ContainerRecord r = sample_container();
-  check_untrusted(encode(r), [&](std::string_view b) { return decode_container(b, "cname"); },
-                  "cname", seed);
+  check_untrusted(
+      encode(r), [&](std::string_view b) { return decode_container(b, "cname"); }, "cname", seed);
 }
 
 TEST_CASE("IntentRecord round trip", "[records]") {
@@ -222,8 +224,8 @@ TEST_CASE("IntentRecord: damaged bytes give EIO", "[records]") {
   const uint64_t seed = test::test_seed("records intent garbage");
   CAPTURE(seed);
   const IntentRecord r = sample_intent();
-  check_untrusted(encode(r), [&](std::string_view b) { return decode_intent(b, 31337); }, "31337",
-                  seed);
+  check_untrusted(
+      encode(r), [&](std::string_view b) { return decode_intent(b, 31337); }, "31337", seed);
 }
 
 TEST_CASE("sums round trip", "[records]") {
@@ -252,8 +254,11 @@ TEST_CASE("sums: damaged bytes give EIO", "[records]") {
   std::mt19937_64 rng(7);
   for (int iter = 0; iter < 1000; iter++) {
     auto bytes = test::random_bytes(rng, rng() % 1100);
-    auto r = decode_sums(std::string_view(reinterpret_cast<const char*>(bytes.data()), bytes.size()));
-    if (!r.ok()) CHECK(r.error().code == EIO);
-    else CHECK(r->size() <= kSumsPerRow);
+    auto r =
+        decode_sums(std::string_view(reinterpret_cast<const char*>(bytes.data()), bytes.size()));
+    if (!r.ok())
+      CHECK(r.error().code == EIO);
+    else
+      CHECK(r->size() <= kSumsPerRow);
   }
 }

@@ -80,19 +80,19 @@ layer::Error error_of(const R& r, const char* expr) {
 #define REQUIRE_OK(expr) ::test::must((expr), #expr)
 // Requires that expr fails with errno `code`; evaluates to the Error.
 #define ERROR_OF(expr) ::test::error_of((expr), #expr)
-#define REQUIRE_ERRNO(expr, errcode)                                              \
-  do {                                                                            \
-    const auto layer_test_e_ = ERROR_OF(expr);                                    \
-    INFO(#expr << " -> " << ::test::describe(layer_test_e_));                     \
-    REQUIRE(layer_test_e_.code == (errcode));                                     \
+#define REQUIRE_ERRNO(expr, errcode)                          \
+  do {                                                        \
+    const auto layer_test_e_ = ERROR_OF(expr);                \
+    INFO(#expr << " -> " << ::test::describe(layer_test_e_)); \
+    REQUIRE(layer_test_e_.code == (errcode));                 \
   } while (0)
-#define CHECK_ERRNO(expr, errcode)                                                \
-  do {                                                                            \
-    const auto& layer_test_r_ = (expr);                                           \
-    INFO(#expr << (layer_test_r_.ok() ? std::string(" succeeded")                 \
+#define CHECK_ERRNO(expr, errcode)                                                          \
+  do {                                                                                      \
+    const auto& layer_test_r_ = (expr);                                                     \
+    INFO(#expr << (layer_test_r_.ok() ? std::string(" succeeded")                           \
                                       : " -> " + ::test::describe(layer_test_r_.error()))); \
-    CHECK(!layer_test_r_.ok());                                                   \
-    if (!layer_test_r_.ok()) CHECK(layer_test_r_.error().code == (errcode));      \
+    CHECK(!layer_test_r_.ok());                                                             \
+    if (!layer_test_r_.ok()) CHECK(layer_test_r_.error().code == (errcode));                \
   } while (0)
 
 namespace test {
