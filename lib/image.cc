@@ -15,7 +15,9 @@
 
 #include <algorithm>
 #include <cstring>
+#include <functional>
 #include <map>
+#include <optional>
 
 #include "block_map.h"
 #include "checksum.h"
@@ -40,27 +42,42 @@ bool is_zero(const uint8_t* p, size_t len) {
   return true;
 }
 
-// The data regions of fd in [0, size): SEEK_DATA/SEEK_HOLE, or the whole file where the
-// filesystem or device does not support them.
-Result<std::vector<std::pair<uint64_t, uint64_t>>> data_regions(int fd, uint64_t size,
-                                                                const std::string& file) {
-  std::vector<std::pair<uint64_t, uint64_t>> regions;
-  uint64_t pos = 0;
-  while (pos < size) {
-    off_t data = ::lseek(fd, static_cast<off_t>(pos), SEEK_DATA);
-    if (data < 0) {
-      if (errno == ENXIO) break;
-      if (errno == EINVAL || errno == EOPNOTSUPP) return decltype(regions){{0, size}};
-      return sys_error(errno, "SEEK_DATA {}", file);
+// The first offset at or after pos (and below size) where fd holds data, per SEEK_DATA;
+// std::nullopt when none. Where SEEK_DATA is unsupported, every offset may hold data: pos.
+Result<std::optional<uint64_t>> next_data(int fd, uint64_t pos, uint64_t size,
+                                          const std::string& file) {
+  if (pos >= size) return std::optional<uint64_t>();
+  off_t data = ::lseek(fd, static_cast<off_t>(pos), SEEK_DATA);
+  if (data < 0) {
+    const int err = errno;
+    if (err == ENXIO) return std::optional<uint64_t>();
+    if (err == EINVAL || err == EOPNOTSUPP) return std::optional<uint64_t>(pos);
+    return sys_error(err, "SEEK_DATA {}", file);
+  }
+  if (static_cast<uint64_t>(data) >= size) return std::optional<uint64_t>();
+  return std::optional<uint64_t>(static_cast<uint64_t>(data));
+}
+
+// Calls fn(lo, hi) for each data region of fd within [from, to) (SEEK_DATA/SEEK_HOLE), or once
+// for all of it where they are unsupported. Walked window by window, so memory does not grow
+// with the number of extents of the source.
+Status for_each_data_region(int fd, uint64_t from, uint64_t to, const std::string& file,
+                            const std::function<Status(uint64_t, uint64_t)>& fn) {
+  for (uint64_t pos = from; pos < to;) {
+    LAYER_ASSIGN(auto data, next_data(fd, pos, to, file));
+    if (!data) return {};
+    off_t hole = ::lseek(fd, static_cast<off_t>(*data), SEEK_HOLE);
+    if (hole < 0) {
+      const int err = errno;
+      if (err != EINVAL && err != EOPNOTSUPP) return sys_error(err, "SEEK_HOLE {}", file);
+      hole = static_cast<off_t>(to);
     }
-    off_t hole = ::lseek(fd, data, SEEK_HOLE);
-    if (hole < 0) return sys_error(errno, "SEEK_HOLE {}", file);
-    const uint64_t end = std::min<uint64_t>(static_cast<uint64_t>(hole), size);
-    if (static_cast<uint64_t>(data) >= end) break;
-    regions.emplace_back(static_cast<uint64_t>(data), end);
+    const uint64_t end = std::min<uint64_t>(static_cast<uint64_t>(hole), to);
+    if (end <= *data) return {};
+    LAYER_TRY(fn(*data, end));
     pos = end;
   }
-  return regions;
+  return {};
 }
 
 // The identity of one version of the source: a writer changes the mtime and ctime (and maybe
@@ -164,8 +181,6 @@ Result<ImageInfo> Pool::import_image(const std::string& ref, const std::string& 
   if (!created) return rollback(std::move(created).error());
   created_file = true;
   std::shared_ptr<LayerFile> out = *created;
-  auto regions = data_regions(in.fd, size, file);
-  if (!regions) return rollback(std::move(regions).error());
   test_point("import.data-walked");
 
   // 3. Rows in bounded transactions, invisible until published: no layer row names them yet.
@@ -214,28 +229,30 @@ Result<ImageInfo> Pool::import_image(const std::string& ref, const std::string& 
 
   std::vector<uint8_t> buf(kImportWindowBytes);
   std::vector<bool> block_has_data;
-  uint64_t last_window_end = 0;
-  for (size_t r = 0; r < regions->size(); ++r) {
-    const auto [begin, end] = (*regions)[r];
-    // Windows are aligned to 1 MiB, a multiple of the block size and of the 64 KiB group.
-    for (uint64_t w = begin / kImportWindowBytes * kImportWindowBytes; w < end;
-         w += kImportWindowBytes) {
-      if (w < last_window_end) continue;  // already done with the previous region
+  // Windows are aligned to 1 MiB, a multiple of the block size and of the 64 KiB group; a
+  // window without data (per SEEK_DATA) is skipped without reading.
+  for (uint64_t pos = 0; pos < size;) {
+    auto next = next_data(in.fd, pos, size, file);
+    if (!next) return rollback(std::move(next).error());
+    if (!*next) break;
+    {
+      const uint64_t w = std::max(pos, **next / kImportWindowBytes * kImportWindowBytes);
       const uint64_t wlen = std::min<uint64_t>(kImportWindowBytes, size - w);
-      last_window_end = w + wlen;
+      pos = w + wlen;
       // Only the data regions are read; the holes between them read as zeroes.
       std::memset(buf.data(), 0, wlen);
-      for (size_t q = r; q < regions->size() && (*regions)[q].first < w + wlen; ++q) {
-        const uint64_t lo = std::max(w, (*regions)[q].first);
-        const uint64_t hi = std::min(w + wlen, (*regions)[q].second);
-        for (uint64_t pos = lo; pos < hi;) {
-          ssize_t n = ::pread(in.fd, buf.data() + (pos - w), hi - pos, static_cast<off_t>(pos));
-          if (n < 0 && errno == EINTR) continue;
-          if (n < 0) return rollback(sys_error(errno, "read {}", file));
-          if (n == 0) return rollback(make_error(EIO, "{} shrank while importing", file));
-          pos += static_cast<uint64_t>(n);
-        }
-      }
+      auto read =
+          for_each_data_region(in.fd, w, w + wlen, file, [&](uint64_t lo, uint64_t hi) -> Status {
+            for (uint64_t at = lo; at < hi;) {
+              ssize_t n = ::pread(in.fd, buf.data() + (at - w), hi - at, static_cast<off_t>(at));
+              if (n < 0 && errno == EINTR) continue;
+              if (n < 0) return sys_error(errno, "read {}", file);
+              if (n == 0) return make_error(EIO, "{} shrank while importing", file);
+              at += static_cast<uint64_t>(n);
+            }
+            return {};
+          });
+      if (!read) return rollback(std::move(read).error());
       block_has_data.clear();
       for (uint64_t off = 0; off < wlen; off += block_size) {
         const uint64_t blen = std::min<uint64_t>(block_size, wlen - off);
@@ -276,8 +293,8 @@ Result<ImageInfo> Pool::import_image(const std::string& ref, const std::string& 
     }
   }
   if (progress) progress(size, size);
-  // The data regions were found once, before reading: data written meanwhile, into a former
-  // hole say, would be missing from the image without a word.
+  // A writer meanwhile (into a window already copied, or a former hole) would leave the image
+  // different from the file without a word.
   struct stat after;
   if (::fstat(in.fd, &after) != 0) return rollback(sys_error(errno, "stat {}", file));
   if (!same_version(st, after))
