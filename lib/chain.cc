@@ -163,6 +163,17 @@ void ChainCache::reap() {
   }
 }
 
+namespace {
+
+bool same_layers(const std::vector<LayerRecord>& a, const std::vector<LayerRecord>& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (a[i].id != b[i].id) return false;
+  return true;
+}
+
+}  // namespace
+
 Result<std::shared_ptr<const ChainMap>> ChainCache::get(ReadTxn& txn,
                                                         const std::vector<LayerRecord>& layers) {
   const LayerId key = layers.empty() ? LayerId{0} : layers.front().id;
@@ -173,7 +184,9 @@ Result<std::shared_ptr<const ChainMap>> ChainCache::get(ReadTxn& txn,
     // Also here, so maps are still freed if the reaper could not start.
     sweep(std::chrono::steady_clock::now(), &freed);
     auto it = slots_.find(key);
-    if (it != slots_.end()) {
+    // The chain below a frozen layer never changes today; a merge that re-parents a layer
+    // would change it, so a map is reused only for the very same list of layers.
+    if (it != slots_.end() && same_layers(it->second.map->layers(), layers)) {
       it->second.idle = false;
       return std::shared_ptr<const ChainMap>(it->second.map);
     }
@@ -189,7 +202,11 @@ Result<std::shared_ptr<const ChainMap>> ChainCache::get(ReadTxn& txn,
   LAYER_ASSIGN(auto built, ChainMap::build(txn, layers, size_blocks));
   std::lock_guard<std::mutex> lk(mu_);
   auto [it, inserted] = slots_.try_emplace(key);
-  if (inserted) it->second.map = built;
+  if (inserted || !same_layers(it->second.map->layers(), layers)) {
+    // Disks still on a replaced map keep it through their own references.
+    if (!inserted) freed.push_back(std::move(it->second.map));
+    it->second.map = built;
+  }
   it->second.idle = false;
   if (!reaper_tried_) {
     reaper_tried_ = true;

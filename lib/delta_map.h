@@ -106,8 +106,10 @@ class DeltaMap {
         try {
           dirty_.push_back(static_cast<uint32_t>(c));
         } catch (...) {
-          // Not listed, so not flagged: the next mark of this chunk lists it.
-          dirty_flag_[c].store(false, std::memory_order_release);
+          // Flagged but not listed: other writers' marks of this chunk (which saw the flag
+          // and did not list it) may now never be committed. Clearing the flag would not
+          // help them, so the map says marks are lost and the Disk stops acknowledging.
+          lost_marks_.store(true, std::memory_order_release);
           throw;
         }
       }
@@ -126,31 +128,31 @@ class DeltaMap {
 
   using Rows = std::vector<std::pair<uint32_t, std::string>>;
 
-  // Step 1 of a flush round: the rows of every dirty chunk, and the set cleared. If building
-  // the rows throws (std::bad_alloc), every taken chunk is dirty again before the exception
-  // leaves, so no mark is lost.
+  // Step 1 of a flush round: the rows of every dirty chunk, and the set cleared. Every taken
+  // chunk's flag is cleared before any row is copied; if copying throws (std::bad_alloc), every
+  // taken chunk is dirty again before the exception leaves, so no mark is lost (or, if even
+  // that cannot allocate, lost_marks() turns true).
   Rows take_dirty() {
     std::vector<uint32_t> list;
     {
       std::lock_guard<std::mutex> lk(dirty_mu_);
       list.swap(dirty_);
     }
+    // A read-modify-write: it reads from (and so synchronises with) the exchange of any mark
+    // ordered before it, whose bits the copy below then sees; a later mark's exchange reads
+    // false and lists the chunk again.
+    for (uint32_t c : list) dirty_flag_[c].exchange(false, std::memory_order_acq_rel);
     struct Restore {
       DeltaMap* map;
       std::vector<uint32_t>* list;
       ~Restore() {
-        if (list) map->requeue(std::move(*list));
+        if (list && !map->requeue(std::move(*list)))
+          map->lost_marks_.store(true, std::memory_order_release);
       }
     } restore{this, &list};
     Rows rows;
     rows.reserve(list.size());
-    for (uint32_t c : list) {
-      // A read-modify-write: it reads from (and so synchronises with) the exchange of any mark
-      // ordered before it, whose bits the copy then sees; a later mark's exchange reads false
-      // and lists the chunk again.
-      dirty_flag_[c].exchange(false, std::memory_order_acq_rel);
-      rows.emplace_back(c, encode_chunk(snapshot(c)));
-    }
+    for (uint32_t c : list) rows.emplace_back(c, encode_chunk(snapshot(c)));
     restore.list = nullptr;
     return rows;
   }
@@ -163,11 +165,18 @@ class DeltaMap {
     try {
       list.reserve(rows.size());
     } catch (...) {
+      lost_marks_.store(true, std::memory_order_release);
       return false;
     }
     for (const auto& row : rows) list.push_back(row.first);
-    return requeue(std::move(list));
+    if (requeue(std::move(list))) return true;
+    lost_marks_.store(true, std::memory_order_release);
+    return false;
   }
+
+  // True once a mark may have been dropped from the dirty set for want of memory: the map no
+  // longer knows what to commit, so the owner must fail every flush until it reloads.
+  bool lost_marks() const { return lost_marks_.load(std::memory_order_acquire); }
 
  private:
   // Marks the chunks of `list` dirty again (those a concurrent mark re-added already are
@@ -215,6 +224,7 @@ class DeltaMap {
   std::unique_ptr<std::atomic<bool>[]> dirty_flag_;
   std::mutex dirty_mu_;
   std::vector<uint32_t> dirty_;  // GUARDED_BY(dirty_mu_)
+  std::atomic<bool> lost_marks_{false};
 };
 
 }  // namespace layer

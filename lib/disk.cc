@@ -206,6 +206,11 @@ void Disk::adopt_delta_file(std::shared_ptr<LayerFile> file) {
 Status Disk::fail_if_broken() const {
   if (broken_.load(std::memory_order_acquire))
     return make_error(EIO, "container \"{}\": an earlier fdatasync failed; reopen the disk", name_);
+  if (loaded_.load(std::memory_order_acquire) && delta_->lost_marks())
+    return make_error(EIO,
+                      "container \"{}\": a flush ran out of memory and may have lost track "
+                      "of written blocks; reopen the disk",
+                      name_);
   return {};
 }
 
@@ -454,7 +459,12 @@ Status Disk::flush() {
     done_ = std::max(done_, covers);
   } else {
     failed_upto_ = std::max(failed_upto_, covers);
-    failed_error_ = s.error();
+    // Copying the message may throw; the waiters must be woken whatever happens.
+    try {
+      failed_error_ = s.error();
+    } catch (...) {
+      failed_error_ = Error{s.error().code, std::string()};
+    }
   }
   flush_cv_.notify_all();
   return s;

@@ -316,20 +316,26 @@ Result<FsckReport> Pool::fsck(bool full, bool repair) {
     // import, a clone's first write) is never undone.
     for (const auto& [intent_id, intent] : stale_imports) {
       LAYER_ASSIGN(bool rolled_back, roll_back_import(intent_id, intent));
+      // Not rolled back: it resumed, finished or was rolled back by someone else meanwhile,
+      // none of which is a problem.
       if (rolled_back)
         report.repaired.push_back(
             fmt::format("interrupted import of {} (intent {}, layer {}): "
                         "rolled back",
                         intent.target, intent_id, intent.layer));
+    }
+    // One removal that cannot be finished (an unlink refused, say) must not stop the others
+    // or the orphan cleanup: it is reported and stays for a later run.
+    for (uint64_t intent_id : drops) {
+      auto s = finish_drop(intent_id);
+      if (s)
+        report.repaired.push_back(
+            fmt::format("unfinished removal (intent {}): finished", intent_id));
       else
         report.problems.push_back(
-            fmt::format("import of {} (intent {}, layer {}) is running "
-                        "or finished meanwhile: left alone",
-                        intent.target, intent_id, intent.layer));
-    }
-    for (uint64_t intent_id : drops) {
-      LAYER_TRY(finish_drop(intent_id));
-      report.repaired.push_back(fmt::format("unfinished removal (intent {}): finished", intent_id));
+            fmt::format("unfinished removal (intent {}) could not be "
+                        "finished: {}",
+                        intent_id, s.error().message));
     }
     // Confirmed once more just before: a file made before the first confirmation has its row
     // or intent committed by then, so what is still an orphan stays one.

@@ -366,8 +366,7 @@ Status Pool::remove_image(const std::string& ref) {
     return drop_layer(txn, image.top_layer, &drops);
   }));
   // Files are unlinked only after the transaction that dropped the last reference committed.
-  for (uint64_t intent_id : drops) LAYER_TRY(finish_drop(intent_id));
-  return {};
+  return finish_drops_after_removal(drops, fmt::format("image {}", ref));
 }
 
 }  // namespace layer

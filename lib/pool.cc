@@ -360,7 +360,9 @@ Result<std::unique_ptr<Pool>> Pool::open(const std::string& root, const OpenOpti
   if (!options.read_only) {
     LAYER_ASSIGN(pool->committer_, Committer::start(*pool->index_));
     // Removals a crash interrupted are finished here (their containers are already gone).
-    LAYER_TRY(pool->finish_drops());
+    // Best effort: a pool whose disk is full must still open (to remove things); a drop that
+    // fails now stays for the next open or fsck --repair.
+    (void)pool->finish_drops();
   }
   return pool;
 }
@@ -492,8 +494,9 @@ Status Pool::finish_drop(uint64_t intent_id) {
   }
   // No row names the layer any more: its file goes, then the intent (a crash in between
   // repeats the unlink, which tolerates a missing file).
-  LAYER_ASSIGN(Tier tier, parse_tier(intent.target));
-  LAYER_TRY(store_->remove(layer_path(intent.layer, tier)));
+  auto tier = parse_tier(intent.target);
+  if (!tier) return make_error(EIO, "intent {}: {}", intent_id, tier.error().message);
+  LAYER_TRY(store_->remove(layer_path(intent.layer, *tier)));
   return committer_->run([&](WriteTxn& txn) { return txn.del(Db::kIntents, key_u64(intent_id)); });
 }
 
@@ -508,6 +511,19 @@ Result<std::vector<std::pair<uint64_t, IntentRecord>>> Pool::intents(IntentRecor
     return true;
   }));
   return out;
+}
+
+Status Pool::finish_drops_after_removal(const std::vector<uint64_t>& drops,
+                                        const std::string& what) {
+  for (uint64_t intent_id : drops) {
+    auto s = finish_drop(intent_id);
+    if (!s)
+      return make_error(s.error().code,
+                        "{} was removed, but freeing its space failed ({}); the "
+                        "next `layer fsck --repair` or writable open of the pool finishes it",
+                        what, s.error().message);
+  }
+  return {};
 }
 
 Status Pool::finish_drops() {
@@ -627,7 +643,7 @@ Status Pool::remove_container(const std::string& name) {
     return drop_layer(txn, current.delta_layer, &drops);
   }));
   // The container is gone; a crash from here on is finished by the next open or fsck --repair.
-  for (uint64_t intent_id : drops) LAYER_TRY(finish_drop(intent_id));
+  LAYER_TRY(finish_drops_after_removal(drops, fmt::format("container \"{}\"", name)));
   return {};
 }
 

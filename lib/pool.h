@@ -175,6 +175,9 @@ class Pool {
   Status finish_drop(uint64_t intent_id);
   // Finishes every drop intent (Pool::open, fsck --repair).
   Status finish_drops();
+  // Finishes the drops of a removal that committed; an error says the object is gone and
+  // what remains to be done.
+  Status finish_drops_after_removal(const std::vector<uint64_t>& drops, const std::string& what);
   // fsck --repair: rolls back an interrupted import under its layer's lock, re-reading the
   // intent; false when it was running, published or rolled back meanwhile.
   Result<bool> roll_back_import(uint64_t intent_id, const IntentRecord& intent);

@@ -355,3 +355,27 @@ TEST_CASE("ChainCache frees a map after its linger without another lookup", "[ch
     CHECK(MUST(cache.get(txn, {a})).get() == map.get());
   }
 }
+
+TEST_CASE("ChainCache never reuses a map for a different chain under the same top layer",
+          "[chain]") {
+  // A merge that re-parents a frozen layer keeps its id: the cached map of its old chain
+  // (whose layer indexes reach further down) must not be served for the new one.
+  ChainFixture f;
+  BlockMap top_map, low_map;
+  top_map.set(1, BlockState::kData);
+  low_map.set(2, BlockState::kData);
+  const LayerRecord low = f.make_layer(1, 0, 64);
+  const LayerRecord top = f.make_layer(2, 1, 64);
+  f.write_layer(low, low_map);
+  f.write_layer(top, top_map);
+  ChainCache cache;
+  ReadTxn txn = MUST(f.index->begin_read());
+  auto deep = MUST(cache.get(txn, {top, low}));
+  CHECK(deep->lookup(2) == 1);
+  auto shallow = MUST(cache.get(txn, {top}));  // same top id, chain without `low`
+  CHECK(shallow.get() != deep.get());
+  CHECK(shallow->layers().size() == 1);
+  CHECK(shallow->lookup(2) == kSourceAbsent);
+  CHECK(shallow->lookup(1) == 0);
+  CHECK(deep->lookup(2) == 1);  // its users keep the old map
+}

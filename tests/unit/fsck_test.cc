@@ -130,8 +130,7 @@ TEST_CASE("fsck --repair leaves an import alone whose lock was taken after the s
   f.pool->set_test_hook(nullptr);
   INFO("repaired:\n" << joined(rep.repaired) << "problems:\n" << joined(rep.problems));
   CHECK(rep.repaired.empty());
-  REQUIRE(rep.problems.size() == 1);
-  CHECK(rep.problems[0].find("left alone") != std::string::npos);
+  CHECK(rep.problems.empty());  // an import that runs is not a problem
   CHECK(map_rows(*f.pool, u.layer) == rows);
   CHECK(std::filesystem::exists(f.pool->layer_path(u.layer, Tier::kSsd)));
   // Once the import is gone for good (its lock free), the repair rolls it back.
