@@ -16,9 +16,11 @@
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <iostream>
+#include <memory>
 #include <mutex>
 #include <set>
 #include <thread>
@@ -720,6 +722,144 @@ TEST_CASE("the server runs daemonized, in the foreground and captive with --run"
   INFO(ro.describe());
   CHECK(ro.out.find("is_read_only: true") != std::string::npos);
   CHECK(ro.out.find("export-size: " + std::to_string(model.size())) != std::string::npos);
+}
+
+// Crash torture: several connections write, zero, trim and flush (some writes FUA) into their own
+// regions of one disk, whose edges share blocks (so copy-ups of one connection carry bytes of
+// another), and the server is killed at a random moment, again and again. After each restart
+// every byte must be what its connection had when its last flush (or FUA) was acknowledged, or
+// the value of a request sent after it (the one in flight at the kill included).
+// LAYER_TORTURE_ROUNDS sets the number of kills (default 6).
+TEST_CASE("crash torture: kill -9 at random moments under load keeps every flushed byte",
+          "[torture]") {
+  Fixture f("torture");
+  f.pool.clone("base:1", "c1");
+  const std::string rounds_env = env_or_empty("LAYER_TORTURE_ROUNDS");
+  const int rounds = rounds_env.empty() ? 6 : std::stoi(rounds_env);
+  constexpr int kConns = 4;
+  const uint64_t size = f.image.size();
+  const uint64_t region = size / kConns;  // not a multiple of the block size: edges share blocks
+
+  struct Op {
+    uint64_t offset;
+    std::vector<uint8_t> data;  // the bytes it writes (zeroes for zero and trim)
+  };
+  struct Conn {
+    uint64_t from, to;
+    std::vector<uint8_t> durable;  // [from, to) as of the last acknowledged flush
+    std::vector<uint8_t> now;      // [from, to) after every acknowledged request
+    std::vector<Op> pending;       // sent after the last acknowledged flush
+    uint64_t ops = 0, flushes = 0;
+  };
+  std::vector<Conn> conns(kConns);
+  for (int t = 0; t < kConns; ++t) {
+    Conn& c = conns[t];
+    c.from = t * region;
+    c.to = t + 1 == kConns ? size : (t + 1) * region;
+    c.durable.assign(f.image.begin() + long(c.from), f.image.begin() + long(c.to));
+    c.now = c.durable;
+  }
+
+  uint64_t total_ops = 0, total_flushes = 0, newer_bytes = 0;
+  for (int round = 0; round < rounds; ++round) {
+    Server server(f.dir, f.pool, with_threads(16));
+    std::atomic<bool> killed{false};
+    std::vector<std::string> unexpected(kConns);
+    std::vector<std::thread> threads;
+    for (int t = 0; t < kConns; ++t) {
+      threads.emplace_back([&, t, seed = f.rng()] {
+        Conn& c = conns[t];
+        std::mt19937_64 rng(seed);
+        std::unique_ptr<Nbd> nbd;
+        try {
+          nbd = std::make_unique<Nbd>(server.socket(), "c1");
+        } catch (const std::exception& e) {
+          if (!killed) unexpected[t] = std::string("connect: ") + e.what();
+          return;
+        }
+        for (;;) {
+          const uint64_t span = c.to - c.from;
+          const uint64_t off = c.from + rng() % span;
+          const uint64_t len =
+              std::min<uint64_t>(c.to - off, 1 + rng() % (rng() % 4 ? 9000 : 70000));
+          const unsigned pick = unsigned(rng() % 100);
+          Op op{off, {}};
+          try {
+            if (pick < 8) {
+              nbd->flush();
+              c.durable = c.now;
+              c.pending.clear();
+              ++c.flushes;
+              continue;
+            }
+            const bool fua = rng() % 8 == 0;
+            if (pick < 70) {
+              op.data = random_bytes(rng, len);
+              c.pending.push_back(op);
+              nbd->pwrite(op.data.data(), len, off, fua ? LIBNBD_CMD_FLAG_FUA : 0);
+            } else {
+              op.data.assign(len, 0);
+              c.pending.push_back(op);
+              if (pick < 85)
+                nbd->zero(len, off, fua ? LIBNBD_CMD_FLAG_FUA : 0);
+              else
+                nbd->trim(len, off, fua ? LIBNBD_CMD_FLAG_FUA : 0);
+            }
+            std::copy(op.data.begin(), op.data.end(), c.now.begin() + long(off - c.from));
+            if (fua) {  // durable now, whatever else is pending
+              std::copy(op.data.begin(), op.data.end(), c.durable.begin() + long(off - c.from));
+            }
+            ++c.ops;
+          } catch (const std::exception& e) {
+            if (!killed) unexpected[t] = e.what();
+            return;  // the request in flight stays pending: it may or may not have landed
+          }
+        }
+      });
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(150 + f.rng() % 400));  // a random moment
+    killed = true;
+    server.kill9();
+    for (auto& th : threads) th.join();
+    for (int t = 0; t < kConns; ++t) {
+      INFO("connection " << t);
+      REQUIRE(unexpected[t] == "");
+    }
+
+    Server again(f.dir, f.pool);
+    Nbd nbd(again.socket(), "c1");
+    const std::vector<uint8_t> got = nbd.read(size, 0);
+    for (int t = 0; t < kConns; ++t) {
+      Conn& c = conns[t];
+      for (uint64_t i = c.from; i < c.to; ++i) {
+        const uint8_t g = got[i];
+        if (g == c.durable[i - c.from]) continue;
+        bool from_pending = false;
+        for (const Op& op : c.pending)
+          if (i >= op.offset && i < op.offset + op.data.size() && op.data[i - op.offset] == g)
+            from_pending = true;
+        if (!from_pending)
+          FAIL("round " << round << ", connection " << t << ": byte " << i << " (block "
+                        << i / kBlock << ") is " << int(g) << ", flushed value "
+                        << int(c.durable[i - c.from])
+                        << ", and no request after the flush wrote it");
+        ++newer_bytes;
+      }
+      total_ops += c.ops;
+      total_flushes += c.flushes;
+      c.ops = c.flushes = 0;
+      // What the disk holds now is the baseline of the next round.
+      c.durable.assign(got.begin() + long(c.from), got.begin() + long(c.to));
+      c.now = c.durable;
+      c.pending.clear();
+    }
+  }
+  std::cerr << "torture: " << rounds << " kills, " << total_ops << " requests, " << total_flushes
+            << " flushes, " << newer_bytes << " bytes carried unflushed writes across a kill"
+            << std::endl;
+  RunResult fsck = f.pool.layer({"fsck", "--full"});
+  INFO(fsck.describe());
+  REQUIRE(fsck.exit_code == 0);
 }
 
 int main(int argc, char** argv) {
