@@ -49,6 +49,7 @@ grep -q 'docs/cli.md' "$tmp/layer.1.txt" || fail "layer(1) does not refer to doc
 log "layer(1): ${#commands[@]} commands and ${#image_commands[@]} image commands documented"
 
 # The plugin's parameters, from its config_help ("pool=<DIR> ..." lines).
+# shellcheck disable=SC2046 # NAME=VALUE words
 env $(nbdkit_env "$tmp/help.sanitizer") nbdkit "$LAYER_PLUGIN" --help >"$tmp/plugin-help" 2>&1 ||
   fail "nbdkit $LAYER_PLUGIN --help"
 mapfile -t params < <(grep -oE '^[a-z_]+=' "$tmp/plugin-help" | sort -u)
