@@ -324,6 +324,19 @@ Status Committer::run(Job job) {
   return p->result;
 }
 
+void Committer::fail_next_commits(int n, Error error) {
+  std::lock_guard<std::mutex> lk(mu_);
+  failing_commits_ = n;
+  commit_fault_ = std::move(error);
+}
+
+std::optional<Error> Committer::take_commit_fault() {
+  std::lock_guard<std::mutex> lk(mu_);
+  if (failing_commits_ <= 0) return std::nullopt;
+  --failing_commits_;
+  return commit_fault_;
+}
+
 void Committer::loop() {
   auto last_reader_check = std::chrono::steady_clock::now();
   std::unique_lock<std::mutex> lk(mu_);
@@ -386,7 +399,12 @@ void Committer::run_batch(std::deque<std::shared_ptr<Pending>>& batch) noexcept 
         else
           any = true;
       }
-      if (any) batch_status = txn->commit();
+      if (any) {
+        if (auto fault = take_commit_fault())
+          batch_status = std::move(*fault);  // txn aborts
+        else
+          batch_status = txn->commit();
+      }
     }
   } catch (...) {
     // The batch transaction (if begun) was aborted by its destructor.

@@ -174,6 +174,10 @@ class Committer {
   // (std::bad_alloc) or EIO. Errors: the job's own, or the commit's (EIO, ENOSPC), ENOMEM.
   Status run(Job job);
 
+  // Test seam: the next n batches that would commit abort instead, and their jobs fail with
+  // `error` (ENOSPC models a full map, MDB_MAP_FULL).
+  void fail_next_commits(int n, Error error);
+
   // How often the thread clears reader slots of dead processes (mdb_reader_check), busy or not.
   static constexpr std::chrono::seconds kReaderCheckInterval{30};
 
@@ -182,11 +186,14 @@ class Committer {
   explicit Committer(Index& index);
   void loop();
   void run_batch(std::deque<std::shared_ptr<Pending>>& batch) noexcept;
+  std::optional<Error> take_commit_fault();
   Index& index_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<std::shared_ptr<Pending>> queue_;
   bool stop_ = false;
+  int failing_commits_ = 0;  // GUARDED_BY(mu_)
+  Error commit_fault_;       // GUARDED_BY(mu_)
   std::thread thread_;
 };
 

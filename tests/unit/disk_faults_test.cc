@@ -304,3 +304,26 @@ TEST_CASE("opening a writable delta whose file exists syncs its directory entry"
   REQUIRE_OK(disk->read(buf.data(), buf.size(), 0));
   CHECK(faults->dir_syncs() == before + 1);
 }
+
+TEST_CASE("a failed index commit leaves the rows dirty for the next flush", "[disk][faults]") {
+  const uint64_t size = 16 * 4096;
+  DiskFixture d(size, size, 4096, 79);
+  FaultInjectingStore* faults = install_faults(d);
+  auto disk = d.open();
+  Model m = d.model;
+  do_write(*disk, m, 4096, pattern(4096, 14));
+  do_write(*disk, m, 9 * 4096 + 10, pattern(100, 15));
+  d.f.pool->committer().fail_next_commits(1,
+                                          Error{ENOSPC, "index: commit: MDB_MAP_FULL (injected)"});
+  CHECK_ERRNO(disk->flush(), ENOSPC);
+  const LayerId delta = MUST(d.f.pool->inspect("c")).container.delta_layer;
+  CHECK(MUST(committed_data_blocks(*d.f.pool, delta)).empty());
+  // Not broken: the data was synced; only the index did not take the rows.
+  do_write(*disk, m, 12 * 4096, pattern(4096, 16));
+  REQUIRE_OK(disk->flush());
+  CHECK(MUST(committed_data_blocks(*d.f.pool, delta)) == std::vector<uint64_t>{1, 9, 12});
+  disk.reset();
+  faults->simulate_power_loss(false, 3);
+  disk = d.open();
+  check_disk(*disk, m);
+}
