@@ -128,7 +128,7 @@ Status Disk::ensure_loaded() {
   LAYER_ASSIGN(chain_map_, pool_.chains().get(txn, chain_));
   chain_files_.clear();
   for (const auto& layer : chain_) {
-    auto f = pool_.store().open(pool_.layer_path(layer), false);
+    auto f = pool_.open_frozen(layer);
     if (!f && f.error().code != ENOENT) return std::move(f).error();
     if (f) LAYER_TRY(check_file_size(**f, layer));
     chain_files_.push_back(f ? *f : nullptr);  // missing: an error only if a read needs it
@@ -151,7 +151,8 @@ Status Disk::ensure_loaded() {
                        delta->load(key->second, *bits);
                        return true;
                      }));
-  auto f = pool_.store().open(pool_.layer_path(delta_layer_), writable_);
+  LayerStore& store = pool_.store(delta_layer_.tier);
+  auto f = store.open(delta_layer_.id, writable_);
   if (f) {
     LAYER_TRY(check_file_size(**f, delta_layer_));
     // Its name may come from a create whose directory fsync failed, or from before a crash:
@@ -178,8 +179,8 @@ Result<LayerFile*> Disk::delta_file_for_write() {
   if (delta_file_) return delta_file_.get();
   // Only a delta without data gets here (ensure_loaded refuses one whose file is missing).
   // Created, synced and its directory synced before any row naming its data is committed.
-  const std::string path = pool_.layer_path(delta_layer_);
-  auto created = pool_.store().create(path, size_bytes_);
+  LayerStore& store = pool_.store(delta_layer_.tier);
+  auto created = store.create(delta_layer_.id, size_bytes_);
   if (created) {
     adopt_delta_file(std::move(*created));
     return delta_file_.get();
@@ -188,7 +189,7 @@ Result<LayerFile*> Disk::delta_file_for_write() {
   // Left by an earlier create whose directory fsync failed (or a crash before any row named
   // it): nothing reads its blocks before they are written, so adopt it once its name is
   // durable and its size right.
-  LAYER_ASSIGN(auto file, pool_.store().open(path, true));
+  LAYER_ASSIGN(auto file, store.open(delta_layer_.id, true));
   LAYER_TRY(check_file_size(*file, delta_layer_));
   LAYER_TRY(file->sync_entry());
   adopt_delta_file(std::move(file));

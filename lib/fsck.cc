@@ -10,7 +10,6 @@
 // - with full: every stored 64 KiB checksum of a frozen layer matches its data, and every
 //   group of a frozen layer that holds data has a checksum.
 // Read-only unless repair: it never changes a layer that is in use.
-#include <dirent.h>
 #include <sys/stat.h>
 
 #include <cstring>
@@ -42,7 +41,7 @@ Result<FsckReport> Pool::fsck(bool full, bool repair) {
   std::map<LayerId, LayerFacts> layers;
   std::vector<std::pair<uint64_t, IntentRecord>> stale_imports;  // intent id, intent
   std::vector<uint64_t> drops;                                   // drop intent ids
-  std::map<LayerId, std::string> intent_files;                   // files an intent accounts for
+  std::map<LayerId, Tier> intent_files;                          // files an intent accounts for
   std::map<LayerId, std::map<uint32_t, std::vector<uint64_t>>> sums;
   std::set<LayerId> importing;  // layers of every intent, running or interrupted
   {
@@ -172,7 +171,7 @@ Result<FsckReport> Pool::fsck(bool full, bool repair) {
               problem(fmt::format("intent {}: {}", id, tier.error().message));
               return true;
             }
-            intent_files[intent->layer] = layer_path(intent->layer, *tier);
+            intent_files[intent->layer] = *tier;
             drops.push_back(id);
             if (!repair)
               problem(
@@ -181,7 +180,7 @@ Result<FsckReport> Pool::fsck(bool full, bool repair) {
                               intent->layer, id));
             return true;
           }
-          intent_files[intent->layer] = layer_path(intent->layer, Tier::kSsd);
+          intent_files[intent->layer] = Tier::kSsd;
           // An import still running holds its layer's lock: not interrupted, leave it alone.
           LAYER_ASSIGN(const bool running, locks_->is_locked(LockKind::kLayer, intent->layer));
           if (running) return true;
@@ -219,50 +218,43 @@ Result<FsckReport> Pool::fsck(bool full, bool repair) {
 
   test_point("fsck.index_scanned");
 
-  // Files.
-  std::set<std::string> named;
+  // Files: each layer's in its tier's store; an intent accounts for its layer's file.
+  std::set<std::pair<Tier, LayerId>> named;
   for (auto& [id, f] : layers) {
+    named.insert({f.rec.tier, id});
     const std::string path = layer_path(f.rec);
-    named.insert(path);
-    struct stat st;
-    if (::stat(path.c_str(), &st) != 0) {
+    auto size = store(f.rec.tier).stat(id);
+    if (!size) {
+      problem(fmt::format("layer {}: {}", id, size.error().message));
+      continue;
+    }
+    if (!*size) {
       if (f.data_blocks > 0)
         problem(fmt::format("layer {}: file {} is missing, the index has {} data blocks in it", id,
                             path, f.data_blocks));
       continue;
     }
-    if (static_cast<uint64_t>(st.st_size) != f.rec.size_bytes)
-      problem(fmt::format("layer {}: file {} is {} bytes, index says {}", id, path, st.st_size,
+    if (**size != f.rec.size_bytes)
+      problem(fmt::format("layer {}: file {} is {} bytes, index says {}", id, path, **size,
                           f.rec.size_bytes));
   }
-  for (const auto& [id, path] : intent_files) {
-    named.insert(path);  // reported with its intent, not as an orphan
-    named.insert(path + ".new");
-  }
-  std::vector<std::string> orphans;
-  for (const auto& dir : paths_.tier_dir) {
-    DIR* d = ::opendir(dir.c_str());
-    if (!d) {
-      problem(fmt::format("tier directory {} cannot be read: {}", dir, std::strerror(errno)));
+  for (const auto& [id, tier] : intent_files) named.insert({tier, id});
+  std::vector<OrphanFile> orphans;
+  for (const Tier tier : {Tier::kSsd, Tier::kHdd}) {
+    auto entries = store(tier).list();
+    if (!entries) {
+      problem(fmt::format("tier {} cannot be read: {}", to_string(tier), entries.error().message));
       continue;
     }
-    while (struct dirent* e = ::readdir(d)) {
-      std::string n = e->d_name;
-      if (n == "." || n == "..") continue;
-      const bool ours = n.ends_with(".layer") || n.ends_with(".layer.new");
-      if (!ours) continue;
-      const std::string path = dir + "/" + n;
-      if (named.count(path)) continue;
-      orphans.push_back(path);
-    }
-    ::closedir(d);
+    for (auto& e : *entries)
+      if (!named.count({tier, e.id})) orphans.push_back(OrphanFile{tier, std::move(e)});
   }
-  // The scan's view is older than the directory listing: confirm each candidate.
+  // The scan's view is older than the listing: confirm each candidate.
   LAYER_ASSIGN(orphans, confirm_orphans(orphans));
   if (!repair)
-    for (const auto& path : orphans)
-      problem(
-          fmt::format("orphan file {}: no layer names it; `layer fsck --repair` removes it", path));
+    for (const auto& o : orphans)
+      problem(fmt::format("orphan file {}: no layer names it; `layer fsck --repair` removes it",
+                          o.entry.name));
 
   // Checksums.
   if (full) {
@@ -280,7 +272,7 @@ Result<FsckReport> Pool::fsck(bool full, bool repair) {
           problem(
               fmt::format("layer {}: no checksum for data at offset {}", id, g * kSumGroupBytes));
       if (rows.empty()) continue;
-      auto file = store_->open(layer_path(f.rec), false);
+      auto file = store(f.rec.tier).open(id, false);
       if (!file) continue;  // reported above when it matters
       for (const auto& [row, v] : rows) {
         for (size_t i = 0; i < v.size(); ++i) {
@@ -340,9 +332,9 @@ Result<FsckReport> Pool::fsck(bool full, bool repair) {
     // Confirmed once more just before: a file made before the first confirmation has its row
     // or intent committed by then, so what is still an orphan stays one.
     LAYER_ASSIGN(orphans, confirm_orphans(orphans));
-    for (const auto& path : orphans) {
-      LAYER_TRY(store_->remove(path));
-      report.repaired.push_back(fmt::format("orphan file {}: removed", path));
+    for (const auto& o : orphans) {
+      LAYER_TRY(store(o.tier).remove(o.entry.id));
+      report.repaired.push_back(fmt::format("orphan file {}: removed", o.entry.name));
     }
   }
   return report;
@@ -376,49 +368,34 @@ Result<bool> Pool::roll_back_import(uint64_t intent_id, const IntentRecord& inte
     if (skip) return false;
     if (done) break;
   }
-  const std::string path = layer_path(intent.layer, Tier::kSsd);
-  LAYER_TRY(store_->remove(path));
-  LAYER_TRY(store_->remove(path + ".new"));
+  LAYER_TRY(store(Tier::kSsd).remove(intent.layer));
   return true;
 }
 
-Result<std::vector<std::string>> Pool::confirm_orphans(const std::vector<std::string>& paths) {
-  std::vector<std::string> orphans;
-  if (paths.empty()) return orphans;
+Result<std::vector<Pool::OrphanFile>> Pool::confirm_orphans(
+    const std::vector<OrphanFile>& candidates) {
+  std::vector<OrphanFile> orphans;
+  if (candidates.empty()) return orphans;
   LAYER_ASSIGN(auto txn, index_->begin_read());
-  for (const auto& path : paths) {
-    const auto slash = path.rfind('/');
-    const std::string name = path.substr(slash + 1);
-    const auto dot = name.find('.');
-    LayerId id = 0;
-    for (size_t i = 0; i < dot && i < name.size(); ++i) {
-      if (name[i] < '0' || name[i] > '9') {
-        id = 0;
-        break;
-      }
-      id = id * 10 + static_cast<uint64_t>(name[i] - '0');
-    }
+  for (const auto& o : candidates) {
+    const LayerId id = o.entry.id;
     // Files are created only after the row or intent naming them committed, so a fresh
     // transaction sees whatever made a file that the scan's older view did not know.
     bool keep = false;
-    if (id != 0) {
-      LAYER_ASSIGN(auto row, txn.get(Db::kLayers, key_u64(id)));
-      if (row) {
-        LAYER_ASSIGN(auto rec, decode_layer(*row, id));
-        // Its own file, or a create of it in progress; a copy in another tier is a leftover.
-        keep = path == layer_path(rec) || path == layer_path(rec) + ".new";
-      }
-      LAYER_TRY(
-          txn.scan(Db::kIntents, "", [&](std::string_view, std::string_view v) -> Result<bool> {
-            auto intent = decode_intent(v, 0);
-            if (intent && intent->layer == id) keep = true;
-            return !keep;
-          }));
-      // Work in progress on the layer (a Disk on its delta, an import, a move) holds its lock.
-      LAYER_ASSIGN(const bool locked, locks_->is_locked(LockKind::kLayer, id));
-      if (locked) keep = true;
+    LAYER_ASSIGN(auto row, txn.get(Db::kLayers, key_u64(id)));
+    if (row) {
+      LAYER_ASSIGN(auto rec, decode_layer(*row, id));
+      keep = rec.tier == o.tier;  // its own file; a copy in another tier is a leftover
     }
-    if (!keep) orphans.push_back(path);
+    LAYER_TRY(txn.scan(Db::kIntents, "", [&](std::string_view, std::string_view v) -> Result<bool> {
+      auto intent = decode_intent(v, 0);
+      if (intent && intent->layer == id) keep = true;
+      return !keep;
+    }));
+    // Work in progress on the layer (a Disk on its delta, an import, a move) holds its lock.
+    LAYER_ASSIGN(const bool locked, locks_->is_locked(LockKind::kLayer, id));
+    if (locked) keep = true;
+    if (!keep) orphans.push_back(o);
   }
   return orphans;
 }

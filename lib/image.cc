@@ -153,7 +153,7 @@ Result<ImageInfo> Pool::import_image(const std::string& ref, const std::string& 
   }));
   test_point("import.intent-committed");
   LayerRecord layer{layer_id, 0, Tier::kSsd, size, block_size, LayerState::kFrozen, 1, now_unix()};
-  const std::string path = layer_path(layer);
+  LayerStore& store = this->store(layer.tier);
   bool created_file = false;
 
   // Removes what this import made: its rows, its intent and, only if it created it, its file
@@ -171,13 +171,13 @@ Result<ImageInfo> Pool::import_image(const std::string& ref, const std::string& 
       });
       if (!s) return e;  // fsck --repair finishes it
     }
-    if (created_file) (void)store_->remove(path);
+    if (created_file) (void)store.remove(layer_id);
     return e;
   };
 
   // 2. Copy the data blocks into a new layer file at the same offsets; hash each 64 KiB group;
   // commit the rows of finished chunks and checksum groups as the copy goes (3).
-  auto created = store_->create(path, size);
+  auto created = store.create(layer_id, size);
   if (!created) return rollback(std::move(created).error());
   created_file = true;
   std::shared_ptr<LayerFile> out = *created;

@@ -13,6 +13,7 @@
 // failure undoes every unsynced write, as Linux drops the dirty pages of a failed writeback.
 #include "layer_file.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -159,30 +160,27 @@ class LocalFile : public LayerFile {
 
 }  // namespace
 
-Result<std::shared_ptr<LayerFile>> LocalStore::open(const std::string& path, bool writable) {
+std::string LocalStore::describe(LayerId id) const { return fmt::format("{}/{}.layer", dir_, id); }
+
+Result<std::shared_ptr<LayerFile>> LocalStore::open(LayerId id, bool writable) {
+  const std::string path = describe(id);
   int fd = ::open(path.c_str(), (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
-  if (fd < 0) {
-    const int err = errno;
-    return sys_error(err, fmt::format("open layer file {}", path));
-  }
+  if (fd < 0) return sys_error(errno, "open layer file {}", path);
   return std::shared_ptr<LayerFile>(std::make_shared<LocalFile>(fd, path));
 }
 
-Result<std::shared_ptr<LayerFile>> LocalStore::create(const std::string& path,
-                                                      uint64_t size_bytes) {
+Result<std::shared_ptr<LayerFile>> LocalStore::create(LayerId id, uint64_t size_bytes) {
+  const std::string path = describe(id);
   struct stat st;
   if (::stat(path.c_str(), &st) == 0) return make_error(EEXIST, "layer file {} exists", path);
   const std::string tmp = path + ".new";
   int fd = ::open(tmp.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) {
-    const int err = errno;
-    return sys_error(err, fmt::format("create layer file {}", tmp));
-  }
+  if (fd < 0) return sys_error(errno, "create layer file {}", tmp);
   auto file = std::make_shared<LocalFile>(fd, path);
   if (::ftruncate(fd, static_cast<off_t>(size_bytes)) != 0 || ::fsync(fd) != 0) {
     const int err = errno;
     ::unlink(tmp.c_str());
-    return sys_error(err, fmt::format("size layer file {}", tmp));
+    return sys_error(err, "size layer file {}", tmp);
   }
   // Never over an existing file (another creator's, or one the stat above missed): a
   // RENAME_NOREPLACE rename, or link+unlink where the filesystem lacks it.
@@ -195,35 +193,108 @@ Result<std::shared_ptr<LayerFile>> LocalStore::create(const std::string& path,
       ::unlink(tmp.c_str());
     }
     if (err == EEXIST) return make_error(EEXIST, "layer file {} exists", path);
-    if (err != 0) return sys_error(err, fmt::format("rename {} into place", tmp));
+    if (err != 0) return sys_error(err, "rename {} into place", tmp);
   }
   // The file is in place now. A failed directory fsync is retried once; if it fails again
   // the file stays (a retry of create sees EEXIST and may open it and call sync_entry()).
-  if (!sync_dir(dir_of(path)).ok()) LAYER_TRY(sync_dir(dir_of(path)));
+  if (!sync_dir().ok()) LAYER_TRY(sync_dir());
   return std::shared_ptr<LayerFile>(file);
 }
 
-Status LocalStore::remove(const std::string& path) {
-  if (::unlink(path.c_str()) != 0 && errno != ENOENT) {
-    const int err = errno;
-    return sys_error(err, fmt::format("unlink {}", path));
+Status LocalStore::remove(LayerId id) {
+  for (const std::string& path : {describe(id), describe(id) + ".new"}) {
+    if (::unlink(path.c_str()) != 0 && errno != ENOENT) return sys_error(errno, "unlink {}", path);
   }
   return {};
 }
 
-Status LocalStore::sync_dir(const std::string& dir) { return fsync_dir(dir); }
+Result<std::optional<uint64_t>> LocalStore::stat(LayerId id) {
+  const std::string path = describe(id);
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0) {
+    const int err = errno;
+    if (err == ENOENT) return std::optional<uint64_t>();
+    return sys_error(err, "stat {}", path);
+  }
+  return std::optional<uint64_t>(static_cast<uint64_t>(st.st_size));
+}
+
+Result<std::vector<LayerStore::Entry>> LocalStore::list() {
+  DIR* d = ::opendir(dir_.c_str());
+  if (!d) return sys_error(errno, "read tier directory {}", dir_);
+  std::vector<Entry> out;
+  while (struct dirent* e = ::readdir(d)) {
+    const std::string_view n = e->d_name;
+    const bool unfinished = n.ends_with(".layer.new");
+    if (!unfinished && !n.ends_with(".layer")) continue;
+    const std::string_view digits = n.substr(0, n.find('.'));
+    LayerId id = 0;
+    bool ok = !digits.empty() && digits.size() <= 19;
+    for (char c : digits) {
+      ok = ok && c >= '0' && c <= '9';
+      if (ok) id = id * 10 + static_cast<uint64_t>(c - '0');
+    }
+    if (!ok || n != fmt::format("{}{}", id, unfinished ? ".layer.new" : ".layer")) continue;
+    out.push_back(Entry{id, unfinished, dir_ + "/" + std::string(n)});
+  }
+  ::closedir(d);
+  return out;
+}
+
+Status LocalStore::copy_to(LayerId id, LayerStore& dst) {
+  LAYER_ASSIGN(auto src, open(id, false));
+  LAYER_ASSIGN(uint64_t size, src->size());
+  LAYER_ASSIGN(auto out, dst.create(id, size));
+  std::vector<uint8_t> buf(1 << 20);
+  Status status;
+  LAYER_TRY(src->data_extents(0, size, [&](uint64_t offset, uint64_t len) {
+    for (uint64_t done = 0; status.ok() && done < len;) {
+      const uint64_t n = std::min<uint64_t>(buf.size(), len - done);
+      status = src->read(buf.data(), n, offset + done);
+      if (status.ok()) status = out->write(buf.data(), n, offset + done);
+      done += n;
+    }
+  }));
+  LAYER_TRY(status);
+  return out->sync();
+}
+
+Status LocalStore::check_can_hold(uint64_t size_bytes) {
+  // O_TMPFILE: nameless, gone on close; a named probe where the filesystem lacks it.
+  std::string named;
+  int fd = ::open(dir_.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+  if (fd < 0 && (errno == EOPNOTSUPP || errno == EISDIR || errno == EINVAL)) {
+    named = fmt::format("{}/.size-probe.{}", dir_, ::getpid());
+    fd = ::open(named.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  }
+  if (fd < 0) return sys_error(errno, "probe file size limit in tier {}", dir_);
+  const int rc = ::ftruncate(fd, static_cast<off_t>(size_bytes));
+  const int err = errno;
+  ::close(fd);
+  if (!named.empty()) ::unlink(named.c_str());
+  if (rc != 0 && (err == EFBIG || err == EINVAL))
+    return make_error(EINVAL,
+                      "size {} is larger than the filesystem of tier {} can hold in one file "
+                      "(ftruncate: {}); choose a smaller size or a tier on another filesystem",
+                      size_bytes, dir_, std::strerror(err));
+  if (rc != 0) return sys_error(err, "probe file size limit in tier {}", dir_);
+  return {};
+}
+
+Status LocalStore::sync_dir() { return fsync_dir(dir_); }
 
 // ---- FaultInjectingStore ----
 
 // A LocalStore whose directory fsyncs go through the fault store's gate.
+// A LocalStore whose directory fsyncs go through the fault store's gate.
 class FaultInjectingStore::Local : public LocalStore {
  public:
-  explicit Local(FaultInjectingStore* store) : store_(store) {}
+  Local(std::string dir, FaultInjectingStore* store) : LocalStore(std::move(dir)), store_(store) {}
 
  protected:
-  Status sync_dir(const std::string& dir) override {
-    LAYER_TRY(store_->dir_sync_gate(dir));
-    return LocalStore::sync_dir(dir);
+  Status sync_dir() override {
+    LAYER_TRY(store_->dir_sync_gate(dir()));
+    return LocalStore::sync_dir();
   }
 
  private:
@@ -335,17 +406,16 @@ Result<std::shared_ptr<LayerFile>> FaultInjectingStore::track(
   return std::shared_ptr<LayerFile>(f);
 }
 
-Result<std::shared_ptr<LayerFile>> FaultInjectingStore::open(const std::string& path,
-                                                             bool writable) {
-  return track(Local(this).open(path, writable));
+FaultInjectingStore::FaultInjectingStore(std::string dir)
+    : ForwardingStore(std::make_unique<Local>(std::move(dir), this)) {}
+
+Result<std::shared_ptr<LayerFile>> FaultInjectingStore::open(LayerId id, bool writable) {
+  return track(inner().open(id, writable));
 }
 
-Result<std::shared_ptr<LayerFile>> FaultInjectingStore::create(const std::string& path,
-                                                               uint64_t size_bytes) {
-  return track(Local(this).create(path, size_bytes));
+Result<std::shared_ptr<LayerFile>> FaultInjectingStore::create(LayerId id, uint64_t size_bytes) {
+  return track(inner().create(id, size_bytes));
 }
-
-Status FaultInjectingStore::remove(const std::string& path) { return Local(this).remove(path); }
 
 void FaultInjectingStore::simulate_power_loss(bool tear, uint64_t seed) {
   std::mt19937_64 rng(seed);

@@ -1,4 +1,5 @@
-// layer_file.h — the layer I/O seam: one LayerFile per layer, made by a LayerStore.
+// layer_file.h — the layer I/O seam: one LayerFile per layer, made by the LayerStore of the
+// layer's tier, which addresses files by layer id.
 //
 // A layer file is sparse and same-offset: block b of the disk lives at offset b*block_size.
 // The local-directory implementation is the first backend; FaultInjectingStore wraps it for
@@ -12,10 +13,12 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "error.h"
+#include "records.h"
 
 namespace layer {
 
@@ -48,31 +51,83 @@ class LayerFile {
   virtual const std::string& path() const = 0;
 };
 
+// Layer files of one tier, addressed by layer id (DESIGN.md "Beyond one host": the seam a
+// remote tier plugs into). Nothing outside a store knows how it names or keeps its files.
+// Thread-safety: every method may be called concurrently.
 class LayerStore {
  public:
   virtual ~LayerStore() = default;
+  // Where the layer's file is, for messages (a local store: its path).
+  virtual std::string describe(LayerId id) const = 0;
   // Opens an existing layer file. Errors: ENOENT, EACCES, EIO.
-  virtual Result<std::shared_ptr<LayerFile>> open(const std::string& path, bool writable) = 0;
+  virtual Result<std::shared_ptr<LayerFile>> open(LayerId id, bool writable) = 0;
   // Creates a new, empty file of size_bytes (sparse), fsyncs it and its directory so that the
-  // index may name it. Errors: EEXIST, ENOSPC, EIO. After an EIO from the directory fsync the
-  // file is in place (its name possibly not durable): a retry sees EEXIST, and the caller may
-  // open it and call sync_entry().
-  virtual Result<std::shared_ptr<LayerFile>> create(const std::string& path,
-                                                    uint64_t size_bytes) = 0;
-  // Unlinks; a missing file is not an error.
-  virtual Status remove(const std::string& path) = 0;
+  // index may name it. Never replaces an existing file. Errors: EEXIST, ENOSPC, EIO. After an
+  // EIO from the directory fsync the file is in place (its name possibly not durable): a retry
+  // sees EEXIST, and the caller may open it and call sync_entry().
+  virtual Result<std::shared_ptr<LayerFile>> create(LayerId id, uint64_t size_bytes) = 0;
+  // Removes the layer's file and any leftover of an unfinished create; missing ones are fine.
+  virtual Status remove(LayerId id) = 0;
+  // The size of the layer's file; std::nullopt when it has none. Errors: EIO, EACCES.
+  virtual Result<std::optional<uint64_t>> stat(LayerId id) = 0;
+  struct Entry {
+    LayerId id = 0;
+    bool unfinished = false;  // the leftover of a create that did not finish
+    std::string name;         // as describe() would say
+  };
+  // Every layer file and unfinished create in the store. Errors: EIO, EACCES.
+  virtual Result<std::vector<Entry>> list() = 0;
+  // Copies the layer's file into `dst` as a new file of the same id and size, only its data
+  // ranges, synced. Errors: EEXIST (dst has it), ENOENT, ENOSPC, EIO.
+  virtual Status copy_to(LayerId id, LayerStore& dst) = 0;
+  // Whether this store can hold one file of size_bytes. Errors: EINVAL naming the limit.
+  virtual Status check_can_hold(uint64_t size_bytes) = 0;
 };
 
-// Layer files in local tier directories (O_CLOEXEC, pread/pwrite, fallocate punch).
+// Layer files in one local tier directory: DIR/<id>.layer (O_CLOEXEC, pread/pwrite, fallocate
+// punch); a create writes DIR/<id>.layer.new first and renames it into place.
 class LocalStore : public LayerStore {
  public:
-  Result<std::shared_ptr<LayerFile>> open(const std::string& path, bool writable) override;
-  Result<std::shared_ptr<LayerFile>> create(const std::string& path, uint64_t size_bytes) override;
-  Status remove(const std::string& path) override;
+  explicit LocalStore(std::string dir) : dir_(std::move(dir)) {}
+  const std::string& dir() const { return dir_; }
+  std::string describe(LayerId id) const override;
+  Result<std::shared_ptr<LayerFile>> open(LayerId id, bool writable) override;
+  Result<std::shared_ptr<LayerFile>> create(LayerId id, uint64_t size_bytes) override;
+  Status remove(LayerId id) override;
+  Result<std::optional<uint64_t>> stat(LayerId id) override;
+  Result<std::vector<Entry>> list() override;
+  Status copy_to(LayerId id, LayerStore& dst) override;
+  Status check_can_hold(uint64_t size_bytes) override;
 
  protected:
-  // fsync of a directory (the fault-injecting store fails it on demand).
-  virtual Status sync_dir(const std::string& dir);
+  // fsync of the directory (the fault-injecting store fails it on demand).
+  virtual Status sync_dir();
+
+ private:
+  std::string dir_;
+};
+
+// Forwards every call to an inner store: the base of stores that wrap another (the test
+// stores), so a new LayerStore method is forwarded in one place.
+class ForwardingStore : public LayerStore {
+ public:
+  explicit ForwardingStore(std::unique_ptr<LayerStore> inner) : inner_(std::move(inner)) {}
+  LayerStore& inner() { return *inner_; }
+  std::string describe(LayerId id) const override { return inner_->describe(id); }
+  Result<std::shared_ptr<LayerFile>> open(LayerId id, bool writable) override {
+    return inner_->open(id, writable);
+  }
+  Result<std::shared_ptr<LayerFile>> create(LayerId id, uint64_t size_bytes) override {
+    return inner_->create(id, size_bytes);
+  }
+  Status remove(LayerId id) override { return inner_->remove(id); }
+  Result<std::optional<uint64_t>> stat(LayerId id) override { return inner_->stat(id); }
+  Result<std::vector<Entry>> list() override { return inner_->list(); }
+  Status copy_to(LayerId id, LayerStore& dst) override { return inner_->copy_to(id, dst); }
+  Status check_can_hold(uint64_t size_bytes) override { return inner_->check_can_hold(size_bytes); }
+
+ private:
+  std::unique_ptr<LayerStore> inner_;
 };
 
 // For power-loss tests: files behave like LocalStore's, but each write and punch first saves
@@ -82,11 +137,12 @@ class LocalStore : public LayerStore {
 // It can fail the next sync() with EIO as Linux does: the unsynced writes are lost (undone) and
 // the error is reported once, so the sync after it succeeds. It can fail directory fsyncs.
 // Thread-safety: as LayerStore; the hooks must be set while no I/O runs.
-class FaultInjectingStore : public LayerStore {
+class FaultInjectingStore : public ForwardingStore {
  public:
-  Result<std::shared_ptr<LayerFile>> open(const std::string& path, bool writable) override;
-  Result<std::shared_ptr<LayerFile>> create(const std::string& path, uint64_t size_bytes) override;
-  Status remove(const std::string& path) override;
+  // Layer files in `dir`, as a LocalStore keeps them.
+  explicit FaultInjectingStore(std::string dir);
+  Result<std::shared_ptr<LayerFile>> open(LayerId id, bool writable) override;
+  Result<std::shared_ptr<LayerFile>> create(LayerId id, uint64_t size_bytes) override;
 
   // Undoes every unsynced write of every file this store opened. REQUIRES: no I/O in flight.
   void simulate_power_loss(bool tear, uint64_t seed);

@@ -356,7 +356,8 @@ Result<std::unique_ptr<Pool>> Pool::open(const std::string& root, const OpenOpti
     LAYER_TRY(check_tier_markers(txn, abs, pool->paths_.tier_dir));
   }
   LAYER_ASSIGN(pool->locks_, LockTable::open(pool->paths_.run_dir));
-  pool->store_ = std::make_unique<LocalStore>();
+  for (int t = 0; t < 2; ++t)
+    pool->stores_[t] = std::make_unique<LocalStore>(pool->paths_.tier_dir[t]);
   if (!options.read_only) {
     LAYER_ASSIGN(pool->committer_, Committer::start(*pool->index_));
     // Removals a crash interrupted are finished here (their containers are already gone).
@@ -370,27 +371,25 @@ Result<std::unique_ptr<Pool>> Pool::open(const std::string& root, const OpenOpti
 Pool::~Pool() = default;
 
 Status Pool::check_tiers_hold(uint64_t size_bytes) const {
-  for (const auto& tier : paths_.tier_dir) {
-    // O_TMPFILE: nameless, gone on close; a named probe where the filesystem lacks it.
-    std::string named;
-    int fd = ::open(tier.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
-    if (fd < 0 && (errno == EOPNOTSUPP || errno == EISDIR || errno == EINVAL)) {
-      named = fmt::format("{}/.size-probe.{}", tier, ::getpid());
-      fd = ::open(named.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-    }
-    if (fd < 0) return sys_error(errno, "probe file size limit in tier {}", tier);
-    const int rc = ::ftruncate(fd, static_cast<off_t>(size_bytes));
-    const int err = errno;
-    ::close(fd);
-    if (!named.empty()) ::unlink(named.c_str());
-    if (rc != 0 && (err == EFBIG || err == EINVAL))
-      return make_error(EINVAL,
-                        "size {} is larger than the filesystem of tier {} can hold in one file "
-                        "(ftruncate: {}); choose a smaller size or a tier on another filesystem",
-                        size_bytes, tier, std::strerror(err));
-    if (rc != 0) return sys_error(err, fmt::format("probe file size limit in tier {}", tier));
-  }
+  for (const auto& store : stores_) LAYER_TRY(store->check_can_hold(size_bytes));
   return {};
+}
+
+void Pool::set_store(Tier tier, std::unique_ptr<LayerStore> store) {
+  std::lock_guard<std::mutex> lk(frozen_mu_);
+  frozen_files_.clear();
+  stores_[static_cast<int>(tier)] = std::move(store);
+}
+
+Result<std::shared_ptr<LayerFile>> Pool::open_frozen(const LayerRecord& layer) {
+  const auto key = std::make_pair(static_cast<int>(layer.tier), layer.id);
+  std::lock_guard<std::mutex> lk(frozen_mu_);
+  std::erase_if(frozen_files_, [](const auto& kv) { return kv.second.expired(); });
+  if (auto it = frozen_files_.find(key); it != frozen_files_.end())
+    if (auto file = it->second.lock()) return file;
+  LAYER_ASSIGN(auto file, store(layer.tier).open(layer.id, false));
+  frozen_files_[key] = file;
+  return file;
 }
 
 std::string Pool::layer_path(const LayerRecord& layer) const {
@@ -398,7 +397,7 @@ std::string Pool::layer_path(const LayerRecord& layer) const {
 }
 
 std::string Pool::layer_path(LayerId id, Tier tier) const {
-  return fmt::format("{}/{}.layer", paths_.tier_dir[static_cast<int>(tier)], id);
+  return stores_[static_cast<int>(tier)]->describe(id);
 }
 
 Result<LayerRecord> Pool::get_layer(ReadTxn& txn, LayerId id) {
@@ -496,7 +495,7 @@ Status Pool::finish_drop(uint64_t intent_id) {
   // repeats the unlink, which tolerates a missing file).
   auto tier = parse_tier(intent.target);
   if (!tier) return make_error(EIO, "intent {}: {}", intent_id, tier.error().message);
-  LAYER_TRY(store_->remove(layer_path(intent.layer, *tier)));
+  LAYER_TRY(store(*tier).remove(intent.layer));
   return committer_->run([&](WriteTxn& txn) { return txn.del(Db::kIntents, key_u64(intent_id)); });
 }
 

@@ -11,7 +11,9 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -97,14 +99,19 @@ class Pool {
   const PoolPaths& paths() const { return paths_; }
   Index& index() { return *index_; }
   Committer& committer() { return *committer_; }
-  LayerStore& store() { return *store_; }
+  // The layer files of one tier, addressed by layer id.
+  LayerStore& store(Tier tier) { return *stores_[static_cast<int>(tier)]; }
   LockTable& locks() { return *locks_; }
   ChainCache& chains() { return chains_; }
   bool read_only() const { return read_only_; }
+  // Where a layer's file is, for messages and tools (for a local tier: its path).
   std::string layer_path(const LayerRecord& layer) const;
   std::string layer_path(LayerId id, Tier tier) const;
-  // Replaces the layer store (tests: FaultInjectingStore). REQUIRES: no disk open.
-  void set_store(std::unique_ptr<LayerStore> store) { store_ = std::move(store); }
+  // Replaces a tier's store (tests: FaultInjectingStore). REQUIRES: no disk open.
+  void set_store(Tier tier, std::unique_ptr<LayerStore> store);
+  // A frozen layer's file opened read-only, one handle shared by every disk of this process
+  // that reads the layer (beside the chain-map cache). Errors: as LayerStore::open.
+  Result<std::shared_ptr<LayerFile>> open_frozen(const LayerRecord& layer);
   // Test seam for interleavings: when set, long operations call it with a named point on
   // their own thread, and it may block (pause the operation) or change the world meanwhile.
   // Points: "import.intent-committed" (intent row visible), "import.data-walked" (the source's
@@ -181,9 +188,14 @@ class Pool {
   // fsck --repair: rolls back an interrupted import under its layer's lock, re-reading the
   // intent; false when it was running, published or rolled back meanwhile.
   Result<bool> roll_back_import(uint64_t intent_id, const IntentRecord& intent);
-  // fsck: the orphan candidates (files no layer of an older view names) that a fresh
-  // transaction and the layer locks still call orphans.
-  Result<std::vector<std::string>> confirm_orphans(const std::vector<std::string>& paths);
+  // A layer file (or unfinished create) in a tier that no layer of fsck's view names.
+  struct OrphanFile {
+    Tier tier;
+    LayerStore::Entry entry;
+  };
+  // fsck: the orphan candidates that a fresh transaction and the layer locks still call
+  // orphans.
+  Result<std::vector<OrphanFile>> confirm_orphans(const std::vector<OrphanFile>& candidates);
   // Checks that every tier's filesystem can hold a layer file of size_bytes (ext4 with 4 KiB
   // blocks stops at 16 TiB - 4 KiB, below kMaxDiskBytes): a sparse temporary file in each tier
   // is sized to it. Errors: EINVAL naming the tier and the size; EIO/EACCES from the probe.
@@ -197,7 +209,10 @@ class Pool {
   std::unique_ptr<Index> index_;
   std::unique_ptr<Committer> committer_;
   std::unique_ptr<LockTable> locks_;
-  std::unique_ptr<LayerStore> store_;
+  std::unique_ptr<LayerStore> stores_[2];  // indexed by Tier
+  std::mutex frozen_mu_;
+  std::map<std::pair<int, LayerId>, std::weak_ptr<LayerFile>>
+      frozen_files_;  // GUARDED_BY(frozen_mu_)
   ChainCache chains_;
   TestHook test_hook_;
 };

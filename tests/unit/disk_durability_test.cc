@@ -24,9 +24,7 @@ TEST_CASE("power loss keeps every flushed write and nothing half-made", "[disk][
     const uint64_t blocks = 96;
     const uint64_t size = blocks * 4096;
     DiskFixture d(size, size, 4096, seed);
-    auto store = std::make_unique<FaultInjectingStore>();
-    FaultInjectingStore* faults = store.get();
-    d.f.pool->set_store(std::move(store));
+    FaultInjectingStore* faults = install_store<FaultInjectingStore>(*d.f.pool);
 
     Model a = d.model;
     auto disk = d.open();
@@ -127,9 +125,7 @@ TEST_CASE("power loss keeps every flushed write and nothing half-made", "[disk][
 TEST_CASE("a FUA write survives power loss without a flush", "[disk][powerloss]") {
   const uint64_t size = 32 * 4096;
   DiskFixture d(size, size, 4096, 31);
-  auto store = std::make_unique<FaultInjectingStore>();
-  FaultInjectingStore* faults = store.get();
-  d.f.pool->set_store(std::move(store));
+  FaultInjectingStore* faults = install_store<FaultInjectingStore>(*d.f.pool);
   Model m = d.model;
   auto disk = d.open();
   do_write(*disk, m, 4096 + 100, pattern(300, 1), true);  // copy-up of a data block, FUA
@@ -146,9 +142,7 @@ TEST_CASE("a failed fdatasync fails the flush and every later request until reop
           "[disk][powerloss]") {
   const uint64_t size = 32 * 4096;
   DiskFixture d(size, size, 4096, 41);
-  auto store = std::make_unique<FaultInjectingStore>();
-  FaultInjectingStore* faults = store.get();
-  d.f.pool->set_store(std::move(store));
+  FaultInjectingStore* faults = install_store<FaultInjectingStore>(*d.f.pool);
   Model m = d.model;
   auto disk = d.open();
   do_write(*disk, m, 0, pattern(8192, 1));
@@ -190,9 +184,7 @@ TEST_CASE("flush syncs data before committing the rows that name it, under concu
   // block the committed index marks as data must have been written and synced.
   // A small image (copy-ups of data) on a larger disk (copy-ups of nothing).
   DiskFixture d(256 * 4096, 2048 * 4096, 4096, 61);
-  auto store = std::make_unique<TrackingStore>(4096);
-  TrackingStore* tracking = store.get();
-  d.f.pool->set_store(std::move(store));
+  TrackingStore* tracking = install_store<TrackingStore>(*d.f.pool, 4096);
   auto disk = d.open();
   std::atomic<bool> writers_done{false};
   std::atomic<int> failures{0};
@@ -264,9 +256,7 @@ TEST_CASE("a write racing a flush round is not committed before its data is sync
     MUST(f.pool->import_image("sparse:1", file, 4096, nullptr));
     std::filesystem::remove(file);
   }
-  auto store = std::make_unique<TrackingStore>(4096);
-  TrackingStore* tracking = store.get();
-  f.pool->set_store(std::move(store));
+  TrackingStore* tracking = install_store<TrackingStore>(*f.pool, 4096);
 
   int raced = 0;
   for (int attempt = 0; attempt < 10; attempt++) {

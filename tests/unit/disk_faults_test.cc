@@ -18,9 +18,7 @@ namespace {
 
 // Installs a FaultInjectingStore into the fixture's pool; returns it (owned by the pool).
 FaultInjectingStore* install_faults(DiskFixture& d) {
-  auto store = std::make_unique<FaultInjectingStore>();
-  FaultInjectingStore* faults = store.get();
-  d.f.pool->set_store(std::move(store));
+  FaultInjectingStore* faults = install_store<FaultInjectingStore>(*d.f.pool);
   return faults;
 }
 
@@ -82,8 +80,8 @@ TEST_CASE("a flush queued behind a failed fdatasync fails too and syncs nothing"
 TEST_CASE("a failed sync in the fault store loses the unsynced writes and the next sync works",
           "[disk][faults]") {
   test::TempDir tmp;
-  FaultInjectingStore store;
-  auto file = MUST(store.create(tmp.sub("f.layer"), 8192));
+  FaultInjectingStore store(tmp.path());
+  auto file = MUST(store.create(1, 8192));
   std::vector<uint8_t> a(4096, 0xAA), b(4096, 0xBB), got(4096);
   REQUIRE_OK(file->write(a.data(), a.size(), 0));
   REQUIRE_OK(file->sync());
@@ -101,8 +99,8 @@ TEST_CASE("a failed sync in the fault store loses the unsynced writes and the ne
 TEST_CASE("the fault store keeps the undo record of a write that completes after a sync began",
           "[disk][faults]") {
   test::TempDir tmp;
-  FaultInjectingStore store;
-  auto file = MUST(store.create(tmp.sub("f.layer"), 4096));
+  FaultInjectingStore store(tmp.path());
+  auto file = MUST(store.create(1, 4096));
   std::vector<uint8_t> a(4096, 0xAA), got(4096);
   // The write saves its undo record, then the sync starts and finishes, then the write's
   // pwrite lands: the sync did not cover it, so a power loss must undo it.

@@ -493,9 +493,7 @@ TEST_CASE("concurrent reads, writes and flushes on one disk", "[disk][threads]")
 TEST_CASE("DiskTable shares one Disk per container and flushes on the last release", "[disk]") {
   const uint64_t size = 32 * 4096;
   DiskFixture d(size, size, 4096, 51);
-  auto store = std::make_unique<FaultInjectingStore>();
-  FaultInjectingStore* faults = store.get();
-  d.f.pool->set_store(std::move(store));
+  FaultInjectingStore* faults = install_store<FaultInjectingStore>(*d.f.pool);
   Model m = d.model;
   {
     DiskTable table(*d.f.pool);
@@ -615,4 +613,21 @@ TEST_CASE("a writable Disk on a read-only pool refuses writes instead of crashin
   INFO("child exit status " << rc << " (0: refused cleanly, 1: wrote, >128: killed by signal "
                             << (rc > 128 ? rc - 128 : 0) << ")");
   CHECK(rc == 0);
+}
+
+TEST_CASE("disks on one image share one handle of its layer file", "[disk]") {
+  DiskFixture d(16 * 4096, 16 * 4096);
+  MUST(d.f.pool->clone("base:1", "c2", std::nullopt));
+  auto info = MUST(d.f.pool->inspect("c"));
+  const LayerRecord& image_layer = info.chain[1];
+  auto one = d.open("c");
+  auto two = d.open("c2");
+  std::vector<uint8_t> buf(4096);
+  REQUIRE_OK(one->read(buf.data(), buf.size(), 0));
+  REQUIRE_OK(two->read(buf.data(), buf.size(), 0));
+  auto a = MUST(d.f.pool->open_frozen(image_layer));
+  auto b = MUST(d.f.pool->open_frozen(image_layer));
+  CHECK(a.get() == b.get());
+  // The two disks and a, b: one handle, used four times.
+  CHECK(a.use_count() == 4);
 }

@@ -191,9 +191,10 @@ inline std::vector<uint8_t> pattern(uint64_t len, uint64_t seed) {
 // A LayerStore that records which blocks of each file have had a write covering them
 // completed before a sync() that then succeeded: the data the index may name. Files are
 // created without fsync (only the bookkeeping matters here), so creation is fast.
-class TrackingStore : public LayerStore {
+class TrackingStore : public ForwardingStore {
  public:
-  explicit TrackingStore(uint32_t block_size) : block_size_(block_size) {}
+  TrackingStore(std::string dir, uint32_t block_size)
+      : ForwardingStore(std::make_unique<LocalStore>(std::move(dir))), block_size_(block_size) {}
 
   // Called at the start of every sync() of every file (before anything is synced).
   // REQUIRES: set before any I/O.
@@ -254,27 +255,21 @@ class TrackingStore : public LayerStore {
     std::set<uint64_t> durable_;                            // blocks fully written, then synced
   };
 
-  Result<std::shared_ptr<LayerFile>> open(const std::string& path, bool writable) override {
-    LAYER_ASSIGN(auto inner, LocalStore().open(path, writable));
-    return add(path, std::move(inner));
+  Result<std::shared_ptr<LayerFile>> open(LayerId id, bool writable) override {
+    LAYER_ASSIGN(auto inner, inner_store().open(id, writable));
+    return add(id, std::move(inner));
   }
-  Result<std::shared_ptr<LayerFile>> create(const std::string& path, uint64_t size_bytes) override {
-    int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    if (fd < 0) return sys_error(errno, path);
-    const int rc = ::ftruncate(fd, static_cast<off_t>(size_bytes));
-    ::close(fd);
-    if (rc != 0) return sys_error(errno, path);
-    LAYER_ASSIGN(auto inner, LocalStore().open(path, true));
-    return add(path, std::move(inner));
+  Result<std::shared_ptr<LayerFile>> create(LayerId id, uint64_t size_bytes) override {
+    LAYER_ASSIGN(auto inner, inner_store().create(id, size_bytes));
+    return add(id, std::move(inner));
   }
-  Status remove(const std::string& path) override { return LocalStore().remove(path); }
 
-  // True when block_no of the file at path was fully written and then synced.
-  bool durable(const std::string& path, uint64_t block_no) {
+  // True when block_no of layer id's file was fully written and then synced.
+  bool durable(LayerId id, uint64_t block_no) {
     std::vector<std::shared_ptr<File>> files;
     {
       std::lock_guard<std::mutex> lk(mu_);
-      auto [lo, hi] = files_.equal_range(path);
+      auto [lo, hi] = files_.equal_range(id);
       for (auto it = lo; it != hi; ++it) files.push_back(it->second);
     }
     for (auto& f : files)
@@ -283,17 +278,27 @@ class TrackingStore : public LayerStore {
   }
 
  private:
-  Result<std::shared_ptr<LayerFile>> add(const std::string& path,
-                                         std::shared_ptr<LayerFile> inner) {
-    auto f = std::make_shared<File>(std::move(inner), block_size_, this);
+  LayerStore& inner_store() { return inner(); }
+  Result<std::shared_ptr<LayerFile>> add(LayerId id, std::shared_ptr<LayerFile> inner_file) {
+    auto f = std::make_shared<File>(std::move(inner_file), block_size_, this);
     std::lock_guard<std::mutex> lk(mu_);
-    files_.emplace(path, f);
+    files_.emplace(id, f);
     return std::shared_ptr<LayerFile>(f);
   }
   const uint32_t block_size_;
   std::mutex mu_;
-  std::multimap<std::string, std::shared_ptr<File>> files_;
+  std::multimap<LayerId, std::shared_ptr<File>> files_;
 };
+
+// Replaces the ssd tier's store of `pool` with a new S over the same directory (S's
+// constructor takes the directory, then `args`); returns it (owned by the pool).
+template <typename S, typename... Args>
+S* install_store(Pool& pool, Args&&... args) {
+  auto store = std::make_unique<S>(pool.paths().tier_dir[0], std::forward<Args>(args)...);
+  S* raw = store.get();
+  pool.set_store(Tier::kSsd, std::move(store));
+  return raw;
+}
 
 // The blocks the committed index marks as data in layer `id`. No Catch macros: runs on
 // helper threads too.
@@ -319,11 +324,11 @@ inline std::string unsynced_data_in_index(Pool& pool, TrackingStore& store,
                                           const std::string& container) {
   auto info = pool.inspect(container);
   if (!info.ok()) return "inspect: " + info.error().message;
-  const std::string path = pool.layer_path(info->chain[0]);
-  auto blocks = committed_data_blocks(pool, info->container.delta_layer);
+  const LayerId delta = info->container.delta_layer;
+  auto blocks = committed_data_blocks(pool, delta);
   if (!blocks.ok()) return "maps: " + blocks.error().message;
   for (uint64_t b : *blocks) {
-    if (!store.durable(path, b))
+    if (!store.durable(delta, b))
       return fmt::format(
           "container {}: block {} is data in the committed index, but no write "
           "of it was synced before",

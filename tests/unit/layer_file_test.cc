@@ -11,6 +11,9 @@
 #include <sys/syscall.h>
 
 #include <cstddef>
+#include <fstream>
+#include <set>
+#include <tuple>
 
 #include "test_util.h"
 
@@ -88,10 +91,11 @@ constexpr int kChildNoSeccomp = 77;
 TEST_CASE("LocalStore::create makes a sized, sparse file in place, and refuses an existing one",
           "[layer_file]") {
   test::TempDir dir;
-  LocalStore store;
+  LocalStore store(dir.path());
+  const LayerId id = 7;
   const std::string path = dir.sub("7.layer");
   const uint64_t size = 10 * 1024 * kKiB + 512;
-  auto f = MUST(store.create(path, size));
+  auto f = MUST(store.create(id, size));
   CHECK(f->path() == path);
   CHECK(file_size(path) == size);
   CHECK(MUST(f->size()) == size);
@@ -106,20 +110,21 @@ TEST_CASE("LocalStore::create makes a sized, sparse file in place, and refuses a
   CHECK(read_at(*f, 8192, 4096) == data);
 
   // An existing file is refused and left as it was.
-  CHECK_ERRNO(store.create(path, 4096), EEXIST);
+  CHECK_ERRNO(store.create(id, 4096), EEXIST);
   CHECK(file_size(path) == size);
-  auto again = MUST(store.open(path, false));
+  auto again = MUST(store.open(id, false));
   CHECK(read_at(*again, 8192, 4096) == data);
   CHECK_FALSE(std::filesystem::exists(path + ".new"));
 
   // A directory that does not exist.
-  CHECK_ERRNO(store.create(dir.sub("missing/8.layer"), 4096), ENOENT);
+  CHECK_ERRNO(LocalStore(dir.sub("missing")).create(8, 4096), ENOENT);
   CHECK_FALSE(std::filesystem::exists(dir.sub("missing")));
 }
 
 TEST_CASE("LocalStore::create replaces a .new file left by a crash", "[layer_file]") {
   test::TempDir dir;
-  LocalStore store;
+  LocalStore store(dir.path());
+  const LayerId id = 9;
   const std::string path = dir.sub("9.layer");
   {
     test::Fd leftover(::open((path + ".new").c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0644));
@@ -127,7 +132,7 @@ TEST_CASE("LocalStore::create replaces a .new file left by a crash", "[layer_fil
     const auto junk = pattern(4096, 3);
     test::pwrite_all(leftover.get(), junk.data(), junk.size(), 0);
   }
-  auto f = MUST(store.create(path, 2 * 4096));
+  auto f = MUST(store.create(id, 2 * 4096));
   CHECK(file_size(path) == 2 * 4096);
   CHECK(read_at(*f, 2 * 4096, 0) == std::vector<uint8_t>(2 * 4096, 0));  // not the leftover
   CHECK_FALSE(std::filesystem::exists(path + ".new"));
@@ -135,11 +140,11 @@ TEST_CASE("LocalStore::create replaces a .new file left by a crash", "[layer_fil
 
 TEST_CASE("LocalStore::open: missing files, read-only handles", "[layer_file]") {
   test::TempDir dir;
-  LocalStore store;
-  CHECK_ERRNO(store.open(dir.sub("1.layer"), false), ENOENT);
-  CHECK_ERRNO(store.open(dir.sub("1.layer"), true), ENOENT);
-  MUST(store.create(dir.sub("1.layer"), 4096));
-  auto ro = MUST(store.open(dir.sub("1.layer"), false));
+  LocalStore store(dir.path());
+  CHECK_ERRNO(store.open(1, false), ENOENT);
+  CHECK_ERRNO(store.open(1, true), ENOENT);
+  MUST(store.create(1, 4096));
+  auto ro = MUST(store.open(1, false));
   const auto data = pattern(512, 9);
   auto w = ro->write(data.data(), data.size(), 0);
   REQUIRE_FALSE(w.ok());
@@ -149,8 +154,8 @@ TEST_CASE("LocalStore::open: missing files, read-only handles", "[layer_file]") 
 
 TEST_CASE("LocalFile::read: holes and bytes past the end read as zeroes", "[layer_file]") {
   test::TempDir dir;
-  LocalStore store;
-  auto f = MUST(store.create(dir.sub("2.layer"), 8192));
+  LocalStore store(dir.path());
+  auto f = MUST(store.create(2, 8192));
   const auto data = pattern(8192, 5);
   MUST(f->write(data.data(), data.size(), 0));
 
@@ -161,7 +166,7 @@ TEST_CASE("LocalFile::read: holes and bytes past the end read as zeroes", "[laye
   // Wholly past the end.
   CHECK(read_at(*f, 4096, 1 << 20) == std::vector<uint8_t>(4096, 0));
   // A hole inside the file.
-  auto g = MUST(store.create(dir.sub("3.layer"), 1 << 20));
+  auto g = MUST(store.create(3, 1 << 20));
   MUST(g->write(data.data(), 4096, 512 * kKiB));
   CHECK(read_at(*g, 4096, 256 * kKiB) == std::vector<uint8_t>(4096, 0));
   CHECK(read_at(*g, 4096, 512 * kKiB) == std::vector<uint8_t>(data.begin(), data.begin() + 4096));
@@ -173,10 +178,11 @@ TEST_CASE("LocalFile::read: holes and bytes past the end read as zeroes", "[laye
 TEST_CASE("LocalFile::punch: the range reads zeroes, is deallocated, the size is kept",
           "[layer_file]") {
   test::TempDir dir;
-  LocalStore store;
+  LocalStore store(dir.path());
+  const LayerId id = 4;
   const std::string path = dir.sub("4.layer");
   const uint64_t size = 1024 * kKiB;
-  auto f = MUST(store.create(path, size));
+  auto f = MUST(store.create(id, size));
   const auto data = pattern(size, 11);
   MUST(f->write(data.data(), data.size(), 0));
   MUST(f->sync());
@@ -205,11 +211,12 @@ TEST_CASE("LocalFile::punch: the range reads zeroes, is deallocated, the size is
 
 TEST_CASE("LocalFile::punch writes zeroes where fallocate cannot punch", "[layer_file]") {
   test::TempDir dir;
+  const LayerId id = 5;
   const std::string path = dir.sub("5.layer");
   const uint64_t size = 3 * 1024 * kKiB;  // the fallback writes in 1 MiB pieces: cross them
   const auto data = pattern(size, 13);
-  LocalStore store;
-  auto f = MUST(store.create(path, size));
+  LocalStore store(dir.path());
+  auto f = MUST(store.create(id, size));
   // In a child whose fallocate fails as on a filesystem without hole punching.
   for (int err : {EOPNOTSUPP, ENOSYS}) {
     INFO("fallocate fails with " << std::strerror(err));
@@ -217,7 +224,7 @@ TEST_CASE("LocalFile::punch writes zeroes where fallocate cannot punch", "[layer
     MUST(f->sync());
     test::Child child([&]() -> int {
       if (!deny_fallocate(err)) return kChildNoSeccomp;
-      auto g = store.open(path, true);
+      auto g = store.open(id, true);
       if (!g.ok()) return 10;
       return (*g)->punch(100 * kKiB + 3, 2 * 1024 * kKiB + 5).ok() ? 0 : 11;
     });
@@ -236,7 +243,7 @@ TEST_CASE("LocalFile::punch writes zeroes where fallocate cannot punch", "[layer
   // Any other failure is reported, not papered over with zeroes.
   test::Child child([&]() -> int {
     if (!deny_fallocate(EIO)) return kChildNoSeccomp;
-    auto g = store.open(path, true);
+    auto g = store.open(id, true);
     if (!g.ok()) return 10;
     auto s = (*g)->punch(0, 4096);
     if (s.ok()) return 11;
@@ -250,9 +257,9 @@ TEST_CASE("LocalFile::punch writes zeroes where fallocate cannot punch", "[layer
 TEST_CASE("LocalFile::data_extents reports allocated ranges within the range asked",
           "[layer_file]") {
   test::TempDir dir;
-  LocalStore store;
+  LocalStore store(dir.path());
   const uint64_t size = 4 * 1024 * kKiB;
-  auto f = MUST(store.create(dir.sub("6.layer"), size));
+  auto f = MUST(store.create(6, size));
   CHECK(extents_of(*f, 0, size).empty());
   const auto data = pattern(256 * kKiB, 17);
   MUST(f->write(data.data(), 128 * kKiB, 512 * kKiB));
@@ -271,15 +278,16 @@ TEST_CASE("LocalFile::data_extents reports allocated ranges within the range ask
 TEST_CASE("LocalStore::remove: gone afterwards, a missing file is fine, other errors are not",
           "[layer_file]") {
   test::TempDir dir;
-  LocalStore store;
+  LocalStore store(dir.path());
+  const LayerId id = 10;
   const std::string path = dir.sub("10.layer");
-  { auto f = MUST(store.create(path, 4096)); }
-  MUST(store.remove(path));
+  { auto f = MUST(store.create(id, 4096)); }
+  MUST(store.remove(id));
   CHECK_FALSE(std::filesystem::exists(path));
-  MUST(store.remove(path));  // already gone
-  MUST(store.remove(dir.sub("missing/11.layer")));
+  MUST(store.remove(id));  // already gone
+  MUST(LocalStore(dir.sub("missing")).remove(11));
   std::filesystem::create_directory(dir.sub("12.layer"));
-  auto r = store.remove(dir.sub("12.layer"));
+  auto r = store.remove(12);
   REQUIRE_FALSE(r.ok());
   CHECK(r.error().code == EISDIR);
   CHECK_THAT(r.error().message, Catch::Contains("12.layer"));
@@ -288,12 +296,13 @@ TEST_CASE("LocalStore::remove: gone afterwards, a missing file is fine, other er
 TEST_CASE("LocalFile: an open handle keeps reading a removed file", "[layer_file]") {
   // The mover and gc unlink files that readers may still hold (DESIGN.md "Tiering mover").
   test::TempDir dir;
-  LocalStore store;
+  LocalStore store(dir.path());
+  const LayerId id = 13;
   const std::string path = dir.sub("13.layer");
-  auto f = MUST(store.create(path, 8192));
+  auto f = MUST(store.create(id, 8192));
   const auto data = pattern(8192, 19);
   MUST(f->write(data.data(), data.size(), 0));
-  MUST(store.remove(path));
+  MUST(store.remove(id));
   CHECK(read_at(*f, 8192, 0) == data);
   CHECK(MUST(f->size()) == 8192);
 }
@@ -303,10 +312,11 @@ TEST_CASE("LocalFile: an open handle keeps reading a removed file", "[layer_file
 TEST_CASE("FaultInjectingStore: a power loss undoes exactly the unsynced writes and punches",
           "[layer_file]") {
   test::TempDir dir;
-  FaultInjectingStore store;
+  FaultInjectingStore store(dir.path());
+  const LayerId id = 20;
   const std::string path = dir.sub("20.layer");
   const uint64_t size = 16 * 4096;
-  auto f = MUST(store.create(path, size));
+  auto f = MUST(store.create(id, size));
   const auto a = pattern(size, 21);
   const auto b = pattern(size, 22);
   MUST(f->write(a.data(), size, 0));
@@ -336,13 +346,14 @@ TEST_CASE(
     "leave each write whole or gone",
     "[layer_file]") {
   test::TempDir dir;
-  FaultInjectingStore store;
+  FaultInjectingStore store(dir.path());
+  const LayerId id = 21;
   const std::string path = dir.sub("21.layer");
   const uint64_t blocks = 64;
   const auto old_data = pattern(blocks * 4096, 31);
   const auto new_data = pattern(blocks * 4096, 32);
   {
-    auto f = MUST(store.create(path, blocks * 4096));
+    auto f = MUST(store.create(id, blocks * 4096));
     MUST(f->write(old_data.data(), old_data.size(), 0));
     MUST(f->sync());
     for (uint64_t b = 0; b < blocks; b++)
@@ -369,8 +380,8 @@ TEST_CASE(
 
 TEST_CASE("FaultInjectingStore: injected sync failures", "[layer_file]") {
   test::TempDir dir;
-  FaultInjectingStore store;
-  auto f = MUST(store.create(dir.sub("22.layer"), 4096));
+  FaultInjectingStore store(dir.path());
+  auto f = MUST(store.create(22, 4096));
   const auto data = pattern(4096, 41);
   MUST(f->write(data.data(), data.size(), 0));
   store.fail_next_syncs(2);
@@ -389,18 +400,77 @@ TEST_CASE("FaultInjectingStore: injected sync failures", "[layer_file]") {
 TEST_CASE("FaultInjectingStore passes open, create and remove through to local files",
           "[layer_file]") {
   test::TempDir dir;
-  FaultInjectingStore store;
+  FaultInjectingStore store(dir.path());
+  const LayerId id = 23;
   const std::string path = dir.sub("23.layer");
-  CHECK_ERRNO(store.open(path, false), ENOENT);
+  CHECK_ERRNO(store.open(id, false), ENOENT);
   {
-    auto f = MUST(store.create(path, 8192));
+    auto f = MUST(store.create(id, 8192));
     CHECK(f->path() == path);
     CHECK(MUST(f->size()) == 8192);
   }
-  CHECK_ERRNO(store.create(path, 8192), EEXIST);
-  auto g = MUST(store.open(path, false));
+  CHECK_ERRNO(store.create(id, 8192), EEXIST);
+  auto g = MUST(store.open(id, false));
   CHECK(read_at(*g, 8192, 0) == std::vector<uint8_t>(8192, 0));
-  MUST(store.remove(path));
+  MUST(store.remove(id));
   CHECK_FALSE(std::filesystem::exists(path));
-  MUST(store.remove(path));
+  MUST(store.remove(id));
+}
+
+// ---- addressing by layer id ----
+
+TEST_CASE("LocalStore::stat and list see layer files and unfinished creates by id",
+          "[layer_file]") {
+  test::TempDir dir;
+  LocalStore store(dir.path());
+  CHECK(MUST(store.stat(3)) == std::nullopt);
+  MUST(store.create(3, 8192));
+  MUST(store.create(17, 4096));
+  { std::ofstream(dir.sub("42.layer.new")) << "x"; }  // a create that did not finish
+  { std::ofstream(dir.sub(".layer-pool")) << "marker"; }
+  { std::ofstream(dir.sub("x7.layer")) << "not ours"; }
+  { std::ofstream(dir.sub("007.layer")) << "not a canonical id"; }
+  CHECK(MUST(store.stat(3)) == std::optional<uint64_t>(8192));
+  auto entries = MUST(store.list());
+  std::set<std::tuple<LayerId, bool, std::string>> got;
+  for (const auto& e : entries) got.insert({e.id, e.unfinished, e.name});
+  CHECK(got ==
+        std::set<std::tuple<LayerId, bool, std::string>>{{3, false, dir.sub("3.layer")},
+                                                         {17, false, dir.sub("17.layer")},
+                                                         {42, true, dir.sub("42.layer.new")}});
+  // remove takes an unfinished create's leftover too.
+  MUST(store.remove(42));
+  CHECK_FALSE(std::filesystem::exists(dir.sub("42.layer.new")));
+  CHECK(store.describe(3) == dir.sub("3.layer"));
+}
+
+TEST_CASE("LocalStore::copy_to copies a layer's data ranges into another store, synced",
+          "[layer_file]") {
+  test::TempDir a, b;
+  LocalStore from(a.path()), to(b.path());
+  const uint64_t size = 4 * 1024 * kKiB;
+  auto f = MUST(from.create(9, size));
+  const auto head = pattern(5000, 1), tail = pattern(3 * kKiB, 2);
+  MUST(f->write(head.data(), head.size(), 100));
+  MUST(f->write(tail.data(), tail.size(), size - tail.size()));
+  MUST(f->sync());
+  MUST(from.copy_to(9, to));
+  CHECK(MUST(to.stat(9)) == std::optional<uint64_t>(size));
+  CHECK(test::read_file(b.sub("9.layer")) == test::read_file(a.sub("9.layer")));
+  CHECK(allocated_bytes(b.sub("9.layer")) < 1024 * kKiB);  // the hole stayed a hole
+  CHECK_ERRNO(from.copy_to(9, to), EEXIST);
+  CHECK_ERRNO(from.copy_to(10, to), ENOENT);
+}
+
+TEST_CASE("LocalStore::check_can_hold refuses a size the filesystem cannot hold in one file",
+          "[layer_file]") {
+  test::TempDir dir;
+  LocalStore store(dir.path());
+  MUST(store.check_can_hold(1 << 30));
+  auto r = store.check_can_hold(uint64_t{1} << 62);  // beyond any Linux filesystem's file size
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.error().code == EINVAL);
+  CHECK_THAT(r.error().message, Catch::Contains(dir.path()));
+  // The probe leaves nothing behind.
+  CHECK(std::filesystem::is_empty(dir.path()));
 }
