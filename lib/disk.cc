@@ -120,45 +120,59 @@ Status Disk::check_file_size(LayerFile& file, const LayerRecord& layer) const {
   return {};
 }
 
-Status Disk::ensure_loaded() {
-  if (loaded_.load(std::memory_order_acquire)) return {};
+std::shared_ptr<Disk::View> Disk::pin() const {
+  std::lock_guard<std::mutex> lk(view_mu_);
+  return view_;
+}
+
+Result<std::shared_ptr<Disk::View>> Disk::loaded_view() {
+  if (auto v = pin()) return v;
   std::lock_guard<std::mutex> lk(load_mu_);
-  if (loaded_.load(std::memory_order_relaxed)) return {};
+  if (auto v = pin()) return v;
+  LAYER_ASSIGN(auto v, load_view());
+  std::lock_guard<std::mutex> vlk(view_mu_);
+  view_ = v;
+  return v;
+}
+
+Result<std::shared_ptr<Disk::View>> Disk::load_view() {
+  auto v = std::make_shared<View>();
+  v->chain = chain_;
+  v->delta_layer = delta_layer_;
   LAYER_ASSIGN(auto txn, pool_.index().begin_read());
-  LAYER_ASSIGN(chain_map_, pool_.chains().get(txn, chain_));
-  chain_files_.clear();
-  for (const auto& layer : chain_) {
+  LAYER_ASSIGN(v->chain_map, pool_.chains().get(txn, v->chain));
+  for (const auto& layer : v->chain) {
     auto f = pool_.open_frozen(layer);
     if (!f && f.error().code != ENOENT) return std::move(f).error();
     if (f) LAYER_TRY(check_file_size(**f, layer));
-    chain_files_.push_back(f ? *f : nullptr);  // missing: an error only if a read needs it
+    v->chain_files.push_back(f ? *f : nullptr);  // missing: an error only if a read needs it
   }
-  auto delta = std::make_unique<DeltaMap>(size_blocks_);
-  const LayerId delta_id = delta_layer_.id;
+  v->delta = std::make_unique<DeltaMap>(size_blocks_);
+  const LayerId delta_id = v->delta_layer.id;
   const uint64_t nchunks = (size_blocks_ + kBlocksPerChunk - 1) / kBlocksPerChunk;
   bool delta_has_data = false;
   LAYER_TRY(txn.scan(Db::kMaps, key_u64(delta_id),
-                     [&](std::string_view k, std::string_view v) -> Result<bool> {
+                     [&](std::string_view k, std::string_view val) -> Result<bool> {
                        auto key = decode_key_u64_u32(k);
                        if (!key || key->second >= nchunks)
                          return make_error(EIO, "layer {}: map row outside the disk", delta_id);
-                       auto bits = decode_chunk(v);
+                       auto bits = decode_chunk(val);
                        if (!bits)
                          return make_error(EIO, "layer {} chunk {}: {}", delta_id, key->second,
                                            bits.error().message);
                        for (uint32_t i = 0; i < kBlocksPerChunk && !delta_has_data; ++i)
                          delta_has_data = bits->get(i) == BlockState::kData;
-                       delta->load(key->second, *bits);
+                       v->delta->load(key->second, *bits);
                        return true;
                      }));
-  LayerStore& store = pool_.store(delta_layer_.tier);
-  auto f = store.open(delta_layer_.id, writable_);
+  LayerStore& store = pool_.store(v->delta_layer.tier);
+  auto f = store.open(delta_id, writable_);
   if (f) {
-    LAYER_TRY(check_file_size(**f, delta_layer_));
+    LAYER_TRY(check_file_size(**f, v->delta_layer));
     // Its name may come from a create whose directory fsync failed, or from before a crash:
     // make it durable before a flush commits rows naming its data.
     if (writable_) LAYER_TRY((*f)->sync_entry());
-    adopt_delta_file(std::move(*f));
+    adopt_delta_file(*v, std::move(*f));
   } else if (f.error().code != ENOENT) {
     return std::move(f).error();
   } else if (delta_has_data) {
@@ -166,40 +180,45 @@ Status Disk::ensure_loaded() {
     return make_error(EIO,
                       "layer {}: file {} is missing, but the index says it holds data of "
                       "container \"{}\"",
-                      delta_id, pool_.layer_path(delta_layer_), name_);
+                      delta_id, pool_.layer_path(v->delta_layer), name_);
   }
-  delta_ = std::move(delta);
-  loaded_.store(true, std::memory_order_release);
-  return {};
+  return v;
 }
 
-Result<LayerFile*> Disk::delta_file_for_write() {
-  if (LayerFile* f = delta_raw_.load(std::memory_order_acquire)) return f;
-  std::lock_guard<std::mutex> lk(delta_file_mu_);
-  if (delta_file_) return delta_file_.get();
-  // Only a delta without data gets here (ensure_loaded refuses one whose file is missing).
+Result<LayerFile*> Disk::delta_file_for_write(View& v) {
+  if (LayerFile* f = v.file_raw.load(std::memory_order_acquire)) return f;
+  std::lock_guard<std::mutex> lk(v.file_mu);
+  if (v.file) return v.file.get();
+  // Only a delta without data gets here (load_view refuses one whose file is missing).
   // Created, synced and its directory synced before any row naming its data is committed.
-  LayerStore& store = pool_.store(delta_layer_.tier);
-  auto created = store.create(delta_layer_.id, size_bytes_);
+  LayerStore& store = pool_.store(v.delta_layer.tier);
+  auto created = store.create(v.delta_layer.id, size_bytes_);
   if (created) {
-    adopt_delta_file(std::move(*created));
-    return delta_file_.get();
+    adopt_delta_file(v, std::move(*created));
+    return v.file.get();
   }
   if (created.error().code != EEXIST) return std::move(created).error();
   // Left by an earlier create whose directory fsync failed (or a crash before any row named
   // it): nothing reads its blocks before they are written, so adopt it once its name is
   // durable and its size right.
-  LAYER_ASSIGN(auto file, store.open(delta_layer_.id, true));
-  LAYER_TRY(check_file_size(*file, delta_layer_));
+  LAYER_ASSIGN(auto file, store.open(v.delta_layer.id, true));
+  LAYER_TRY(check_file_size(*file, v.delta_layer));
   LAYER_TRY(file->sync_entry());
-  adopt_delta_file(std::move(file));
-  return delta_file_.get();
+  adopt_delta_file(v, std::move(file));
+  return v.file.get();
 }
 
-void Disk::adopt_delta_file(std::shared_ptr<LayerFile> file) {
-  delta_file_ = std::move(file);
-  delta_file_->hint_random_access();
-  delta_raw_.store(delta_file_.get(), std::memory_order_release);
+void Disk::adopt_delta_file(View& v, std::shared_ptr<LayerFile> file) {
+  v.file = std::move(file);
+  v.file->hint_random_access();
+  v.file_raw.store(v.file.get(), std::memory_order_release);
+}
+
+Result<Disk::Mutation> Disk::begin_mutation() {
+  // Gate first: the view cannot be replaced while any mutation holds it.
+  std::shared_lock<std::shared_mutex> gate(gate_);
+  LAYER_ASSIGN(auto view, loaded_view());
+  return Mutation{std::move(gate), std::move(view)};
 }
 
 // ---- helpers ----
@@ -207,7 +226,7 @@ void Disk::adopt_delta_file(std::shared_ptr<LayerFile> file) {
 Status Disk::fail_if_broken() const {
   if (broken_.load(std::memory_order_acquire))
     return make_error(EIO, "container \"{}\": an earlier fdatasync failed; reopen the disk", name_);
-  if (loaded_.load(std::memory_order_acquire) && delta_->lost_marks())
+  if (auto v = pin(); v && v->delta->lost_marks())
     return make_error(EIO,
                       "container \"{}\": a flush ran out of memory and may have lost track "
                       "of written blocks; reopen the disk",
@@ -227,13 +246,14 @@ uint64_t Disk::block_len(uint64_t block_no) const {
   return std::min<uint64_t>(block_size_, size_bytes_ - block_no * block_size_);
 }
 
-Disk::Run Disk::next_run(uint64_t b, uint64_t max) const {
-  const BlockState ds = delta_->get(b);
-  if (ds == BlockState::kData) return Run{kFromDelta, delta_->run(b, max, BlockState::kData)};
-  if (ds == BlockState::kZero) return Run{kFromZero, delta_->run(b, max, BlockState::kZero)};
-  const Source src = chain_map_->lookup(b);
+Disk::Run Disk::next_run(const View& v, uint64_t b, uint64_t max) {
+  const DeltaMap& delta = *v.delta;
+  const BlockState ds = delta.get(b);
+  if (ds == BlockState::kData) return Run{kFromDelta, delta.run(b, max, BlockState::kData)};
+  if (ds == BlockState::kZero) return Run{kFromZero, delta.run(b, max, BlockState::kZero)};
+  const Source src = v.chain_map->lookup(b);
   const uint64_t n =
-      std::min(chain_map_->run_length(b, max), delta_->run(b, max, BlockState::kAbsent));
+      std::min(v.chain_map->run_length(b, max), delta.run(b, max, BlockState::kAbsent));
   if (src == kSourceZero || src == kSourceAbsent) return Run{kFromZero, std::max<uint64_t>(n, 1)};
   return Run{static_cast<int>(src), std::max<uint64_t>(n, 1)};
 }
@@ -243,17 +263,17 @@ Disk::Run Disk::next_run(uint64_t b, uint64_t max) const {
 Status Disk::read(void* buf, uint64_t len, uint64_t offset) {
   LAYER_TRY(check_range(len, offset, false));
   if (len == 0) return {};
-  LAYER_TRY(ensure_loaded());
-  return read_range(static_cast<uint8_t*>(buf), len, offset);
+  LAYER_ASSIGN(auto v, loaded_view());
+  return read_range(*v, static_cast<uint8_t*>(buf), len, offset);
 }
 
-Status Disk::for_each_run(uint64_t len, uint64_t offset,
+Status Disk::for_each_run(const View& v, uint64_t len, uint64_t offset,
                           const std::function<Status(uint64_t, uint64_t, int)>& fn) const {
   const uint64_t end = offset + len;
   uint64_t b = offset / block_size_;
   const uint64_t last = (end - 1) / block_size_;
   while (b <= last) {
-    const Run run = next_run(b, last - b + 1);
+    const Run run = next_run(v, b, last - b + 1);
     const uint64_t from = std::max(offset, b * block_size_);
     const uint64_t to = std::min(end, (b + run.blocks) * block_size_);
     LAYER_TRY(fn(from, to, run.source));
@@ -262,22 +282,22 @@ Status Disk::for_each_run(uint64_t len, uint64_t offset,
   return {};
 }
 
-LayerFile* Disk::file_of(int source) const {
+LayerFile* Disk::file_of(const View& v, int source) {
   if (source == kFromZero) return nullptr;
-  if (source == kFromDelta) return delta_raw_.load(std::memory_order_acquire);
-  return chain_files_[static_cast<size_t>(source)].get();
+  if (source == kFromDelta) return v.file_raw.load(std::memory_order_acquire);
+  return v.chain_files[static_cast<size_t>(source)].get();
 }
 
-Status Disk::read_range(uint8_t* buf, uint64_t len, uint64_t offset) {
-  return for_each_run(len, offset, [&](uint64_t from, uint64_t to, int source) -> Status {
+Status Disk::read_range(const View& v, uint8_t* buf, uint64_t len, uint64_t offset) {
+  return for_each_run(v, len, offset, [&](uint64_t from, uint64_t to, int source) -> Status {
     uint8_t* dst = buf + (from - offset);
     if (source == kFromZero) {
       std::memset(dst, 0, to - from);
       return {};
     }
-    LayerFile* file = file_of(source);
+    LayerFile* file = file_of(v, source);
     if (!file) {
-      const LayerRecord& l = source == kFromDelta ? delta_layer_ : chain_[source];
+      const LayerRecord& l = source == kFromDelta ? v.delta_layer : v.chain[source];
       return make_error(EIO, "layer {}: file {} is missing but holds block {}", l.id,
                         pool_.layer_path(l), from / block_size_);
     }
@@ -314,29 +334,31 @@ class StripeGuard {
 Status Disk::write(const void* buf, uint64_t len, uint64_t offset, bool fua) {
   LAYER_TRY(check_range(len, offset, true));
   if (len == 0) return {};
-  LAYER_TRY(ensure_loaded());
-  LAYER_TRY(write_range(static_cast<const uint8_t*>(buf), len, offset));
+  {
+    LAYER_ASSIGN(Mutation m, begin_mutation());
+    LAYER_TRY(write_range(*m.view, static_cast<const uint8_t*>(buf), len, offset));
+  }
   return fua ? flush() : Status{};
 }
 
-Status Disk::write_range(const uint8_t* buf, uint64_t len, uint64_t offset) {
+Status Disk::write_range(View& v, const uint8_t* buf, uint64_t len, uint64_t offset) {
   const uint64_t end = offset + len;
   const uint64_t first = offset / block_size_;
   const uint64_t last = (end - 1) / block_size_;
   const uint64_t count = last - first + 1;
 
   // Fast path: every block is already the delta's own data; write in place, no lock.
-  if (delta_->run(first, count, BlockState::kData) == count) {
-    LayerFile* f = delta_raw_.load(std::memory_order_acquire);
+  if (v.delta->run(first, count, BlockState::kData) == count) {
+    LayerFile* f = v.file_raw.load(std::memory_order_acquire);
     if (!f)
       return make_error(EIO, "layer {}: file {} is missing but the index says it holds data",
-                        delta_layer_.id, pool_.layer_path(delta_layer_));
+                        v.delta_layer.id, pool_.layer_path(v.delta_layer));
     LAYER_TRY(f->write(buf, len, offset));
-    write_seq_.fetch_add(1, std::memory_order_release);
+    v.write_seq.fetch_add(1, std::memory_order_release);
     return {};
   }
 
-  LAYER_ASSIGN(LayerFile * file, delta_file_for_write());
+  LAYER_ASSIGN(LayerFile * file, delta_file_for_write(v));
   auto partial = [&](uint64_t b) {
     return offset > b * block_size_ || end < b * block_size_ + block_len(b);
   };
@@ -344,7 +366,7 @@ Status Disk::write_range(const uint8_t* buf, uint64_t len, uint64_t offset) {
   // a tombstone by the re-check below, and its copy-up must not race another's.
   std::vector<uint64_t> locked;
   for (uint64_t b = first; b <= last; ++b)
-    if (delta_->get(b) != BlockState::kData || ((b == first || b == last) && partial(b)))
+    if (v.delta->get(b) != BlockState::kData || ((b == first || b == last) && partial(b)))
       locked.push_back(b);
   at("write.stripes_chosen");
   StripeGuard guard(stripes_.get(), kStripes, locked);
@@ -356,10 +378,10 @@ Status Disk::write_range(const uint8_t* buf, uint64_t len, uint64_t offset) {
   std::vector<uint64_t> edges{first};
   if (last != first) edges.push_back(last);
   for (uint64_t b : edges) {
-    if (!partial(b) || delta_->get(b) == BlockState::kData) continue;
+    if (!partial(b) || v.delta->get(b) == BlockState::kData) continue;
     const uint64_t bstart = b * block_size_, blen = block_len(b);
     tmp.resize(blen);
-    LAYER_TRY(read_range(tmp.data(), blen, bstart));
+    LAYER_TRY(read_range(v, tmp.data(), blen, bstart));
     at("write.copy_up_read");
     const uint64_t from = std::max(offset, bstart), to = std::min(end, bstart + blen);
     std::memcpy(tmp.data() + (from - bstart), buf + (from - offset), to - from);
@@ -369,9 +391,9 @@ Status Disk::write_range(const uint8_t* buf, uint64_t len, uint64_t offset) {
   }
   if (direct_from < direct_to)
     LAYER_TRY(file->write(buf + (direct_from - offset), direct_to - direct_from, direct_from));
-  write_seq_.fetch_add(1, std::memory_order_release);
+  v.write_seq.fetch_add(1, std::memory_order_release);
   // Marked only now that every write above returned.
-  delta_->set_range(first, count, BlockState::kData);
+  v.delta->set_range(first, count, BlockState::kData);
   return {};
 }
 
@@ -389,16 +411,19 @@ Status Disk::zero(uint64_t len, uint64_t offset, bool fua, bool fast) {
   const uint64_t tail_from = has_whole ? we * block_size_ : end;
   if (fast && (offset < head_to || tail_from < end))
     return make_error(ENOTSUP, "fast zero of a partial block would write data");
-  LAYER_TRY(ensure_loaded());
-  std::vector<uint8_t> zeroes;
-  if (offset < head_to) {
-    zeroes.assign(head_to - offset, 0);
-    LAYER_TRY(write_range(zeroes.data(), head_to - offset, offset));
-  }
-  if (has_whole) LAYER_TRY(zero_whole_blocks(ws, we - ws));
-  if (tail_from < end) {
-    zeroes.assign(end - tail_from, 0);
-    LAYER_TRY(write_range(zeroes.data(), end - tail_from, tail_from));
+  {
+    LAYER_ASSIGN(Mutation m, begin_mutation());
+    View& v = *m.view;
+    std::vector<uint8_t> zeroes;
+    if (offset < head_to) {
+      zeroes.assign(head_to - offset, 0);
+      LAYER_TRY(write_range(v, zeroes.data(), head_to - offset, offset));
+    }
+    if (has_whole) LAYER_TRY(zero_whole_blocks(v, ws, we - ws));
+    if (tail_from < end) {
+      zeroes.assign(end - tail_from, 0);
+      LAYER_TRY(write_range(v, zeroes.data(), end - tail_from, tail_from));
+    }
   }
   return fua ? flush() : Status{};
 }
@@ -408,24 +433,24 @@ Status Disk::trim(uint64_t len, uint64_t offset, bool fua) {
   return zero(len, offset, fua, false);
 }
 
-Status Disk::zero_whole_blocks(uint64_t first, uint64_t count) {
+Status Disk::zero_whole_blocks(View& v, uint64_t first, uint64_t count) {
   std::vector<uint64_t> locked;
   for (uint64_t b = first; b < first + count; ++b)
-    if (delta_->get(b) != BlockState::kData) locked.push_back(b);
+    if (v.delta->get(b) != BlockState::kData) locked.push_back(b);
   StripeGuard guard(stripes_.get(), kStripes, locked);
 
-  if (LayerFile* f = delta_raw_.load(std::memory_order_acquire)) {
+  if (LayerFile* f = v.file_raw.load(std::memory_order_acquire)) {
     const uint64_t from = first * block_size_;
     const uint64_t to = std::min(size_bytes_, (first + count) * block_size_);
     LAYER_TRY(f->punch(from, to - from));
-    write_seq_.fetch_add(1, std::memory_order_release);
+    v.write_seq.fetch_add(1, std::memory_order_release);
   }
   // Mark after the punch returned. Blocks whose content is something (the delta's data, or a
   // lower layer's) get a tombstone; blocks that already read as zeroes (a tombstone, or absent
   // everywhere) are left as they are.
   for (uint64_t b = first, end = first + count; b < end;) {
-    const Run run = next_run(b, end - b);
-    if (run.source != kFromZero) delta_->set_range(b, run.blocks, BlockState::kZero);
+    const Run run = next_run(v, b, end - b);
+    if (run.source != kFromZero) v.delta->set_range(b, run.blocks, BlockState::kZero);
     b += run.blocks;
   }
   return {};
@@ -436,7 +461,7 @@ Status Disk::zero_whole_blocks(uint64_t first, uint64_t count) {
 Status Disk::flush() {
   if (!writable_) return {};
   LAYER_TRY(fail_if_broken());
-  if (!loaded_.load(std::memory_order_acquire)) return {};  // nothing written yet
+  if (!pin()) return {};  // nothing written yet
   std::unique_lock<std::mutex> lk(flush_mu_);
   const uint64_t ticket = ++tickets_;
   for (;;) {
@@ -473,7 +498,10 @@ Status Disk::flush() {
 
 Status Disk::run_round() noexcept {
   try {
-    return flush_round();
+    // The view now: one replaced meanwhile was flushed, with the gate closed, before it went.
+    std::shared_ptr<View> v = pin();
+    if (!v) return {};
+    return flush_round(*v);
   } catch (const std::bad_alloc&) {
     return Error{ENOMEM, "out of memory"};
   } catch (const std::exception& e) {
@@ -509,16 +537,16 @@ class DirtyRowsGuard {
 
 }  // namespace
 
-Status Disk::flush_round() {
-  DeltaMap::Rows rows = delta_->take_dirty();
-  DirtyRowsGuard guard(*delta_, rows, broken_);
+Status Disk::flush_round(View& v) {
+  DeltaMap::Rows rows = v.delta->take_dirty();
+  DirtyRowsGuard guard(*v.delta, rows, broken_);
   at("flush.rows_taken");
-  // Read after the copy: every write whose mark the copy holds bumped write_seq_ before it
+  // Read after the copy: every write whose mark the copy holds bumped write_seq before it
   // marked, so seq counts it, and the sync below (which starts after this load) covers it.
   // (Read before the copy, a write finishing in between could be committed unsynced.)
-  const uint64_t seq = write_seq_.load(std::memory_order_acquire);
-  if (seq != synced_seq_) {
-    if (LayerFile* f = delta_raw_.load(std::memory_order_acquire)) {
+  const uint64_t seq = v.write_seq.load(std::memory_order_acquire);
+  if (seq != v.synced_seq) {
+    if (LayerFile* f = v.file_raw.load(std::memory_order_acquire)) {
       // Data is fdatasync'ed before the index commit that makes it visible, so a crash never
       // exposes an index entry without its data.
       auto s = f->sync();
@@ -527,12 +555,12 @@ Status Disk::flush_round() {
         return make_error(EIO, "container \"{}\": {}", name_, s.error().message);
       }
     }
-    synced_seq_ = seq;
+    v.synced_seq = seq;
   }
   // Bounded transactions: LMDB has one writer for every process of the pool, so a round of
   // many dirty chunks commits in pieces rather than holding the write lock for long. Each
   // piece names synced data only, so a failure midway leaves a consistent index.
-  const LayerId delta_id = delta_layer_.id;
+  const LayerId delta_id = v.delta_layer.id;
   for (size_t i = 0; i < rows.size(); i += kMaxRowsPerTxn) {
     const size_t end = std::min(rows.size(), i + kMaxRowsPerTxn);
     LAYER_TRY(pool_.committer().run([&](WriteTxn& txn) -> Status {
@@ -552,17 +580,25 @@ Status Disk::flush_round() {
   return {};
 }
 
+Status Disk::quiesce(const std::function<Status()>& fn) {
+  // Flush without pausing first, so little is left to flush with the gate closed.
+  LAYER_TRY(flush());
+  std::unique_lock<std::shared_mutex> closed(gate_);
+  LAYER_TRY(flush());
+  return fn();
+}
+
 // ---- extents / cache ----
 
 Status Disk::extents(uint64_t len, uint64_t offset,
                      const std::function<void(uint64_t, uint64_t, bool)>& fn) {
   LAYER_TRY(check_range(len, offset, false));
   if (len == 0) return {};
-  LAYER_TRY(ensure_loaded());
+  LAYER_ASSIGN(auto v, loaded_view());
   // Runs of the same kind (data, or hole+zero) are merged into one extent.
   uint64_t cur_from = offset;
   bool cur_data = false, have = false;
-  LAYER_TRY(for_each_run(len, offset, [&](uint64_t from, uint64_t, int source) -> Status {
+  LAYER_TRY(for_each_run(*v, len, offset, [&](uint64_t from, uint64_t, int source) -> Status {
     const bool data = source != kFromZero;
     if (have && data != cur_data) fn(cur_from, from - cur_from, cur_data);
     if (!have || data != cur_data) {
@@ -579,9 +615,9 @@ Status Disk::extents(uint64_t len, uint64_t offset,
 Status Disk::cache(uint64_t len, uint64_t offset) {
   LAYER_TRY(check_range(len, offset, false));
   if (len == 0) return {};
-  LAYER_TRY(ensure_loaded());
-  return for_each_run(len, offset, [&](uint64_t from, uint64_t to, int source) -> Status {
-    if (LayerFile* file = file_of(source)) file->prefetch(from, to - from);
+  LAYER_ASSIGN(auto v, loaded_view());
+  return for_each_run(*v, len, offset, [&](uint64_t from, uint64_t to, int source) -> Status {
+    if (LayerFile* file = file_of(*v, source)) file->prefetch(from, to - from);
     return {};
   });
 }

@@ -18,6 +18,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -68,6 +69,12 @@ class Disk {
   // Hints that the range will be read soon.
   Status cache(uint64_t len, uint64_t offset);
 
+  // Runs fn with the write gate closed, after a flush: no write, zero or trim is in flight
+  // or starts until fn returns, and everything written before is durable. The seam through
+  // which snapshot, rollback and a tier move will swap the disk's view. Errors: the flush's,
+  // then fn's.
+  Status quiesce(const std::function<Status()>& fn);
+
   // Test seam: hook(point) runs at named points of the I/O paths ("write.stripes_chosen",
   // "write.copy_up_read", "flush.wait", "flush.rows_taken"), on the thread that reaches them.
   // REQUIRES: set or cleared while no I/O runs.
@@ -75,34 +82,69 @@ class Disk {
 
  private:
   explicit Disk(Pool& pool);
+
+  // What the disk serves: its frozen chain with the chain's map and files, and its delta's
+  // layer, map and file. Built on the first I/O, immutable once published except for the
+  // delta map's bits (atomics) and the delta file's creation on the first write. Every
+  // request pins the view it starts with, so replacing the view (with the gate closed) never
+  // pulls a map or a file from under a request.
+  struct View {
+    std::vector<LayerRecord> chain;  // frozen layers below the delta, top first
+    std::shared_ptr<const ChainMap> chain_map;
+    std::vector<std::shared_ptr<LayerFile>> chain_files;  // parallel to chain; null: no file
+    LayerRecord delta_layer;
+    std::unique_ptr<DeltaMap> delta;
+    // The delta's file, created on the first write: set once under file_mu, read lock-free
+    // through file_raw (a block is marked data only after its write to this file returned).
+    std::mutex file_mu;
+    std::shared_ptr<LayerFile> file;  // GUARDED_BY(file_mu)
+    std::atomic<LayerFile*> file_raw{nullptr};
+    // Bumped after every completed write or punch of the file; a flush round syncs only when
+    // it moved since the last successful sync.
+    std::atomic<uint64_t> write_seq{0};
+    uint64_t synced_seq = 0;  // GUARDED_BY(flush rounds: only the running round touches it)
+  };
+  // One write, zero or trim: the write gate held shared from its first write to its mark,
+  // and the view pinned under it.
+  struct Mutation {
+    std::shared_lock<std::shared_mutex> gate;
+    std::shared_ptr<View> view;
+  };
+
   // Where a run of blocks comes from.
   static constexpr int kFromDelta = -1;
   static constexpr int kFromZero = -2;  // zero tombstone or absent everywhere
   struct Run {
-    int source;  // kFromDelta, kFromZero or an index into chain_
+    int source;  // kFromDelta, kFromZero or an index into the view's chain
     uint64_t blocks;
   };
-  Run next_run(uint64_t block_no, uint64_t max_blocks) const;
+  static Run next_run(const View& v, uint64_t block_no, uint64_t max_blocks);
   // Calls fn(from, to, source) for the runs covering [offset, offset+len), in order; stops at
-  // and returns the first error. REQUIRES: loaded, len > 0, range checked.
-  Status for_each_run(uint64_t len, uint64_t offset,
+  // and returns the first error. REQUIRES: len > 0, range checked.
+  Status for_each_run(const View& v, uint64_t len, uint64_t offset,
                       const std::function<Status(uint64_t, uint64_t, int)>& fn) const;
   // The file holding a run's data; null for kFromZero or a missing file.
-  LayerFile* file_of(int source) const;
+  static LayerFile* file_of(const View& v, int source);
   uint64_t block_len(uint64_t block_no) const;
-  Status ensure_loaded();
+  // The current view, loading it on the first call.
+  Result<std::shared_ptr<View>> loaded_view();
+  Result<std::shared_ptr<View>> load_view();
+  // The current view; null before the first I/O.
+  std::shared_ptr<View> pin() const;
+  Result<Mutation> begin_mutation();
   Status validate_records() const;
   Status check_file_size(LayerFile& file, const LayerRecord& layer) const;
   Status check_range(uint64_t len, uint64_t offset, bool for_write) const;
-  Result<LayerFile*> delta_file_for_write();
-  // Installs the delta's file (opened or just created). REQUIRES: load_mu_ or delta_file_mu_.
-  void adopt_delta_file(std::shared_ptr<LayerFile> file);
-  Status read_range(uint8_t* buf, uint64_t len, uint64_t offset);
-  Status write_range(const uint8_t* buf, uint64_t len, uint64_t offset);
-  Status zero_whole_blocks(uint64_t first, uint64_t count);
+  Result<LayerFile*> delta_file_for_write(View& v);
+  // Installs the delta's file (opened or just created). REQUIRES: v not yet published, or
+  // v.file_mu held.
+  static void adopt_delta_file(View& v, std::shared_ptr<LayerFile> file);
+  Status read_range(const View& v, uint8_t* buf, uint64_t len, uint64_t offset);
+  Status write_range(View& v, const uint8_t* buf, uint64_t len, uint64_t offset);
+  Status zero_whole_blocks(View& v, uint64_t first, uint64_t count);
   // One flush round (DESIGN.md "Durability"); flush() leads it. Catches exceptions (ENOMEM).
   Status run_round() noexcept;
-  Status flush_round();
+  Status flush_round(View& v);
   Status fail_if_broken() const;
   void at(std::string_view point) {
     if (hook_) hook_(point);
@@ -119,31 +161,20 @@ class Disk {
   Lock container_lock_;
   Lock delta_lock_;  // exclusive when writable: fsck --repair leaves the delta's file alone
   std::vector<Lock> layer_locks_;
-  std::vector<LayerRecord> chain_;  // frozen layers below the delta, top first
+  std::vector<LayerRecord> chain_;  // frozen layers below the delta, top first (as opened)
 
-  // Loaded on first I/O (ensure_loaded), then immutable until the Disk closes.
-  std::mutex load_mu_;
-  std::atomic<bool> loaded_{false};
-  std::shared_ptr<const ChainMap> chain_map_;
-  std::vector<std::shared_ptr<LayerFile>> chain_files_;  // parallel to chain_; null: no file
-  std::unique_ptr<DeltaMap> delta_;
-
-  // The delta's file, created on the first write. Set once under delta_file_mu_; read
-  // lock-free through delta_raw_ (a block is marked data only after its write to this file).
-  std::mutex delta_file_mu_;
-  std::shared_ptr<LayerFile> delta_file_;
-  std::atomic<LayerFile*> delta_raw_{nullptr};
+  std::mutex load_mu_;  // serialises the first load
+  mutable std::mutex view_mu_;
+  std::shared_ptr<View> view_;  // GUARDED_BY(view_mu_); null until the first I/O
+  // The write gate: every write, zero and trim holds it shared from its first write to its
+  // mark, so holding it exclusively means none is in flight and none starts.
+  std::shared_mutex gate_;
 
   // Striped locks: a write, zero or trim touching a block that is not yet data in the delta
   // holds the stripes of its blocks (ascending order), so no copy-up can resurrect lower data
   // over a concurrent write.
   static constexpr size_t kStripes = 1024;
   std::unique_ptr<std::mutex[]> stripes_{new std::mutex[kStripes]};
-
-  // Bumped after every completed write or punch of the delta file; a flush round syncs only
-  // when it moved since the last successful sync.
-  std::atomic<uint64_t> write_seq_{0};
-  uint64_t synced_seq_ = 0;  // GUARDED_BY(flush_mu_) (only the running round touches it)
 
   // Flush rounds (group commit): each flush takes a ticket; a round covers every ticket issued
   // before it started.

@@ -631,3 +631,33 @@ TEST_CASE("disks on one image share one handle of its layer file", "[disk]") {
   // The two disks and a, b: one handle, used four times.
   CHECK(a.use_count() == 4);
 }
+
+TEST_CASE("quiesce: everything written before is committed, and no write runs inside it",
+          "[disk][threads]") {
+  DiskFixture d(16 * 4096, 16 * 4096);
+  auto disk = d.open();
+  Model m = d.model;
+  do_write(*disk, m, 2 * 4096, pattern(4096, 1));
+  do_write(*disk, m, 5 * 4096 + 7, pattern(30, 2));
+  const LayerId delta = MUST(d.f.pool->inspect("c")).container.delta_layer;
+  std::atomic<bool> late_done{false};
+  std::thread late;
+  const auto late_data = pattern(4096, 3);
+  Status late_status;
+  REQUIRE_OK(disk->quiesce([&]() -> Status {
+    // Flushed before the gate closed behind it.
+    CHECK(MUST(committed_data_blocks(*d.f.pool, delta)) == std::vector<uint64_t>{2, 5});
+    late = std::thread([&] {
+      late_status = disk->write(late_data.data(), late_data.size(), 9 * 4096, false);
+      late_done = true;
+    });
+    // A write that started now would be done in microseconds; it must wait for the gate.
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    CHECK_FALSE(late_done);
+    return {};
+  }));
+  late.join();
+  REQUIRE_OK(late_status);
+  m.write(9 * 4096, late_data.data(), late_data.size());
+  check_disk(*disk, m);
+}
