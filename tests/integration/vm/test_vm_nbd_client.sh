@@ -46,7 +46,7 @@ check_container() {
   expect_file "$img" /vm/numbers.txt "$tmp/want/numbers.txt"
   for i in $(seq 0 49); do expect_file "$img" "/vm/dir/f$i" "$tmp/want/dir/f$i"; done
   expect_file "$img" /etc/motd "$tmp/want/motd"
-  if debugfs -R "stat /etc/hostname" "$img" 2>&1 | grep -q '^Inode:'; then
+  if [[ "$(debugfs -R "stat /etc/hostname" "$img" 2>&1)" == *$'\n'Inode:* ]]; then
     fail "/etc/hostname, deleted by the $client guest, is still in $c"
   fi
   rm -f "$img"
