@@ -358,10 +358,8 @@ Result<bool> Pool::roll_back_import(uint64_t intent_id, const IntentRecord& inte
         skip = true;  // finished, published or rolled back meanwhile
         return {};
       }
-      const std::string prefix = key_u64(intent.layer);
-      LAYER_ASSIGN(uint64_t n, txn.del_prefix(Db::kMaps, prefix, kMaxRowsPerTxn));
-      LAYER_ASSIGN(uint64_t m, txn.del_prefix(Db::kSums, prefix, kMaxRowsPerTxn - n));
-      if (n + m > 0) return {};  // more to do: the intent stays until the rows are gone
+      LAYER_ASSIGN(uint64_t n, delete_layer_rows(txn, intent.layer));
+      if (n > 0) return {};  // more to do: the intent stays until the rows are gone
       done = true;
       return txn.del(Db::kIntents, key_u64(intent_id));
     }));
@@ -377,6 +375,11 @@ Result<std::vector<Pool::OrphanFile>> Pool::confirm_orphans(
   std::vector<OrphanFile> orphans;
   if (candidates.empty()) return orphans;
   LAYER_ASSIGN(auto txn, index_->begin_read());
+  std::set<LayerId> intent_layers;
+  LAYER_TRY(txn.scan(Db::kIntents, "", [&](std::string_view, std::string_view v) -> Result<bool> {
+    if (auto intent = decode_intent(v, 0)) intent_layers.insert(intent->layer);
+    return true;
+  }));
   for (const auto& o : candidates) {
     const LayerId id = o.entry.id;
     // Files are created only after the row or intent naming them committed, so a fresh
@@ -387,11 +390,7 @@ Result<std::vector<Pool::OrphanFile>> Pool::confirm_orphans(
       LAYER_ASSIGN(auto rec, decode_layer(*row, id));
       keep = rec.tier == o.tier;  // its own file; a copy in another tier is a leftover
     }
-    LAYER_TRY(txn.scan(Db::kIntents, "", [&](std::string_view, std::string_view v) -> Result<bool> {
-      auto intent = decode_intent(v, 0);
-      if (intent && intent->layer == id) keep = true;
-      return !keep;
-    }));
+    if (intent_layers.count(id)) keep = true;
     // Work in progress on the layer (a Disk on its delta, an import, a move) holds its lock.
     LAYER_ASSIGN(const bool locked, locks_->is_locked(LockKind::kLayer, id));
     if (locked) keep = true;

@@ -163,9 +163,8 @@ Result<ImageInfo> Pool::import_image(const std::string& ref, const std::string& 
   auto rollback = [&](Error e) -> Error {
     for (bool done = false; !done;) {
       auto s = committer_->run([&](WriteTxn& txn) -> Status {
-        LAYER_ASSIGN(uint64_t n, txn.del_prefix(Db::kMaps, key_u64(layer_id), kMaxRowsPerTxn));
-        LAYER_ASSIGN(uint64_t m, txn.del_prefix(Db::kSums, key_u64(layer_id), kMaxRowsPerTxn - n));
-        if (n + m > 0) return {};
+        LAYER_ASSIGN(uint64_t n, delete_layer_rows(txn, layer_id));
+        if (n > 0) return {};
         done = true;
         return txn.del(Db::kIntents, key_u64(intent_id));
       });

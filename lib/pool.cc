@@ -467,6 +467,13 @@ Status Pool::drop_layer(WriteTxn& txn, LayerId id, std::vector<uint64_t>* drop_i
   return {};
 }
 
+Result<uint64_t> Pool::delete_layer_rows(WriteTxn& txn, LayerId id) {
+  const std::string prefix = key_u64(id);
+  LAYER_ASSIGN(uint64_t maps, txn.del_prefix(Db::kMaps, prefix, kMaxRowsPerTxn));
+  LAYER_ASSIGN(uint64_t sums, txn.del_prefix(Db::kSums, prefix, kMaxRowsPerTxn - maps));
+  return maps + sums;
+}
+
 Status Pool::finish_drop(uint64_t intent_id) {
   test_point("drop.rows");
   IntentRecord intent;
@@ -482,10 +489,7 @@ Status Pool::finish_drop(uint64_t intent_id) {
       LAYER_ASSIGN(intent, decode_intent(*v, intent_id));
       if (intent.kind != IntentRecord::Kind::kDrop)
         return make_error(EIO, "intent {} is not a drop", intent_id);
-      const std::string prefix = key_u64(intent.layer);
-      LAYER_ASSIGN(deleted, txn.del_prefix(Db::kMaps, prefix, kMaxRowsPerTxn));
-      LAYER_ASSIGN(uint64_t sums, txn.del_prefix(Db::kSums, prefix, kMaxRowsPerTxn - deleted));
-      deleted += sums;
+      LAYER_ASSIGN(deleted, delete_layer_rows(txn, intent.layer));
       return {};
     }));
     if (gone) return {};

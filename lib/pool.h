@@ -177,6 +177,10 @@ class Pool {
   // gets a drop intent (appended to drop_intents), and its parent is dropped the same way.
   // After the commit, finish_drop() each intent.
   Status drop_layer(WriteTxn& txn, LayerId id, std::vector<uint64_t>* drop_intents);
+  // Deletes up to kMaxRowsPerTxn of a layer's `maps` and `sums` rows in txn; returns how many
+  // (0: none are left). Drops and rollbacks call it until it returns 0, one bounded
+  // transaction at a time.
+  static Result<uint64_t> delete_layer_rows(WriteTxn& txn, LayerId id);
   // Deletes a dropped layer's rows in bounded transactions, then its file, then the intent.
   // Idempotent: another process may finish the same intent concurrently.
   Status finish_drop(uint64_t intent_id);
