@@ -28,6 +28,13 @@
 #include "index.h"
 
 namespace layer {
+namespace {
+
+// Values of Disk::broken_.
+constexpr int kSyncFailed = 1;  // an fdatasync failed: Linux may have dropped the dirty pages
+constexpr int kLostMarks = 2;   // a mark may have left the dirty set for want of memory
+
+}  // namespace
 
 // ---- open ----
 
@@ -224,9 +231,10 @@ Result<Disk::Mutation> Disk::begin_mutation() {
 // ---- helpers ----
 
 Status Disk::fail_if_broken() const {
-  if (broken_.load(std::memory_order_acquire))
+  const int broken = broken_.load(std::memory_order_acquire);
+  if (broken == kSyncFailed)
     return make_error(EIO, "container \"{}\": an earlier fdatasync failed; reopen the disk", name_);
-  if (auto v = pin(); v && v->delta->lost_marks())
+  if (broken == kLostMarks)
     return make_error(EIO,
                       "container \"{}\": a flush ran out of memory and may have lost track "
                       "of written blocks; reopen the disk",
@@ -521,23 +529,28 @@ namespace {
 // fails for want of memory, marks may be lost: the disk is broken (EIO until reopened).
 class DirtyRowsGuard {
  public:
-  DirtyRowsGuard(DeltaMap& map, const DeltaMap::Rows& rows, std::atomic<bool>& broken)
+  DirtyRowsGuard(DeltaMap& map, const DeltaMap::Rows& rows, std::atomic<int>& broken)
       : map_(map), rows_(rows), broken_(broken) {}
   ~DirtyRowsGuard() {
-    if (armed_ && !map_.return_dirty(rows_)) broken_.store(true, std::memory_order_release);
+    if (armed_ && !map_.return_dirty(rows_)) broken_.store(kLostMarks, std::memory_order_release);
   }
   void committed() { armed_ = false; }
 
  private:
   DeltaMap& map_;
   const DeltaMap::Rows& rows_;
-  std::atomic<bool>& broken_;
+  std::atomic<int>& broken_;
   bool armed_ = true;
 };
 
 }  // namespace
 
 Status Disk::flush_round(View& v) {
+  // A mark dropped for want of memory would never be committed: no flush may succeed again.
+  if (v.delta->lost_marks()) {
+    broken_.store(kLostMarks, std::memory_order_release);
+    return fail_if_broken();
+  }
   DeltaMap::Rows rows = v.delta->take_dirty();
   DirtyRowsGuard guard(*v.delta, rows, broken_);
   at("flush.rows_taken");
@@ -551,7 +564,7 @@ Status Disk::flush_round(View& v) {
       // exposes an index entry without its data.
       auto s = f->sync();
       if (!s) {
-        broken_.store(true, std::memory_order_release);
+        broken_.store(kSyncFailed, std::memory_order_release);
         return make_error(EIO, "container \"{}\": {}", name_, s.error().message);
       }
     }

@@ -180,12 +180,14 @@ class Disk {
   // before it started.
   std::mutex flush_mu_;
   std::condition_variable flush_cv_;
-  uint64_t tickets_ = 0;             // GUARDED_BY(flush_mu_)
-  uint64_t done_ = 0;                // GUARDED_BY(flush_mu_): tickets covered by a successful round
-  uint64_t failed_upto_ = 0;         // GUARDED_BY(flush_mu_): tickets covered by a failed round
-  Error failed_error_;               // GUARDED_BY(flush_mu_)
-  bool round_running_ = false;       // GUARDED_BY(flush_mu_)
-  std::atomic<bool> broken_{false};  // an fdatasync failed: EIO until reopened
+  uint64_t tickets_ = 0;        // GUARDED_BY(flush_mu_)
+  uint64_t done_ = 0;           // GUARDED_BY(flush_mu_): tickets covered by a successful round
+  uint64_t failed_upto_ = 0;    // GUARDED_BY(flush_mu_): tickets covered by a failed round
+  Error failed_error_;          // GUARDED_BY(flush_mu_)
+  bool round_running_ = false;  // GUARDED_BY(flush_mu_)
+  // 0, or why the disk fails every request with EIO until reopened (disk.cc: an fdatasync
+  // failed, or marks may have been dropped from the dirty set for want of memory).
+  std::atomic<int> broken_{0};
 
   std::function<void(std::string_view)> hook_;  // tests only
 };
