@@ -26,24 +26,6 @@
 namespace layer {
 namespace {
 
-std::string dir_of(const std::string& path) {
-  auto slash = path.rfind('/');
-  return slash == std::string::npos ? "." : path.substr(0, slash == 0 ? 1 : slash);
-}
-
-Status fsync_dir(const std::string& dir) {
-  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) {
-    const int err = errno;
-    return sys_error(err, fmt::format("open directory {}", dir));
-  }
-  int rc = ::fsync(fd);
-  int err = errno;
-  ::close(fd);
-  if (rc != 0) return sys_error(err, fmt::format("fsync directory {}", dir));
-  return {};
-}
-
 class LocalFile : public LayerFile {
  public:
   LocalFile(int fd, std::string path) : fd_(fd), path_(std::move(path)) {}
@@ -159,6 +141,21 @@ class LocalFile : public LayerFile {
 };
 
 }  // namespace
+
+std::string dir_of(const std::string& path) {
+  auto slash = path.rfind('/');
+  return slash == std::string::npos ? "." : path.substr(0, slash == 0 ? 1 : slash);
+}
+
+Status fsync_dir(const std::string& dir) {
+  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return sys_error(errno, "open directory {}", dir);
+  const int rc = ::fsync(fd);
+  const int err = errno;
+  ::close(fd);
+  if (rc != 0) return sys_error(err, "fsync directory {}", dir);
+  return {};
+}
 
 std::string LocalStore::describe(LayerId id) const { return fmt::format("{}/{}.layer", dir_, id); }
 

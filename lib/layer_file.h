@@ -22,6 +22,11 @@
 
 namespace layer {
 
+// The directory part of a path ("." when it has none, "/" at the root).
+std::string dir_of(const std::string& path);
+// fsync of a directory, making the names in it durable. Errors: EIO, ENOENT, EACCES.
+Status fsync_dir(const std::string& dir);
+
 class LayerFile {
  public:
   virtual ~LayerFile() = default;

@@ -40,16 +40,6 @@ constexpr std::string_view kMetaCreated = "created";
 constexpr std::string_view kMetaPoolId = "pool.id";
 constexpr std::string_view kTierMarker = ".layer-pool";
 
-Status fsync_dir(const std::string& dir) {
-  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return sys_error(errno, "open directory {}", dir);
-  const int rc = ::fsync(fd);
-  const int err = errno;
-  ::close(fd);
-  if (rc != 0) return sys_error(err, fmt::format("fsync directory {}", dir));
-  return {};
-}
-
 // Creates path and its missing parents; each new directory is fsynced into its parent, so a
 // pool's directories survive a power loss once init returns.
 Status mkdir_p(const std::string& path) {
@@ -63,10 +53,7 @@ Status mkdir_p(const std::string& path) {
       if (errno == EEXIST) continue;
       return sys_error(errno, "create directory {}", cur);
     }
-    const auto slash = cur.rfind('/');
-    LAYER_TRY(fsync_dir(slash == 0                   ? "/"
-                        : slash == std::string::npos ? "."
-                                                     : cur.substr(0, slash)));
+    LAYER_TRY(fsync_dir(dir_of(cur)));
   }
   return {};
 }
