@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <map>
 
 #include "index.h"
 
@@ -33,12 +34,18 @@ namespace {
 // Values of Disk::broken_.
 constexpr int kSyncFailed = 1;  // an fdatasync failed: Linux may have dropped the dirty pages
 constexpr int kLostMarks = 2;   // a mark may have left the dirty set for want of memory
+constexpr int kStale = 3;       // a live change committed but the disk could not follow it
 
 }  // namespace
 
 // ---- open ----
 
 Result<std::shared_ptr<Disk>> Disk::open(Pool& pool, const std::string& name, bool writable) {
+  LAYER_ASSIGN(auto snap, parse_snapshot_ref(name));
+  if (snap) {
+    if (writable) return make_error(EPERM, "snapshot {} is read-only", name);
+    return open_snapshot(pool, name, snap->first, snap->second);
+  }
   LAYER_TRY(validate_name(name, "container name"));
   if (writable && pool.read_only())
     return make_error(EACCES, "container \"{}\": pool {} is open read-only", name,
@@ -67,16 +74,48 @@ Result<std::shared_ptr<Disk>> Disk::open(Pool& pool, const std::string& name, bo
   LAYER_ASSIGN(disk->delta_lock_,
                pool.locks().try_lock(LockKind::kLayer, disk->delta_layer_.id, writable,
                                      fmt::format("layer {}", disk->delta_layer_.id)));
-  for (const auto& layer : disk->chain_) {
-    LAYER_ASSIGN(Lock l, pool.locks().try_lock(LockKind::kLayer, layer.id, false,
-                                               fmt::format("layer {}", layer.id)));
-    disk->layer_locks_.push_back(std::move(l));
-  }
+  LAYER_TRY(disk->lock_chain());
   disk->size_bytes_ = disk->container_.size_bytes;
   disk->block_size_ = disk->container_.block_size;
   LAYER_TRY(disk->validate_records());
   disk->size_blocks_ = (disk->size_bytes_ + disk->block_size_ - 1) / disk->block_size_;
   return disk;
+}
+
+Result<std::shared_ptr<Disk>> Disk::open_snapshot(Pool& pool, const std::string& name,
+                                                  const std::string& container,
+                                                  const std::string& snap) {
+  std::shared_ptr<Disk> disk(new Disk(pool));
+  disk->name_ = name;
+  disk->snapshot_ = true;
+  LAYER_ASSIGN(auto txn, pool.index().begin_read());
+  LAYER_ASSIGN(disk->container_, pool.get_container(txn, container));
+  const std::string key = snapshot_key(disk->container_.id, snap);
+  LAYER_ASSIGN(auto row, txn.get(Db::kSnapshots, key));
+  if (!row)
+    return make_error(ENOENT, "snapshot \"{}\" of container \"{}\" not found", snap, container);
+  LAYER_ASSIGN(auto rec, decode_snapshot(*row, key));
+  LAYER_ASSIGN(disk->chain_, pool.chain_of(txn, rec.layer));
+  // No delta: an all-absent map over the snapshot's chain.
+  disk->delta_layer_ = LayerRecord{0, rec.layer, Tier::kSsd, disk->container_.size_bytes,
+                                   disk->container_.block_size, LayerState::kWritable, 0, 0};
+  // Its layers are locked shared (a merge leaves them alone), the container not at all: the
+  // live container may be served read-write beside it.
+  LAYER_TRY(disk->lock_chain());
+  disk->size_bytes_ = disk->container_.size_bytes;
+  disk->block_size_ = disk->container_.block_size;
+  LAYER_TRY(disk->validate_records());
+  disk->size_blocks_ = (disk->size_bytes_ + disk->block_size_ - 1) / disk->block_size_;
+  return disk;
+}
+
+Status Disk::lock_chain() {
+  for (const auto& layer : chain_) {
+    LAYER_ASSIGN(Lock l, pool_.locks().try_lock(LockKind::kLayer, layer.id, false,
+                                                fmt::format("layer {}", layer.id)));
+    layer_locks_.push_back(std::move(l));
+  }
+  return {};
 }
 
 Disk::Disk(Pool& pool) : pool_(pool) {}
@@ -96,13 +135,15 @@ Status Disk::validate_records() const {
                       "container \"{}\": size {} in the index is not a positive multiple of "
                       "512 up to {}",
                       name_, size_bytes_, kMaxDiskBytes);
-  if (delta_layer_.size_bytes != size_bytes_ || delta_layer_.block_size != bs)
+  if (snapshot_) {
+    // No delta to check; the chain below.
+  } else if (delta_layer_.size_bytes != size_bytes_ || delta_layer_.block_size != bs)
     return make_error(EIO,
                       "container \"{}\": its delta layer {} has size {} and block size {}, "
                       "the container {} and {}",
                       name_, delta_layer_.id, delta_layer_.size_bytes, delta_layer_.block_size,
                       size_bytes_, bs);
-  if (delta_layer_.state != LayerState::kWritable)
+  if (!snapshot_ && delta_layer_.state != LayerState::kWritable)
     return make_error(EIO, "container \"{}\": its delta layer {} is not writable", name_,
                       delta_layer_.id);
   for (const auto& layer : chain_) {
@@ -155,6 +196,7 @@ Result<std::shared_ptr<Disk::View>> Disk::load_view() {
     v->chain_files.push_back(f ? *f : nullptr);  // missing: an error only if a read needs it
   }
   v->delta = std::make_unique<DeltaMap>(size_blocks_);
+  if (snapshot_) return v;  // no delta: the map stays all absent, no file
   const LayerId delta_id = v->delta_layer.id;
   const uint64_t nchunks = (size_blocks_ + kBlocksPerChunk - 1) / kBlocksPerChunk;
   bool delta_has_data = false;
@@ -234,6 +276,11 @@ Status Disk::fail_if_broken() const {
   const int broken = broken_.load(std::memory_order_acquire);
   if (broken == kSyncFailed)
     return make_error(EIO, "container \"{}\": an earlier fdatasync failed; reopen the disk", name_);
+  if (broken == kStale)
+    return make_error(EIO,
+                      "container \"{}\" was changed by a snapshot or rollback that this disk "
+                      "could not follow; reopen the disk",
+                      name_);
   if (broken == kLostMarks)
     return make_error(EIO,
                       "container \"{}\": a flush ran out of memory and may have lost track "
@@ -599,6 +646,79 @@ Status Disk::quiesce(const std::function<Status()>& fn) {
   std::unique_lock<std::shared_mutex> closed(gate_);
   LAYER_TRY(flush());
   return fn();
+}
+
+// ---- live changes ----
+
+Result<ContainerState> Disk::change(const std::function<Result<ContainerState>()>& op) {
+  if (!writable_) return make_error(EPERM, "container \"{}\" is open read-only", name_);
+  ContainerState state;
+  LAYER_TRY(quiesce([&]() -> Status {
+    LAYER_ASSIGN(state, op());
+    // Committed: from here the disk serves the new state or nothing.
+    auto s = adopt(state);
+    if (!s) broken_.store(kStale, std::memory_order_release);
+    return s;
+  }));
+  return state;
+}
+
+Status Disk::adopt(const ContainerState& state) {
+  std::lock_guard<std::mutex> lk(load_mu_);
+  // Locks: the new delta's exclusive; the new chain's shared, reusing those held (the old
+  // delta, frozen now, keeps its byte and turns shared).
+  std::map<LayerId, Lock> held;
+  for (size_t i = 0; i < chain_.size() && i < layer_locks_.size(); ++i)
+    held.emplace(chain_[i].id, std::move(layer_locks_[i]));
+  layer_locks_.clear();
+  held.emplace(delta_layer_.id, std::move(delta_lock_));
+  std::vector<Lock> chain_locks;
+  for (const auto& layer : state.chain) {
+    if (auto it = held.find(layer.id); it != held.end()) {
+      LAYER_TRY(it->second.downgrade());
+      chain_locks.push_back(std::move(it->second));
+      held.erase(it);
+    } else {
+      LAYER_ASSIGN(Lock l, pool_.locks().try_lock(LockKind::kLayer, layer.id, false,
+                                                  fmt::format("layer {}", layer.id)));
+      chain_locks.push_back(std::move(l));
+    }
+  }
+  LAYER_ASSIGN(delta_lock_, pool_.locks().try_lock(LockKind::kLayer, state.delta.id, true,
+                                                   fmt::format("layer {}", state.delta.id)));
+  layer_locks_ = std::move(chain_locks);
+  container_ = state.container;
+  delta_layer_ = state.delta;
+  chain_ = state.chain;
+  // Locks in `held` (a rolled-back delta, layers below it) are released on return.
+  // The new view now, so that the first request after the gate opens does not build it; if
+  // that fails, the next request tries again.
+  auto v = load_view();
+  std::lock_guard<std::mutex> vlk(view_mu_);
+  view_ = v ? *v : nullptr;
+  return {};
+}
+
+Result<ContainerState> Disk::snapshot(const std::string& snap) {
+  return change([&] { return snapshot_container(pool_, name_, snap, delta_layer_.id); });
+}
+
+Result<ContainerState> Disk::commit(const std::string& image_ref, const std::string& description) {
+  return change([&] {
+    return commit_container(pool_, name_, image_ref, description, delta_layer_.id);
+  });
+}
+
+Result<ContainerState> Disk::rollback(const std::string& snap,
+                                      const std::optional<std::string>& keep_as) {
+  std::vector<uint64_t> drops;
+  LAYER_ASSIGN(auto state, change([&] {
+                 return rollback_container(pool_, name_, snap, keep_as, &drops, delta_layer_.id);
+               }));
+  // The old delta's rows and file go now that no view will write it (a read still in flight
+  // keeps its file open).
+  LAYER_TRY(pool_.finish_drops_after_removal(drops, fmt::format("the rolled-back delta of container \"{}\"", name_)));
+  return state;
 }
 
 // ---- extents / cache ----

@@ -18,6 +18,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <shared_mutex>
 #include <string>
 #include <string_view>
@@ -30,14 +31,18 @@
 #include "locks.h"
 #include "pool.h"
 #include "records.h"
+#include "snapshots.h"
 
 namespace layer {
 
 class Disk {
  public:
   // Opens container `name`, taking its exclusive lock (writable) or a shared one, and shared
-  // locks on its chain's layers. Errors: ENOENT (no such container), EBUSY (another process
-  // serves it: the message names it), EACCES (writable on a pool opened read-only), EIO.
+  // locks on its chain's layers. `name` may also be "CONTAINER@SNAP": that snapshot, read-only
+  // (writes fail with EPERM), locking only its layers, so it can be served beside the live
+  // container. Errors: ENOENT (no such container or snapshot), EBUSY (another process serves
+  // it: the message names it), EACCES (writable on a pool opened read-only), EPERM (a
+  // snapshot opened writable), EIO.
   static Result<std::shared_ptr<Disk>> open(Pool& pool, const std::string& name, bool writable);
   // Does not flush: what was not flushed may be lost, as after a crash.
   ~Disk();
@@ -48,6 +53,8 @@ class Disk {
   uint64_t size_bytes() const { return size_bytes_; }
   uint32_t block_size() const { return block_size_; }
   bool writable() const { return writable_; }
+  // True for a "CONTAINER@SNAP" disk.
+  bool is_snapshot() const { return snapshot_; }
 
   // Errors (all I/O): EINVAL (range beyond the end), EPERM (write to a read-only disk), EIO
   // (I/O failure, corrupt index, or the disk failed an fdatasync), ENOSPC, ENOMEM.
@@ -74,6 +81,18 @@ class Disk {
   // which snapshot, rollback and a tier move will swap the disk's view. Errors: the flush's,
   // then fn's.
   Status quiesce(const std::function<Status()>& fn);
+
+  // Live changes of what the disk serves (DESIGN.md "Snapshots"): with the write gate closed
+  // and everything flushed, runs the index change and switches to the container state it
+  // returns (new delta, new chain) without the clients reconnecting. Reads in flight finish on
+  // the view they started with. Every write acknowledged before the call is in the snapshot;
+  // writes that arrive meanwhile wait and land in the new delta.
+  // Errors: EPERM (read-only disk), the flush's, the operation's; after a committed change
+  // that the disk could not follow (a lock it could not take), EIO until reopened.
+  Result<ContainerState> snapshot(const std::string& snap);
+  Result<ContainerState> commit(const std::string& image_ref, const std::string& description);
+  // The old delta's file is removed after the switch (unless keep_as keeps it as a snapshot).
+  Result<ContainerState> rollback(const std::string& snap, const std::optional<std::string>& keep_as);
 
   // Test seam: hook(point) runs at named points of the I/O paths ("write.stripes_chosen",
   // "write.copy_up_read", "flush.wait", "flush.rows_taken"), on the thread that reaches them.
@@ -132,6 +151,15 @@ class Disk {
   // The current view; null before the first I/O.
   std::shared_ptr<View> pin() const;
   Result<Mutation> begin_mutation();
+  static Result<std::shared_ptr<Disk>> open_snapshot(Pool& pool, const std::string& name,
+                                                     const std::string& container,
+                                                     const std::string& snap);
+  Status lock_chain();
+  // Runs op with the gate closed after a flush, then adopts the state it returns.
+  Result<ContainerState> change(const std::function<Result<ContainerState>()>& op);
+  // Takes the locks of `state` (keeping those already held), releases the others and loads
+  // the new view. REQUIRES: gate_ held exclusively.
+  Status adopt(const ContainerState& state);
   Status validate_records() const;
   Status check_file_size(LayerFile& file, const LayerRecord& layer) const;
   Status check_range(uint64_t len, uint64_t offset, bool for_write) const;
@@ -158,12 +186,14 @@ class Disk {
   uint32_t block_size_ = 0;
   uint64_t size_blocks_ = 0;
   bool writable_ = false;
+  bool snapshot_ = false;  // "CONTAINER@SNAP": no delta (delta_layer_.id == 0), read-only
   Lock container_lock_;
   Lock delta_lock_;  // exclusive when writable: fsck --repair leaves the delta's file alone
-  std::vector<Lock> layer_locks_;
-  std::vector<LayerRecord> chain_;  // frozen layers below the delta, top first (as opened)
+  // What the disk serves; replaced by adopt() with the gate closed. GUARDED_BY(load_mu_)
+  std::vector<Lock> layer_locks_;   // parallel to chain_
+  std::vector<LayerRecord> chain_;  // frozen layers below the delta, top first
 
-  std::mutex load_mu_;  // serialises the first load
+  std::mutex load_mu_;  // serialises loading a view and switching state
   mutable std::mutex view_mu_;
   std::shared_ptr<View> view_;  // GUARDED_BY(view_mu_); null until the first I/O
   // The write gate: every write, zero and trim holds it shared from its first write to its

@@ -2,11 +2,11 @@
 //
 // Checks, each problem one line naming the object:
 // - every record decodes; every parent, image top and container delta exists; chains end;
-// - refcounts equal the references found (child layers, images, containers);
+// - refcounts equal the references found (child layers, images, containers, snapshots);
 // - every map row belongs to a known layer, decodes and lies within the layer's size;
 // - every layer with data rows has its file, and every existing file has the layer's size;
 // - files in the tier directories that no layer names (orphans; --repair removes them);
-// - interrupted imports left in `intents` (--repair rolls them back);
+// - interrupted imports and merges left in `intents` (--repair rolls them back);
 // - with full: every stored 64 KiB checksum of a frozen layer matches its data, and every
 //   group of a frozen layer that holds data has a checksum.
 // Read-only unless repair: it never changes a layer that is in use.
@@ -20,6 +20,7 @@
 #include "block_map.h"
 #include "checksum.h"
 #include "pool.h"
+#include "snapshots.h"
 
 namespace layer {
 
@@ -31,6 +32,12 @@ struct LayerFacts {
   uint64_t data_blocks = 0;
   std::set<uint64_t> data_groups;  // 64 KiB groups holding data (frozen layers only)
 };
+
+std::string describe_intent(const IntentRecord& intent) {
+  if (intent.kind == IntentRecord::Kind::kMerge)
+    return fmt::format("merge of layers {}", intent.target);
+  return fmt::format("import of {}", intent.target);
+}
 
 }  // namespace
 
@@ -44,6 +51,7 @@ Result<FsckReport> Pool::fsck(bool full, bool repair) {
   std::map<LayerId, Tier> intent_files;                          // files an intent accounts for
   std::map<LayerId, std::map<uint32_t, std::vector<uint64_t>>> sums;
   std::set<LayerId> importing;  // layers of every intent, running or interrupted
+  std::set<uint64_t> container_ids;
   {
     LAYER_ASSIGN(auto txn, index_->begin_read());
     LAYER_TRY(
@@ -114,6 +122,27 @@ Result<FsckReport> Pool::fsck(bool full, bool repair) {
                                 c->size_bytes, it->second.rec.size_bytes));
           auto chain = chain_of(txn, c->delta_layer);
           if (!chain) problem(fmt::format("container {}: {}", k, chain.error().message));
+          container_ids.insert(c->id);
+          return true;
+        }));
+    LAYER_TRY(
+        txn.scan(Db::kSnapshots, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
+          auto s = decode_snapshot(v, k);
+          if (!s) {
+            problem(s.error().message);
+            return true;
+          }
+          if (!container_ids.count(s->container_id) || k != snapshot_key(s->container_id, s->name))
+            problem(fmt::format("snapshot {} (layer {}): its container {} is missing", s->name,
+                                s->layer, s->container_id));
+          auto it = layers.find(s->layer);
+          if (it == layers.end()) {
+            problem(fmt::format("snapshot {}: layer {} is missing", s->name, s->layer));
+            return true;
+          }
+          ++it->second.refs;
+          if (it->second.rec.state == LayerState::kWritable)
+            problem(fmt::format("snapshot {}: layer {} is writable", s->name, s->layer));
           return true;
         }));
     for (auto& [id, f] : layers) {
@@ -186,10 +215,9 @@ Result<FsckReport> Pool::fsck(bool full, bool repair) {
           if (running) return true;
           stale_imports.emplace_back(id, *intent);
           if (!repair)
-            problem(
-                fmt::format("interrupted import of {} (intent {}, layer {}): run `layer fsck "
-                            "--repair` to roll it back",
-                            intent->target, id, intent->layer));
+            problem(fmt::format(
+                "interrupted {} (intent {}, layer {}): run `layer fsck --repair` to roll it back",
+                describe_intent(*intent), id, intent->layer));
           return true;
         }));
     std::set<LayerId> leaked;
@@ -311,10 +339,8 @@ Result<FsckReport> Pool::fsck(bool full, bool repair) {
       // Not rolled back: it resumed, finished or was rolled back by someone else meanwhile,
       // none of which is a problem.
       if (rolled_back)
-        report.repaired.push_back(
-            fmt::format("interrupted import of {} (intent {}, layer {}): "
-                        "rolled back",
-                        intent.target, intent_id, intent.layer));
+        report.repaired.push_back(fmt::format("interrupted {} (intent {}, layer {}): rolled back",
+                                              describe_intent(intent), intent_id, intent.layer));
     }
     // One removal that cannot be finished (an unlink refused, say) must not stop the others
     // or the orphan cleanup: it is reported and stays for a later run.

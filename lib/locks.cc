@@ -56,6 +56,13 @@ void Lock::release() {
   table_ = nullptr;
 }
 
+Status Lock::downgrade() {
+  if (!table_ || !exclusive_) return {};
+  LAYER_TRY(table_->downgrade(offset_));
+  exclusive_ = false;
+  return {};
+}
+
 Result<std::unique_ptr<LockTable>> LockTable::open(const std::string& run_dir) {
   const std::string path = run_dir + "/locks";
   int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
@@ -132,6 +139,18 @@ void LockTable::unlock(uint64_t offset, bool exclusive) {
   if (--it->second.count > 0) return;
   held_.erase(it);
   ofd_lock(fd_, F_UNLCK, offset);
+}
+
+Status LockTable::downgrade(uint64_t offset) {
+  if (offset % 2 == static_cast<uint64_t>(LockKind::kContainer)) remove_holder(offset / 2);
+  std::lock_guard<std::mutex> lk(mu_);
+  auto it = held_.find(offset);
+  if (it == held_.end() || !it->second.exclusive) return {};
+  // F_OFD_SETLK on a byte this description holds converts the lock in place.
+  if (int rc = ofd_lock(fd_, F_RDLCK, offset); rc != 0)
+    return sys_error(rc, fmt::format("downgrade lock at {} of {}/locks", offset, run_dir_));
+  it->second.exclusive = false;
+  return {};
 }
 
 std::string LockTable::holder_path(uint64_t container_id) const {

@@ -35,7 +35,11 @@ class Lock {
   Lock& operator=(Lock&& other) noexcept;
   ~Lock();
   bool held() const { return table_ != nullptr; }
+  bool exclusive() const { return exclusive_; }
   void release();
+  // Turns an exclusive lock into a shared one without letting go of the byte (a live
+  // snapshot's delta becomes a frozen layer of the chain). Errors: the errno of F_OFD_SETLK.
+  Status downgrade();
 
  private:
   friend class LockTable;
@@ -70,6 +74,7 @@ class LockTable {
   friend class Lock;
   LockTable(int fd, std::string run_dir) : fd_(fd), run_dir_(std::move(run_dir)) {}
   void unlock(uint64_t offset, bool exclusive);
+  Status downgrade(uint64_t offset);
   std::string holder_path(uint64_t container_id) const;
   // REQUIRES: this process holds the container's byte exclusively (no one else writes it).
   void write_holder(uint64_t container_id) const;

@@ -26,6 +26,7 @@
 
 #include "block_map.h"
 #include "checksum.h"
+#include "snapshots.h"
 
 namespace layer {
 namespace {
@@ -434,6 +435,19 @@ Status Pool::count_blocks(ReadTxn& txn, LayerId id, uint64_t* data, uint64_t* ze
                   });
 }
 
+Status Pool::retire_layer(WriteTxn& txn, const LayerRecord& layer,
+                          std::vector<uint64_t>* drop_intents) {
+  // The layer row goes now; its map and checksum rows (any number) and its file go in bounded
+  // steps under a drop intent (finish_drop), so this transaction stays short.
+  LAYER_TRY(txn.del(Db::kLayers, key_u64(layer.id)));
+  LAYER_TRY(txn.del(Db::kHeat, key_u64(layer.id)));
+  LAYER_ASSIGN(uint64_t intent_id, txn.next_id("intent"));
+  IntentRecord intent{IntentRecord::Kind::kDrop, layer.id, to_string(layer.tier), now_unix()};
+  LAYER_TRY(txn.put(Db::kIntents, key_u64(intent_id), encode(intent)));
+  drop_intents->push_back(intent_id);
+  return {};
+}
+
 Status Pool::drop_layer(WriteTxn& txn, LayerId id, std::vector<uint64_t>* drop_intents) {
   while (id != 0) {
     LAYER_ASSIGN(auto layer, get_layer(txn, id));
@@ -441,17 +455,21 @@ Status Pool::drop_layer(WriteTxn& txn, LayerId id, std::vector<uint64_t>* drop_i
       --layer.refcount;
       return txn.put(Db::kLayers, key_u64(id), encode(layer));
     }
-    // The layer row goes now; its map and checksum rows (any number) and its file go in
-    // bounded steps under a drop intent (finish_drop), so this transaction stays short.
-    LAYER_TRY(txn.del(Db::kLayers, key_u64(id)));
-    LAYER_TRY(txn.del(Db::kHeat, key_u64(id)));
-    LAYER_ASSIGN(uint64_t intent_id, txn.next_id("intent"));
-    IntentRecord intent{IntentRecord::Kind::kDrop, id, to_string(layer.tier), now_unix()};
-    LAYER_TRY(txn.put(Db::kIntents, key_u64(intent_id), encode(intent)));
-    drop_intents->push_back(intent_id);
+    LAYER_TRY(retire_layer(txn, layer, drop_intents));
     id = layer.parent;  // the dropped layer's reference to its parent goes too
   }
   return {};
+}
+
+pid_t Pool::serving_pid(uint64_t container_id) const {
+  const std::string note = locks_->holder_of(container_id);
+  if (note.rfind("pid ", 0) != 0) return 0;
+  pid_t pid = 0;
+  for (char c : note.substr(4)) {
+    if (c < '0' || c > '9') break;
+    pid = pid * 10 + (c - '0');
+  }
+  return pid;
 }
 
 Result<uint64_t> Pool::delete_layer_rows(WriteTxn& txn, LayerId id) {
@@ -540,10 +558,11 @@ Result<ContainerInfo> Pool::container_info(ReadTxn& txn, const ContainerRecord& 
   return info;
 }
 
-Result<ContainerInfo> Pool::clone(const std::string& image_ref, const std::string& name,
+Result<ContainerInfo> Pool::clone(const std::string& source, const std::string& name,
                                   std::optional<uint64_t> size_bytes) {
   if (read_only_) return make_error(EACCES, "pool {} is open read-only", paths_.root);
-  LAYER_TRY(validate_image_ref(image_ref));
+  LAYER_ASSIGN(auto snap, parse_snapshot_ref(source));
+  if (!snap) LAYER_TRY(validate_image_ref(source));
   LAYER_TRY(validate_name(name, "container name"));
   if (size_bytes && (*size_bytes == 0 || *size_bytes % 512 != 0))
     return make_error(EINVAL, "size {} is not a positive multiple of 512", *size_bytes);
@@ -556,25 +575,45 @@ Result<ContainerInfo> Pool::clone(const std::string& image_ref, const std::strin
   LAYER_TRY(committer_->run([&](WriteTxn& txn) -> Status {
     LAYER_ASSIGN(auto existing, txn.get(Db::kContainers, name));
     if (existing) return make_error(EEXIST, "container \"{}\" already exists", name);
-    LAYER_ASSIGN(auto iv, txn.get(Db::kImages, image_ref));
-    if (!iv) return make_error(ENOENT, "image {} not found in pool {}", image_ref, paths_.root);
-    LAYER_ASSIGN(auto image, decode_image(*iv, image_ref));
-    const uint64_t size = size_bytes.value_or(image.size_bytes);
-    if (size < image.size_bytes)
-      return make_error(EINVAL, "size {} is smaller than image {} ({} bytes)", size, image_ref,
-                        image.size_bytes);
-    LAYER_ASSIGN(auto base, get_layer(txn, image.top_layer));
+    // The source: an image's top layer, or a snapshot's layer.
+    LayerId base_id = 0;
+    uint64_t base_size = 0;
+    uint32_t block_size = 0;
+    std::string image_ref = source;
+    if (snap) {
+      LAYER_ASSIGN(auto from, get_container(txn, snap->first));
+      LAYER_ASSIGN(auto sv, txn.get(Db::kSnapshots, snapshot_key(from.id, snap->second)));
+      if (!sv)
+        return make_error(ENOENT, "snapshot \"{}\" of container \"{}\" not found", snap->second,
+                          snap->first);
+      LAYER_ASSIGN(auto s, decode_snapshot(*sv, snapshot_key(from.id, snap->second)));
+      base_id = s.layer;
+      base_size = from.size_bytes;
+      block_size = from.block_size;
+      image_ref = from.image_ref;
+    } else {
+      LAYER_ASSIGN(auto iv, txn.get(Db::kImages, source));
+      if (!iv) return make_error(ENOENT, "image {} not found in pool {}", source, paths_.root);
+      LAYER_ASSIGN(auto image, decode_image(*iv, source));
+      base_id = image.top_layer;
+      base_size = image.size_bytes;
+      block_size = image.block_size;
+    }
+    const uint64_t size = size_bytes.value_or(base_size);
+    if (size < base_size)
+      return make_error(EINVAL, "size {} is smaller than {} ({} bytes)", size, source, base_size);
+    LAYER_ASSIGN(auto base, get_layer(txn, base_id));
     ++base.refcount;
     LAYER_TRY(txn.put(Db::kLayers, key_u64(base.id), encode(base)));
     LAYER_ASSIGN(LayerId delta_id, txn.next_id("layer"));
     LAYER_ASSIGN(uint64_t container_id, txn.next_id("container"));
     // The delta's file is created on its first write: a clone is this transaction only.
-    LayerRecord delta{delta_id, base.id,          Tier::kSsd,
-                      size,     image.block_size, LayerState::kWritable,
+    LayerRecord delta{delta_id, base.id,    Tier::kSsd,
+                      size,     block_size, LayerState::kWritable,
                       1,        now_unix()};
     LAYER_TRY(txn.put(Db::kLayers, key_u64(delta_id), encode(delta)));
-    rec = ContainerRecord{
-        name, container_id, image_ref, delta_id, size, image.block_size, now_unix(), 1, {}};
+    rec = ContainerRecord{name, container_id, image_ref, delta_id, size, block_size, now_unix(), 1,
+                          {}};
     return txn.put(Db::kContainers, name, encode(rec));
   }));
   LAYER_ASSIGN(auto txn, index_->begin_read());
@@ -606,6 +645,25 @@ Result<std::vector<std::string>> Pool::container_names(size_t limit) {
   return out;
 }
 
+Result<std::vector<std::string>> Pool::export_names(size_t limit) {
+  std::vector<std::string> out;
+  if (limit == 0) return out;
+  LAYER_ASSIGN(auto txn, index_->begin_read());
+  LAYER_TRY(
+      txn.scan(Db::kContainers, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
+        out.emplace_back(k);
+        if (out.size() >= limit) return false;
+        LAYER_ASSIGN(auto c, decode_container(v, k));
+        LAYER_TRY(txn.scan(Db::kSnapshots, key_u64(c.id),
+                           [&](std::string_view sk, std::string_view) -> Result<bool> {
+                             out.push_back(fmt::format("{}@{}", k, sk.substr(8)));
+                             return out.size() < limit;
+                           }));
+        return out.size() < limit;
+      }));
+  return out;
+}
+
 Result<ContainerInfo> Pool::inspect(const std::string& name) {
   LAYER_TRY(validate_name(name, "container name"));
   LAYER_ASSIGN(auto txn, index_->begin_read());
@@ -630,6 +688,18 @@ Status Pool::remove_container(const std::string& name) {
     LAYER_ASSIGN(auto current, get_container(txn, name));
     if (current.id != rec.id) return make_error(EBUSY, "container \"{}\" changed meanwhile", name);
     LAYER_TRY(txn.del(Db::kContainers, name));
+    // Its snapshots go with it (their layers stay while clones or images use them).
+    std::vector<std::pair<std::string, LayerId>> snaps;
+    LAYER_TRY(txn.scan(Db::kSnapshots, key_u64(current.id),
+                       [&](std::string_view k, std::string_view v) -> Result<bool> {
+                         LAYER_ASSIGN(auto s, decode_snapshot(v, k));
+                         snaps.emplace_back(std::string(k), s.layer);
+                         return true;
+                       }));
+    for (const auto& [key, layer] : snaps) {
+      LAYER_TRY(txn.del(Db::kSnapshots, key));
+      LAYER_TRY(drop_layer(txn, layer, &drops));
+    }
     return drop_layer(txn, current.delta_layer, &drops);
   }));
   // The container is gone; a crash from here on is finished by the next open or fsck --repair.

@@ -9,6 +9,8 @@
 // REQUIRES: at most one Pool per pool directory per process (LMDB: one env per process).
 #pragma once
 
+#include <sys/types.h>
+
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -117,11 +119,16 @@ class Pool {
   // Points: "import.intent-committed" (intent row visible), "import.data-walked" (the source's
   // data regions found, nothing read yet), "import.rows-committed", "fsck.index_scanned"
   // (fsck's index snapshot read, directories not yet listed), "fsck.scanned" (before any
-  // repair), "drop.rows" (a removal's container row is gone, its layer rows not yet).
+  // repair), "drop.rows" (a removal's container row is gone, its layer rows not yet),
+  // "merge.switched" (a merge's switch committed, the old layers' rows and files not yet gone).
   // Unset in production.
   // REQUIRES: set before the operations it observes start.
   using TestHook = std::function<void(std::string_view point)>;
   void set_test_hook(TestHook hook) { test_hook_ = std::move(hook); }
+  // Calls the test hook, if any (lib/ modules mark their points with it).
+  void test_point(std::string_view point) {
+    if (test_hook_) test_hook_(point);
+  }
 
   // The chain of `top` following parents, top first. Errors: ENOENT/EIO on a missing or cyclic
   // parent (the index is corrupt).
@@ -146,7 +153,8 @@ class Pool {
   // Errors: ENOENT, EBUSY (containers use it).
   Status remove_image(const std::string& ref);
 
-  // A new container on image_ref: one transaction, no file work. size_bytes defaults to the
+  // A new container on image_ref ("NAME:VER", or "CONTAINER@SNAP": on that snapshot, with the
+  // source container's image ref): one transaction, no file work. size_bytes defaults to the
   // image's size and may only grow it (multiple of 512, at most kMaxDiskBytes and what the
   // tiers' filesystems hold in one file: check_tiers_hold). Errors: ENOENT, EEXIST, EINVAL.
   Result<ContainerInfo> clone(const std::string& image_ref, const std::string& name,
@@ -155,8 +163,11 @@ class Pool {
   // The names of the first `limit` containers in name order (byte order), reading nothing but
   // the keys: what nbdkit's list_exports needs. Errors: EIO.
   Result<std::vector<std::string>> container_names(size_t limit);
+  // As container_names, with each container's snapshots as "CONTAINER@SNAP" after it.
+  Result<std::vector<std::string>> export_names(size_t limit);
   Result<ContainerInfo> inspect(const std::string& name);
-  // Errors: ENOENT, EBUSY (a server holds it: names the holder).
+  // Removes the container and its snapshots. Errors: ENOENT, EBUSY (a server holds it: names
+  // the holder).
   Status remove_container(const std::string& name);
 
   // Checks the index against the layer files (read-only unless repair: then rolls back
@@ -168,9 +179,7 @@ class Pool {
   // The intents of one kind in the index: (intent id, intent). Errors: EIO.
   Result<std::vector<std::pair<uint64_t, IntentRecord>>> intents(IntentRecord::Kind kind);
 
- private:
-  Pool() = default;
-  Result<ContainerInfo> container_info(ReadTxn& txn, const ContainerRecord& rec);
+  // ---- Layer references, for lib/'s modules (snapshots.cc, image.cc, fsck.cc) ----
   // Counts a layer's data and zero blocks from its `maps` rows. Errors: EIO (corrupt row).
   static Status count_blocks(ReadTxn& txn, LayerId id, uint64_t* data, uint64_t* zero);
   // Decrements a layer's refcount inside txn; one that reaches 0 loses its `layers` row and
@@ -189,6 +198,16 @@ class Pool {
   // Finishes the drops of a removal that committed; an error says the object is gone and
   // what remains to be done.
   Status finish_drops_after_removal(const std::vector<uint64_t>& drops, const std::string& what);
+  // Takes a layer's `layers` and `heat` rows out of the index inside txn and records a drop
+  // intent for its map rows and file (finished by finish_drop after the commit), without
+  // touching its parent's refcount (a merge hands that reference to the merged layer).
+  Status retire_layer(WriteTxn& txn, const LayerRecord& layer, std::vector<uint64_t>* drop_intents);
+  // The lock table's record of who serves container_id ("pid N"), as a pid; 0 if unknown.
+  pid_t serving_pid(uint64_t container_id) const;
+
+ private:
+  Pool() = default;
+  Result<ContainerInfo> container_info(ReadTxn& txn, const ContainerRecord& rec);
   // fsck --repair: rolls back an interrupted import under its layer's lock, re-reading the
   // intent; false when it was running, published or rolled back meanwhile.
   Result<bool> roll_back_import(uint64_t intent_id, const IntentRecord& intent);
@@ -204,9 +223,6 @@ class Pool {
   // blocks stops at 16 TiB - 4 KiB, below kMaxDiskBytes): a sparse temporary file in each tier
   // is sized to it. Errors: EINVAL naming the tier and the size; EIO/EACCES from the probe.
   Status check_tiers_hold(uint64_t size_bytes) const;
-  void test_point(std::string_view point) {
-    if (test_hook_) test_hook_(point);
-  }
 
   PoolPaths paths_;
   bool read_only_ = false;

@@ -194,6 +194,33 @@ Result<ContainerRecord> decode_container(std::string_view bytes, std::string_vie
   return r;
 }
 
+std::string encode(const SnapshotRecord& r) {
+  Encoder e;
+  e.str(r.name);
+  e.u64(r.container_id);
+  e.u64(r.layer);
+  e.u64(r.created_unix);
+  return e.take();
+}
+
+Result<SnapshotRecord> decode_snapshot(std::string_view bytes, std::string_view key) {
+  std::string what = "snapshot";
+  if (key.size() > 8) what = fmt::format("snapshot {}", key.substr(8));
+  Decoder d(bytes, what);
+  SnapshotRecord r;
+  bool ok = d.version() && d.str(&r.name) && d.u64(&r.container_id) && d.u64(&r.layer) &&
+            d.u64(&r.created_unix);
+  LAYER_TRY(d.finish(ok));
+  return r;
+}
+
+std::string snapshot_key(uint64_t container_id, std::string_view name) {
+  std::string key(8, '\0');
+  for (int i = 0; i < 8; ++i) key[i] = static_cast<char>(container_id >> (56 - 8 * i));
+  key.append(name);
+  return key;
+}
+
 std::string encode(const IntentRecord& r) {
   Encoder e;
   e.u8(static_cast<uint8_t>(r.kind));
@@ -211,7 +238,8 @@ Result<IntentRecord> decode_intent(std::string_view bytes, uint64_t id) {
       d.version() && d.u8(&kind) && d.u64(&r.layer) && d.str(&r.target) && d.u64(&r.created_unix);
   LAYER_TRY(d.finish(ok));
   if (kind != static_cast<uint8_t>(IntentRecord::Kind::kImport) &&
-      kind != static_cast<uint8_t>(IntentRecord::Kind::kDrop))
+      kind != static_cast<uint8_t>(IntentRecord::Kind::kDrop) &&
+      kind != static_cast<uint8_t>(IntentRecord::Kind::kMerge))
     return make_error(EIO, "intent {}: unknown kind {}", id, kind);
   r.kind = static_cast<IntentRecord::Kind>(kind);
   return r;

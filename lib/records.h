@@ -74,16 +74,32 @@ struct ContainerRecord {
 std::string encode(const ContainerRecord& r);
 Result<ContainerRecord> decode_container(std::string_view bytes, std::string_view name);
 
+// `snapshots` db, key snapshot_key(container id, name): a named, frozen point of a container.
+// The tree of a container's snapshots is the tree of their layers (each layer's `parent`).
+struct SnapshotRecord {
+  std::string name;
+  uint64_t container_id = 0;
+  LayerId layer = 0;
+  uint64_t created_unix = 0;
+};
+std::string encode(const SnapshotRecord& r);
+Result<SnapshotRecord> decode_snapshot(std::string_view bytes, std::string_view key);
+// key_u64(container_id) followed by the name: a container's snapshots are one prefix scan.
+std::string snapshot_key(uint64_t container_id, std::string_view name);
+
 // `intents` db, key key_u64(id): a multi-transaction operation in progress. Each kind has its
 // own recovery (fsck --repair, and Pool::open for drops):
 // - kImport: `layer` is being built (no `layers` row yet); its rows and file are rolled back.
+// - kMerge: `layer` is the merged copy of two layers being built (no `layers` row yet); rolled
+//   back like an import (`target` names the two layers, "PARENT+CHILD").
 // - kDrop: `layer` lost its last reference (its `layers` row is gone); its `maps`/`sums` rows
 //   are deleted in bounded transactions, then its file, then the intent.
 struct IntentRecord {
-  enum class Kind : uint8_t { kImport = 1, kDrop = 2 };
+  enum class Kind : uint8_t { kImport = 1, kDrop = 2, kMerge = 3 };
   Kind kind = Kind::kImport;
   LayerId layer = 0;
-  // kImport: the image ref being imported; kDrop: the tier of the layer's file ("ssd", "hdd").
+  // kImport: the image ref being imported; kDrop: the tier of the layer's file ("ssd", "hdd");
+  // kMerge: "PARENT+CHILD", the layer ids being merged.
   std::string target;
   uint64_t created_unix = 0;
 };

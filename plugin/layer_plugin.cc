@@ -21,6 +21,7 @@
 
 #include "disk.h"
 #include "pool.h"
+#include "snapshots.h"
 #include "version.h"
 
 #define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
@@ -157,7 +158,7 @@ int layer_list_exports(int /*readonly*/, int /*is_tls*/, struct nbdkit_exports* 
   return guarded("list_exports", [&] {
     if (!g_pool) return 0;
     // One more than listed, to tell whether some were left out.
-    auto names = g_pool->container_names(kMaxListedExports + 1);
+    auto names = g_pool->export_names(kMaxListedExports + 1);
     if (!names) return fail(names.error());
     size_t listed = 0;
     for (const auto& name : *names) {
@@ -167,7 +168,7 @@ int layer_list_exports(int /*readonly*/, int /*is_tls*/, struct nbdkit_exports* 
     }
     if (listed < names->size())
       nbdkit_debug(
-          "list_exports: listing the first %zu containers; more are not listed (an "
+          "list_exports: listing the first %zu containers and snapshots; more are not listed (an "
           "NBD export list holds at most %zu names)",
           listed, kMaxListedExports);
     return 0;
@@ -189,8 +190,10 @@ void* layer_open(int readonly) {
       nbdkit_set_error(EINVAL);
       return nullptr;
     }
-    if (!layer::validate_name(name, "container name").ok()) {
-      nbdkit_error("unknown export \"%s\": not a container name", name);
+    auto snap = layer::parse_snapshot_ref(name);
+    const bool is_snapshot = snap.ok() && snap->has_value();
+    if (!snap.ok() || (!is_snapshot && !layer::validate_name(name, "container name").ok())) {
+      nbdkit_error("unknown export \"%s\": not a container name or CONTAINER@SNAPSHOT", name);
       nbdkit_set_error(EINVAL);
       return nullptr;
     }
@@ -200,8 +203,8 @@ void* layer_open(int readonly) {
       return nullptr;
     }
     // Always the exclusive lock: connections of this server share one Disk, and a read-only
-    // connection must not let another server write underneath it.
-    auto disk = g_disks->acquire(name, true);
+    // connection must not let another server write underneath it. A snapshot is read-only.
+    auto disk = g_disks->acquire(name, !is_snapshot);
     if (!disk) {
       const auto& e = disk.error();
       if (e.code == ENOENT)
@@ -211,7 +214,7 @@ void* layer_open(int readonly) {
       nbdkit_set_error(nbd_errno(e.code));
       return nullptr;
     }
-    return new Handle{*disk, readonly != 0};
+    return new Handle{*disk, readonly != 0 || is_snapshot};
   });
 }
 
@@ -229,7 +232,8 @@ void layer_close(void* h) {
 const char* layer_export_description(void* h) {
   return guarded("export_description", [&]() -> const char* {
     const auto& d = disk_of(h);
-    return nbdkit_printf_intern("layer container %s", d.name().c_str());
+    return nbdkit_printf_intern(d.is_snapshot() ? "layer snapshot %s (read-only)" : "layer container %s",
+                                d.name().c_str());
   });
 }
 

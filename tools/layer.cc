@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
+#include <functional>
 #include <filesystem>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -28,6 +29,9 @@
 #include "output.h"
 #include "pool.h"
 #include "records.h"
+#include "control.h"
+#include "locks.h"
+#include "snapshots.h"
 #include "version.h"
 
 namespace {
@@ -35,6 +39,7 @@ namespace {
 using layer::Error;
 using layer::Result;
 using layer::Status;
+using layer::LayerId;
 // ordered_json keeps the fields in the order of docs/cli-spec.md.
 using json = nlohmann::ordered_json;
 using namespace layer_cli;
@@ -234,7 +239,7 @@ struct CloneArgs {
 };
 
 int cmd_clone(const Globals& g, const CloneArgs& a) {
-  check(layer::validate_image_ref(a.image));
+  if (!take(layer::parse_snapshot_ref(a.image))) check(layer::validate_image_ref(a.image));
   check(layer::validate_name(a.name, "container name"));
   std::optional<uint64_t> size;
   if (!a.size.empty()) size = parse_sector_size(a.size, "size");
@@ -306,6 +311,257 @@ int cmd_rm(const Globals& g, const std::string& name) {
   auto pool = open_pool(g, true);
   check(pool->remove_container(name));
   print_result(g, {{"ok", true}, {"name", name}}, "removed container " + name);
+  return 0;
+}
+
+// ---- snapshots ----
+
+// The outcome of a change of what a container serves, done here or by its server.
+struct Changed {
+  LayerId base = 0;   // the layer the new delta sits on
+  LayerId delta = 0;  // the new delta
+  bool live = false;  // done by the serving server, without its clients reconnecting
+};
+
+Changed changed_from(const layer::ContainerState& st, bool live) {
+  return {st.chain.empty() ? 0 : st.chain.front().id, st.delta.id, live};
+}
+
+// Runs a change of what `name` serves: here, under the container's exclusive lock, when no
+// server serves it; else through the serving server's control socket (DESIGN.md "Locking"),
+// which quiesces the export, changes it and resumes without the clients reconnecting.
+// !allow_live refuses a served container with EBUSY and `refusal`.
+Changed change_container(layer::Pool& pool, const std::string& name, const json& request,
+                         bool allow_live, const std::string& refusal,
+                         const std::function<layer::ContainerState()>& offline) {
+  for (int attempt = 0;; ++attempt) {
+    const auto info = take(pool.inspect(name));
+    auto lock = pool.locks().try_lock(layer::LockKind::kContainer, info.container.id, true,
+                                      fmt::format("container \"{}\"", name));
+    if (lock.ok()) return changed_from(offline(), false);
+    if (lock.error().code != EBUSY) throw CliError{lock.error()};
+    const pid_t pid = pool.serving_pid(info.container.id);
+    if (pid == 0) throw CliError{lock.error()};
+    if (!allow_live)
+      fail(EBUSY, fmt::format("container \"{}\" is served by pid {}: {}", name, pid, refusal));
+    auto response =
+        layer::control_request(layer::control_socket_path(pool.paths().run_dir, pid), request);
+    if (!response.ok()) {
+      // The server went away between the lock and the request: try again, now offline.
+      const int code = response.error().code;
+      if ((code == ENOENT || code == ECONNREFUSED) && attempt < 3) continue;
+      throw CliError{std::move(response).error()};
+    }
+    check(layer::control_status(*response));
+    return {response->value("base_layer", LayerId{0}), response->value("delta_layer", LayerId{0}),
+            true};
+  }
+}
+
+struct SnapshotArgs {
+  std::string container, name;
+};
+
+int cmd_snapshot(const Globals& g, const SnapshotArgs& a) {
+  check(layer::validate_name(a.container, "container name"));
+  check(layer::validate_name(a.name, "snapshot name"));
+  auto pool = open_pool(g, true);
+  const Changed c = change_container(
+      *pool, a.container, {{"op", "snapshot"}, {"container", a.container}, {"name", a.name}}, true,
+      "", [&] { return take(layer::snapshot_container(*pool, a.container, a.name)); });
+  print_result(g,
+               {{"ok", true},
+                {"container", a.container},
+                {"snapshot", a.name},
+                {"layer", c.base},
+                {"delta_layer", c.delta},
+                {"live", c.live}},
+               fmt::format("snapshot {}@{} (layer {}{})", a.container, a.name, c.base,
+                           c.live ? ", taken live" : ""));
+  return 0;
+}
+
+int cmd_snapshot_ls(const Globals& g, const std::string& container) {
+  check(layer::validate_name(container, "container name"));
+  auto pool = open_pool(g, false);
+  const auto tree = take(layer::list_snapshots(*pool, container));
+  const auto& c = tree.container;
+  auto bytes = [&](uint64_t blocks) { return data_bytes(blocks, c.block_size, c.size_bytes); };
+  if (g.json) {
+    json j = {{"container", c.name}, {"snapshots", json::array()}, {"hidden", json::array()}};
+    for (const auto& s : tree.snapshots)
+      j["snapshots"].push_back({{"name", s.snapshot.name},
+                                {"layer", s.layer.id},
+                                {"parent", s.parent.empty() ? json(nullptr) : json(s.parent)},
+                                {"created", s.snapshot.created_unix},
+                                {"data_bytes", bytes(s.data_blocks)},
+                                {"current", s.current}});
+    for (const auto& h : tree.hidden)
+      j["hidden"].push_back(
+          {{"layer", h.layer.id}, {"data_bytes", bytes(h.data_blocks)}, {"why", h.why}});
+    print_json(j);
+    return 0;
+  }
+  // The tree: children under their parent snapshot, in creation order.
+  std::map<std::string, std::vector<const layer::SnapshotInfo*>> children;
+  for (const auto& s : tree.snapshots) children[s.parent].push_back(&s);
+  std::vector<std::vector<std::string>> rows = {{"NAME", "LAYER", "DATA", "CREATED", ""}};
+  std::function<void(const std::string&, int)> walk = [&](const std::string& parent, int depth) {
+    for (const auto* s : children[parent]) {
+      rows.push_back({std::string(depth * 2, ' ') + s->snapshot.name, std::to_string(s->layer.id),
+                      human_size(bytes(s->data_blocks)), format_time(s->snapshot.created_unix),
+                      s->current ? "<- current" : ""});
+      walk(s->snapshot.name, depth + 1);
+    }
+  };
+  walk("", 0);
+  print_table(rows);
+  for (const auto& h : tree.hidden)
+    std::cout << fmt::format("hidden layer {}: {} ({})\n", h.layer.id,
+                             human_size(bytes(h.data_blocks)), h.why);
+  return 0;
+}
+
+int cmd_snapshot_rm(const Globals& g, const SnapshotArgs& a) {
+  check(layer::validate_name(a.container, "container name"));
+  check(layer::validate_name(a.name, "snapshot name"));
+  auto pool = open_pool(g, true);
+  const auto r = take(layer::remove_snapshot(*pool, a.container, a.name));
+  const char* fate = r.fate == layer::RemovedSnapshot::Fate::kDropped  ? "dropped"
+                     : r.fate == layer::RemovedSnapshot::Fate::kMerged ? "merged"
+                                                                        : "hidden";
+  json j = {{"ok", true}, {"container", a.container}, {"snapshot", a.name},
+            {"layer", r.layer}, {"layer_fate", fate}};
+  if (r.merged_into) j["merged_into"] = r.merged_into;
+  if (!r.why.empty()) j["why"] = r.why;
+  std::string text = fmt::format("removed snapshot {}@{}", a.container, a.name);
+  if (r.fate == layer::RemovedSnapshot::Fate::kDropped) text += fmt::format("; layer {} freed", r.layer);
+  if (r.fate == layer::RemovedSnapshot::Fate::kMerged)
+    text += fmt::format("; layer {} merged with its child into layer {}", r.layer, r.merged_into);
+  if (r.fate == layer::RemovedSnapshot::Fate::kHidden)
+    text += fmt::format("; layer {} stays hidden ({})", r.layer, r.why);
+  print_result(g, j, text);
+  return 0;
+}
+
+struct RollbackArgs {
+  std::string container, snapshot, keep_as;
+  bool force = false;
+};
+
+int cmd_rollback(const Globals& g, const RollbackArgs& a) {
+  check(layer::validate_name(a.container, "container name"));
+  check(layer::validate_name(a.snapshot, "snapshot name"));
+  std::optional<std::string> keep;
+  if (!a.keep_as.empty()) {
+    check(layer::validate_name(a.keep_as, "snapshot name"));
+    keep = a.keep_as;
+  }
+  auto pool = open_pool(g, true);
+  json request = {{"op", "rollback"}, {"container", a.container}, {"name", a.snapshot}};
+  if (keep) request["keep_as"] = *keep;
+  const Changed c = change_container(
+      *pool, a.container, request, a.force,
+      "rolling back under a running guest makes its page cache lie; stop the guest, or use "
+      "--force",
+      [&] {
+        std::vector<uint64_t> drops;
+        auto st = take(layer::rollback_container(*pool, a.container, a.snapshot, keep, &drops));
+        check(pool->finish_drops_after_removal(
+            drops, fmt::format("the rolled-back delta of container \"{}\"", a.container)));
+        return st;
+      });
+  json j = {{"ok", true},         {"container", a.container}, {"snapshot", a.snapshot},
+            {"delta_layer", c.delta}, {"live", c.live}};
+  if (keep) j["kept_as"] = *keep;
+  print_result(g, j,
+               fmt::format("rolled {} back to {}{}{}", a.container, a.snapshot,
+                           keep ? fmt::format(" (the previous state is snapshot {})", *keep) : "",
+                           c.live ? ", live" : ""));
+  return 0;
+}
+
+struct CommitArgs {
+  std::string container, image, description;
+};
+
+int cmd_commit(const Globals& g, const CommitArgs& a) {
+  check(layer::validate_name(a.container, "container name"));
+  check(layer::validate_image_ref(a.image));
+  auto pool = open_pool(g, true);
+  const Changed c = change_container(
+      *pool, a.container,
+      {{"op", "commit"}, {"container", a.container}, {"image", a.image}, {"description", a.description}},
+      true, "",
+      [&] { return take(layer::commit_container(*pool, a.container, a.image, a.description)); });
+  print_result(g,
+               {{"ok", true},
+                {"container", a.container},
+                {"image", a.image},
+                {"layer", c.base},
+                {"delta_layer", c.delta},
+                {"live", c.live}},
+               fmt::format("committed {} as image {} (layer {}{})", a.container, a.image, c.base,
+                           c.live ? ", live" : ""));
+  return 0;
+}
+
+int cmd_image_history(const Globals& g, const std::string& ref) {
+  check(layer::validate_image_ref(ref));
+  auto pool = open_pool(g, false);
+  const auto history = take(layer::image_history(*pool, ref));
+  if (g.json) {
+    json j = json::array();
+    for (const auto& img : history)
+      j.push_back({{"ref", img.ref},
+                   {"layer", img.top_layer},
+                   {"size", img.size_bytes},
+                   {"created", img.created_unix},
+                   {"description", img.description}});
+    print_json(j);
+    return 0;
+  }
+  std::vector<std::vector<std::string>> rows = {{"REF", "LAYER", "SIZE", "CREATED", "DESCRIPTION"}};
+  for (const auto& img : history)
+    rows.push_back({img.ref, std::to_string(img.top_layer), human_size(img.size_bytes),
+                    format_time(img.created_unix), img.description});
+  print_table(rows);
+  return 0;
+}
+
+int cmd_diff(const Globals& g, const std::string& a, const std::string& b) {
+  auto pool = open_pool(g, false);
+  const auto d = take(layer::diff(*pool, a, b));
+  uint64_t total = 0;
+  for (const auto& [off, len] : d.ranges) total += len;
+  if (g.json) {
+    json ranges = json::array();
+    for (const auto& [off, len] : d.ranges) ranges.push_back({{"offset", off}, {"length", len}});
+    print_json({{"a", a},
+                {"b", b},
+                {"size_a", d.size_a},
+                {"size_b", d.size_b},
+                {"block_size", d.block_size},
+                {"changed_bytes", total},
+                {"ranges", ranges}});
+    return 0;
+  }
+  for (const auto& [off, len] : d.ranges) std::cout << fmt::format("{} {}\n", off, len);
+  std::cerr << fmt::format("{} and {}: {} in {} ranges differ\n", a, b, human_size(total),
+                           d.ranges.size());
+  return 0;
+}
+
+int cmd_gc(const Globals& g) {
+  auto pool = open_pool(g, true);
+  const auto r = take(layer::gc(*pool));
+  if (g.json) {
+    print_json({{"ok", true}, {"done", r.done}, {"kept", r.kept}});
+    return 0;
+  }
+  for (const auto& line : r.done) std::cout << line << '\n';
+  for (const auto& line : r.kept) std::cout << line << '\n';
+  if (r.done.empty()) std::cout << "nothing to collect\n";
   return 0;
 }
 
@@ -479,13 +735,19 @@ int run(int argc, char** argv) {
       ->type_name("SIZE");
   import_cmd->add_option("--description", import.description, "free text")->type_name("TEXT");
   auto* image_ls_cmd = image_cmd->add_subcommand("ls", "list images");
+  std::string history_ref;
+  auto* image_history_cmd =
+      image_cmd->add_subcommand("history", "an image version and the versions it descends from");
+  image_history_cmd->add_option("IMAGE", history_ref, "image")->type_name("NAME:VER")->required();
   std::string image_rm_ref;
   auto* image_rm_cmd = image_cmd->add_subcommand("rm", "remove an unused image");
   image_rm_cmd->add_option("IMAGE", image_rm_ref, "image")->type_name("NAME:VER")->required();
 
   CloneArgs clone;
-  auto* clone_cmd = app.add_subcommand("clone", "create a container on an image");
-  clone_cmd->add_option("IMAGE", clone.image, "image")->type_name("NAME:VER")->required();
+  auto* clone_cmd = app.add_subcommand("clone", "create a container on an image or a snapshot");
+  clone_cmd->add_option("IMAGE", clone.image, "image, or a container's snapshot")
+      ->type_name("NAME:VER|CONTAINER@SNAP")
+      ->required();
   clone_cmd->add_option("CONTAINER", clone.name, "new container name")->type_name("")->required();
   clone_cmd->add_option("--size", clone.size, "disk size (default and minimum: the image's)")
       ->type_name("SIZE");
@@ -496,6 +758,41 @@ int run(int argc, char** argv) {
   inspect_cmd->add_option("CONTAINER", container, "container name")->type_name("")->required();
   auto* rm_cmd = app.add_subcommand("rm", "remove a container");
   rm_cmd->add_option("CONTAINER", container, "container name")->type_name("")->required();
+
+  SnapshotArgs snap;
+  auto* snapshot_cmd = app.add_subcommand("snapshot", "take, list and remove snapshots");
+  snapshot_cmd->require_subcommand(0, 1);
+  snapshot_cmd->add_option("CONTAINER", snap.container, "container")->type_name("");
+  snapshot_cmd->add_option("NAME", snap.name, "new snapshot name")->type_name("");
+  auto* snap_create_cmd = snapshot_cmd->add_subcommand("create", "take a snapshot");
+  snap_create_cmd->add_option("CONTAINER", snap.container, "container")->type_name("")->required();
+  snap_create_cmd->add_option("NAME", snap.name, "new snapshot name")->type_name("")->required();
+  auto* snap_ls_cmd = snapshot_cmd->add_subcommand("ls", "show a container's snapshot tree");
+  snap_ls_cmd->add_option("CONTAINER", snap.container, "container")->type_name("")->required();
+  auto* snap_rm_cmd = snapshot_cmd->add_subcommand("rm", "remove a snapshot");
+  snap_rm_cmd->add_option("CONTAINER", snap.container, "container")->type_name("")->required();
+  snap_rm_cmd->add_option("NAME", snap.name, "snapshot")->type_name("")->required();
+
+  RollbackArgs rollback;
+  auto* rollback_cmd = app.add_subcommand("rollback", "make a container's content a snapshot's");
+  rollback_cmd->add_option("CONTAINER", rollback.container, "container")->type_name("")->required();
+  rollback_cmd->add_option("SNAPSHOT", rollback.snapshot, "snapshot")->type_name("")->required();
+  rollback_cmd->add_option("--keep-as", rollback.keep_as, "save the current state as snapshot NAME first")
+      ->type_name("NAME");
+  rollback_cmd->add_flag("--force", rollback.force, "roll back a container a server is serving");
+
+  CommitArgs commit;
+  auto* commit_cmd = app.add_subcommand("commit", "publish a container's state as an image version");
+  commit_cmd->add_option("CONTAINER", commit.container, "container")->type_name("")->required();
+  commit_cmd->add_option("IMAGE", commit.image, "new image")->type_name("NAME:VER")->required();
+  commit_cmd->add_option("--description", commit.description, "free text")->type_name("TEXT");
+
+  std::string diff_a, diff_b;
+  auto* diff_cmd = app.add_subcommand("diff", "byte ranges that differ between two points");
+  diff_cmd->add_option("A", diff_a, "container or container@snapshot")->type_name("")->required();
+  diff_cmd->add_option("B", diff_b, "container or container@snapshot")->type_name("")->required();
+
+  auto* gc_cmd = app.add_subcommand("gc", "merge hidden layers and remove unreferenced files");
 
   ServeArgs serve;
   auto* serve_cmd = app.add_subcommand("serve", "run nbdkit with the layer plugin (foreground)");
@@ -544,7 +841,20 @@ int run(int argc, char** argv) {
   if (*import_cmd) return cmd_image_import(g, import);
   if (*image_ls_cmd) return cmd_image_ls(g);
   if (*image_rm_cmd) return cmd_image_rm(g, image_rm_ref);
+  if (*image_history_cmd) return cmd_image_history(g, history_ref);
   if (*clone_cmd) return cmd_clone(g, clone);
+  if (*snap_create_cmd) return cmd_snapshot(g, snap);
+  if (*snap_ls_cmd) return cmd_snapshot_ls(g, snap.container);
+  if (*snap_rm_cmd) return cmd_snapshot_rm(g, snap);
+  if (*snapshot_cmd) {
+    if (snap.container.empty() || snap.name.empty())
+      fail(EINVAL, "usage: layer snapshot CONTAINER NAME (or snapshot ls|rm ...)");
+    return cmd_snapshot(g, snap);
+  }
+  if (*rollback_cmd) return cmd_rollback(g, rollback);
+  if (*commit_cmd) return cmd_commit(g, commit);
+  if (*diff_cmd) return cmd_diff(g, diff_a, diff_b);
+  if (*gc_cmd) return cmd_gc(g);
   if (*ls_cmd) return cmd_ls(g);
   if (*inspect_cmd) return cmd_inspect(g, container);
   if (*rm_cmd) return cmd_rm(g, container);

@@ -1,0 +1,496 @@
+// Unit tests for lib/snapshots.h: snapshot, rollback (with and without --keep-as), commit as
+// an image version, snapshot removal (drop, merge, hidden), clone from a snapshot, CONTAINER@SNAP
+// disks, diff and gc — offline (no disk open) and live (Disk::snapshot/rollback/commit with
+// writers running), each read checked against byte-vector models, fsck clean afterwards.
+#include <atomic>
+#include <map>
+#include <random>
+#include <thread>
+
+#include "disk_test_util.h"
+#include "snapshots.h"
+
+using namespace layer;
+using namespace disktest;
+
+namespace Catch {
+template <>
+struct StringMaker<std::pair<uint64_t, uint64_t>> {
+  static std::string convert(const std::pair<uint64_t, uint64_t>& r) {
+    return "(" + std::to_string(r.first) + "+" + std::to_string(r.second) + ")";
+  }
+};
+}  // namespace Catch
+
+namespace {
+
+void require_fsck_clean(Pool& pool) {
+  auto r = MUST(pool.fsck(true, false));
+  for (const auto& p : r.problems) UNSCOPED_INFO(p);
+  REQUIRE(r.problems.empty());
+}
+
+std::vector<uint8_t> read_export(Pool& pool, const std::string& name) {
+  auto disk = MUST(Disk::open(pool, name, false));
+  return read_all(*disk);
+}
+
+constexpr uint64_t kImage = 256 * 4096;
+constexpr uint64_t kDisk = kImage + 64 * 4096 + 512;
+
+}  // namespace
+
+TEST_CASE("snapshot freezes the delta and a new delta starts on it", "[snapshots]") {
+  DiskFixture d(kImage, kDisk);
+  Pool& pool = *d.f.pool;
+  std::vector<uint8_t> at_s1;
+  {
+    auto disk = d.open();
+    do_write(*disk, d.model, 4096 * 3 + 5, pattern(9000, 1));
+    do_zero(*disk, d.model, 4096 * 20, 4096 * 4);
+    REQUIRE_OK(disk->flush());
+  }
+  at_s1 = d.model.bytes;
+  auto st = MUST(snapshot_container(pool, "c", "s1"));
+  REQUIRE(st.chain.size() == 2);
+  CHECK(st.chain[0].state == LayerState::kFrozenUnhashed);
+  CHECK(st.delta.parent == st.chain[0].id);
+  CHECK(snapshot_container(pool, "c", "s1").error().code == EEXIST);
+  CHECK(snapshot_container(pool, "c", "bad/name").error().code == EINVAL);
+  CHECK(snapshot_container(pool, "nope", "s1").error().code == ENOENT);
+  {
+    auto disk = d.open();
+    check_disk(*disk, d.model);
+    do_write(*disk, d.model, 0, pattern(4096 * 2 + 3, 2));
+    REQUIRE_OK(disk->flush());
+    check_disk(*disk, d.model);
+  }
+  require_same(read_export(pool, "c@s1"), at_s1);
+  // The snapshot export is read-only.
+  auto snap_disk = MUST(Disk::open(pool, "c@s1", false));
+  std::vector<uint8_t> buf(10, 1);
+  CHECK(snap_disk->write(buf.data(), buf.size(), 0, false).error().code == EPERM);
+  CHECK(Disk::open(pool, "c@s1", true).error().code == EPERM);
+  CHECK(Disk::open(pool, "c@none", false).error().code == ENOENT);
+  snap_disk.reset();
+
+  auto tree = MUST(list_snapshots(pool, "c"));
+  REQUIRE(tree.snapshots.size() == 1);
+  CHECK(tree.snapshots[0].snapshot.name == "s1");
+  CHECK(tree.snapshots[0].current);
+  CHECK(tree.snapshots[0].data_blocks > 0);
+  CHECK(tree.hidden.empty());
+  require_fsck_clean(pool);
+}
+
+TEST_CASE("rollback restores a snapshot; later snapshots survive and one rolls forward",
+          "[snapshots]") {
+  DiskFixture d(kImage, kDisk);
+  Pool& pool = *d.f.pool;
+  auto write_flush = [&](uint64_t off, uint64_t len, uint64_t seed) {
+    auto disk = d.open();
+    do_write(*disk, d.model, off, pattern(len, seed));
+    REQUIRE_OK(disk->flush());
+  };
+  write_flush(4096, 4096 * 3, 1);
+  MUST(snapshot_container(pool, "c", "a"));
+  const auto at_a = d.model.bytes;
+  write_flush(4096 * 2 + 100, 5000, 2);
+  MUST(snapshot_container(pool, "c", "b"));
+  const auto at_b = d.model.bytes;
+  write_flush(0, 100, 3);
+  const auto at_head = d.model.bytes;
+
+  std::vector<uint64_t> drops;
+  MUST(rollback_container(pool, "c", "a", std::string("before"), &drops));
+  CHECK(drops.empty());
+  require_same(read_export(pool, "c"), at_a);
+  require_same(read_export(pool, "c@before"), at_head);
+  require_same(read_export(pool, "c@b"), at_b);
+  // Forward again, this time discarding the head (its layer dropped and its file removed).
+  write_flush(4096 * 50, 4096, 4);
+  MUST(rollback_container(pool, "c", "b", std::nullopt, &drops));
+  CHECK(drops.size() == 1);
+  MUST(pool.finish_drops_after_removal(drops, "test"));
+  require_same(read_export(pool, "c"), at_b);
+  CHECK(rollback_container(pool, "c", "zz", std::nullopt, &drops).error().code == ENOENT);
+  CHECK(rollback_container(pool, "c", "a", std::string("b"), &drops).error().code == EEXIST);
+
+  auto tree = MUST(list_snapshots(pool, "c"));
+  REQUIRE(tree.snapshots.size() == 3);
+  std::map<std::string, SnapshotInfo> by_name;
+  for (const auto& s : tree.snapshots) by_name[s.snapshot.name] = s;
+  CHECK(by_name["a"].parent.empty());
+  CHECK(by_name["b"].parent == "a");
+  CHECK(by_name["before"].parent == "b");
+  CHECK(by_name["b"].current);
+  CHECK_FALSE(by_name["a"].current);
+  require_fsck_clean(pool);
+}
+
+TEST_CASE("snapshot rm drops a leaf, merges a layer with one child, keeps a shared one hidden",
+          "[snapshots]") {
+  DiskFixture d(kImage, kDisk);
+  Pool& pool = *d.f.pool;
+  auto write_flush = [&](uint64_t off, uint64_t len, uint64_t seed) {
+    auto disk = d.open();
+    do_write(*disk, d.model, off, pattern(len, seed));
+    REQUIRE_OK(disk->flush());
+  };
+  auto zero_flush = [&](uint64_t off, uint64_t len) {
+    auto disk = d.open();
+    do_zero(*disk, d.model, off, len);
+    REQUIRE_OK(disk->flush());
+  };
+  write_flush(0, 4096 * 8, 1);
+  MUST(snapshot_container(pool, "c", "s1"));
+  write_flush(4096 * 4, 4096 * 8, 2);  // overlaps s1's blocks 4..7
+  zero_flush(4096 * 1, 4096);          // a tombstone over s1's block 1
+  MUST(snapshot_container(pool, "c", "s2"));
+  const auto at_s2 = d.model.bytes;
+  write_flush(4096 * 30, 4096, 3);
+  MUST(snapshot_container(pool, "c", "s3"));
+  const auto at_s3 = d.model.bytes;
+  write_flush(4096 * 31, 4096, 4);
+  const auto at_head = d.model.bytes;
+
+  // s1's layer: one frozen child (s2's layer), nothing else: merged.
+  auto r = MUST(remove_snapshot(pool, "c", "s1"));
+  CHECK(r.fate == RemovedSnapshot::Fate::kMerged);
+  CHECK(r.merged_into != 0);
+  require_same(read_export(pool, "c@s2"), at_s2);
+  require_same(read_export(pool, "c@s3"), at_s3);
+  require_same(read_export(pool, "c"), at_head);
+  require_fsck_clean(pool);
+
+  // s3's layer carries the live delta: the name goes, the layer stays hidden.
+  r = MUST(remove_snapshot(pool, "c", "s3"));
+  CHECK(r.fate == RemovedSnapshot::Fate::kHidden);
+  auto tree = MUST(list_snapshots(pool, "c"));
+  REQUIRE(tree.hidden.size() == 1);
+  CHECK(tree.hidden[0].layer.id == r.layer);
+  require_same(read_export(pool, "c"), at_head);
+
+  // A clone of s2 shares its layer: removing s2 keeps it (hidden), the clone reads the same.
+  MUST(pool.clone("c@s2", "k", std::nullopt));
+  r = MUST(remove_snapshot(pool, "c", "s2"));
+  CHECK(r.fate == RemovedSnapshot::Fate::kHidden);
+  require_same(read_export(pool, "k"), at_s2);
+  require_same(read_export(pool, "c"), at_head);
+  CHECK(remove_snapshot(pool, "c", "s2").error().code == ENOENT);
+  require_fsck_clean(pool);
+
+  // After the next snapshot the hidden layer under it has a frozen child: gc merges it.
+  MUST(snapshot_container(pool, "c", "s4"));
+  auto g = MUST(gc(pool));
+  CHECK_FALSE(g.done.empty());
+  require_same(read_export(pool, "c"), at_head);
+  require_same(read_export(pool, "c@s4"), at_head);
+  require_same(read_export(pool, "k"), at_s2);
+  require_fsck_clean(pool);
+
+  // A leaf snapshot nothing depends on is dropped; removing the container removes the rest.
+  std::vector<uint64_t> drops;
+  MUST(rollback_container(pool, "c", "s4", std::nullopt, &drops));
+  MUST(pool.finish_drops_after_removal(drops, "test"));
+  MUST(snapshot_container(pool, "c", "leaf"));
+  MUST(rollback_container(pool, "c", "s4", std::nullopt, &drops));
+  MUST(pool.finish_drops_after_removal(drops, "test"));
+  r = MUST(remove_snapshot(pool, "c", "leaf"));
+  CHECK(r.fate == RemovedSnapshot::Fate::kDropped);
+  MUST(pool.remove_container("c"));
+  require_same(read_export(pool, "k"), at_s2);
+  require_fsck_clean(pool);
+  MUST(pool.remove_container("k"));
+  MUST(pool.remove_image("base:1"));
+  auto layers = MUST(pool.fsck(false, false));
+  CHECK(layers.layers == 0);
+}
+
+TEST_CASE("a merge that a server's reads block stays hidden until gc", "[snapshots]") {
+  DiskFixture d(kImage, kDisk);
+  Pool& pool = *d.f.pool;
+  {
+    auto disk = d.open();
+    do_write(*disk, d.model, 0, pattern(4096 * 4, 1));
+    REQUIRE_OK(disk->flush());
+  }
+  MUST(snapshot_container(pool, "c", "s1"));
+  MUST(snapshot_container(pool, "c", "s2"));
+  auto reader = d.open();  // holds the chain's layers shared
+  auto r = MUST(remove_snapshot(pool, "c", "s1"));
+  CHECK(r.fate == RemovedSnapshot::Fate::kHidden);
+  CHECK(r.why.find("server") != std::string::npos);
+  check_disk(*reader, d.model);
+  reader.reset();
+  auto g = MUST(gc(pool));
+  CHECK(g.done.size() >= 1);
+  check_disk(*d.open(), d.model);
+  require_fsck_clean(pool);
+}
+
+TEST_CASE("commit publishes an image version whose history names its parent", "[snapshots]") {
+  DiskFixture d(kImage, kImage);
+  Pool& pool = *d.f.pool;
+  {
+    auto disk = d.open();
+    do_write(*disk, d.model, 4096 * 7, pattern(4096 * 2, 5));
+    MUST(disk->commit("base:2", "with a patch"));
+  }
+  auto hist = MUST(image_history(pool, "base:2"));
+  REQUIRE(hist.size() == 2);
+  CHECK(hist[0].ref == "base:2");
+  CHECK(hist[0].description == "with a patch");
+  CHECK(hist[1].ref == "base:1");
+  MUST(pool.clone("base:2", "fresh", std::nullopt));
+  require_same(read_export(pool, "fresh"), d.model.bytes);
+  auto info = MUST(pool.inspect("c"));
+  CHECK(info.container.image_ref == "base:2");
+  CHECK(commit_container(pool, "c", "base:2", "").error().code == EEXIST);
+  // The old version can go: the new one keeps its layers.
+  MUST(pool.remove_image("base:1"));
+  require_same(read_export(pool, "fresh"), d.model.bytes);
+  require_fsck_clean(pool);
+}
+
+// The ranges of blocks whose bytes differ between two models.
+std::vector<std::pair<uint64_t, uint64_t>> differing(const std::vector<uint8_t>& a,
+                                                     const std::vector<uint8_t>& b) {
+  std::vector<std::pair<uint64_t, uint64_t>> out;
+  for (uint64_t off = 0; off < a.size(); off += 4096) {
+    const uint64_t len = std::min<uint64_t>(4096, a.size() - off);
+    if (std::equal(a.begin() + off, a.begin() + off + len, b.begin() + off)) continue;
+    if (!out.empty() && out.back().first + out.back().second == off)
+      out.back().second += len;
+    else
+      out.emplace_back(off, len);
+  }
+  return out;
+}
+
+TEST_CASE("diff reports exactly the blocks written since the fork", "[snapshots]") {
+  DiskFixture d(kImage, kImage);
+  Pool& pool = *d.f.pool;
+  auto disk = d.open();
+  do_write(*disk, d.model, 4096 * 10, pattern(4096 * 2, 1));
+  REQUIRE_OK(disk->flush());
+  MUST(disk->snapshot("a"));
+  const auto at_a = d.model.bytes;
+  do_write(*disk, d.model, 4096 * 40 + 1, pattern(10, 2));  // block 40
+  do_zero(*disk, d.model, 4096 * 60, 4096 * 8);             // blocks 60..67: image data or holes
+  REQUIRE_OK(disk->flush());
+  MUST(disk->snapshot("b"));
+  const auto at_b = d.model.bytes;
+  do_write(*disk, d.model, 4096 * 10, pattern(4096, 3));  // block 10 again
+  REQUIRE_OK(disk->flush());
+  const auto at_head = d.model.bytes;
+
+  auto ab = MUST(diff(pool, "c@a", "c@b"));
+  CHECK(ab.ranges == differing(at_a, at_b));
+  CHECK_FALSE(ab.ranges.empty());
+  CHECK(MUST(diff(pool, "c@b", "c@a")).ranges == ab.ranges);
+  CHECK(MUST(diff(pool, "c@a", "c")).ranges == differing(at_a, at_head));
+  CHECK(MUST(diff(pool, "c@b", "c@b")).ranges.empty());
+  // Two branches of the tree: a clone of a, written elsewhere.
+  disk.reset();
+  MUST(pool.clone("c@a", "k", std::nullopt));
+  auto at_k = at_a;
+  {
+    auto k = MUST(Disk::open(pool, "k", true));
+    std::vector<uint8_t> data = pattern(4096, 4);
+    REQUIRE_OK(k->write(data.data(), data.size(), 4096 * 5, false));
+    REQUIRE_OK(k->flush());
+    std::copy(data.begin(), data.end(), at_k.begin() + 4096 * 5);
+  }
+  CHECK(MUST(diff(pool, "k", "c@b")).ranges == differing(at_k, at_b));
+  CHECK(diff(pool, "k", "c@nope").error().code == ENOENT);
+}
+
+TEST_CASE("live snapshots under concurrent writers capture every acknowledged write",
+          "[snapshots][live]") {
+  DiskFixture d(kImage, kImage);
+  Pool& pool = *d.f.pool;
+  auto disk = d.open();
+  // Each writer owns its own blocks and records, per block, the last value it had written
+  // (acknowledged) before each snapshot began, and the one in flight.
+  constexpr int kWriters = 4;
+  constexpr int kBlocksEach = 32;
+  std::atomic<bool> stop{false};
+  std::vector<std::vector<std::atomic<uint32_t>>> acked(kWriters);
+  for (auto& v : acked) v = std::vector<std::atomic<uint32_t>>(kBlocksEach);
+  std::vector<std::thread> writers;
+  for (int w = 0; w < kWriters; ++w)
+    writers.emplace_back([&, w] {
+      std::vector<uint8_t> buf(4096);
+      for (uint32_t gen = 1; !stop.load(); ++gen)
+        for (int i = 0; i < kBlocksEach && !stop.load(); ++i) {
+          const uint64_t block = uint64_t(w) * kBlocksEach + i;
+          std::fill(buf.begin(), buf.end(), 0);
+          std::memcpy(buf.data(), &gen, sizeof gen);
+          REQUIRE_OK(disk->write(buf.data(), buf.size(), block * 4096, false));
+          acked[w][i].store(gen);
+        }
+    });
+  for (int s = 0; s < 5; ++s) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    std::vector<uint32_t> before(kWriters * kBlocksEach);
+    for (int w = 0; w < kWriters; ++w)
+      for (int i = 0; i < kBlocksEach; ++i) before[w * kBlocksEach + i] = acked[w][i].load();
+    MUST(disk->snapshot("s" + std::to_string(s)));
+    std::vector<uint32_t> after(kWriters * kBlocksEach);
+    for (int w = 0; w < kWriters; ++w)
+      for (int i = 0; i < kBlocksEach; ++i) after[w * kBlocksEach + i] = acked[w][i].load();
+    auto snap = MUST(Disk::open(pool, "c@s" + std::to_string(s), false));
+    for (size_t b = 0; b < before.size(); ++b) {
+      uint32_t got = 0;
+      REQUIRE_OK(snap->read(&got, sizeof got, b * 4096));
+      INFO("snapshot " << s << " block " << b);
+      // Every write acknowledged before the snapshot began is in it; one in flight may land
+      // on either side, so the value lies between the two observations (+1 for in flight).
+      CHECK(got >= before[b]);
+      CHECK(got <= after[b] + 1);
+    }
+  }
+  stop = true;
+  for (auto& t : writers) t.join();
+  REQUIRE_OK(disk->flush());
+  disk.reset();
+  require_fsck_clean(pool);
+}
+
+TEST_CASE("live rollback and commit switch the open disk without reopening", "[snapshots][live]") {
+  DiskFixture d(kImage, kDisk);
+  Pool& pool = *d.f.pool;
+  auto disk = d.open();
+  do_write(*disk, d.model, 4096, pattern(4096 * 3, 1));
+  MUST(disk->snapshot("a"));
+  const auto at_a = d.model.bytes;
+  do_write(*disk, d.model, 4096 * 2, pattern(4096 * 3, 2));
+  const auto at_head = d.model.bytes;
+  MUST(disk->rollback("a", std::string("head")));
+  require_same(read_all(*disk), at_a);
+  d.model.bytes = at_a;
+  do_write(*disk, d.model, 0, pattern(100, 3));
+  MUST(disk->rollback("head", std::nullopt));
+  require_same(read_all(*disk), at_head);
+  d.model.bytes = at_head;
+  MUST(disk->commit("base:2", ""));
+  do_write(*disk, d.model, 4096 * 9, pattern(4096, 4));
+  REQUIRE_OK(disk->flush());
+  check_disk(*disk, d.model);
+  disk.reset();
+  check_disk(*d.open(), d.model);
+  require_same(read_export(pool, "c@a"), at_a);
+  require_fsck_clean(pool);
+}
+
+TEST_CASE("a seeded random sequence of snapshot operations matches the model", "[snapshots]") {
+  const uint64_t seed = Catch::rngSeed();
+  INFO("seed " << seed << " (replay: --rng-seed " << seed << ")");
+  std::mt19937_64 rng(seed);
+  DiskFixture d(kImage, kImage);
+  Pool& pool = *d.f.pool;
+  std::map<std::string, std::vector<uint8_t>> containers{{"c", d.model.bytes}};
+  std::map<std::string, std::vector<uint8_t>> snaps;  // "c@s"
+  std::map<std::string, std::shared_ptr<Disk>> open;
+  int next = 0;
+  auto pick = [&](auto& m) {
+    auto it = m.begin();
+    std::advance(it, rng() % m.size());
+    return it->first;
+  };
+  auto disk_of = [&](const std::string& c) {
+    auto& slot = open[c];
+    if (!slot) slot = MUST(Disk::open(pool, c, true));
+    return slot;
+  };
+  for (int step = 0; step < 300; ++step) {
+    const std::string c = pick(containers);
+    auto& bytes = containers[c];
+    const int op = static_cast<int>(rng() % 100);
+    INFO("step " << step << " op " << op << " container " << c);
+    if (getenv("SNAPDEBUG")) fprintf(stderr, "step %d op %d c %s\n", step, op, c.c_str());
+    if (op < 40) {
+      const uint64_t off = rng() % (kImage - 1);
+      const uint64_t len = 1 + rng() % std::min<uint64_t>(3 * 4096, kImage - off);
+      auto data = pattern(len, rng());
+      REQUIRE_OK(disk_of(c)->write(data.data(), len, off, false));
+      std::copy(data.begin(), data.end(), bytes.begin() + static_cast<long>(off));
+    } else if (op < 50) {
+      const uint64_t off = rng() % (kImage - 1);
+      const uint64_t len = 1 + rng() % std::min<uint64_t>(5 * 4096, kImage - off);
+      REQUIRE_OK(disk_of(c)->zero(len, off, false, false));
+      std::fill(bytes.begin() + static_cast<long>(off), bytes.begin() + static_cast<long>(off + len), 0);
+    } else if (op < 58) {
+      REQUIRE_OK(disk_of(c)->flush());
+    } else if (op < 68) {
+      const std::string s = "s" + std::to_string(next++);
+      if (rng() % 2) {
+        MUST(disk_of(c)->snapshot(s));  // live
+      } else {
+        if (auto it = open.find(c); it != open.end()) {
+          REQUIRE_OK(it->second->flush());
+          open.erase(it);
+        }
+        MUST(snapshot_container(pool, c, s));  // offline
+      }
+      snaps[c + "@" + s] = bytes;
+    } else if (op < 76) {
+      std::vector<std::string> mine;
+      for (const auto& [k, _] : snaps)
+        if (k.substr(0, k.find('@')) == c) mine.push_back(k);
+      if (mine.empty()) continue;
+      const std::string ref = mine[rng() % mine.size()];
+      const std::string s = ref.substr(ref.find('@') + 1);
+      std::optional<std::string> keep;
+      if (rng() % 3 == 0) {
+        keep = "k" + std::to_string(next++);
+        REQUIRE_OK(disk_of(c)->flush());
+        snaps[c + "@" + *keep] = bytes;
+      }
+      if (getenv("SNAPDEBUG"))
+        fprintf(stderr, "  rollback to %s keep %s\n", ref.c_str(), keep ? keep->c_str() : "-");
+      MUST(disk_of(c)->rollback(s, keep));
+      bytes = snaps[ref];
+    } else if (op < 84) {
+      if (snaps.empty()) continue;
+      const std::string ref = pick(snaps);
+      const auto at = ref.find('@');
+      // Close the disks (flushed: a Disk closed unflushed may lose writes, as after a crash)
+      // so that merges are not blocked by their locks, half the time.
+      if (rng() % 2) {
+        for (auto& [name, disk] : open) REQUIRE_OK(disk->flush());
+        open.clear();
+      }
+      auto rr = MUST(remove_snapshot(pool, ref.substr(0, at), ref.substr(at + 1)));
+      if (getenv("SNAPDEBUG"))
+        fprintf(stderr, "  rm %s fate %d layer %lu merged %lu why %s\n", ref.c_str(), int(rr.fate),
+                rr.layer, rr.merged_into, rr.why.c_str());
+      snaps.erase(ref);
+    } else if (op < 90) {
+      if (snaps.empty() || containers.size() > 5) continue;
+      const std::string ref = pick(snaps);
+      const std::string name = "n" + std::to_string(next++);
+      MUST(pool.clone(ref, name, std::nullopt));
+      containers[name] = snaps[ref];
+    } else if (op < 94) {
+      const std::string ref = "img:" + std::to_string(next++);
+      MUST(disk_of(c)->commit(ref, ""));
+    } else if (op < 97) {
+      for (auto& [name, disk] : open) REQUIRE_OK(disk->flush());
+      open.clear();
+      MUST(gc(pool));
+    } else {
+      // Check everything.
+      for (const auto& [name, want] : containers) require_same(read_all(*disk_of(name)), want);
+      for (const auto& [ref, want] : snaps) require_same(read_export(pool, ref), want);
+    }
+  }
+  for (const auto& [name, want] : containers) require_same(read_all(*disk_of(name)), want);
+  for (const auto& [ref, want] : snaps) require_same(read_export(pool, ref), want);
+  for (auto& [name, disk] : open) REQUIRE_OK(disk->flush());
+  open.clear();
+  MUST(gc(pool));
+  for (const auto& [ref, want] : snaps) require_same(read_export(pool, ref), want);
+  require_fsck_clean(pool);
+}
