@@ -12,4 +12,19 @@ Error sys_error(int code, std::string_view what) {
   return Error{code, fmt::format("{}: {}", what, text)};
 }
 
+std::string errno_name(int code) {
+  if (code == ENOTSUP) return "ENOTSUP";  // glibc names the shared value EOPNOTSUPP
+  const char* name = ::strerrorname_np(code);
+  return name != nullptr ? name : fmt::format("errno {}", code);
+}
+
+int errno_code(std::string_view name) {
+  if (name == "ENOTSUP") return ENOTSUP;
+  for (int code = 1; code < 256; ++code) {
+    const char* known = ::strerrorname_np(code);
+    if (known != nullptr && name == known) return code;
+  }
+  return EIO;
+}
+
 }  // namespace layer

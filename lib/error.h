@@ -12,6 +12,7 @@
 
 #include <cerrno>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <utility>
 #include <variant>
@@ -37,6 +38,11 @@ template <typename... Args>
 Error sys_error(int code, fmt::format_string<Args...> format, Args&&... args) {
   return sys_error(code, std::string_view(fmt::format(format, std::forward<Args>(args)...)));
 }
+
+// The symbolic name of an errno value ("EBUSY"; "ENOTSUP" for ENOTSUP), or "errno N".
+std::string errno_name(int code);
+// The errno value errno_name gives `name` for; EIO for a name it does not know.
+int errno_code(std::string_view name);
 
 template <typename T>
 class [[nodiscard]] Result {

@@ -36,6 +36,7 @@
 
 namespace {
 
+using layer::errno_name;
 using layer::Error;
 using layer::Result;
 using layer::Status;
@@ -78,12 +79,6 @@ int exit_code_for(int code) {
   return std::find(std::begin(kUserErrors), std::end(kUserErrors), code) != std::end(kUserErrors)
              ? kExitUser
              : kExitInternal;
-}
-
-std::string errno_name(int code) {
-  if (code == ENOTSUP) return "ENOTSUP";  // glibc names the shared value EOPNOTSUPP
-  const char* name = strerrorname_np(code);
-  return name != nullptr ? name : fmt::format("errno {}", code);
 }
 
 // Paths and descriptions may hold bytes that are not UTF-8; never let that fail the output.
