@@ -97,8 +97,14 @@ Result<std::shared_ptr<Disk>> Disk::open_snapshot(Pool& pool, const std::string&
   LAYER_ASSIGN(auto rec, decode_snapshot(*row, key));
   LAYER_ASSIGN(disk->chain_, pool.chain_of(txn, rec.layer));
   // No delta: an all-absent map over the snapshot's chain.
-  disk->delta_layer_ = LayerRecord{0, rec.layer, Tier::kSsd, disk->container_.size_bytes,
-                                   disk->container_.block_size, LayerState::kWritable, 0, 0};
+  disk->delta_layer_ = LayerRecord{0,
+                                   rec.layer,
+                                   Tier::kSsd,
+                                   disk->container_.size_bytes,
+                                   disk->container_.block_size,
+                                   LayerState::kWritable,
+                                   0,
+                                   0};
   // Its layers are locked shared (a merge leaves them alone), the container not at all: the
   // live container may be served read-write beside it.
   LAYER_TRY(disk->lock_chain());
@@ -704,9 +710,8 @@ Result<ContainerState> Disk::snapshot(const std::string& snap) {
 }
 
 Result<ContainerState> Disk::commit(const std::string& image_ref, const std::string& description) {
-  return change([&] {
-    return commit_container(pool_, name_, image_ref, description, delta_layer_.id);
-  });
+  return change(
+      [&] { return commit_container(pool_, name_, image_ref, description, delta_layer_.id); });
 }
 
 Result<ContainerState> Disk::rollback(const std::string& snap,
@@ -717,7 +722,8 @@ Result<ContainerState> Disk::rollback(const std::string& snap,
                }));
   // The old delta's rows and file go now that no view will write it (a read still in flight
   // keeps its file open).
-  LAYER_TRY(pool_.finish_drops_after_removal(drops, fmt::format("the rolled-back delta of container \"{}\"", name_)));
+  LAYER_TRY(pool_.finish_drops_after_removal(
+      drops, fmt::format("the rolled-back delta of container \"{}\"", name_)));
   return state;
 }
 

@@ -92,7 +92,8 @@ class Disk {
   Result<ContainerState> snapshot(const std::string& snap);
   Result<ContainerState> commit(const std::string& image_ref, const std::string& description);
   // The old delta's file is removed after the switch (unless keep_as keeps it as a snapshot).
-  Result<ContainerState> rollback(const std::string& snap, const std::optional<std::string>& keep_as);
+  Result<ContainerState> rollback(const std::string& snap,
+                                  const std::optional<std::string>& keep_as);
 
   // Test seam: hook(point) runs at named points of the I/O paths ("write.stripes_chosen",
   // "write.copy_up_read", "flush.wait", "flush.rows_taken"), on the thread that reaches them.

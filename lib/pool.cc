@@ -608,12 +608,11 @@ Result<ContainerInfo> Pool::clone(const std::string& source, const std::string& 
     LAYER_ASSIGN(LayerId delta_id, txn.next_id("layer"));
     LAYER_ASSIGN(uint64_t container_id, txn.next_id("container"));
     // The delta's file is created on its first write: a clone is this transaction only.
-    LayerRecord delta{delta_id, base.id,    Tier::kSsd,
-                      size,     block_size, LayerState::kWritable,
+    LayerRecord delta{delta_id, base.id,   Tier::kSsd, size, block_size, LayerState::kWritable,
                       1,        now_unix()};
     LAYER_TRY(txn.put(Db::kLayers, key_u64(delta_id), encode(delta)));
-    rec = ContainerRecord{name, container_id, image_ref, delta_id, size, block_size, now_unix(), 1,
-                          {}};
+    rec = ContainerRecord{name,       container_id, image_ref, delta_id, size,
+                          block_size, now_unix(),   1,         {}};
     return txn.put(Db::kContainers, name, encode(rec));
   }));
   LAYER_ASSIGN(auto txn, index_->begin_read());

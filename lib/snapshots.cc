@@ -42,8 +42,8 @@ Status put_layer(WriteTxn& txn, const LayerRecord& layer) {
 // A new, empty writable delta for container c on `parent` (whose refcount the caller adds).
 Result<LayerRecord> make_delta(WriteTxn& txn, const ContainerRecord& c, LayerId parent, Tier tier) {
   LAYER_ASSIGN(LayerId id, txn.next_id("layer"));
-  LayerRecord delta{id,           parent, tier, c.size_bytes, c.block_size, LayerState::kWritable,
-                    1,            now_unix()};
+  LayerRecord delta{id, parent,    tier, c.size_bytes, c.block_size, LayerState::kWritable,
+                    1,  now_unix()};
   LAYER_TRY(put_layer(txn, delta));
   return delta;
 }
@@ -97,20 +97,23 @@ Result<LayerGraph> load_graph(ReadTxn& txn) {
 // A layer's map rows, by chunk.
 Result<std::map<uint32_t, ChunkBits>> load_rows(ReadTxn& txn, LayerId id) {
   std::map<uint32_t, ChunkBits> rows;
-  LAYER_TRY(txn.scan(Db::kMaps, key_u64(id), [&](std::string_view k, std::string_view v) -> Result<bool> {
-    auto key = decode_key_u64_u32(k);
-    if (!key) return make_error(EIO, "layer {}: map key of {} bytes", id, k.size());
-    auto bits = decode_chunk(v);
-    if (!bits) return make_error(EIO, "layer {} chunk {}: {}", id, key->second, bits.error().message);
-    rows.emplace(key->second, *bits);
-    return true;
-  }));
+  LAYER_TRY(
+      txn.scan(Db::kMaps, key_u64(id), [&](std::string_view k, std::string_view v) -> Result<bool> {
+        auto key = decode_key_u64_u32(k);
+        if (!key) return make_error(EIO, "layer {}: map key of {} bytes", id, k.size());
+        auto bits = decode_chunk(v);
+        if (!bits)
+          return make_error(EIO, "layer {} chunk {}: {}", id, key->second, bits.error().message);
+        rows.emplace(key->second, *bits);
+        return true;
+      }));
   return rows;
 }
 
 }  // namespace
 
-Result<std::optional<std::pair<std::string, std::string>>> parse_snapshot_ref(std::string_view ref) {
+Result<std::optional<std::pair<std::string, std::string>>> parse_snapshot_ref(
+    std::string_view ref) {
   const auto at = ref.find('@');
   if (at == std::string_view::npos) return std::optional<std::pair<std::string, std::string>>{};
   const std::string_view c = ref.substr(0, at), s = ref.substr(at + 1);
@@ -253,11 +256,12 @@ Result<SnapshotTree> list_snapshots(Pool& pool, std::string_view container) {
     }
     return true;
   }));
-  LAYER_TRY(txn.scan(Db::kSnapshots, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
-    LAYER_ASSIGN(auto rec, decode_snapshot(v, k));
-    other_names.insert(rec.layer);
-    return true;
-  }));
+  LAYER_TRY(
+      txn.scan(Db::kSnapshots, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
+        LAYER_ASSIGN(auto rec, decode_snapshot(v, k));
+        other_names.insert(rec.layer);
+        return true;
+      }));
   std::set<LayerId> seen;
   std::vector<LayerId> starts{delta.parent};
   for (const auto& s : tree.snapshots) starts.push_back(s.layer.parent);
@@ -265,7 +269,8 @@ Result<SnapshotTree> list_snapshots(Pool& pool, std::string_view container) {
   for (LayerId id : starts) {
     while (id != 0 && !image_layers.count(id) && seen.insert(id).second) {
       auto it = graph.layers.find(id);
-      if (it == graph.layers.end()) return make_error(EIO, "layer {} is missing from the index", id);
+      if (it == graph.layers.end())
+        return make_error(EIO, "layer {} is missing from the index", id);
       const LayerRecord& l = it->second;
       if (!other_names.count(id)) {
         HiddenLayer h{l, 0, {}};
@@ -277,7 +282,8 @@ Result<SnapshotTree> list_snapshots(Pool& pool, std::string_view container) {
         else if (kids.size() == 1 && graph.layers[kids[0]].state == LayerState::kWritable)
           h.why = "the live delta sits on it; `layer gc` merges it after the next snapshot";
         else
-          h.why = "waiting to be merged with its child (`layer gc` merges it when no server reads it)";
+          h.why =
+              "waiting to be merged with its child (`layer gc` merges it when no server reads it)";
         tree.hidden.push_back(std::move(h));
       }
       id = l.parent;
@@ -337,7 +343,8 @@ Status copy_runs(const std::vector<uint8_t>& source, uint64_t chunk, uint32_t bl
       if (from >= size_bytes) break;
       const uint64_t len = std::min<uint64_t>(uint64_t{n} * block_size, size_bytes - from);
       LayerFile* in = src == kFromChild ? child : parent;
-      if (!in) return make_error(EIO, "merge: a layer file holding block {} is missing", first_block + i);
+      if (!in)
+        return make_error(EIO, "merge: a layer file holding block {} is missing", first_block + i);
       LAYER_TRY(in->read(buf.data(), len, from));
       LAYER_TRY(out.write(buf.data(), len, from));
     }
@@ -379,9 +386,9 @@ Result<LayerId> merge_layer(Pool& pool, LayerId layer_id, std::string* why) {
   }
   // A server reading either layer holds it shared.
   auto lock_l = pool.locks().try_lock(LockKind::kLayer, l.id, true, fmt::format("layer {}", l.id));
-  auto lock_k = lock_l ? pool.locks().try_lock(LockKind::kLayer, k.id, true,
-                                               fmt::format("layer {}", k.id))
-                       : Result<Lock>(lock_l.error());
+  auto lock_k =
+      lock_l ? pool.locks().try_lock(LockKind::kLayer, k.id, true, fmt::format("layer {}", k.id))
+             : Result<Lock>(lock_l.error());
   if (!lock_l || !lock_k) {
     const Error& e = !lock_l ? lock_l.error() : lock_k.error();
     if (e.code != EBUSY) return e;
@@ -466,7 +473,8 @@ Result<LayerId> merge_layer(Pool& pool, LayerId layer_id, std::string* why) {
         const size_t end = std::min(out_rows.size(), i + kMaxRowsPerTxn);
         LAYER_TRY(pool.committer().run([&](WriteTxn& wtxn) -> Status {
           for (size_t j = i; j < end; ++j)
-            LAYER_TRY(wtxn.put(Db::kMaps, key_u64_u32(merged, out_rows[j].first), out_rows[j].second));
+            LAYER_TRY(
+                wtxn.put(Db::kMaps, key_u64_u32(merged, out_rows[j].first), out_rows[j].second));
           return {};
         }));
       }
@@ -483,37 +491,40 @@ Result<LayerId> merge_layer(Pool& pool, LayerId layer_id, std::string* why) {
     LAYER_ASSIGN(auto cur_k, pool.get_layer(txn, k.id));
     if (cur_l.refcount != 1 || cur_k.parent != l.id)
       return make_error(EBUSY, "layers {} and {} changed while merging", l.id, k.id);
-    LayerRecord m{merged,          cur_l.parent,       Tier::kSsd,
+    LayerRecord m{merged,           cur_l.parent,     Tier::kSsd,
                   cur_k.size_bytes, cur_k.block_size, LayerState::kFrozenUnhashed,
-                  cur_k.refcount,  now_unix()};
+                  cur_k.refcount,   now_unix()};
     std::vector<LayerRecord> children;
-    LAYER_TRY(txn.scan(Db::kLayers, "", [&](std::string_view kk, std::string_view v) -> Result<bool> {
-      auto id = decode_key_u64(kk);
-      if (!id) return make_error(EIO, "layers: key of {} bytes", kk.size());
-      LAYER_ASSIGN(auto rec, decode_layer(v, *id));
-      if (rec.parent == k.id) children.push_back(rec);
-      return true;
-    }));
+    LAYER_TRY(
+        txn.scan(Db::kLayers, "", [&](std::string_view kk, std::string_view v) -> Result<bool> {
+          auto id = decode_key_u64(kk);
+          if (!id) return make_error(EIO, "layers: key of {} bytes", kk.size());
+          LAYER_ASSIGN(auto rec, decode_layer(v, *id));
+          if (rec.parent == k.id) children.push_back(rec);
+          return true;
+        }));
     for (auto& child : children) {
       child.parent = merged;
       LAYER_TRY(put_layer(txn, child));
     }
     std::vector<std::pair<std::string, SnapshotRecord>> snaps;
-    LAYER_TRY(txn.scan(Db::kSnapshots, "", [&](std::string_view kk, std::string_view v) -> Result<bool> {
-      LAYER_ASSIGN(auto rec, decode_snapshot(v, kk));
-      if (rec.layer == k.id) snaps.emplace_back(std::string(kk), rec);
-      return true;
-    }));
+    LAYER_TRY(
+        txn.scan(Db::kSnapshots, "", [&](std::string_view kk, std::string_view v) -> Result<bool> {
+          LAYER_ASSIGN(auto rec, decode_snapshot(v, kk));
+          if (rec.layer == k.id) snaps.emplace_back(std::string(kk), rec);
+          return true;
+        }));
     for (auto& [key, rec] : snaps) {
       rec.layer = merged;
       LAYER_TRY(txn.put(Db::kSnapshots, key, encode(rec)));
     }
     std::vector<ImageRecord> images;
-    LAYER_TRY(txn.scan(Db::kImages, "", [&](std::string_view kk, std::string_view v) -> Result<bool> {
-      LAYER_ASSIGN(auto rec, decode_image(v, kk));
-      if (rec.top_layer == k.id) images.push_back(rec);
-      return true;
-    }));
+    LAYER_TRY(
+        txn.scan(Db::kImages, "", [&](std::string_view kk, std::string_view v) -> Result<bool> {
+          LAYER_ASSIGN(auto rec, decode_image(v, kk));
+          if (rec.top_layer == k.id) images.push_back(rec);
+          return true;
+        }));
     for (auto& image : images) {
       image.top_layer = merged;
       LAYER_TRY(txn.put(Db::kImages, image.ref, encode(image)));
@@ -525,7 +536,8 @@ Result<LayerId> merge_layer(Pool& pool, LayerId layer_id, std::string* why) {
   });
   if (!switched) return rollback(switched.error());
   pool.test_point("merge.switched");
-  LAYER_TRY(pool.finish_drops_after_removal(drops, fmt::format("merged layers {} and {}", l.id, k.id)));
+  LAYER_TRY(
+      pool.finish_drops_after_removal(drops, fmt::format("merged layers {} and {}", l.id, k.id)));
   return merged;
 }
 
@@ -539,7 +551,8 @@ Result<GcReport> gc(Pool& pool) {
       LAYER_ASSIGN(auto txn, pool.index().begin_read());
       LAYER_ASSIGN(auto graph, load_graph(txn));
       for (const auto& [id, rec] : graph.layers)
-        if (rec.state != LayerState::kWritable && rec.refcount == 1 && graph.children[id].size() == 1)
+        if (rec.state != LayerState::kWritable && rec.refcount == 1 &&
+            graph.children[id].size() == 1)
           candidates.push_back(id);
     }
     report.kept.clear();
@@ -547,7 +560,8 @@ Result<GcReport> gc(Pool& pool) {
       std::string why;
       LAYER_ASSIGN(LayerId merged, merge_layer(pool, id, &why));
       if (merged) {
-        report.done.push_back(fmt::format("layer {}: merged with its child into layer {}", id, merged));
+        report.done.push_back(
+            fmt::format("layer {}: merged with its child into layer {}", id, merged));
         progress = true;
       } else if (!why.starts_with("the live delta")) {
         report.kept.push_back(fmt::format("layer {}: kept ({})", id, why));
@@ -661,11 +675,12 @@ Result<std::vector<ImageRecord>> image_history(Pool& pool, std::string_view imag
   if (!v) return make_error(ENOENT, "image {} not found in pool {}", image_ref, pool.paths().root);
   LAYER_ASSIGN(auto image, decode_image(*v, image_ref));
   std::multimap<LayerId, ImageRecord> by_top;
-  LAYER_TRY(txn.scan(Db::kImages, "", [&](std::string_view k, std::string_view val) -> Result<bool> {
-    LAYER_ASSIGN(auto rec, decode_image(val, k));
-    by_top.emplace(rec.top_layer, rec);
-    return true;
-  }));
+  LAYER_TRY(
+      txn.scan(Db::kImages, "", [&](std::string_view k, std::string_view val) -> Result<bool> {
+        LAYER_ASSIGN(auto rec, decode_image(val, k));
+        by_top.emplace(rec.top_layer, rec);
+        return true;
+      }));
   std::vector<ImageRecord> out;
   LAYER_ASSIGN(auto chain, pool.chain_of(txn, image.top_layer));
   for (const auto& l : chain) {

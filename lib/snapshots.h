@@ -62,8 +62,7 @@ Result<ContainerState> commit_container(Pool& pool, std::string_view container,
 Result<ContainerState> rollback_container(Pool& pool, std::string_view container,
                                           std::string_view snap,
                                           const std::optional<std::string>& keep_as,
-                                          std::vector<uint64_t>* drops,
-                                          LayerId expected_delta = 0);
+                                          std::vector<uint64_t>* drops, LayerId expected_delta = 0);
 
 struct SnapshotInfo {
   SnapshotRecord snapshot;

@@ -12,13 +12,17 @@
 #define NBDKIT_API_VERSION 2
 #include <nbdkit-plugin.h>
 
+#include <unistd.h>
+
 #include <cerrno>
+#include <cinttypes>
 #include <cstring>
 #include <exception>
 #include <memory>
 #include <new>
 #include <string>
 
+#include "control.h"
 #include "disk.h"
 #include "pool.h"
 #include "snapshots.h"
@@ -32,6 +36,7 @@ std::string g_pool_path;     // set by config
 std::string g_default_name;  // default=NAME
 layer::Pool* g_pool = nullptr;
 layer::DiskTable* g_disks = nullptr;
+layer::ControlServer* g_control = nullptr;
 
 constexpr uint32_t kMaxRequestBytes = 32 << 20;
 
@@ -126,18 +131,80 @@ int layer_get_ready() {
   return guarded("get_ready", [] { return check(layer::Pool::validate(g_pool_path)); });
 }
 
+// A live change asked for on the control socket (DESIGN.md "Locking"): the container is
+// acquired as a connection would (opening it if no client has), changed through its Disk with
+// the write gate closed, and released. Requests: {"op": "snapshot"|"rollback"|"commit",
+// "container": C, "name": SNAP, "keep_as": NAME, "image": REF, "description": TEXT}.
+nlohmann::json handle_control(const nlohmann::json& request) {
+  using nlohmann::json;
+  auto error = [](int code, std::string message) {
+    return layer::control_error(layer::Error{code, std::move(message)});
+  };
+  if (!request.is_object() || !request.contains("op") || !request["op"].is_string() ||
+      !request.contains("container") || !request["container"].is_string())
+    return error(EINVAL, "a control request needs \"op\" and \"container\" strings");
+  const std::string op = request["op"];
+  const std::string container = request["container"];
+  auto str = [&](const char* key) {
+    auto it = request.find(key);
+    return it != request.end() && it->is_string() ? it->get<std::string>() : std::string();
+  };
+  if (auto s = layer::validate_name(container, "container name"); !s)
+    return layer::control_error(s.error());
+  if (op != "snapshot" && op != "rollback" && op != "commit")
+    return error(EINVAL, "unknown control operation \"" + op + "\"");
+  auto disk = g_disks->acquire(container, true);
+  if (!disk) return layer::control_error(disk.error());
+  layer::Result<layer::ContainerState> state = layer::Error{EINVAL, ""};
+  if (op == "snapshot") {
+    state = (*disk)->snapshot(str("name"));
+  } else if (op == "commit") {
+    state = (*disk)->commit(str("image"), str("description"));
+  } else {
+    std::optional<std::string> keep;
+    if (!str("keep_as").empty()) keep = str("keep_as");
+    state = (*disk)->rollback(str("name"), keep);
+  }
+  auto released = g_disks->release(std::move(*disk));
+  if (!state) {
+    nbdkit_error("%s of %s: %s", op.c_str(), container.c_str(), state.error().message.c_str());
+    return layer::control_error(state.error());
+  }
+  nbdkit_debug("%s of container %s: now delta layer %" PRIu64, op.c_str(), container.c_str(),
+               state->delta.id);
+  if (!released) nbdkit_error("flush after %s: %s", op.c_str(), released.error().message.c_str());
+  return json{{"ok", true},
+              {"container", container},
+              {"base_layer", state->chain.empty() ? 0 : state->chain.front().id},
+              {"delta_layer", state->delta.id},
+              {"generation", state->container.generation}};
+}
+
 int layer_after_fork() {
   return guarded("after_fork", [] {
     auto pool = layer::Pool::open(g_pool_path, layer::Pool::OpenOptions{});
     if (!pool) return fail(pool.error());
     g_pool = pool->release();
     g_disks = new layer::DiskTable(*g_pool);
+    auto control = layer::ControlServer::start(
+        layer::control_socket_path(g_pool->paths().run_dir, ::getpid()), [](const auto& request) {
+          try {
+            return handle_control(request);
+          } catch (const std::exception& e) {
+            return layer::control_error(layer::Error{EIO, e.what()});
+          }
+        });
+    if (!control) return fail(control.error());
+    g_control = control->release();
     return 0;
   });
 }
 
 void layer_cleanup() {
   guarded("cleanup", [] {
+    // First: no live change may start on a disk that is going away.
+    delete g_control;
+    g_control = nullptr;
     if (g_disks) {
       auto s = g_disks->flush_all();
       if (!s) nbdkit_error("flush at shutdown: %s", s.error().message.c_str());
@@ -232,8 +299,8 @@ void layer_close(void* h) {
 const char* layer_export_description(void* h) {
   return guarded("export_description", [&]() -> const char* {
     const auto& d = disk_of(h);
-    return nbdkit_printf_intern(d.is_snapshot() ? "layer snapshot %s (read-only)" : "layer container %s",
-                                d.name().c_str());
+    return nbdkit_printf_intern(
+        d.is_snapshot() ? "layer snapshot %s (read-only)" : "layer container %s", d.name().c_str());
   });
 }
 

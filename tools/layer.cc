@@ -16,21 +16,21 @@
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
-#include <functional>
 #include <filesystem>
+#include <functional>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "control.h"
 #include "error.h"
 #include "index.h"
+#include "locks.h"
 #include "output.h"
 #include "pool.h"
 #include "records.h"
-#include "control.h"
-#include "locks.h"
 #include "snapshots.h"
 #include "version.h"
 
@@ -38,9 +38,9 @@ namespace {
 
 using layer::errno_name;
 using layer::Error;
+using layer::LayerId;
 using layer::Result;
 using layer::Status;
-using layer::LayerId;
 // ordered_json keeps the fields in the order of docs/cli-spec.md.
 using json = nlohmann::ordered_json;
 using namespace layer_cli;
@@ -424,13 +424,17 @@ int cmd_snapshot_rm(const Globals& g, const SnapshotArgs& a) {
   const auto r = take(layer::remove_snapshot(*pool, a.container, a.name));
   const char* fate = r.fate == layer::RemovedSnapshot::Fate::kDropped  ? "dropped"
                      : r.fate == layer::RemovedSnapshot::Fate::kMerged ? "merged"
-                                                                        : "hidden";
-  json j = {{"ok", true}, {"container", a.container}, {"snapshot", a.name},
-            {"layer", r.layer}, {"layer_fate", fate}};
+                                                                       : "hidden";
+  json j = {{"ok", true},
+            {"container", a.container},
+            {"snapshot", a.name},
+            {"layer", r.layer},
+            {"layer_fate", fate}};
   if (r.merged_into) j["merged_into"] = r.merged_into;
   if (!r.why.empty()) j["why"] = r.why;
   std::string text = fmt::format("removed snapshot {}@{}", a.container, a.name);
-  if (r.fate == layer::RemovedSnapshot::Fate::kDropped) text += fmt::format("; layer {} freed", r.layer);
+  if (r.fate == layer::RemovedSnapshot::Fate::kDropped)
+    text += fmt::format("; layer {} freed", r.layer);
   if (r.fate == layer::RemovedSnapshot::Fate::kMerged)
     text += fmt::format("; layer {} merged with its child into layer {}", r.layer, r.merged_into);
   if (r.fate == layer::RemovedSnapshot::Fate::kHidden)
@@ -466,8 +470,11 @@ int cmd_rollback(const Globals& g, const RollbackArgs& a) {
             drops, fmt::format("the rolled-back delta of container \"{}\"", a.container)));
         return st;
       });
-  json j = {{"ok", true},         {"container", a.container}, {"snapshot", a.snapshot},
-            {"delta_layer", c.delta}, {"live", c.live}};
+  json j = {{"ok", true},
+            {"container", a.container},
+            {"snapshot", a.snapshot},
+            {"delta_layer", c.delta},
+            {"live", c.live}};
   if (keep) j["kept_as"] = *keep;
   print_result(g, j,
                fmt::format("rolled {} back to {}{}{}", a.container, a.snapshot,
@@ -486,7 +493,10 @@ int cmd_commit(const Globals& g, const CommitArgs& a) {
   auto pool = open_pool(g, true);
   const Changed c = change_container(
       *pool, a.container,
-      {{"op", "commit"}, {"container", a.container}, {"image", a.image}, {"description", a.description}},
+      {{"op", "commit"},
+       {"container", a.container},
+       {"image", a.image},
+       {"description", a.description}},
       true, "",
       [&] { return take(layer::commit_container(*pool, a.container, a.image, a.description)); });
   print_result(g,
@@ -772,12 +782,14 @@ int run(int argc, char** argv) {
   auto* rollback_cmd = app.add_subcommand("rollback", "make a container's content a snapshot's");
   rollback_cmd->add_option("CONTAINER", rollback.container, "container")->type_name("")->required();
   rollback_cmd->add_option("SNAPSHOT", rollback.snapshot, "snapshot")->type_name("")->required();
-  rollback_cmd->add_option("--keep-as", rollback.keep_as, "save the current state as snapshot NAME first")
+  rollback_cmd
+      ->add_option("--keep-as", rollback.keep_as, "save the current state as snapshot NAME first")
       ->type_name("NAME");
   rollback_cmd->add_flag("--force", rollback.force, "roll back a container a server is serving");
 
   CommitArgs commit;
-  auto* commit_cmd = app.add_subcommand("commit", "publish a container's state as an image version");
+  auto* commit_cmd =
+      app.add_subcommand("commit", "publish a container's state as an image version");
   commit_cmd->add_option("CONTAINER", commit.container, "container")->type_name("")->required();
   commit_cmd->add_option("IMAGE", commit.image, "new image")->type_name("NAME:VER")->required();
   commit_cmd->add_option("--description", commit.description, "free text")->type_name("TEXT");

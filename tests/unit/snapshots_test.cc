@@ -420,7 +420,8 @@ TEST_CASE("a seeded random sequence of snapshot operations matches the model", "
       const uint64_t off = rng() % (kImage - 1);
       const uint64_t len = 1 + rng() % std::min<uint64_t>(5 * 4096, kImage - off);
       REQUIRE_OK(disk_of(c)->zero(len, off, false, false));
-      std::fill(bytes.begin() + static_cast<long>(off), bytes.begin() + static_cast<long>(off + len), 0);
+      std::fill(bytes.begin() + static_cast<long>(off),
+                bytes.begin() + static_cast<long>(off + len), 0);
     } else if (op < 58) {
       REQUIRE_OK(disk_of(c)->flush());
     } else if (op < 68) {
