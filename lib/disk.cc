@@ -271,7 +271,7 @@ void Disk::adopt_delta_file(View& v, std::shared_ptr<LayerFile> file) {
 
 Result<Disk::Mutation> Disk::begin_mutation() {
   // Gate first: the view cannot be replaced while any mutation holds it.
-  std::shared_lock<std::shared_mutex> gate(gate_);
+  std::shared_lock<WriteGate> gate(gate_);
   LAYER_ASSIGN(auto view, loaded_view());
   return Mutation{std::move(gate), std::move(view)};
 }
@@ -649,7 +649,7 @@ Status Disk::flush_round(View& v) {
 Status Disk::quiesce(const std::function<Status()>& fn) {
   // Flush without pausing first, so little is left to flush with the gate closed.
   LAYER_TRY(flush());
-  std::unique_lock<std::shared_mutex> closed(gate_);
+  std::unique_lock<WriteGate> closed(gate_);
   LAYER_TRY(flush());
   return fn();
 }
@@ -661,6 +661,7 @@ Result<ContainerState> Disk::change(const std::function<Result<ContainerState>()
   ContainerState state;
   LAYER_TRY(quiesce([&]() -> Status {
     LAYER_ASSIGN(state, op());
+    pool_.test_point("change.committed");
     // Committed: from here the disk serves the new state or nothing.
     auto s = adopt(state);
     if (!s) broken_.store(kStale, std::memory_order_release);

@@ -35,6 +35,43 @@
 
 namespace layer {
 
+// The write gate of a Disk: every write, zero and trim holds it shared from its first write to
+// its mark; closing it waits for those in flight and holds off new ones. Closing has priority
+// (glibc's rwlock prefers readers, and a stream of writes would starve a snapshot): once a
+// close is waiting, new shared holders wait behind it.
+// Thread-safety: safe for concurrent use.
+class WriteGate {
+ public:
+  void lock_shared() {
+    std::unique_lock<std::mutex> lk(mu_);
+    cv_.wait(lk, [&] { return closers_ == 0 && !closed_; });
+    ++open_;
+  }
+  void unlock_shared() {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (--open_ == 0 && closers_ > 0) cv_.notify_all();
+  }
+  void lock() {
+    std::unique_lock<std::mutex> lk(mu_);
+    ++closers_;
+    cv_.wait(lk, [&] { return open_ == 0 && !closed_; });
+    --closers_;
+    closed_ = true;
+  }
+  void unlock() {
+    std::lock_guard<std::mutex> lk(mu_);
+    closed_ = false;
+    cv_.notify_all();
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  uint64_t open_ = 0;     // GUARDED_BY(mu_): shared holders
+  unsigned closers_ = 0;  // GUARDED_BY(mu_): closes waiting
+  bool closed_ = false;   // GUARDED_BY(mu_)
+};
+
 class Disk {
  public:
   // Opens container `name`, taking its exclusive lock (writable) or a shared one, and shared
@@ -127,7 +164,7 @@ class Disk {
   // One write, zero or trim: the write gate held shared from its first write to its mark,
   // and the view pinned under it.
   struct Mutation {
-    std::shared_lock<std::shared_mutex> gate;
+    std::shared_lock<WriteGate> gate;
     std::shared_ptr<View> view;
   };
 
@@ -199,7 +236,7 @@ class Disk {
   std::shared_ptr<View> view_;  // GUARDED_BY(view_mu_); null until the first I/O
   // The write gate: every write, zero and trim holds it shared from its first write to its
   // mark, so holding it exclusively means none is in flight and none starts.
-  std::shared_mutex gate_;
+  WriteGate gate_;
 
   // Striped locks: a write, zero or trim touching a block that is not yet data in the delta
   // holds the stripes of its blocks (ascending order), so no copy-up can resurrect lower data

@@ -14,6 +14,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -21,6 +22,7 @@
 #include <algorithm>
 #include <chrono>
 #include <climits>
+#include <cstdlib>
 #include <cstring>
 #include <set>
 
@@ -331,6 +333,7 @@ Result<std::unique_ptr<Pool>> Pool::open(const std::string& root, const OpenOpti
   LAYER_ASSIGN(std::string abs, pool_root(root));
   std::unique_ptr<Pool> pool(new Pool());
   pool->read_only_ = options.read_only;
+  if (const char* fp = std::getenv("LAYER_FAILPOINT")) pool->failpoint_ = fp;
   pool->paths_.root = abs;
   pool->paths_.index_dir = abs + "/index";
   pool->paths_.run_dir = abs + "/run";
@@ -357,6 +360,11 @@ Result<std::unique_ptr<Pool>> Pool::open(const std::string& root, const OpenOpti
 }
 
 Pool::~Pool() = default;
+
+void Pool::test_point(std::string_view point) {
+  if (test_hook_) test_hook_(point);
+  if (!failpoint_.empty() && point == failpoint_) ::kill(::getpid(), SIGKILL);
+}
 
 Status Pool::check_tiers_hold(uint64_t size_bytes) const {
   for (const auto& store : stores_) LAYER_TRY(store->check_can_hold(size_bytes));

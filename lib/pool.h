@@ -120,15 +120,19 @@ class Pool {
   // data regions found, nothing read yet), "import.rows-committed", "fsck.index_scanned"
   // (fsck's index snapshot read, directories not yet listed), "fsck.scanned" (before any
   // repair), "drop.rows" (a removal's container row is gone, its layer rows not yet),
-  // "merge.switched" (a merge's switch committed, the old layers' rows and files not yet gone).
+  // "merge.switched" (a merge's switch committed, the old layers' rows and files not yet gone),
+  // "merge.intent-committed", "merge.built" (the merged layer's rows committed, not switched),
+  // "snapshot.committed", "commit.committed", "rollback.committed" (before the old delta's
+  // rows and file go), "snapshot-rm.committed", "change.committed" (a live change committed,
+  // the disk not yet switched).
   // Unset in production.
   // REQUIRES: set before the operations it observes start.
   using TestHook = std::function<void(std::string_view point)>;
   void set_test_hook(TestHook hook) { test_hook_ = std::move(hook); }
-  // Calls the test hook, if any (lib/ modules mark their points with it).
-  void test_point(std::string_view point) {
-    if (test_hook_) test_hook_(point);
-  }
+  // Calls the test hook, if any (lib/ modules mark their points with it). A process started
+  // with LAYER_FAILPOINT=POINT kills itself (SIGKILL) when it reaches POINT: the crash tests'
+  // way to stop a CLI or a server between two steps of an operation.
+  void test_point(std::string_view point);
 
   // The chain of `top` following parents, top first. Errors: ENOENT/EIO on a missing or cyclic
   // parent (the index is corrupt).
@@ -235,6 +239,7 @@ class Pool {
       frozen_files_;  // GUARDED_BY(frozen_mu_)
   ChainCache chains_;
   TestHook test_hook_;
+  std::string failpoint_;  // LAYER_FAILPOINT at open
 };
 
 uint64_t now_unix();

@@ -145,6 +145,7 @@ Result<ContainerState> snapshot_container(Pool& pool, std::string_view container
     LAYER_ASSIGN(state, switch_delta(pool, txn, c, frozen, frozen.tier));
     return {};
   }));
+  pool.test_point("snapshot.committed");
   return state;
 }
 
@@ -168,6 +169,7 @@ Result<ContainerState> commit_container(Pool& pool, std::string_view container,
     LAYER_ASSIGN(state, switch_delta(pool, txn, c, frozen, frozen.tier));
     return {};
   }));
+  pool.test_point("commit.committed");
   return state;
 }
 
@@ -205,6 +207,7 @@ Result<ContainerState> rollback_container(Pool& pool, std::string_view container
     LAYER_ASSIGN(state, switch_delta(pool, txn, c, base, Tier::kSsd));
     return {};
   }));
+  pool.test_point("rollback.committed");
   return state;
 }
 
@@ -312,6 +315,7 @@ Result<RemovedSnapshot> remove_snapshot(Pool& pool, std::string_view container,
     dropped = !still;
     return {};
   }));
+  pool.test_point("snapshot-rm.committed");
   LAYER_TRY(pool.finish_drops_after_removal(
       drops, fmt::format("snapshot \"{}\" of container \"{}\"", snap, container)));
   if (dropped) {
@@ -408,6 +412,7 @@ Result<LayerId> merge_layer(Pool& pool, LayerId layer_id, std::string* why) {
                         now_unix()};
     return txn.put(Db::kIntents, key_u64(intent_id), encode(intent));
   }));
+  pool.test_point("merge.intent-committed");
   LayerStore& store = pool.store(Tier::kSsd);
   bool created = false;
   auto rollback = [&](Error e) -> Error {
@@ -482,6 +487,7 @@ Result<LayerId> merge_layer(Pool& pool, LayerId layer_id, std::string* why) {
     }();
     if (!built) return rollback(built.error());
   }
+  pool.test_point("merge.built");
 
   // The switch: K's references move to M, L and K retire.
   std::vector<uint64_t> drops;

@@ -1,0 +1,69 @@
+#!/bin/bash
+# test_snapshots.sh — snapshots through a real server and the CLI (tests/integration/
+# snapshot_model.py): a seeded model-based sequence of I/O and snapshot operations, live
+# snapshots under four writers, merges checked with `qemu-img compare`, and the CLI's errors.
+# LAYER_TEST_SEED=N replays the model run; LAYER_SNAPSHOT_STEPS sets its length.
+source "$(dirname "${BASH_SOURCE[0]}")/functions.sh"
+requires /usr/bin/python3 -c 'import nbd'
+requires qemu-img
+
+export LAYER_POOL=$tmp/pool
+"$LAYER_BIN" init >/dev/null
+truncate -s 8M "$tmp/base.raw"
+# Some data in the base image, so rollbacks and zeroes have something below to hide.
+/usr/bin/python3 -c "
+import random
+r = random.Random(5)
+with open('$tmp/base.raw', 'r+b') as f:
+    for i in range(0, 2048, 3):
+        f.seek(i * 4096)
+        f.write(bytes([r.randrange(1, 256)]) * 4096)
+"
+"$LAYER_BIN" image import base:1 "$tmp/base.raw" >/dev/null
+"$LAYER_BIN" clone base:1 c >/dev/null
+"$LAYER_BIN" clone base:1 live --size 4M >/dev/null 2>&1 || "$LAYER_BIN" clone base:1 live >/dev/null
+start_server srv "$LAYER_POOL" --threads 16
+
+seed=${LAYER_TEST_SEED:-$RANDOM}
+/usr/bin/python3 "$LAYER_SRC/tests/integration/snapshot_model.py" model "$server_sock" "$seed" \
+  "${LAYER_SNAPSHOT_STEPS:-400}"
+/usr/bin/python3 "$LAYER_SRC/tests/integration/snapshot_model.py" live "$server_sock"
+
+# Merge on snapshot rm: every other point reads the same, byte for byte, per qemu-img.
+"$LAYER_BIN" clone base:1 m >/dev/null
+uri() { echo "nbd+unix:///$1?socket=$server_sock"; }
+qemu-io -f raw -c 'write -P 0x11 0 1M' "$(uri m)" >/dev/null
+"$LAYER_BIN" snapshot m m1 >/dev/null
+qemu-io -f raw -c 'write -P 0x22 512k 1M' "$(uri m)" >/dev/null
+"$LAYER_BIN" snapshot m m2 >/dev/null
+qemu-io -f raw -c 'write -P 0x33 3M 4k' "$(uri m)" >/dev/null
+"$LAYER_BIN" snapshot m m3 >/dev/null
+for p in m m@m2 m@m3; do qemu-img convert -f raw -O raw "$(uri "$p")" "$tmp/before-${p/@/-}.raw"; done
+out=$("$LAYER_BIN" --json snapshot rm m m1)
+grep -q '"layer_fate":"merged"' <<<"$out" || fail "m1 was not merged: $out"
+for p in m m@m2 m@m3; do
+  qemu-img compare -f raw -F raw "$tmp/before-${p/@/-}.raw" "$(uri "$p")" >/dev/null ||
+    fail "$p changed when m1 was merged away"
+done
+"$LAYER_BIN" fsck >/dev/null || fail "fsck after the merge: $("$LAYER_BIN" fsck 2>&1)"
+
+# Errors: clear messages and exit 1.
+expect_error() {
+  local want=$1
+  shift
+  local out rc=0
+  out=$("$LAYER_BIN" "$@" 2>&1) || rc=$?
+  [[ "$rc" == 1 ]] || fail "layer $*: exit $rc, want 1 ($out)"
+  grep -q -- "$want" <<<"$out" || fail "layer $*: '$out' lacks '$want'"
+}
+expect_error 'already exists' snapshot m m2
+expect_error 'not found' rollback m nope
+expect_error 'not found' snapshot rm m nope
+expect_error 'invalid snapshot name' snapshot m 'Bad/Name'
+expect_error 'not found' clone m@nope x
+expect_error 'already exists' commit m base:1
+expect_error 'not found' diff m m@nope
+expect_error 'usage' snapshot m
+"$LAYER_BIN" gc >/dev/null
+"$LAYER_BIN" fsck >/dev/null || fail "fsck at the end: $("$LAYER_BIN" fsck 2>&1)"
+log "ok"
