@@ -4,6 +4,9 @@
 // - Built bottom-up: each layer's `maps` rows overwrite the sources of the blocks it holds
 //   (data -> its index, zero -> kSourceZero), so the topmost non-absent layer wins. Cost is one
 //   pass over the chain's rows, paid once per chain (on first I/O, not at open) and shared.
+// - Sources are stored counted from the bottom, so a snapshot's map (the frozen delta stacked
+//   on the old chain) shares every untouched chunk, mixed arrays included, with the old map:
+//   it costs the delta's rows, not the chain's (ChainMap::stack).
 // - A chunk whose blocks all come from one source stays a single byte; only mixed chunks get a
 //   4 KiB array, so sequentially imported images cost almost nothing.
 // - The map never changes after build: readers need no lock, and a lookup is two array reads
@@ -20,6 +23,63 @@
 
 namespace layer {
 
+using Array = std::array<Source, kBlocksPerChunk>;
+
+Status ChainMap::apply_rows(ReadTxn& txn, LayerId id, Source self,
+                            std::vector<std::unique_ptr<Array>>& mixed) {
+  const uint64_t nchunks = chunks_.size();
+  return txn.scan(Db::kMaps, key_u64(id),
+                  [&](std::string_view key, std::string_view value) -> Result<bool> {
+                    auto parsed = decode_key_u64_u32(key);
+                    if (!parsed)
+                      return make_error(EIO, "layer {}: map key of {} bytes", id, key.size());
+                    const uint32_t c = parsed->second;
+                    if (c >= nchunks) return true;  // beyond the size asked for: not needed
+                    auto bits = decode_chunk(value);
+                    if (!bits)
+                      return make_error(EIO, "layer {} chunk {}: {}", id, c, bits.error().message);
+                    BlockState u;
+                    if (bits->uniform(&u)) {
+                      if (u == BlockState::kAbsent) return true;
+                      mixed[c].reset();
+                      chunks_[c].mixed.reset();
+                      chunks_[c].uniform = u == BlockState::kData ? self : kSourceZero;
+                      return true;
+                    }
+                    if (!mixed[c]) {
+                      mixed[c] = std::make_unique<Array>();
+                      // A chunk shared with the map below is copied before it changes.
+                      if (chunks_[c].mixed)
+                        *mixed[c] = *chunks_[c].mixed;
+                      else
+                        mixed[c]->fill(chunks_[c].uniform);
+                      chunks_[c].mixed.reset();
+                    }
+                    Array& a = *mixed[c];
+                    for (uint32_t i = 0; i < kBlocksPerChunk; ++i) {
+                      const BlockState s = bits->get(i);
+                      if (s == BlockState::kData)
+                        a[i] = self;
+                      else if (s == BlockState::kZero)
+                        a[i] = kSourceZero;
+                    }
+                    return true;
+                  });
+}
+
+void ChainMap::finish(std::vector<std::unique_ptr<Array>>& mixed) {
+  for (uint64_t c = 0; c < mixed.size(); ++c) {
+    if (!mixed[c]) continue;
+    const Array& a = *mixed[c];
+    if (std::all_of(a.begin(), a.end(), [&](Source s) { return s == a[0]; })) {
+      chunks_[c].uniform = a[0];
+      chunks_[c].mixed.reset();
+    } else {
+      chunks_[c].mixed = std::shared_ptr<const Array>(std::move(mixed[c]));
+    }
+  }
+}
+
 Result<std::shared_ptr<const ChainMap>> ChainMap::build(ReadTxn& txn,
                                                         const std::vector<LayerRecord>& layers,
                                                         uint64_t size_blocks) {
@@ -31,56 +91,37 @@ Result<std::shared_ptr<const ChainMap>> ChainMap::build(ReadTxn& txn,
   map->size_blocks_ = size_blocks;
   const uint64_t nchunks = (size_blocks + kBlocksPerChunk - 1) / kBlocksPerChunk;
   map->chunks_.resize(nchunks);
-  using Array = std::array<Source, kBlocksPerChunk>;
   std::vector<std::unique_ptr<Array>> mixed(nchunks);
+  // Bottom first, so the topmost layer saying something about a block wins.
+  for (size_t k = layers.size(); k-- > 0;)
+    LAYER_TRY(
+        map->apply_rows(txn, layers[k].id, static_cast<Source>(layers.size() - 1 - k), mixed));
+  map->finish(mixed);
+  return std::shared_ptr<const ChainMap>(std::move(map));
+}
 
-  for (size_t k = layers.size(); k-- > 0;) {
-    const Source self = static_cast<Source>(k);
-    const LayerId id = layers[k].id;
-    LAYER_TRY(txn.scan(
-        Db::kMaps, key_u64(id), [&](std::string_view key, std::string_view value) -> Result<bool> {
-          auto parsed = decode_key_u64_u32(key);
-          if (!parsed) return make_error(EIO, "layer {}: map key of {} bytes", id, key.size());
-          const uint32_t c = parsed->second;
-          if (c >= nchunks) return true;  // beyond the size asked for: not needed
-          auto bits = decode_chunk(value);
-          if (!bits) return make_error(EIO, "layer {} chunk {}: {}", id, c, bits.error().message);
-          BlockState u;
-          if (bits->uniform(&u)) {
-            if (u == BlockState::kAbsent) return true;
-            mixed[c].reset();
-            map->chunks_[c].uniform = u == BlockState::kData ? self : kSourceZero;
-            return true;
-          }
-          if (!mixed[c]) {
-            mixed[c] = std::make_unique<Array>();
-            mixed[c]->fill(map->chunks_[c].uniform);
-          }
-          Array& a = *mixed[c];
-          for (uint32_t i = 0; i < kBlocksPerChunk; ++i) {
-            const BlockState s = bits->get(i);
-            if (s == BlockState::kData)
-              a[i] = self;
-            else if (s == BlockState::kZero)
-              a[i] = kSourceZero;
-          }
-          return true;
-        }));
-  }
-  for (uint64_t c = 0; c < nchunks; ++c) {
-    if (!mixed[c]) continue;
-    const Array& a = *mixed[c];
-    if (std::all_of(a.begin(), a.end(), [&](Source s) { return s == a[0]; })) {
-      map->chunks_[c].uniform = a[0];
-    } else {
-      map->chunks_[c].mixed = std::shared_ptr<const Array>(std::move(mixed[c]));
-    }
-  }
+Result<std::shared_ptr<const ChainMap>> ChainMap::stack(ReadTxn& txn, const LayerRecord& top,
+                                                        const ChainMap& below,
+                                                        uint64_t size_blocks) {
+  if (below.layers_.size() + 1 > kMaxChainDepth)
+    return make_error(EIO, "chain of {} layers is deeper than the limit of {}",
+                      below.layers_.size() + 1, kMaxChainDepth);
+  auto map = std::make_shared<ChainMap>();
+  map->layers_.reserve(below.layers_.size() + 1);
+  map->layers_.push_back(top);
+  map->layers_.insert(map->layers_.end(), below.layers_.begin(), below.layers_.end());
+  map->size_blocks_ = size_blocks;
+  const uint64_t nchunks = (size_blocks + kBlocksPerChunk - 1) / kBlocksPerChunk;
+  map->chunks_ = below.chunks_;  // shares every mixed array
+  map->chunks_.resize(nchunks);
+  std::vector<std::unique_ptr<Array>> mixed(nchunks);
+  LAYER_TRY(map->apply_rows(txn, top.id, static_cast<Source>(below.layers_.size()), mixed));
+  map->finish(mixed);
   return std::shared_ptr<const ChainMap>(std::move(map));
 }
 
 uint64_t ChainMap::run_length(uint64_t block_no, uint64_t max_blocks) const {
-  const Source first = lookup(block_no);
+  const Source first = raw(block_no);
   uint64_t n = 0;
   while (n < max_blocks) {
     const uint64_t b = block_no + n;
@@ -175,7 +216,8 @@ bool same_layers(const std::vector<LayerRecord>& a, const std::vector<LayerRecor
 }  // namespace
 
 Result<std::shared_ptr<const ChainMap>> ChainCache::get(ReadTxn& txn,
-                                                        const std::vector<LayerRecord>& layers) {
+                                                        const std::vector<LayerRecord>& layers,
+                                                        const ChainMap* below) {
   const LayerId key = layers.empty() ? LayerId{0} : layers.front().id;
   // Destroyed after the lock is released (declared before it).
   std::vector<std::shared_ptr<const ChainMap>> freed;
@@ -199,7 +241,11 @@ Result<std::shared_ptr<const ChainMap>> ChainCache::get(ReadTxn& txn,
   }
   // Built outside the lock: two disks racing on a new chain may both build; the first one kept
   // wins.
-  LAYER_ASSIGN(auto built, ChainMap::build(txn, layers, size_blocks));
+  const bool stacked =
+      below && !layers.empty() &&
+      same_layers(below->layers(), std::vector<LayerRecord>(layers.begin() + 1, layers.end()));
+  LAYER_ASSIGN(auto built, stacked ? ChainMap::stack(txn, layers.front(), *below, size_blocks)
+                                   : ChainMap::build(txn, layers, size_blocks));
   std::lock_guard<std::mutex> lk(mu_);
   auto [it, inserted] = slots_.try_emplace(key);
   if (inserted || !same_layers(it->second.map->layers(), layers)) {

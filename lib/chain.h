@@ -42,12 +42,16 @@ class ChainMap {
                                                        const std::vector<LayerRecord>& layers,
                                                        uint64_t size_blocks);
 
+  // The map of `top` (frozen) over `below`'s chain, reading only top's `maps` rows: every
+  // chunk top does not touch is shared with `below` (a snapshot's new chain map costs what the
+  // frozen delta wrote, not what the chain holds). Errors: as build.
+  static Result<std::shared_ptr<const ChainMap>> stack(ReadTxn& txn, const LayerRecord& top,
+                                                       const ChainMap& below, uint64_t size_blocks);
+
   // The source of block_no: an index into layers(), kSourceZero or kSourceAbsent.
   Source lookup(uint64_t block_no) const {
-    const uint64_t chunk = block_no / kBlocksPerChunk;
-    if (chunk >= chunks_.size()) return kSourceAbsent;
-    const Entry& e = chunks_[chunk];
-    return e.mixed ? (*e.mixed)[block_no % kBlocksPerChunk] : e.uniform;
+    const Source s = raw(block_no);
+    return s >= kSourceZero ? s : static_cast<Source>(layers_.size() - 1 - s);
   }
   // Number of blocks from block_no (at most max_blocks) with the same source as block_no.
   uint64_t run_length(uint64_t block_no, uint64_t max_blocks) const;
@@ -57,6 +61,19 @@ class ChainMap {
   uint64_t size_blocks() const { return size_blocks_; }
 
  private:
+  // Sources are stored counted from the bottom of the chain (0 = bottom layer), so a chunk's
+  // array stays valid when layers are stacked on top; lookup() turns them into top-first
+  // indexes.
+  Source raw(uint64_t block_no) const {
+    const uint64_t chunk = block_no / kBlocksPerChunk;
+    if (chunk >= chunks_.size()) return kSourceAbsent;
+    const Entry& e = chunks_[chunk];
+    return e.mixed ? (*e.mixed)[block_no % kBlocksPerChunk] : e.uniform;
+  }
+  // Applies a layer's rows (its bottom-up index `self`) over the chunks, topmost last.
+  Status apply_rows(ReadTxn& txn, LayerId id, Source self,
+                    std::vector<std::unique_ptr<std::array<Source, kBlocksPerChunk>>>& mixed);
+  void finish(std::vector<std::unique_ptr<std::array<Source, kBlocksPerChunk>>>& mixed);
   struct Entry {
     Source uniform = kSourceAbsent;
     std::shared_ptr<const std::array<Source, kBlocksPerChunk>> mixed;  // null when uniform
@@ -81,8 +98,11 @@ class ChainCache {
 
   // Returns the map of `layers` (top first; empty for a disk without a chain), cached or built
   // with `txn`. It covers the chain's own size (its largest layer): a disk larger than its chain
-  // reads kSourceAbsent beyond it. Errors: those of ChainMap::build; EIO for a block size of 0.
-  Result<std::shared_ptr<const ChainMap>> get(ReadTxn& txn, const std::vector<LayerRecord>& layers);
+  // reads kSourceAbsent beyond it. When `below` is the map of layers[1..] (a snapshot froze
+  // layers[0] over it), the map is stacked on it instead of built from every layer's rows.
+  // Errors: those of ChainMap::build; EIO for a block size of 0.
+  Result<std::shared_ptr<const ChainMap>> get(ReadTxn& txn, const std::vector<LayerRecord>& layers,
+                                              const ChainMap* below = nullptr);
 
   // Number of maps held, in use or lingering.
   size_t resident();

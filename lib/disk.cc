@@ -189,12 +189,13 @@ Result<std::shared_ptr<Disk::View>> Disk::loaded_view() {
   return v;
 }
 
-Result<std::shared_ptr<Disk::View>> Disk::load_view() {
+Result<std::shared_ptr<Disk::View>> Disk::load_view(const View* previous) {
   auto v = std::make_shared<View>();
   v->chain = chain_;
   v->delta_layer = delta_layer_;
   LAYER_ASSIGN(auto txn, pool_.index().begin_read());
-  LAYER_ASSIGN(v->chain_map, pool_.chains().get(txn, v->chain));
+  LAYER_ASSIGN(v->chain_map,
+               pool_.chains().get(txn, v->chain, previous ? previous->chain_map.get() : nullptr));
   for (const auto& layer : v->chain) {
     auto f = pool_.open_frozen(layer);
     if (!f && f.error().code != ENOENT) return std::move(f).error();
@@ -700,7 +701,8 @@ Status Disk::adopt(const ContainerState& state) {
   // Locks in `held` (a rolled-back delta, layers below it) are released on return.
   // The new view now, so that the first request after the gate opens does not build it; if
   // that fails, the next request tries again.
-  auto v = load_view();
+  const std::shared_ptr<View> previous = pin();
+  auto v = load_view(previous.get());
   std::lock_guard<std::mutex> vlk(view_mu_);
   view_ = v ? *v : nullptr;
   return {};

@@ -185,7 +185,8 @@ class Disk {
   uint64_t block_len(uint64_t block_no) const;
   // The current view, loading it on the first call.
   Result<std::shared_ptr<View>> loaded_view();
-  Result<std::shared_ptr<View>> load_view();
+  // previous: the view being replaced, whose chain map a snapshot's new map stacks on.
+  Result<std::shared_ptr<View>> load_view(const View* previous = nullptr);
   // The current view; null before the first I/O.
   std::shared_ptr<View> pin() const;
   Result<Mutation> begin_mutation();

@@ -566,7 +566,7 @@ int cmd_gc(const Globals& g) {
   }
   for (const auto& line : r.done) std::cout << line << '\n';
   for (const auto& line : r.kept) std::cout << line << '\n';
-  if (r.done.empty()) std::cout << "nothing to collect\n";
+  if (r.done.empty() && r.kept.empty()) std::cout << "nothing to collect\n";
   return 0;
 }
 

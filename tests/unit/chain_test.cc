@@ -204,6 +204,23 @@ TEST_CASE("ChainMap matches a reference on random chains", "[chain]") {
       INFO("block " << b);
       REQUIRE(map->lookup(b) == expected_source(maps, b));
     }
+    // Stacked one layer at a time from the bottom (as snapshots make it): the same map.
+    {
+      ReadTxn txn = MUST(f.index->begin_read());
+      auto stacked = MUST(ChainMap::build(txn, {layers.back()}, size_blocks));
+      for (size_t k = depth - 1; k-- > 0;)
+        stacked = MUST(ChainMap::stack(txn, layers[k], *stacked, size_blocks));
+      REQUIRE(stacked->layers().size() == depth);
+      for (uint64_t b = 0; b < size_blocks; b++) {
+        INFO("stacked, block " << b);
+        REQUIRE(stacked->lookup(b) == map->lookup(b));
+      }
+      for (int i = 0; i < 200; i++) {
+        const uint64_t b = rng() % size_blocks;
+        const uint64_t max = 1 + rng() % (size_blocks - b);
+        REQUIRE(stacked->run_length(b, max) == map->run_length(b, max));
+      }
+    }
     for (int i = 0; i < 2000; i++) {
       const uint64_t b = rng() % size_blocks;
       const uint64_t max = 1 + rng() % (size_blocks - b);
