@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # test_completion.sh — the bash completion (packaging/bash-completion/layer), loaded as
-# bash-completion loads it: commands, image subcommands, options of a command, container names
-# from `layer ls --json` and image references (with their colon) from `layer image ls --json` of
-# the pool named by --pool or LAYER_POOL, and directories for --pool.
+# bash-completion loads it: commands, image and snapshot subcommands, options of a command,
+# container names from `layer ls --json`, image references (with their colon) from `layer image ls
+# --json` and snapshot names from `layer snapshot ls CONTAINER --json` of the pool named by --pool
+# or LAYER_POOL, and directories for --pool.
 # shellcheck source=functions.sh
 source "$(dirname "${BASH_SOURCE[0]}")/functions.sh"
 
@@ -18,6 +19,8 @@ layer image import alpine:3 "$tmp/base.img" >/dev/null
 layer clone busybox:1 web1 >/dev/null
 layer clone busybox:1 web2 >/dev/null
 layer clone alpine:3 db1 >/dev/null
+layer snapshot web1 monday >/dev/null
+layer snapshot create web1 tuesday >/dev/null
 mkdir -p "$tmp/bin" "$tmp/dirs/pool-a" "$tmp/dirs/pool-b"
 ln -s "$LAYER_BIN" "$tmp/bin/layer"
 
@@ -61,9 +64,9 @@ expect() {
   log "'$line' -> ${got//$'\n'/ }"
 }
 
-expect "layer " clone fsck image init inspect ls rm serve version
+expect "layer " clone commit diff fsck gc image init inspect ls rm rollback serve snapshot version
 expect "layer i" image init inspect
-expect "layer image " import ls rm
+expect "layer image " history import ls rm
 expect "layer --json fsck --" --full --repair --pool --json --help
 expect "layer --pool $tmp/dirs/pool-" "$tmp/dirs/pool-a" "$tmp/dirs/pool-b"
 expect "layer --pool $pool inspect " db1 web1 web2
@@ -76,6 +79,27 @@ expect "layer --pool $pool image rm busybox:" 1 1.36
 expect "layer --pool $pool serve --default d" db1
 # The second positional of clone is a new name: nothing to offer.
 expect "layer --pool $pool clone busybox:1 "
+expect "layer --pool $pool image history busybox:" 1 1.36
+# Snapshots: the subcommands or a container, then the container's snapshot names.
+expect "layer --pool $pool snapshot " create ls rm db1 web1 web2
+expect "layer --pool $pool snapshot ls w" web1 web2
+expect "layer --pool $pool snapshot rm web1 " monday tuesday
+expect "layer --pool $pool snapshot web1 "
+expect "layer --pool $pool rollback web1 t" tuesday
+expect "layer --pool $pool rollback web1 monday --" --keep-as --force --pool --json --help
+expect "layer --pool $pool commit w" web1 web2
+expect "layer --pool $pool commit web1 "
+expect "layer --pool $pool diff " db1 web1 web2
+expect "layer --pool $pool diff web1 w" web1 web2
+# After an @, the container's snapshots; where @ breaks words (bash's default, unless something
+# removed it), readline completes only the part after it.
+if bash --norc --noprofile -c 'source "$1"; [[ $COMP_WORDBREAKS == *@* ]]' _ "$bash_completion"; then
+  expect "layer --pool $pool diff web1@" monday tuesday
+  expect "layer --pool $pool clone web1@m" monday
+else
+  expect "layer --pool $pool diff web1@" web1@monday web1@tuesday
+  expect "layer --pool $pool clone web1@m" web1@monday
+fi
 # No pool, or a bad one: no names, and no error text on the terminal.
 expect "layer --pool $tmp/nonexistent inspect "
 log "ok"
