@@ -124,7 +124,7 @@ class Pool {
   // "merge.intent-committed", "merge.built" (the merged layer's rows committed, not switched),
   // "snapshot.committed", "commit.committed", "rollback.committed" (before the old delta's
   // rows and file go), "snapshot-rm.committed", "change.committed" (a live change committed,
-  // the disk not yet switched).
+  // the disk not yet switched), "flatten.built" (the flat layer built, not switched).
   // Unset in production.
   // REQUIRES: set before the operations it observes start.
   using TestHook = std::function<void(std::string_view point)>;

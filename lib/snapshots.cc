@@ -275,7 +275,8 @@ Result<SnapshotTree> list_snapshots(Pool& pool, std::string_view container) {
       if (it == graph.layers.end())
         return make_error(EIO, "layer {} is missing from the index", id);
       const LayerRecord& l = it->second;
-      if (!other_names.count(id)) {
+      // A bottom layer is the container's base (an image's, or its own after a flatten).
+      if (!other_names.count(id) && l.parent != 0) {
         HiddenLayer h{l, 0, {}};
         uint64_t zero = 0;
         LAYER_TRY(Pool::count_blocks(txn, id, &h.data_blocks, &zero));
@@ -547,6 +548,132 @@ Result<LayerId> merge_layer(Pool& pool, LayerId layer_id, std::string* why) {
   return merged;
 }
 
+Result<ContainerState> flatten_container(Pool& pool, std::string_view container,
+                                         std::vector<uint64_t>* drops) {
+  LAYER_TRY(validate_name(container, "container name"));
+  ContainerRecord c;
+  LayerRecord delta;
+  std::vector<LayerRecord> chain;
+  std::shared_ptr<const ChainMap> map;
+  {
+    LAYER_ASSIGN(auto txn, pool.index().begin_read());
+    LAYER_ASSIGN(c, pool.get_container(txn, container));
+    LAYER_ASSIGN(delta, pool.get_layer(txn, c.delta_layer));
+    if (delta.parent != 0) {
+      LAYER_ASSIGN(chain, pool.chain_of(txn, delta.parent));
+    }
+    LAYER_ASSIGN(map, pool.chains().get(txn, chain));
+  }
+  ContainerState state{c, delta, {}};
+  if (chain.size() <= 1 && (chain.empty() || chain[0].parent == 0)) {
+    state.chain = chain;
+    return state;  // already one layer (or none) below the delta
+  }
+  LayerId flat = 0;
+  uint64_t intent_id = 0;
+  Lock flat_lock;
+  LAYER_TRY(pool.committer().run([&](WriteTxn& txn) -> Status {
+    LAYER_ASSIGN(flat, txn.next_id("layer"));
+    LAYER_ASSIGN(flat_lock, pool.locks().try_lock(LockKind::kLayer, flat, true,
+                                                  fmt::format("layer {}", flat)));
+    LAYER_ASSIGN(intent_id, txn.next_id("intent"));
+    IntentRecord intent{IntentRecord::Kind::kMerge, flat, fmt::format("flatten {}", container),
+                        now_unix()};
+    return txn.put(Db::kIntents, key_u64(intent_id), encode(intent));
+  }));
+  LayerStore& store = pool.store(Tier::kSsd);
+  bool created = false;
+  auto rollback = [&](Error e) -> Error {
+    for (bool done = false; !done;) {
+      auto s = pool.committer().run([&](WriteTxn& txn) -> Status {
+        LAYER_ASSIGN(uint64_t n, Pool::delete_layer_rows(txn, flat));
+        if (n > 0) return {};
+        done = true;
+        return txn.del(Db::kIntents, key_u64(intent_id));
+      });
+      if (!s) return e;
+    }
+    if (created) (void)store.remove(flat);
+    return e;
+  };
+  const uint32_t bs = c.block_size;
+  uint64_t size = 0;
+  for (const auto& l : chain) size = std::max(size, l.size_bytes);
+  auto built = [&]() -> Status {
+    std::vector<std::shared_ptr<LayerFile>> files;
+    for (const auto& l : chain) {
+      auto f = pool.open_frozen(l);
+      if (!f && f.error().code != ENOENT) return std::move(f).error();
+      files.push_back(f ? *f : nullptr);
+    }
+    LAYER_ASSIGN(auto out, store.create(flat, size));
+    created = true;
+    std::vector<uint8_t> buf(1 << 20);
+    std::vector<std::pair<uint32_t, std::string>> rows;
+    const uint64_t nblocks = map->size_blocks();
+    for (uint64_t chunk = 0; chunk * kBlocksPerChunk < nblocks; ++chunk) {
+      ChunkBits bits;
+      bool any = false;
+      const uint64_t first = chunk * kBlocksPerChunk;
+      const uint64_t end = std::min<uint64_t>(nblocks, first + kBlocksPerChunk);
+      for (uint64_t b = first; b < end;) {
+        const Source src = map->lookup(b);
+        const uint64_t n = std::max<uint64_t>(1, map->run_length(b, end - b));
+        if (src != kSourceZero && src != kSourceAbsent) {
+          LayerFile* in = files[src].get();
+          if (!in)
+            return make_error(EIO, "layer {}: file is missing but holds block {}", chain[src].id,
+                              b);
+          for (uint64_t done = 0; done < n;) {
+            const uint64_t k = std::min<uint64_t>(n - done, buf.size() / bs);
+            const uint64_t from = (b + done) * bs;
+            const uint64_t len = std::min<uint64_t>(k * bs, size - from);
+            LAYER_TRY(in->read(buf.data(), len, from));
+            LAYER_TRY(out->write(buf.data(), len, from));
+            done += k;
+          }
+          for (uint64_t i = b; i < b + n; ++i)
+            bits.set(static_cast<uint32_t>(i - first), BlockState::kData);
+          any = true;
+        }
+        b += n;
+      }
+      if (any) rows.emplace_back(static_cast<uint32_t>(chunk), encode_chunk(bits));
+    }
+    LAYER_TRY(out->sync());
+    for (size_t i = 0; i < rows.size(); i += kMaxRowsPerTxn) {
+      const size_t e = std::min(rows.size(), i + kMaxRowsPerTxn);
+      LAYER_TRY(pool.committer().run([&](WriteTxn& txn) -> Status {
+        for (size_t j = i; j < e; ++j)
+          LAYER_TRY(txn.put(Db::kMaps, key_u64_u32(flat, rows[j].first), rows[j].second));
+        return {};
+      }));
+    }
+    return {};
+  }();
+  if (!built) return rollback(built.error());
+  pool.test_point("flatten.built");
+  auto switched = pool.committer().run([&](WriteTxn& txn) -> Status {
+    drops->clear();
+    LAYER_ASSIGN(auto cur, pool.get_container(txn, container));
+    LAYER_ASSIGN(auto d, pool.get_layer(txn, cur.delta_layer));
+    if (cur.delta_layer != delta.id || d.parent != delta.parent)
+      return make_error(EBUSY, "container \"{}\" changed while flattening", container);
+    LayerRecord f{flat, 0, Tier::kSsd, size, bs, LayerState::kFrozenUnhashed, 1, now_unix()};
+    LAYER_TRY(put_layer(txn, f));
+    LAYER_TRY(pool.drop_layer(txn, d.parent, drops));
+    d.parent = flat;
+    LAYER_TRY(put_layer(txn, d));
+    cur.image_ref.clear();  // it depends on no image any more
+    ++cur.generation;
+    LAYER_TRY(txn.put(Db::kContainers, cur.name, encode(cur)));
+    state = ContainerState{cur, d, {f}};
+    return txn.del(Db::kIntents, key_u64(intent_id));
+  });
+  if (!switched) return rollback(switched.error());
+  return state;
+}
+
 Result<GcReport> gc(Pool& pool) {
   GcReport report;
   // Hidden layers: no name, one frozen child. Merged until none is left that can be.
@@ -639,8 +766,9 @@ Result<DiffResult> diff(Pool& pool, std::string_view a_ref, std::string_view b_r
       for (const auto& [c, _] : rows[id]) chunks.insert(c);
     }
   // A block's source on one side: the first of its own layers that says something about it
-  // (a layer id, or 1 for a tombstone), else 0 (the shared bottom, the same on both sides).
-  constexpr LayerId kZeroes = 1;
+  // (a layer id, or kZeroes for a tombstone), else 0 (the shared bottom, the same on both
+  // sides). Layer ids start at 1 and never reach UINT64_MAX.
+  constexpr LayerId kZeroes = UINT64_MAX;
   auto source = [&](const std::vector<LayerId>& own, uint32_t c, uint32_t i) -> LayerId {
     for (LayerId id : own) {
       const auto& r = rows[id];

@@ -103,6 +103,16 @@ Result<RemovedSnapshot> remove_snapshot(Pool& pool, std::string_view container,
 // id, or 0 with *why saying why not. Errors: EIO, ENOSPC.
 Result<LayerId> merge_layer(Pool& pool, LayerId layer, std::string* why);
 
+// Copies everything the container reads from its frozen chain into one new frozen layer
+// without a parent and puts the container's delta on it, so that the container no longer
+// depends on its image or snapshots (their layers stay while others use them); its image ref
+// becomes "" so that the image can be removed. The copy is
+// built under a merge intent (rolled back by fsck --repair after a crash) and switched in one
+// transaction. REQUIRES: the caller holds the container's exclusive lock (no server serves
+// it). Errors: ENOENT, ENOSPC, EIO.
+Result<ContainerState> flatten_container(Pool& pool, std::string_view container,
+                                         std::vector<uint64_t>* drops);
+
 struct GcReport {
   std::vector<std::string> done;  // one line per removed file or merged layer
   std::vector<std::string> kept;  // hidden layers that could not be merged, and why

@@ -259,7 +259,7 @@ int cmd_ls(const Globals& g) {
       {"NAME", "IMAGE", "SIZE", "USED", "SERVED", "CREATED"}};
   for (const auto& info : containers) {
     const auto& c = info.container;
-    rows.push_back({c.name, c.image_ref, human_size(c.size_bytes),
+    rows.push_back({c.name, c.image_ref.empty() ? "-" : c.image_ref, human_size(c.size_bytes),
                     human_size(data_bytes(info.delta_data_blocks, c.block_size, c.size_bytes)),
                     info.served_by.value_or("-"), format_time(c.created_unix)});
   }
@@ -281,7 +281,7 @@ int cmd_inspect(const Globals& g, const std::string& name) {
   for (const auto& [key, value] : c.labels)
     labels += (labels.empty() ? "" : ", ") + key + "=" + value;
   std::cout << "name: " << c.name << '\n'
-            << "image: " << c.image_ref << '\n'
+            << "image: " << (c.image_ref.empty() ? "- (flattened)" : c.image_ref) << '\n'
             << fmt::format("size: {} ({} bytes)\n", human_size(c.size_bytes), c.size_bytes)
             << "block size: " << c.block_size << '\n'
             << "delta layer: " << c.delta_layer << '\n'
@@ -508,6 +508,24 @@ int cmd_commit(const Globals& g, const CommitArgs& a) {
                 {"live", c.live}},
                fmt::format("committed {} as image {} (layer {}{})", a.container, a.image, c.base,
                            c.live ? ", live" : ""));
+  return 0;
+}
+
+int cmd_flatten(const Globals& g, const std::string& container) {
+  check(layer::validate_name(container, "container name"));
+  auto pool = open_pool(g, true);
+  const Changed c =
+      change_container(*pool, container, json::object(), false,
+                       "flatten copies the whole chain; stop the clients first", [&] {
+                         std::vector<uint64_t> drops;
+                         auto st = take(layer::flatten_container(*pool, container, &drops));
+                         check(pool->finish_drops_after_removal(
+                             drops, fmt::format("the old chain of container \"{}\"", container)));
+                         return st;
+                       });
+  print_result(
+      g, {{"ok", true}, {"container", container}, {"layer", c.base}},
+      fmt::format("flattened {}: its delta now sits on layer {} alone", container, c.base));
   return 0;
 }
 
@@ -801,6 +819,11 @@ int run(int argc, char** argv) {
 
   auto* gc_cmd = app.add_subcommand("gc", "merge hidden layers and remove unreferenced files");
 
+  std::string flatten_name;
+  auto* flatten_cmd =
+      app.add_subcommand("flatten", "copy what a container reads into one layer of its own");
+  flatten_cmd->add_option("CONTAINER", flatten_name, "container")->type_name("")->required();
+
   ServeArgs serve;
   auto* serve_cmd = app.add_subcommand("serve", "run nbdkit with the layer plugin (foreground)");
   auto* socket_opt =
@@ -862,6 +885,7 @@ int run(int argc, char** argv) {
   if (*commit_cmd) return cmd_commit(g, commit);
   if (*diff_cmd) return cmd_diff(g, diff_a, diff_b);
   if (*gc_cmd) return cmd_gc(g);
+  if (*flatten_cmd) return cmd_flatten(g, flatten_name);
   if (*ls_cmd) return cmd_ls(g);
   if (*inspect_cmd) return cmd_inspect(g, container);
   if (*rm_cmd) return cmd_rm(g, container);

@@ -165,7 +165,15 @@ def model(sock, seed, steps):
                 cli("clone", ref, name)
                 containers[name] = bytearray(snaps[ref])
             elif op < 87:
-                cli("commit", c, f"img:{new_name('v')}")
+                if rng.randrange(2):
+                    cli("commit", c, f"img:{new_name('v')}")
+                else:
+                    # flatten copies the whole chain: offline only.
+                    if c in handles:
+                        r = cli("flatten", c, ok=False)
+                        assert r.returncode == 1 and "is served by" in r.stderr, r.stderr
+                        disconnect(c)
+                    cli_offline("flatten", c)
             elif op < 89:
                 cli("gc")
             elif op < 94:

@@ -1,6 +1,6 @@
 #!/bin/bash
 # test_snapshot_crash.sh — a crash (SIGKILL, through the test-only LAYER_FAILPOINT) at each step
-# of snapshot, commit, rollback, snapshot rm and its merge, in the CLI and in a server making a
+# of snapshot, commit, rollback, snapshot rm and its merge, flatten, in the CLI and in a server making a
 # live change: after a restart every point (container and snapshots) reads either its old or its
 # new content, never a mix, and `layer fsck` is clean (after --repair where an interrupted merge
 # must be rolled back); `layer gc` then finishes what was left.
@@ -61,12 +61,13 @@ fsck_clean() {
 }
 
 for failpoint in snapshot.committed commit.committed rollback.committed snapshot-rm.committed \
-  merge.intent-committed merge.built merge.switched; do
+  merge.intent-committed merge.built merge.switched flatten.built; do
   setup
   case $failpoint in
     snapshot.committed) killed_by_failpoint "$failpoint" "$LAYER_BIN" snapshot c s3 ;;
     commit.committed) killed_by_failpoint "$failpoint" "$LAYER_BIN" commit c base:2 ;;
     rollback.committed) killed_by_failpoint "$failpoint" "$LAYER_BIN" rollback c s1 ;;
+    flatten.built) killed_by_failpoint "$failpoint" "$LAYER_BIN" flatten c ;;
     *) killed_by_failpoint "$failpoint" "$LAYER_BIN" snapshot rm c s1 ;;
   esac
   restart

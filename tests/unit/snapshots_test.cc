@@ -5,6 +5,7 @@
 #include <atomic>
 #include <map>
 #include <random>
+#include <set>
 #include <thread>
 
 #include "disk_test_util.h"
@@ -303,6 +304,37 @@ TEST_CASE("diff reports exactly the blocks written since the fork", "[snapshots]
     std::copy(data.begin(), data.end(), at_k.begin() + 4096 * 5);
   }
   CHECK(MUST(diff(pool, "k", "c@b")).ranges == differing(at_k, at_b));
+  // A tombstone on one side over the image's data (layer 1) on the other.
+  {
+    auto k = MUST(Disk::open(pool, "k", true));
+    for (uint64_t b = 0; b < 64; ++b) REQUIRE_OK(k->zero(4096, b * 4096, false, false));
+    REQUIRE_OK(k->flush());
+    std::fill(at_k.begin(), at_k.begin() + 64 * 4096, 0);
+  }
+  MUST(pool.clone("base:1", "fresh", std::nullopt));
+  // Flattened, k shares no layer with fresh: its tombstones must still differ from the
+  // image's layer (id 1) on the other side.
+  {
+    std::vector<uint64_t> drops;
+    MUST(flatten_container(pool, "k", &drops));
+    MUST(pool.finish_drops_after_removal(drops, "test"));
+    auto k = MUST(Disk::open(pool, "k", true));
+    for (uint64_t b = 100; b < 164; ++b) REQUIRE_OK(k->zero(4096, b * 4096, false, false));
+    REQUIRE_OK(k->flush());
+    std::fill(at_k.begin() + 100 * 4096, at_k.begin() + 164 * 4096, 0);
+  }
+  // Conservative there: a tombstone over a block the image holds as zeroes is reported too.
+  const auto ranges = MUST(diff(pool, "k", "fresh")).ranges;
+  std::set<uint64_t> reported;
+  for (const auto& [off, len] : ranges)
+    for (uint64_t b = off / 4096; b < (off + len) / 4096; ++b) reported.insert(b);
+  for (const auto& [off, len] : differing(at_k, d.image))
+    for (uint64_t b = off / 4096; b < (off + len) / 4096; ++b) {
+      INFO("block " << b);
+      CHECK(reported.count(b));
+    }
+  // (Precision is not checked here: with no layer shared, every block either side stores is
+  // reported.)
   CHECK(diff(pool, "k", "c@nope").error().code == ENOENT);
 }
 
@@ -382,6 +414,40 @@ TEST_CASE("live rollback and commit switch the open disk without reopening", "[s
   check_disk(*d.open(), d.model);
   require_same(read_export(pool, "c@a"), at_a);
   require_fsck_clean(pool);
+}
+
+TEST_CASE("flatten copies the chain into one layer; the image can then go", "[snapshots]") {
+  DiskFixture d(kImage, kDisk);
+  Pool& pool = *d.f.pool;
+  {
+    auto disk = d.open();
+    do_write(*disk, d.model, 4096 * 3 + 1, pattern(4096 * 5, 1));
+    do_zero(*disk, d.model, 4096 * 30, 4096 * 10);
+    MUST(disk->snapshot("a"));
+    do_write(*disk, d.model, 4096 * 100, pattern(4096 * 2, 2));
+    MUST(disk->snapshot("b"));
+    do_write(*disk, d.model, 4096 * 101, pattern(100, 3));  // stays in the delta
+    REQUIRE_OK(disk->flush());
+  }
+  const auto at_a = read_export(pool, "c@a");
+  std::vector<uint64_t> drops;
+  auto st = MUST(flatten_container(pool, "c", &drops));
+  MUST(pool.finish_drops_after_removal(drops, "test"));
+  REQUIRE(st.chain.size() == 1);
+  CHECK(st.chain[0].parent == 0);
+  check_disk(*d.open(), d.model);
+  require_same(read_export(pool, "c@a"), at_a);
+  // Only the snapshots keep the old chain; without them and the image, one layer is left.
+  MUST(remove_snapshot(pool, "c", "a"));
+  MUST(remove_snapshot(pool, "c", "b"));
+  CHECK(MUST(pool.inspect("c")).container.image_ref.empty());
+  MUST(pool.remove_image("base:1"));
+  check_disk(*d.open(), d.model);
+  require_fsck_clean(pool);
+  // Flattening again changes nothing.
+  auto again = MUST(flatten_container(pool, "c", &drops));
+  CHECK(again.chain.size() == 1);
+  CHECK(drops.empty());
 }
 
 TEST_CASE("a seeded random sequence of snapshot operations matches the model", "[snapshots]") {
