@@ -5,6 +5,8 @@
 // small: DESIGN.md "Index"). Rows come from disk, so decode_chunk validates every block.
 #include "block_map.h"
 
+#include "index.h"
+
 #include <cstring>
 
 namespace layer {
@@ -93,6 +95,19 @@ uint64_t BlockMap::count(BlockState s) const {
     for (uint32_t i = 0; i < kBlocksPerChunk; ++i) n += bits.get(i) == s;
   }
   return n;
+}
+
+Status for_each_map_row(ReadTxn& txn, uint64_t id,
+                        const std::function<Result<bool>(uint32_t, const ChunkBits&)>& fn) {
+  return txn.scan(
+      Db::kMaps, key_u64(id), [&](std::string_view key, std::string_view value) -> Result<bool> {
+        auto parsed = decode_key_u64_u32(key);
+        if (!parsed) return make_error(EIO, "layer {}: map key of {} bytes", id, key.size());
+        auto bits = decode_chunk(value);
+        if (!bits)
+          return make_error(EIO, "layer {} chunk {}: {}", id, parsed->second, bits.error().message);
+        return fn(parsed->second, *bits);
+      });
 }
 
 }  // namespace layer

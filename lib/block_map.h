@@ -16,6 +16,7 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <string_view>
@@ -58,6 +59,14 @@ std::string encode_chunk(const ChunkBits& bits);
 // Decodes a `maps` row value. Errors: EIO when the size is neither 1 nor 1024 or a block
 // holds the invalid state 11.
 Result<ChunkBits> decode_chunk(std::string_view row);
+
+class ReadTxn;
+
+// Calls fn(chunk, bits) for each `maps` row of layer `id`, in chunk order, until fn returns
+// false: the one walk of a layer's rows (counting, chain maps, delta maps, merges, diff).
+// Errors: EIO naming the layer and chunk for a bad key or row; fn's own.
+Status for_each_map_row(ReadTxn& txn, uint64_t id,
+                        const std::function<Result<bool>(uint32_t, const ChunkBits&)>& fn);
 
 // A whole layer's map in memory, sparse by chunk (absent chunks are not stored).
 class BlockMap {

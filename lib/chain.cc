@@ -28,43 +28,36 @@ using Array = std::array<Source, kBlocksPerChunk>;
 Status ChainMap::apply_rows(ReadTxn& txn, LayerId id, Source self,
                             std::vector<std::unique_ptr<Array>>& mixed) {
   const uint64_t nchunks = chunks_.size();
-  return txn.scan(Db::kMaps, key_u64(id),
-                  [&](std::string_view key, std::string_view value) -> Result<bool> {
-                    auto parsed = decode_key_u64_u32(key);
-                    if (!parsed)
-                      return make_error(EIO, "layer {}: map key of {} bytes", id, key.size());
-                    const uint32_t c = parsed->second;
-                    if (c >= nchunks) return true;  // beyond the size asked for: not needed
-                    auto bits = decode_chunk(value);
-                    if (!bits)
-                      return make_error(EIO, "layer {} chunk {}: {}", id, c, bits.error().message);
-                    BlockState u;
-                    if (bits->uniform(&u)) {
-                      if (u == BlockState::kAbsent) return true;
-                      mixed[c].reset();
-                      chunks_[c].mixed.reset();
-                      chunks_[c].uniform = u == BlockState::kData ? self : kSourceZero;
-                      return true;
-                    }
-                    if (!mixed[c]) {
-                      mixed[c] = std::make_unique<Array>();
-                      // A chunk shared with the map below is copied before it changes.
-                      if (chunks_[c].mixed)
-                        *mixed[c] = *chunks_[c].mixed;
-                      else
-                        mixed[c]->fill(chunks_[c].uniform);
-                      chunks_[c].mixed.reset();
-                    }
-                    Array& a = *mixed[c];
-                    for (uint32_t i = 0; i < kBlocksPerChunk; ++i) {
-                      const BlockState s = bits->get(i);
-                      if (s == BlockState::kData)
-                        a[i] = self;
-                      else if (s == BlockState::kZero)
-                        a[i] = kSourceZero;
-                    }
-                    return true;
-                  });
+  return for_each_map_row(txn, id, [&](uint32_t c, const ChunkBits& row) -> Result<bool> {
+    if (c >= nchunks) return true;  // beyond the size asked for: not needed
+    const ChunkBits* bits = &row;
+    BlockState u;
+    if (bits->uniform(&u)) {
+      if (u == BlockState::kAbsent) return true;
+      mixed[c].reset();
+      chunks_[c].mixed.reset();
+      chunks_[c].uniform = u == BlockState::kData ? self : kSourceZero;
+      return true;
+    }
+    if (!mixed[c]) {
+      mixed[c] = std::make_unique<Array>();
+      // A chunk shared with the map below is copied before it changes.
+      if (chunks_[c].mixed)
+        *mixed[c] = *chunks_[c].mixed;
+      else
+        mixed[c]->fill(chunks_[c].uniform);
+      chunks_[c].mixed.reset();
+    }
+    Array& a = *mixed[c];
+    for (uint32_t i = 0; i < kBlocksPerChunk; ++i) {
+      const BlockState s = bits->get(i);
+      if (s == BlockState::kData)
+        a[i] = self;
+      else if (s == BlockState::kZero)
+        a[i] = kSourceZero;
+    }
+    return true;
+  });
 }
 
 void ChainMap::finish(std::vector<std::unique_ptr<Array>>& mixed) {

@@ -207,20 +207,13 @@ Result<std::shared_ptr<Disk::View>> Disk::load_view(const View* previous) {
   const LayerId delta_id = v->delta_layer.id;
   const uint64_t nchunks = (size_blocks_ + kBlocksPerChunk - 1) / kBlocksPerChunk;
   bool delta_has_data = false;
-  LAYER_TRY(txn.scan(Db::kMaps, key_u64(delta_id),
-                     [&](std::string_view k, std::string_view val) -> Result<bool> {
-                       auto key = decode_key_u64_u32(k);
-                       if (!key || key->second >= nchunks)
-                         return make_error(EIO, "layer {}: map row outside the disk", delta_id);
-                       auto bits = decode_chunk(val);
-                       if (!bits)
-                         return make_error(EIO, "layer {} chunk {}: {}", delta_id, key->second,
-                                           bits.error().message);
-                       for (uint32_t i = 0; i < kBlocksPerChunk && !delta_has_data; ++i)
-                         delta_has_data = bits->get(i) == BlockState::kData;
-                       v->delta->load(key->second, *bits);
-                       return true;
-                     }));
+  LAYER_TRY(for_each_map_row(txn, delta_id, [&](uint32_t c, const ChunkBits& bits) -> Result<bool> {
+    if (c >= nchunks) return make_error(EIO, "layer {}: map row outside the disk", delta_id);
+    for (uint32_t i = 0; i < kBlocksPerChunk && !delta_has_data; ++i)
+      delta_has_data = bits.get(i) == BlockState::kData;
+    v->delta->load(c, bits);
+    return true;
+  }));
   LayerStore& store = pool_.store(v->delta_layer.tier);
   auto f = store.open(delta_id, writable_);
   if (f) {

@@ -21,6 +21,7 @@
 
 #include "block_map.h"
 #include "checksum.h"
+#include "layer_build.h"
 #include "pool.h"
 
 namespace layer {
@@ -135,50 +136,19 @@ Result<ImageInfo> Pool::import_image(const std::string& ref, const std::string& 
     if (existing) return make_error(EEXIST, "image {} already exists", ref);
   }
 
-  // 1. Reserve a layer id under an intent, so a crash leaves something fsck can roll back.
-  // The layer's lock is taken inside the transaction that makes the intent visible: fsck
-  // --repair rolls back an intent whose layer is unlocked, so the lock must exist first. The
-  // id is not taken by anyone else meanwhile (LMDB has one writer); if the transaction fails,
-  // the lock goes with `import_lock`.
-  LayerId layer_id = 0;
-  uint64_t intent_id = 0;
-  Lock import_lock;
-  LAYER_TRY(committer_->run([&](WriteTxn& txn) -> Status {
-    LAYER_ASSIGN(layer_id, txn.next_id("layer"));
-    LAYER_ASSIGN(import_lock, locks_->try_lock(LockKind::kLayer, layer_id, true,
-                                               fmt::format("layer {}", layer_id)));
-    LAYER_ASSIGN(intent_id, txn.next_id("intent"));
-    IntentRecord intent{IntentRecord::Kind::kImport, layer_id, ref, now_unix()};
-    return txn.put(Db::kIntents, key_u64(intent_id), encode(intent));
-  }));
+  // 1. Reserve a layer id under an intent, so a crash leaves something fsck can roll back; its
+  // lock is held until the layer is published or rolled back (LayerBuild). Every failure below
+  // rolls back through build->fail: rows, intent, and the file only if this import created it.
+  LAYER_ASSIGN(auto build, LayerBuild::begin(*this, IntentRecord::Kind::kImport, ref));
+  const LayerId layer_id = build->id();
   test_point("import.intent-committed");
   LayerRecord layer{layer_id, 0, Tier::kSsd, size, block_size, LayerState::kFrozen, 1, now_unix()};
-  LayerStore& store = this->store(layer.tier);
-  bool created_file = false;
-
-  // Removes what this import made: its rows, its intent and, only if it created it, its file
-  // (a file that was already there belongs to someone else). The lock is released after.
-  // Rows go in bounded transactions; the intent goes with the last of them, so a failure
-  // midway leaves it for fsck --repair.
-  auto rollback = [&](Error e) -> Error {
-    for (bool done = false; !done;) {
-      auto s = committer_->run([&](WriteTxn& txn) -> Status {
-        LAYER_ASSIGN(uint64_t n, delete_layer_rows(txn, layer_id));
-        if (n > 0) return {};
-        done = true;
-        return txn.del(Db::kIntents, key_u64(intent_id));
-      });
-      if (!s) return e;  // fsck --repair finishes it
-    }
-    if (created_file) (void)store.remove(layer_id);
-    return e;
-  };
+  auto rollback = [&](Error e) -> Error { return build->fail(std::move(e)); };
 
   // 2. Copy the data blocks into a new layer file at the same offsets; hash each 64 KiB group;
   // commit the rows of finished chunks and checksum groups as the copy goes (3).
-  auto created = store.create(layer_id, size);
+  auto created = build->create_file(layer.tier, size);
   if (!created) return rollback(std::move(created).error());
-  created_file = true;
   std::shared_ptr<LayerFile> out = *created;
   test_point("import.data-walked");
 
@@ -308,16 +278,12 @@ Result<ImageInfo> Pool::import_image(const std::string& ref, const std::string& 
 
   // 4. Publish.
   ImageRecord image{ref, layer_id, size, block_size, now_unix(), description};
-  auto s = committer_->run([&](WriteTxn& txn) -> Status {
-    LAYER_ASSIGN(auto intent, txn.get(Db::kIntents, key_u64(intent_id)));
-    if (!intent) return make_error(EIO, "import of {}: its intent was rolled back meanwhile", ref);
+  LAYER_TRY(build->publish([&](WriteTxn& txn) -> Status {
     LAYER_ASSIGN(auto existing, txn.get(Db::kImages, ref));
     if (existing) return make_error(EEXIST, "image {} already exists", ref);
     LAYER_TRY(txn.put(Db::kLayers, key_u64(layer_id), encode(layer)));
-    LAYER_TRY(txn.put(Db::kImages, ref, encode(image)));
-    return txn.del(Db::kIntents, key_u64(intent_id));
-  });
-  if (!s) return rollback(std::move(s).error());
+    return txn.put(Db::kImages, ref, encode(image));
+  }));
   return ImageInfo{image, layer, data_blocks, 0};
 }
 

@@ -426,21 +426,19 @@ Result<std::vector<LayerRecord>> Pool::chain_of(ReadTxn& txn, LayerId top) {
 // Counts the data and zero blocks of a layer from its map rows.
 Status Pool::count_blocks(ReadTxn& txn, LayerId id, uint64_t* data, uint64_t* zero) {
   *data = *zero = 0;
-  return txn.scan(Db::kMaps, key_u64(id),
-                  [&](std::string_view, std::string_view v) -> Result<bool> {
-                    LAYER_ASSIGN(auto bits, decode_chunk(v));
-                    BlockState u;
-                    if (bits.uniform(&u)) {
-                      if (u == BlockState::kData) *data += kBlocksPerChunk;
-                      if (u == BlockState::kZero) *zero += kBlocksPerChunk;
-                      return true;
-                    }
-                    for (uint32_t i = 0; i < kBlocksPerChunk; ++i) {
-                      *data += bits.get(i) == BlockState::kData;
-                      *zero += bits.get(i) == BlockState::kZero;
-                    }
-                    return true;
-                  });
+  return for_each_map_row(txn, id, [&](uint32_t, const ChunkBits& bits) -> Result<bool> {
+    BlockState u;
+    if (bits.uniform(&u)) {
+      if (u == BlockState::kData) *data += kBlocksPerChunk;
+      if (u == BlockState::kZero) *zero += kBlocksPerChunk;
+      return true;
+    }
+    for (uint32_t i = 0; i < kBlocksPerChunk; ++i) {
+      *data += bits.get(i) == BlockState::kData;
+      *zero += bits.get(i) == BlockState::kZero;
+    }
+    return true;
+  });
 }
 
 Status Pool::retire_layer(WriteTxn& txn, const LayerRecord& layer,

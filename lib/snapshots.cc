@@ -20,6 +20,7 @@
 
 #include "block_map.h"
 #include "index.h"
+#include "layer_build.h"
 #include "locks.h"
 
 namespace layer {
@@ -97,16 +98,10 @@ Result<LayerGraph> load_graph(ReadTxn& txn) {
 // A layer's map rows, by chunk.
 Result<std::map<uint32_t, ChunkBits>> load_rows(ReadTxn& txn, LayerId id) {
   std::map<uint32_t, ChunkBits> rows;
-  LAYER_TRY(
-      txn.scan(Db::kMaps, key_u64(id), [&](std::string_view k, std::string_view v) -> Result<bool> {
-        auto key = decode_key_u64_u32(k);
-        if (!key) return make_error(EIO, "layer {}: map key of {} bytes", id, k.size());
-        auto bits = decode_chunk(v);
-        if (!bits)
-          return make_error(EIO, "layer {} chunk {}: {}", id, key->second, bits.error().message);
-        rows.emplace(key->second, *bits);
-        return true;
-      }));
+  LAYER_TRY(for_each_map_row(txn, id, [&](uint32_t c, const ChunkBits& bits) -> Result<bool> {
+    rows.emplace(c, bits);
+    return true;
+  }));
   return rows;
 }
 
@@ -401,35 +396,10 @@ Result<LayerId> merge_layer(Pool& pool, LayerId layer_id, std::string* why) {
     return LayerId{0};
   }
 
-  LayerId merged = 0;
-  uint64_t intent_id = 0;
-  Lock merge_lock;
-  LAYER_TRY(pool.committer().run([&](WriteTxn& txn) -> Status {
-    LAYER_ASSIGN(merged, txn.next_id("layer"));
-    LAYER_ASSIGN(merge_lock, pool.locks().try_lock(LockKind::kLayer, merged, true,
-                                                   fmt::format("layer {}", merged)));
-    LAYER_ASSIGN(intent_id, txn.next_id("intent"));
-    IntentRecord intent{IntentRecord::Kind::kMerge, merged, fmt::format("{}+{}", l.id, k.id),
-                        now_unix()};
-    return txn.put(Db::kIntents, key_u64(intent_id), encode(intent));
-  }));
+  LAYER_ASSIGN(auto build, LayerBuild::begin(pool, IntentRecord::Kind::kMerge,
+                                             fmt::format("{}+{}", l.id, k.id)));
+  const LayerId merged = build->id();
   pool.test_point("merge.intent-committed");
-  LayerStore& store = pool.store(Tier::kSsd);
-  bool created = false;
-  auto rollback = [&](Error e) -> Error {
-    for (bool done = false; !done;) {
-      auto s = pool.committer().run([&](WriteTxn& txn) -> Status {
-        LAYER_ASSIGN(uint64_t n, Pool::delete_layer_rows(txn, merged));
-        if (n > 0) return {};
-        done = true;
-        return txn.del(Db::kIntents, key_u64(intent_id));
-      });
-      if (!s) return e;  // fsck --repair finishes it
-    }
-    if (created) (void)store.remove(merged);
-    return e;
-  };
-
   // Build M: rows and data, invisible until the switch.
   std::vector<std::pair<uint32_t, std::string>> out_rows;
   {
@@ -447,8 +417,7 @@ Result<LayerId> merge_layer(Pool& pool, LayerId layer_id, std::string* why) {
       };
       LAYER_ASSIGN(auto parent_file, open_file(l));
       LAYER_ASSIGN(auto child_file, open_file(k));
-      LAYER_ASSIGN(auto out, store.create(merged, k.size_bytes));
-      created = true;
+      LAYER_ASSIGN(auto out, build->create_file(Tier::kSsd, k.size_bytes));
       std::vector<uint8_t> buf(1 << 20);
       std::vector<uint8_t> source(kBlocksPerChunk);
       for (uint32_t c : chunks) {
@@ -486,13 +455,13 @@ Result<LayerId> merge_layer(Pool& pool, LayerId layer_id, std::string* why) {
       }
       return {};
     }();
-    if (!built) return rollback(built.error());
+    if (!built) return build->fail(built.error());
   }
   pool.test_point("merge.built");
 
   // The switch: K's references move to M, L and K retire.
   std::vector<uint64_t> drops;
-  auto switched = pool.committer().run([&](WriteTxn& txn) -> Status {
+  LAYER_TRY(build->publish([&](WriteTxn& txn) -> Status {
     drops.clear();
     LAYER_ASSIGN(auto cur_l, pool.get_layer(txn, l.id));
     LAYER_ASSIGN(auto cur_k, pool.get_layer(txn, k.id));
@@ -538,10 +507,8 @@ Result<LayerId> merge_layer(Pool& pool, LayerId layer_id, std::string* why) {
     }
     LAYER_TRY(put_layer(txn, m));
     LAYER_TRY(pool.retire_layer(txn, cur_k, &drops));
-    LAYER_TRY(pool.retire_layer(txn, cur_l, &drops));
-    return txn.del(Db::kIntents, key_u64(intent_id));
-  });
-  if (!switched) return rollback(switched.error());
+    return pool.retire_layer(txn, cur_l, &drops);
+  }));
   pool.test_point("merge.switched");
   LAYER_TRY(
       pool.finish_drops_after_removal(drops, fmt::format("merged layers {} and {}", l.id, k.id)));
@@ -569,33 +536,9 @@ Result<ContainerState> flatten_container(Pool& pool, std::string_view container,
     state.chain = chain;
     return state;  // already one layer (or none) below the delta
   }
-  LayerId flat = 0;
-  uint64_t intent_id = 0;
-  Lock flat_lock;
-  LAYER_TRY(pool.committer().run([&](WriteTxn& txn) -> Status {
-    LAYER_ASSIGN(flat, txn.next_id("layer"));
-    LAYER_ASSIGN(flat_lock, pool.locks().try_lock(LockKind::kLayer, flat, true,
-                                                  fmt::format("layer {}", flat)));
-    LAYER_ASSIGN(intent_id, txn.next_id("intent"));
-    IntentRecord intent{IntentRecord::Kind::kMerge, flat, fmt::format("flatten {}", container),
-                        now_unix()};
-    return txn.put(Db::kIntents, key_u64(intent_id), encode(intent));
-  }));
-  LayerStore& store = pool.store(Tier::kSsd);
-  bool created = false;
-  auto rollback = [&](Error e) -> Error {
-    for (bool done = false; !done;) {
-      auto s = pool.committer().run([&](WriteTxn& txn) -> Status {
-        LAYER_ASSIGN(uint64_t n, Pool::delete_layer_rows(txn, flat));
-        if (n > 0) return {};
-        done = true;
-        return txn.del(Db::kIntents, key_u64(intent_id));
-      });
-      if (!s) return e;
-    }
-    if (created) (void)store.remove(flat);
-    return e;
-  };
+  LAYER_ASSIGN(auto build, LayerBuild::begin(pool, IntentRecord::Kind::kMerge,
+                                             fmt::format("flatten {}", container)));
+  const LayerId flat = build->id();
   const uint32_t bs = c.block_size;
   uint64_t size = 0;
   for (const auto& l : chain) size = std::max(size, l.size_bytes);
@@ -606,8 +549,7 @@ Result<ContainerState> flatten_container(Pool& pool, std::string_view container,
       if (!f && f.error().code != ENOENT) return std::move(f).error();
       files.push_back(f ? *f : nullptr);
     }
-    LAYER_ASSIGN(auto out, store.create(flat, size));
-    created = true;
+    LAYER_ASSIGN(auto out, build->create_file(Tier::kSsd, size));
     std::vector<uint8_t> buf(1 << 20);
     std::vector<std::pair<uint32_t, std::string>> rows;
     const uint64_t nblocks = map->size_blocks();
@@ -651,9 +593,9 @@ Result<ContainerState> flatten_container(Pool& pool, std::string_view container,
     }
     return {};
   }();
-  if (!built) return rollback(built.error());
+  if (!built) return build->fail(built.error());
   pool.test_point("flatten.built");
-  auto switched = pool.committer().run([&](WriteTxn& txn) -> Status {
+  LAYER_TRY(build->publish([&](WriteTxn& txn) -> Status {
     drops->clear();
     LAYER_ASSIGN(auto cur, pool.get_container(txn, container));
     LAYER_ASSIGN(auto d, pool.get_layer(txn, cur.delta_layer));
@@ -668,9 +610,8 @@ Result<ContainerState> flatten_container(Pool& pool, std::string_view container,
     ++cur.generation;
     LAYER_TRY(txn.put(Db::kContainers, cur.name, encode(cur)));
     state = ContainerState{cur, d, {f}};
-    return txn.del(Db::kIntents, key_u64(intent_id));
-  });
-  if (!switched) return rollback(switched.error());
+    return {};
+  }));
   return state;
 }
 
