@@ -685,8 +685,13 @@ Status Disk::adopt(const ContainerState& state) {
       chain_locks.push_back(std::move(l));
     }
   }
-  LAYER_ASSIGN(delta_lock_, pool_.locks().try_lock(LockKind::kLayer, state.delta.id, true,
-                                                   fmt::format("layer {}", state.delta.id)));
+  if (auto it = held.find(state.delta.id); it != held.end()) {
+    delta_lock_ = std::move(it->second);  // the same delta (a merge below it)
+    held.erase(it);
+  } else {
+    LAYER_ASSIGN(delta_lock_, pool_.locks().try_lock(LockKind::kLayer, state.delta.id, true,
+                                                     fmt::format("layer {}", state.delta.id)));
+  }
   layer_locks_ = std::move(chain_locks);
   container_ = state.container;
   delta_layer_ = state.delta;
@@ -699,6 +704,49 @@ Status Disk::adopt(const ContainerState& state) {
   std::lock_guard<std::mutex> vlk(view_mu_);
   view_ = v ? *v : nullptr;
   return {};
+}
+
+Result<std::vector<std::pair<LayerId, LayerId>>> Disk::merge_hidden() {
+  std::vector<std::pair<LayerId, LayerId>> merged;
+  if (!writable_) return merged;
+  for (bool again = true; again;) {
+    again = false;
+    std::vector<LayerRecord> chain;
+    {
+      std::lock_guard<std::mutex> lk(load_mu_);
+      chain = chain_;
+    }
+    // L = chain[i], K = chain[i - 1] (its child, above it).
+    for (size_t i = 1; i < chain.size() && !again; ++i) {
+      std::string why;
+      LAYER_ASSIGN(auto plan, plan_merge(pool_, chain[i].id, &why));
+      if (!plan || plan->child.id != chain[i - 1].id) continue;
+      // Only this disk may read them: its own shared lock on each, nobody else's.
+      LAYER_ASSIGN(bool busy_l, pool_.locks().held_by_others(LockKind::kLayer, chain[i].id, 1));
+      LAYER_ASSIGN(bool busy_k, pool_.locks().held_by_others(LockKind::kLayer, chain[i - 1].id, 1));
+      if (busy_l || busy_k) continue;
+      // Built outside the gate: L and K are frozen, and reads go on meanwhile.
+      LAYER_ASSIGN(auto build, build_merge(pool_, *plan));
+      const LayerId m = build->id();
+      std::vector<uint64_t> drops;
+      LAYER_TRY(change([&]() -> Result<ContainerState> {
+        LAYER_TRY(build->publish(
+            [&](WriteTxn& txn) { return switch_merge(pool_, txn, *plan, m, &drops); }));
+        pool_.test_point("merge.switched");
+        LAYER_ASSIGN(auto txn, pool_.index().begin_read());
+        ContainerState state;
+        LAYER_ASSIGN(state.container, pool_.get_container(txn, name_));
+        LAYER_ASSIGN(state.delta, pool_.get_layer(txn, state.container.delta_layer));
+        LAYER_ASSIGN(state.chain, pool_.chain_of(txn, state.delta.parent));
+        return state;
+      }));
+      LAYER_TRY(pool_.finish_drops_after_removal(
+          drops, fmt::format("merged layers {} and {}", chain[i].id, chain[i - 1].id)));
+      merged.emplace_back(chain[i].id, m);
+      again = true;
+    }
+  }
+  return merged;
 }
 
 Result<ContainerState> Disk::snapshot(const std::string& snap) {

@@ -128,6 +128,11 @@ class Disk {
   // that the disk could not follow (a lock it could not take), EIO until reopened.
   Result<ContainerState> snapshot(const std::string& snap);
   Result<ContainerState> commit(const std::string& image_ref, const std::string& description);
+  // Merges the hidden layers of its chain that no one else reads (a live `snapshot rm`): each
+  // layer with one frozen child, no name and no other reference is merged with that child into
+  // a new layer, built while I/O goes on and switched in with the gate closed. Returns the
+  // merged layers and what replaced them. Errors: ENOSPC, EIO.
+  Result<std::vector<std::pair<LayerId, LayerId>>> merge_hidden();
   // The old delta's file is removed after the switch (unless keep_as keeps it as a snapshot).
   Result<ContainerState> rollback(const std::string& snap,
                                   const std::optional<std::string>& keep_as);

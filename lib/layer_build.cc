@@ -38,6 +38,9 @@ Status LayerBuild::publish(const std::function<Status(WriteTxn&)>& job) {
   });
   if (!s) return fail(s.error());
   done_ = true;
+  // Published: an ordinary layer now, which whoever reads it locks shared (a disk adopting it
+  // right away, in the same process).
+  lock_.release();
   return {};
 }
 

@@ -128,6 +128,26 @@ Result<bool> LockTable::is_locked(LockKind kind, uint64_t id) {
   return fl.l_type != F_UNLCK;
 }
 
+Result<bool> LockTable::held_by_others(LockKind kind, uint64_t id, unsigned own) {
+  const uint64_t offset = lock_offset(kind, id);
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = held_.find(offset);
+    const unsigned here = it == held_.end() ? 0 : it->second.count;
+    if (here > own) return true;
+  }
+  struct flock fl = {};
+  fl.l_type = F_WRLCK;
+  fl.l_whence = SEEK_SET;
+  fl.l_start = static_cast<off_t>(offset);
+  fl.l_len = 1;
+  if (fcntl(fd_, F_OFD_GETLK, &fl) != 0) {
+    const int err = errno;
+    return sys_error(err, fmt::format("F_OFD_GETLK {}/locks at {}", run_dir_, offset));
+  }
+  return fl.l_type != F_UNLCK;
+}
+
 void LockTable::unlock(uint64_t offset, bool exclusive) {
   // An exclusive holder is the only one, so its release is the last: the record goes while we
   // still hold the byte, so it cannot remove the record of whoever takes the byte next.

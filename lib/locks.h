@@ -67,6 +67,11 @@ class LockTable {
   // Errors: the errno of a failed F_OFD_GETLK (EBADF, EINVAL, ...): never read as "unlocked".
   Result<bool> is_locked(LockKind kind, uint64_t id);
 
+  // True when anyone but `own` holders of this process holds the object: more holders in this
+  // process, or any lock of another process (F_OFD_GETLK ignores this process's own locks).
+  // A server asks it before merging layers only its own disk reads. Errors: as is_locked.
+  Result<bool> held_by_others(LockKind kind, uint64_t id, unsigned own);
+
   // The holder note written for exclusive container locks ("pid N").
   std::string holder_of(uint64_t container_id) const;
 

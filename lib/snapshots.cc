@@ -293,6 +293,18 @@ Result<SnapshotTree> list_snapshots(Pool& pool, std::string_view container) {
 
 // ---- removal, merge, gc ----
 
+const char* to_string(RemovedSnapshot::Fate fate) {
+  switch (fate) {
+    case RemovedSnapshot::Fate::kDropped:
+      return "dropped";
+    case RemovedSnapshot::Fate::kMerged:
+      return "merged";
+    case RemovedSnapshot::Fate::kHidden:
+      break;
+  }
+  return "hidden";
+}
+
 Result<RemovedSnapshot> remove_snapshot(Pool& pool, std::string_view container,
                                         std::string_view snap) {
   LAYER_TRY(validate_name(container, "container name"));
@@ -355,47 +367,41 @@ Status copy_runs(const std::vector<uint8_t>& source, uint64_t chunk, uint32_t bl
 
 }  // namespace
 
-Result<LayerId> merge_layer(Pool& pool, LayerId layer_id, std::string* why) {
+Result<std::optional<MergePlan>> plan_merge(Pool& pool, LayerId layer_id, std::string* why) {
   LayerRecord l, k;
   {
     LAYER_ASSIGN(auto txn, pool.index().begin_read());
     LAYER_ASSIGN(auto row, txn.get(Db::kLayers, key_u64(layer_id)));
     if (!row) {
       *why = "it was removed";
-      return LayerId{0};
+      return std::optional<MergePlan>{};
     }
     LAYER_ASSIGN(l, decode_layer(*row, layer_id));
     if (l.state == LayerState::kWritable) {
       *why = "it is a live delta";
-      return LayerId{0};
+      return std::optional<MergePlan>{};
     }
     LAYER_ASSIGN(auto graph, load_graph(txn));
     const auto& kids = graph.children[layer_id];
     if (l.refcount != 1 || kids.size() != 1) {
       *why = fmt::format("{} layers, snapshots, clones or images depend on it",
                          std::max<size_t>(l.refcount, kids.size()));
-      return LayerId{0};
+      return std::optional<MergePlan>{};
     }
     k = graph.layers[kids[0]];
     if (k.state == LayerState::kWritable) {
       *why = "the live delta sits on it; `layer gc` merges it after the next snapshot";
-      return LayerId{0};
+      return std::optional<MergePlan>{};
     }
     if (k.block_size != l.block_size || k.size_bytes < l.size_bytes)
       return make_error(EIO, "layers {} and {}: block sizes or sizes disagree", l.id, k.id);
   }
-  // A server reading either layer holds it shared.
-  auto lock_l = pool.locks().try_lock(LockKind::kLayer, l.id, true, fmt::format("layer {}", l.id));
-  auto lock_k =
-      lock_l ? pool.locks().try_lock(LockKind::kLayer, k.id, true, fmt::format("layer {}", k.id))
-             : Result<Lock>(lock_l.error());
-  if (!lock_l || !lock_k) {
-    const Error& e = !lock_l ? lock_l.error() : lock_k.error();
-    if (e.code != EBUSY) return e;
-    *why = "a running server reads it; `layer gc` merges it when none does";
-    return LayerId{0};
-  }
+  return std::optional<MergePlan>{MergePlan{l, k}};
+}
 
+Result<std::unique_ptr<LayerBuild>> build_merge(Pool& pool, const MergePlan& plan) {
+  const LayerRecord& l = plan.parent;
+  const LayerRecord& k = plan.child;
   LAYER_ASSIGN(auto build, LayerBuild::begin(pool, IntentRecord::Kind::kMerge,
                                              fmt::format("{}+{}", l.id, k.id)));
   const LayerId merged = build->id();
@@ -458,57 +464,81 @@ Result<LayerId> merge_layer(Pool& pool, LayerId layer_id, std::string* why) {
     if (!built) return build->fail(built.error());
   }
   pool.test_point("merge.built");
+  return build;
+}
 
-  // The switch: K's references move to M, L and K retire.
-  std::vector<uint64_t> drops;
-  LAYER_TRY(build->publish([&](WriteTxn& txn) -> Status {
-    drops.clear();
-    LAYER_ASSIGN(auto cur_l, pool.get_layer(txn, l.id));
-    LAYER_ASSIGN(auto cur_k, pool.get_layer(txn, k.id));
-    if (cur_l.refcount != 1 || cur_k.parent != l.id)
-      return make_error(EBUSY, "layers {} and {} changed while merging", l.id, k.id);
-    LayerRecord m{merged,           cur_l.parent,     Tier::kSsd,
-                  cur_k.size_bytes, cur_k.block_size, LayerState::kFrozenUnhashed,
-                  cur_k.refcount,   now_unix()};
-    std::vector<LayerRecord> children;
-    LAYER_TRY(
-        txn.scan(Db::kLayers, "", [&](std::string_view kk, std::string_view v) -> Result<bool> {
-          auto id = decode_key_u64(kk);
-          if (!id) return make_error(EIO, "layers: key of {} bytes", kk.size());
-          LAYER_ASSIGN(auto rec, decode_layer(v, *id));
-          if (rec.parent == k.id) children.push_back(rec);
-          return true;
-        }));
-    for (auto& child : children) {
-      child.parent = merged;
-      LAYER_TRY(put_layer(txn, child));
-    }
-    std::vector<std::pair<std::string, SnapshotRecord>> snaps;
-    LAYER_TRY(
-        txn.scan(Db::kSnapshots, "", [&](std::string_view kk, std::string_view v) -> Result<bool> {
-          LAYER_ASSIGN(auto rec, decode_snapshot(v, kk));
-          if (rec.layer == k.id) snaps.emplace_back(std::string(kk), rec);
-          return true;
-        }));
-    for (auto& [key, rec] : snaps) {
-      rec.layer = merged;
-      LAYER_TRY(txn.put(Db::kSnapshots, key, encode(rec)));
-    }
-    std::vector<ImageRecord> images;
-    LAYER_TRY(
-        txn.scan(Db::kImages, "", [&](std::string_view kk, std::string_view v) -> Result<bool> {
-          LAYER_ASSIGN(auto rec, decode_image(v, kk));
-          if (rec.top_layer == k.id) images.push_back(rec);
-          return true;
-        }));
-    for (auto& image : images) {
-      image.top_layer = merged;
-      LAYER_TRY(txn.put(Db::kImages, image.ref, encode(image)));
-    }
-    LAYER_TRY(put_layer(txn, m));
-    LAYER_TRY(pool.retire_layer(txn, cur_k, &drops));
-    return pool.retire_layer(txn, cur_l, &drops);
+Status switch_merge(Pool& pool, WriteTxn& txn, const MergePlan& plan, LayerId merged,
+                    std::vector<uint64_t>* drops) {
+  const LayerRecord& l = plan.parent;
+  const LayerRecord& k = plan.child;
+  drops->clear();
+  LAYER_ASSIGN(auto cur_l, pool.get_layer(txn, l.id));
+  LAYER_ASSIGN(auto cur_k, pool.get_layer(txn, k.id));
+  if (cur_l.refcount != 1 || cur_k.parent != l.id)
+    return make_error(EBUSY, "layers {} and {} changed while merging", l.id, k.id);
+  LayerRecord m{merged,           cur_l.parent,     Tier::kSsd,
+                cur_k.size_bytes, cur_k.block_size, LayerState::kFrozenUnhashed,
+                cur_k.refcount,   now_unix()};
+  std::vector<LayerRecord> children;
+  LAYER_TRY(txn.scan(Db::kLayers, "", [&](std::string_view kk, std::string_view v) -> Result<bool> {
+    auto id = decode_key_u64(kk);
+    if (!id) return make_error(EIO, "layers: key of {} bytes", kk.size());
+    LAYER_ASSIGN(auto rec, decode_layer(v, *id));
+    if (rec.parent == k.id) children.push_back(rec);
+    return true;
   }));
+  for (auto& child : children) {
+    child.parent = merged;
+    LAYER_TRY(put_layer(txn, child));
+  }
+  std::vector<std::pair<std::string, SnapshotRecord>> snaps;
+  LAYER_TRY(
+      txn.scan(Db::kSnapshots, "", [&](std::string_view kk, std::string_view v) -> Result<bool> {
+        LAYER_ASSIGN(auto rec, decode_snapshot(v, kk));
+        if (rec.layer == k.id) snaps.emplace_back(std::string(kk), rec);
+        return true;
+      }));
+  for (auto& [key, rec] : snaps) {
+    rec.layer = merged;
+    LAYER_TRY(txn.put(Db::kSnapshots, key, encode(rec)));
+  }
+  std::vector<ImageRecord> images;
+  LAYER_TRY(txn.scan(Db::kImages, "", [&](std::string_view kk, std::string_view v) -> Result<bool> {
+    LAYER_ASSIGN(auto rec, decode_image(v, kk));
+    if (rec.top_layer == k.id) images.push_back(rec);
+    return true;
+  }));
+  for (auto& image : images) {
+    image.top_layer = merged;
+    LAYER_TRY(txn.put(Db::kImages, image.ref, encode(image)));
+  }
+  LAYER_TRY(put_layer(txn, m));
+  LAYER_TRY(pool.retire_layer(txn, cur_k, drops));
+  return pool.retire_layer(txn, cur_l, drops);
+}
+
+Result<LayerId> merge_layer(Pool& pool, LayerId layer_id, std::string* why) {
+  LAYER_ASSIGN(auto plan, plan_merge(pool, layer_id, why));
+  if (!plan) return LayerId{0};
+  const LayerRecord& l = plan->parent;
+  const LayerRecord& k = plan->child;
+  // A server reading either layer holds it shared.
+  auto lock_l = pool.locks().try_lock(LockKind::kLayer, l.id, true, fmt::format("layer {}", l.id));
+  auto lock_k =
+      lock_l ? pool.locks().try_lock(LockKind::kLayer, k.id, true, fmt::format("layer {}", k.id))
+             : Result<Lock>(lock_l.error());
+  if (!lock_l || !lock_k) {
+    const Error& e = !lock_l ? lock_l.error() : lock_k.error();
+    if (e.code != EBUSY) return e;
+    *why = "a running server reads it; `layer gc` merges it when none does";
+    return LayerId{0};
+  }
+
+  LAYER_ASSIGN(auto build, build_merge(pool, *plan));
+  const LayerId merged = build->id();
+  std::vector<uint64_t> drops;
+  LAYER_TRY(build->publish(
+      [&](WriteTxn& txn) { return switch_merge(pool, txn, *plan, merged, &drops); }));
   pool.test_point("merge.switched");
   LAYER_TRY(
       pool.finish_drops_after_removal(drops, fmt::format("merged layers {} and {}", l.id, k.id)));

@@ -20,12 +20,14 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "error.h"
+#include "layer_build.h"
 #include "pool.h"
 #include "records.h"
 
@@ -91,6 +93,9 @@ struct RemovedSnapshot {
   LayerId merged_into = 0;  // kMerged: the new layer replacing the snapshot's and its child's
   std::string why;          // kHidden: why the layer stays
 };
+// "dropped", "merged", "hidden".
+const char* to_string(RemovedSnapshot::Fate fate);
+
 // Removes the name; then drops, merges or keeps the layer (see above). A merge copies the two
 // layers' blocks into a new layer file and switches every reference in one transaction, under
 // a merge intent (rolled back by fsck --repair after a crash) and the layers' exclusive locks
@@ -102,6 +107,23 @@ Result<RemovedSnapshot> remove_snapshot(Pool& pool, std::string_view container,
 // Merges `layer` into its only child when the rules above allow it; returns the new layer's
 // id, or 0 with *why saying why not. Errors: EIO, ENOSPC.
 Result<LayerId> merge_layer(Pool& pool, LayerId layer, std::string* why);
+
+// The phases of a merge, for a server that merges layers its own disk reads (Disk::merge):
+// plan (may L merge into its only child K?), build M invisibly, then switch in the publishing
+// transaction.
+struct MergePlan {
+  LayerRecord parent;  // L
+  LayerRecord child;   // K
+};
+// std::nullopt with *why when the layer may not be merged. Errors: EIO.
+Result<std::optional<MergePlan>> plan_merge(Pool& pool, LayerId layer, std::string* why);
+// M = K over L, built under a merge intent; publish it with switch_merge. REQUIRES: no other
+// process changes L or K meanwhile (their locks). Errors: ENOSPC, EIO.
+Result<std::unique_ptr<LayerBuild>> build_merge(Pool& pool, const MergePlan& plan);
+// In the publishing transaction: K's references move to M, L and K retire (their rows and
+// files: *drops, finished after the commit). Errors: EBUSY (L or K changed), EIO.
+Status switch_merge(Pool& pool, WriteTxn& txn, const MergePlan& plan, LayerId merged,
+                    std::vector<uint64_t>* drops);
 
 // Copies everything the container reads from its frozen chain into one new frozen layer
 // without a parent and puts the container's delta on it, so that the container no longer

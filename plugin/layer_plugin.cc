@@ -134,7 +134,9 @@ int layer_get_ready() {
 // A live change asked for on the control socket (DESIGN.md "Locking"): the container is
 // acquired as a connection would (opening it if no client has), changed through its Disk with
 // the write gate closed, and released. Requests: {"op": "snapshot"|"rollback"|"commit",
-// "container": C, "name": SNAP, "keep_as": NAME, "image": REF, "description": TEXT}.
+// "container": C, "name": SNAP, "keep_as": NAME, "image": REF, "description": TEXT}, and
+// {"op": "snapshot-rm", "container": C, "name": SNAP}, which also merges the layers that only
+// this server's disk of C reads (Disk::merge_hidden).
 nlohmann::json handle_control(const nlohmann::json& request) {
   using nlohmann::json;
   auto error = [](int code, std::string message) {
@@ -151,10 +153,36 @@ nlohmann::json handle_control(const nlohmann::json& request) {
   };
   if (auto s = layer::validate_name(container, "container name"); !s)
     return layer::control_error(s.error());
-  if (op != "snapshot" && op != "rollback" && op != "commit")
+  if (op != "snapshot" && op != "rollback" && op != "commit" && op != "snapshot-rm")
     return error(EINVAL, "unknown control operation \"" + op + "\"");
   auto disk = g_disks->acquire(container, true);
   if (!disk) return layer::control_error(disk.error());
+  if (op == "snapshot-rm") {
+    // The name goes; a merge of layers this server's disk reads is done here, live.
+    auto removed = layer::remove_snapshot(*g_pool, container, str("name"));
+    layer::Result<std::vector<std::pair<layer::LayerId, layer::LayerId>>> merged =
+        std::vector<std::pair<layer::LayerId, layer::LayerId>>{};
+    if (removed && removed->fate == layer::RemovedSnapshot::Fate::kHidden)
+      merged = (*disk)->merge_hidden();
+    auto released = g_disks->release(std::move(*disk));
+    if (!released) nbdkit_error("flush after %s: %s", op.c_str(), released.error().message.c_str());
+    if (!removed) return layer::control_error(removed.error());
+    if (merged)
+      for (const auto& [from, to] : *merged)
+        if (from == removed->layer) {
+          removed->fate = layer::RemovedSnapshot::Fate::kMerged;
+          removed->merged_into = to;
+          removed->why.clear();
+        }
+    json reply{{"ok", true},
+               {"container", container},
+               {"layer", removed->layer},
+               {"layer_fate", layer::to_string(removed->fate)}};
+    if (removed->merged_into) reply["merged_into"] = removed->merged_into;
+    if (!removed->why.empty()) reply["why"] = removed->why;
+    if (!merged) reply["merge_error"] = merged.error().message;
+    return reply;
+  }
   layer::Result<layer::ContainerState> state = layer::Error{EINVAL, ""};
   if (op == "snapshot") {
     state = (*disk)->snapshot(str("name"));

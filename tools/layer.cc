@@ -326,14 +326,18 @@ Changed changed_from(const layer::ContainerState& st, bool live) {
 // server serves it; else through the serving server's control socket (DESIGN.md "Locking"),
 // which quiesces the export, changes it and resumes without the clients reconnecting.
 // !allow_live refuses a served container with EBUSY and `refusal`.
-Changed change_container(layer::Pool& pool, const std::string& name, const json& request,
-                         bool allow_live, const std::string& refusal,
-                         const std::function<layer::ContainerState()>& offline) {
+// Returns the offline result, or the server's response (with "live": true).
+json route_change(layer::Pool& pool, const std::string& name, const json& request, bool allow_live,
+                  const std::string& refusal, const std::function<json()>& offline) {
   for (int attempt = 0;; ++attempt) {
     const auto info = take(pool.inspect(name));
     auto lock = pool.locks().try_lock(layer::LockKind::kContainer, info.container.id, true,
                                       fmt::format("container \"{}\"", name));
-    if (lock.ok()) return changed_from(offline(), false);
+    if (lock.ok()) {
+      json j = offline();
+      j["live"] = false;
+      return j;
+    }
     if (lock.error().code != EBUSY) throw CliError{lock.error()};
     const pid_t pid = pool.serving_pid(info.container.id);
     if (pid == 0) throw CliError{lock.error()};
@@ -348,9 +352,21 @@ Changed change_container(layer::Pool& pool, const std::string& name, const json&
       throw CliError{std::move(response).error()};
     }
     check(layer::control_status(*response));
-    return {response->value("base_layer", LayerId{0}), response->value("delta_layer", LayerId{0}),
-            true};
+    json j = *response;
+    j["live"] = true;
+    return j;
   }
+}
+
+Changed change_container(layer::Pool& pool, const std::string& name, const json& request,
+                         bool allow_live, const std::string& refusal,
+                         const std::function<layer::ContainerState()>& offline) {
+  const json j = route_change(pool, name, request, allow_live, refusal, [&] {
+    const Changed c = changed_from(offline(), false);
+    return json{{"base_layer", c.base}, {"delta_layer", c.delta}};
+  });
+  return {j.value("base_layer", LayerId{0}), j.value("delta_layer", LayerId{0}),
+          j.value("live", false)};
 }
 
 struct SnapshotArgs {
@@ -421,15 +437,26 @@ int cmd_snapshot_rm(const Globals& g, const SnapshotArgs& a) {
   check(layer::validate_name(a.container, "container name"));
   check(layer::validate_name(a.name, "snapshot name"));
   auto pool = open_pool(g, true);
-  const auto r = take(layer::remove_snapshot(*pool, a.container, a.name));
-  const char* fate = r.fate == layer::RemovedSnapshot::Fate::kDropped  ? "dropped"
-                     : r.fate == layer::RemovedSnapshot::Fate::kMerged ? "merged"
-                                                                       : "hidden";
-  json j = {{"ok", true},
-            {"container", a.container},
-            {"snapshot", a.name},
-            {"layer", r.layer},
-            {"layer_fate", fate}};
+  // A served container's server removes it, so that it can merge layers its disk reads.
+  const json reply = route_change(
+      *pool, a.container, {{"op", "snapshot-rm"}, {"container", a.container}, {"name", a.name}},
+      true, "", [&] {
+        const auto removed = take(layer::remove_snapshot(*pool, a.container, a.name));
+        json j = {{"layer", removed.layer}, {"layer_fate", layer::to_string(removed.fate)}};
+        if (removed.merged_into) j["merged_into"] = removed.merged_into;
+        if (!removed.why.empty()) j["why"] = removed.why;
+        return j;
+      });
+  layer::RemovedSnapshot r;
+  r.layer = reply.value("layer", LayerId{0});
+  r.merged_into = reply.value("merged_into", LayerId{0});
+  r.why = reply.value("why", std::string());
+  const std::string fate = reply.value("layer_fate", std::string("hidden"));
+  r.fate = fate == "dropped"  ? layer::RemovedSnapshot::Fate::kDropped
+           : fate == "merged" ? layer::RemovedSnapshot::Fate::kMerged
+                              : layer::RemovedSnapshot::Fate::kHidden;
+  json j = {{"ok", true},       {"container", a.container}, {"snapshot", a.name},
+            {"layer", r.layer}, {"layer_fate", fate},       {"live", reply.value("live", false)}};
   if (r.merged_into) j["merged_into"] = r.merged_into;
   if (!r.why.empty()) j["why"] = r.why;
   std::string text = fmt::format("removed snapshot {}@{}", a.container, a.name);

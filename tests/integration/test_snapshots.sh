@@ -47,6 +47,25 @@ for p in m m@m2 m@m3; do
 done
 "$LAYER_BIN" fsck >/dev/null || fail "fsck after the merge: $("$LAYER_BIN" fsck 2>&1)"
 
+# The same with a client attached: the serving server removes the name and merges, live, the
+# layers only its disk reads; the client's disk and the other snapshot read the same.
+"$LAYER_BIN" clone base:1 lm >/dev/null
+qemu-io -f raw -c 'write -P 0x44 0 2M' "$(uri lm)" >/dev/null
+"$LAYER_BIN" snapshot lm a >/dev/null
+qemu-io -f raw -c 'write -P 0x55 1M 2M' "$(uri lm)" >/dev/null
+"$LAYER_BIN" snapshot lm b >/dev/null
+qemu-io -f raw -c 'write -P 0x66 5M 4k' "$(uri lm)" >/dev/null
+for p in lm lm@b; do qemu-img convert -f raw -O raw "$(uri "$p")" "$tmp/before-${p/@/-}.raw"; done
+hold_connection "$(uri lm)"
+out=$("$LAYER_BIN" --json snapshot rm lm a)
+grep -q '"layer_fate":"merged"' <<<"$out" || fail "a was not merged live: $out"
+grep -q '"live":true' <<<"$out" || fail "snapshot rm of a served container was not live: $out"
+for p in lm lm@b; do
+  qemu-img compare -f raw -F raw "$tmp/before-${p/@/-}.raw" "$(uri "$p")" >/dev/null ||
+    fail "$p changed when a was merged away live"
+done
+kill_pid "$holder_pid"
+
 # Errors: clear messages and exit 1.
 expect_error() {
   local want=$1

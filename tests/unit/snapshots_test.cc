@@ -230,6 +230,41 @@ TEST_CASE("a merge that a server's reads block stays hidden until gc", "[snapsho
   require_fsck_clean(pool);
 }
 
+TEST_CASE("a served disk merges the hidden layers only it reads, live", "[snapshots][live]") {
+  DiskFixture d(kImage, kDisk);
+  Pool& pool = *d.f.pool;
+  auto disk = d.open();
+  do_write(*disk, d.model, 0, pattern(4096 * 4, 1));
+  MUST(disk->snapshot("s1"));
+  const auto at_s1 = d.model.bytes;
+  do_write(*disk, d.model, 4096 * 2, pattern(4096 * 4, 2));
+  MUST(disk->snapshot("s2"));
+  const auto at_s2 = d.model.bytes;
+  do_write(*disk, d.model, 4096 * 9, pattern(10, 3));
+  // The name goes; the merge is refused by the open disk's locks: hidden.
+  auto r = MUST(remove_snapshot(pool, "c", "s1"));
+  CHECK(r.fate == RemovedSnapshot::Fate::kHidden);
+  // A snapshot export of s2 reads s1's layer too: the disk alone may not merge it.
+  {
+    auto export_s2 = MUST(Disk::open(pool, "c@s2", false));
+    CHECK(MUST(disk->merge_hidden()).empty());
+    require_same(read_all(*export_s2), at_s2);
+  }
+  auto merged = MUST(disk->merge_hidden());
+  REQUIRE(merged.size() == 1);
+  CHECK(merged[0].first == r.layer);
+  check_disk(*disk, d.model);
+  do_write(*disk, d.model, 4096 * 3, pattern(4096, 4));
+  REQUIRE_OK(disk->flush());
+  check_disk(*disk, d.model);
+  require_same(read_export(pool, "c@s2"), at_s2);
+  CHECK(MUST(list_snapshots(pool, "c")).hidden.empty());
+  disk.reset();
+  check_disk(*d.open(), d.model);
+  (void)at_s1;
+  require_fsck_clean(pool);
+}
+
 TEST_CASE("commit publishes an image version whose history names its parent", "[snapshots]") {
   DiskFixture d(kImage, kImage);
   Pool& pool = *d.f.pool;
