@@ -75,10 +75,7 @@ Result<std::shared_ptr<Disk>> Disk::open(Pool& pool, const std::string& name, bo
                pool.locks().try_lock(LockKind::kLayer, disk->delta_layer_.id, writable,
                                      fmt::format("layer {}", disk->delta_layer_.id)));
   LAYER_TRY(disk->lock_chain());
-  disk->size_bytes_ = disk->container_.size_bytes;
-  disk->block_size_ = disk->container_.block_size;
-  LAYER_TRY(disk->validate_records());
-  disk->size_blocks_ = (disk->size_bytes_ + disk->block_size_ - 1) / disk->block_size_;
+  LAYER_TRY(disk->take_sizes());
   return disk;
 }
 
@@ -108,11 +105,16 @@ Result<std::shared_ptr<Disk>> Disk::open_snapshot(Pool& pool, const std::string&
   // Its layers are locked shared (a merge leaves them alone), the container not at all: the
   // live container may be served read-write beside it.
   LAYER_TRY(disk->lock_chain());
-  disk->size_bytes_ = disk->container_.size_bytes;
-  disk->block_size_ = disk->container_.block_size;
-  LAYER_TRY(disk->validate_records());
-  disk->size_blocks_ = (disk->size_bytes_ + disk->block_size_ - 1) / disk->block_size_;
+  LAYER_TRY(disk->take_sizes());
   return disk;
+}
+
+Status Disk::take_sizes() {
+  size_bytes_ = container_.size_bytes;
+  block_size_ = container_.block_size;
+  LAYER_TRY(validate_records());
+  size_blocks_ = (size_bytes_ + block_size_ - 1) / block_size_;
+  return {};
 }
 
 Status Disk::lock_chain() {

@@ -199,6 +199,8 @@ class Disk {
                                                      const std::string& container,
                                                      const std::string& snap);
   Status lock_chain();
+  // The disk's size and block size from its container row, checked (validate_records).
+  Status take_sizes();
   // Runs op with the gate closed after a flush, then adopts the state it returns.
   Result<ContainerState> change(const std::function<Result<ContainerState>()>& op);
   // Takes the locks of `state` (keeping those already held), releases the others and loads

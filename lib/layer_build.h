@@ -38,8 +38,8 @@ class LayerBuild {
   // Creates the layer's file (removed by a rollback). Errors: as LayerStore::create.
   Result<std::shared_ptr<LayerFile>> create_file(Tier tier, uint64_t size_bytes);
   // Runs job in the publishing transaction, which also deletes the intent; after it commits
-  // nothing is rolled back and the layer's exclusive lock is released. Errors: EIO when the intent was rolled back meanwhile, the job's,
-  // the commit's (the build is then rolled back).
+  // nothing is rolled back and the layer's exclusive lock is released. Errors: EIO when the intent
+  // was rolled back meanwhile, the job's, the commit's (the build is then rolled back).
   Status publish(const std::function<Status(WriteTxn&)>& job);
   // Rolls back now and returns e, for `return build->fail(e);`.
   Error fail(Error e);

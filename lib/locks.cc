@@ -110,12 +110,7 @@ Result<Lock> LockTable::try_lock(LockKind kind, uint64_t id, bool exclusive,
   return Lock(this, offset, exclusive);
 }
 
-Result<bool> LockTable::is_locked(LockKind kind, uint64_t id) {
-  const uint64_t offset = lock_offset(kind, id);
-  {
-    std::lock_guard<std::mutex> lk(mu_);
-    if (held_.count(offset)) return true;
-  }
+Result<bool> LockTable::locked_elsewhere(uint64_t offset) {
   struct flock fl = {};
   fl.l_type = F_WRLCK;
   fl.l_whence = SEEK_SET;
@@ -128,6 +123,15 @@ Result<bool> LockTable::is_locked(LockKind kind, uint64_t id) {
   return fl.l_type != F_UNLCK;
 }
 
+Result<bool> LockTable::is_locked(LockKind kind, uint64_t id) {
+  const uint64_t offset = lock_offset(kind, id);
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (held_.count(offset)) return true;
+  }
+  return locked_elsewhere(offset);
+}
+
 Result<bool> LockTable::held_by_others(LockKind kind, uint64_t id, unsigned own) {
   const uint64_t offset = lock_offset(kind, id);
   {
@@ -136,16 +140,7 @@ Result<bool> LockTable::held_by_others(LockKind kind, uint64_t id, unsigned own)
     const unsigned here = it == held_.end() ? 0 : it->second.count;
     if (here > own) return true;
   }
-  struct flock fl = {};
-  fl.l_type = F_WRLCK;
-  fl.l_whence = SEEK_SET;
-  fl.l_start = static_cast<off_t>(offset);
-  fl.l_len = 1;
-  if (fcntl(fd_, F_OFD_GETLK, &fl) != 0) {
-    const int err = errno;
-    return sys_error(err, fmt::format("F_OFD_GETLK {}/locks at {}", run_dir_, offset));
-  }
-  return fl.l_type != F_UNLCK;
+  return locked_elsewhere(offset);
 }
 
 void LockTable::unlock(uint64_t offset, bool exclusive) {

@@ -80,6 +80,9 @@ class LockTable {
   LockTable(int fd, std::string run_dir) : fd_(fd), run_dir_(std::move(run_dir)) {}
   void unlock(uint64_t offset, bool exclusive);
   Status downgrade(uint64_t offset);
+  // Whether another process holds the byte (F_OFD_GETLK: this description's own locks never
+  // conflict with it). Errors: the errno of F_OFD_GETLK.
+  Result<bool> locked_elsewhere(uint64_t offset);
   std::string holder_path(uint64_t container_id) const;
   // REQUIRES: this process holds the container's byte exclusively (no one else writes it).
   void write_holder(uint64_t container_id) const;

@@ -3,6 +3,8 @@
 // records, is_locked's errors, and locks vanishing when their process exits.
 #include "locks.h"
 
+#include <unistd.h>
+
 #include "test_util.h"
 
 using namespace layer;
@@ -328,4 +330,54 @@ TEST_CASE("is_locked reports a failed F_OFD_GETLK as an error, not as unlocked",
     return 0;
   });
   CHECK(child.wait() == 0);
+}
+
+TEST_CASE("downgrade keeps the byte and lets other processes read", "[locks]") {
+  test::TempDir run;
+  auto table = MUST(LockTable::open(run.path()));
+  Lock lock = MUST(table->try_lock(LockKind::kLayer, 21, true, "layer 21"));
+  CHECK(try_in_child(run.path(), LockKind::kLayer, 21, false) == kChildBusy);
+  REQUIRE_OK(lock.downgrade());
+  CHECK_FALSE(lock.exclusive());
+  CHECK(try_in_child(run.path(), LockKind::kLayer, 21, false) == kChildGotLock);
+  CHECK(try_in_child(run.path(), LockKind::kLayer, 21, true) == kChildBusy);
+  // Shared now: another holder in this process may join.
+  Lock second = MUST(table->try_lock(LockKind::kLayer, 21, false, "layer 21"));
+  lock.release();
+  CHECK(try_in_child(run.path(), LockKind::kLayer, 21, true) == kChildBusy);
+  second.release();
+  CHECK(try_in_child(run.path(), LockKind::kLayer, 21, true) == kChildGotLock);
+}
+
+TEST_CASE("held_by_others counts this process's extra holders, not its own", "[locks]") {
+  test::TempDir run;
+  auto table = MUST(LockTable::open(run.path()));
+  CHECK_FALSE(MUST(table->held_by_others(LockKind::kLayer, 5, 0)));
+  Lock a = MUST(table->try_lock(LockKind::kLayer, 5, false, "layer 5"));
+  CHECK_FALSE(MUST(table->held_by_others(LockKind::kLayer, 5, 1)));
+  CHECK(MUST(table->held_by_others(LockKind::kLayer, 5, 0)));
+  Lock b = MUST(table->try_lock(LockKind::kLayer, 5, false, "layer 5"));
+  CHECK(MUST(table->held_by_others(LockKind::kLayer, 5, 1)));
+  b.release();
+  // Another process holding it shared (a child that keeps it until told to go).
+  int to_child[2], from_child[2];
+  REQUIRE(::pipe(to_child) == 0);
+  REQUIRE(::pipe(from_child) == 0);
+  test::Child child([&]() -> int {
+    auto t = LockTable::open(run.path());
+    if (!t) return 1;
+    auto l = (*t)->try_lock(LockKind::kLayer, 5, false, "layer 5");
+    if (!l) return 2;
+    char c = 'x';
+    if (::write(from_child[1], &c, 1) != 1) return 3;
+    if (::read(to_child[0], &c, 1) != 1) return 4;
+    return 0;
+  });
+  char c;
+  REQUIRE(::read(from_child[0], &c, 1) == 1);
+  CHECK(MUST(table->held_by_others(LockKind::kLayer, 5, 1)));
+  REQUIRE(::write(to_child[1], &c, 1) == 1);
+  CHECK(child.wait() == 0);
+  CHECK_FALSE(MUST(table->held_by_others(LockKind::kLayer, 5, 1)));
+  for (int fd : {to_child[0], to_child[1], from_child[0], from_child[1]}) ::close(fd);
 }
