@@ -240,6 +240,11 @@ def live(sock):
         except Exception as e:  # reported by the main thread
             errors.append(e)
 
+    # Generation 0 everywhere first: a block no writer reached yet reads 0, not the image.
+    h0 = connect(sock, "live")
+    h0.pwrite(bytes(writers * blocks_each * BS), 0)
+    h0.flush()
+    h0.shutdown()
     threads = [threading.Thread(target=writer, args=(w,)) for w in range(writers)]
     for t in threads:
         t.start()

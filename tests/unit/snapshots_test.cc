@@ -385,6 +385,11 @@ TEST_CASE("live snapshots under concurrent writers capture every acknowledged wr
   std::atomic<bool> stop{false};
   std::vector<std::vector<std::atomic<uint32_t>>> acked(kWriters);
   for (auto& v : acked) v = std::vector<std::atomic<uint32_t>>(kBlocksEach);
+  // Generation 0 everywhere first: a block no writer reached yet reads 0, not the image.
+  {
+    std::vector<uint8_t> zeroes(kWriters * kBlocksEach * 4096, 0);
+    REQUIRE_OK(disk->write(zeroes.data(), zeroes.size(), 0, false));
+  }
   std::vector<std::thread> writers;
   for (int w = 0; w < kWriters; ++w)
     writers.emplace_back([&, w] {
