@@ -23,6 +23,7 @@
 #include "disk.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <map>
 
@@ -35,6 +36,10 @@ namespace {
 constexpr int kSyncFailed = 1;  // an fdatasync failed: Linux may have dropped the dirty pages
 constexpr int kLostMarks = 2;   // a mark may have left the dirty set for want of memory
 constexpr int kStale = 3;       // a live change committed but the disk could not follow it
+
+// quiesce(): flush rounds with the gate open before closing it, until one takes less than this.
+constexpr int kQuiesceRounds = 4;
+constexpr auto kQuiesceQuickFlush = std::chrono::milliseconds(5);
 
 }  // namespace
 
@@ -643,8 +648,14 @@ Status Disk::flush_round(View& v) {
 }
 
 Status Disk::quiesce(const std::function<Status()>& fn) {
-  // Flush without pausing first, so little is left to flush with the gate closed.
-  LAYER_TRY(flush());
+  // Flush without pausing first, so little is left to flush with the gate closed: again while
+  // a round still took long (under a heavy writer each round syncs what the previous one let
+  // in), up to a few rounds.
+  for (int round = 0; round < kQuiesceRounds; ++round) {
+    const auto start = std::chrono::steady_clock::now();
+    LAYER_TRY(flush());
+    if (std::chrono::steady_clock::now() - start < kQuiesceQuickFlush) break;
+  }
   std::unique_lock<WriteGate> closed(gate_);
   LAYER_TRY(flush());
   return fn();
