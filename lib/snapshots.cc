@@ -479,15 +479,9 @@ Status switch_merge(Pool& pool, WriteTxn& txn, const MergePlan& plan, LayerId me
   LayerRecord m{merged,           cur_l.parent,     Tier::kSsd,
                 cur_k.size_bytes, cur_k.block_size, LayerState::kFrozenUnhashed,
                 cur_k.refcount,   now_unix()};
-  std::vector<LayerRecord> children;
-  LAYER_TRY(txn.scan(Db::kLayers, "", [&](std::string_view kk, std::string_view v) -> Result<bool> {
-    auto id = decode_key_u64(kk);
-    if (!id) return make_error(EIO, "layers: key of {} bytes", kk.size());
-    LAYER_ASSIGN(auto rec, decode_layer(v, *id));
-    if (rec.parent == k.id) children.push_back(rec);
-    return true;
-  }));
-  for (auto& child : children) {
+  LAYER_ASSIGN(auto graph, load_graph(txn));
+  for (LayerId id : graph.children[k.id]) {
+    LayerRecord child = graph.layers[id];
     child.parent = merged;
     LAYER_TRY(put_layer(txn, child));
   }

@@ -36,6 +36,20 @@ std::vector<uint8_t> read_export(Pool& pool, const std::string& name) {
   return read_all(*disk);
 }
 
+// Opens the container, writes (or zeroes) and flushes it, keeping the model in step, and
+// closes it again.
+void write_flush(DiskFixture& d, uint64_t off, uint64_t len, uint64_t seed) {
+  auto disk = d.open();
+  do_write(*disk, d.model, off, pattern(len, seed));
+  REQUIRE_OK(disk->flush());
+}
+
+void zero_flush(DiskFixture& d, uint64_t off, uint64_t len) {
+  auto disk = d.open();
+  do_zero(*disk, d.model, off, len);
+  REQUIRE_OK(disk->flush());
+}
+
 constexpr uint64_t kImage = 256 * 4096;
 constexpr uint64_t kDisk = kImage + 64 * 4096 + 512;
 
@@ -88,18 +102,13 @@ TEST_CASE("rollback restores a snapshot; later snapshots survive and one rolls f
           "[snapshots]") {
   DiskFixture d(kImage, kDisk);
   Pool& pool = *d.f.pool;
-  auto write_flush = [&](uint64_t off, uint64_t len, uint64_t seed) {
-    auto disk = d.open();
-    do_write(*disk, d.model, off, pattern(len, seed));
-    REQUIRE_OK(disk->flush());
-  };
-  write_flush(4096, 4096 * 3, 1);
+  write_flush(d, 4096, 4096 * 3, 1);
   MUST(snapshot_container(pool, "c", "a"));
   const auto at_a = d.model.bytes;
-  write_flush(4096 * 2 + 100, 5000, 2);
+  write_flush(d, 4096 * 2 + 100, 5000, 2);
   MUST(snapshot_container(pool, "c", "b"));
   const auto at_b = d.model.bytes;
-  write_flush(0, 100, 3);
+  write_flush(d, 0, 100, 3);
   const auto at_head = d.model.bytes;
 
   std::vector<uint64_t> drops;
@@ -109,7 +118,7 @@ TEST_CASE("rollback restores a snapshot; later snapshots survive and one rolls f
   require_same(read_export(pool, "c@before"), at_head);
   require_same(read_export(pool, "c@b"), at_b);
   // Forward again, this time discarding the head (its layer dropped and its file removed).
-  write_flush(4096 * 50, 4096, 4);
+  write_flush(d, 4096 * 50, 4096, 4);
   MUST(rollback_container(pool, "c", "b", std::nullopt, &drops));
   CHECK(drops.size() == 1);
   MUST(pool.finish_drops_after_removal(drops, "test"));
@@ -133,26 +142,16 @@ TEST_CASE("snapshot rm drops a leaf, merges a layer with one child, keeps a shar
           "[snapshots]") {
   DiskFixture d(kImage, kDisk);
   Pool& pool = *d.f.pool;
-  auto write_flush = [&](uint64_t off, uint64_t len, uint64_t seed) {
-    auto disk = d.open();
-    do_write(*disk, d.model, off, pattern(len, seed));
-    REQUIRE_OK(disk->flush());
-  };
-  auto zero_flush = [&](uint64_t off, uint64_t len) {
-    auto disk = d.open();
-    do_zero(*disk, d.model, off, len);
-    REQUIRE_OK(disk->flush());
-  };
-  write_flush(0, 4096 * 8, 1);
+  write_flush(d, 0, 4096 * 8, 1);
   MUST(snapshot_container(pool, "c", "s1"));
-  write_flush(4096 * 4, 4096 * 8, 2);  // overlaps s1's blocks 4..7
-  zero_flush(4096 * 1, 4096);          // a tombstone over s1's block 1
+  write_flush(d, 4096 * 4, 4096 * 8, 2);  // overlaps s1's blocks 4..7
+  zero_flush(d, 4096 * 1, 4096);          // a tombstone over s1's block 1
   MUST(snapshot_container(pool, "c", "s2"));
   const auto at_s2 = d.model.bytes;
-  write_flush(4096 * 30, 4096, 3);
+  write_flush(d, 4096 * 30, 4096, 3);
   MUST(snapshot_container(pool, "c", "s3"));
   const auto at_s3 = d.model.bytes;
-  write_flush(4096 * 31, 4096, 4);
+  write_flush(d, 4096 * 31, 4096, 4);
   const auto at_head = d.model.bytes;
 
   // s1's layer: one frozen child (s2's layer), nothing else: merged.
