@@ -762,20 +762,34 @@ Result<std::vector<std::pair<LayerId, LayerId>>> Disk::merge_hidden() {
   return merged;
 }
 
+Result<std::unique_ptr<LayerBuild>> Disk::premake_delta() {
+  if (!writable_) return make_error(EPERM, "container \"{}\" is open read-only", name_);
+  LAYER_ASSIGN(auto build, LayerBuild::begin(pool_, IntentRecord::Kind::kDelta, name_));
+  LAYER_TRY(build->create_file(Tier::kSsd, size_bytes_));
+  pool_.test_point("delta.premade");
+  return build;
+}
+
 Result<ContainerState> Disk::snapshot(const std::string& snap) {
-  return change([&] { return snapshot_container(pool_, name_, snap, delta_layer_.id); });
+  LAYER_ASSIGN(auto premade, premake_delta());
+  return change(
+      [&] { return snapshot_container(pool_, name_, snap, delta_layer_.id, premade.get()); });
 }
 
 Result<ContainerState> Disk::commit(const std::string& image_ref, const std::string& description) {
-  return change(
-      [&] { return commit_container(pool_, name_, image_ref, description, delta_layer_.id); });
+  LAYER_ASSIGN(auto premade, premake_delta());
+  return change([&] {
+    return commit_container(pool_, name_, image_ref, description, delta_layer_.id, premade.get());
+  });
 }
 
 Result<ContainerState> Disk::rollback(const std::string& snap,
                                       const std::optional<std::string>& keep_as) {
+  LAYER_ASSIGN(auto premade, premake_delta());
   std::vector<uint64_t> drops;
   LAYER_ASSIGN(auto state, change([&] {
-                 return rollback_container(pool_, name_, snap, keep_as, &drops, delta_layer_.id);
+                 return rollback_container(pool_, name_, snap, keep_as, &drops, delta_layer_.id,
+                                           premade.get());
                }));
   // The old delta's rows and file go now that no view will write it (a read still in flight
   // keeps its file open).

@@ -27,6 +27,7 @@
 #include "chain.h"
 #include "delta_map.h"
 #include "error.h"
+#include "layer_build.h"
 #include "layer_file.h"
 #include "locks.h"
 #include "pool.h"
@@ -201,6 +202,11 @@ class Disk {
   Status lock_chain();
   // The disk's size and block size from its container row, checked (validate_records).
   Status take_sizes();
+  // A new delta's id, intent and file (on ssd), made before a live snapshot, commit or
+  // rollback closes the write gate, so that neither the switch nor the first write after it
+  // creates a file (with its two syncs) while writers wait. Rolled back unless the change
+  // publishes it. Errors: EPERM (read-only), those of LayerBuild.
+  Result<std::unique_ptr<LayerBuild>> premake_delta();
   // Runs op with the gate closed after a flush, then adopts the state it returns.
   Result<ContainerState> change(const std::function<Result<ContainerState>()>& op);
   // Takes the locks of `state` (keeping those already held), releases the others and loads

@@ -36,6 +36,8 @@ struct LayerFacts {
 std::string describe_intent(const IntentRecord& intent) {
   if (intent.kind == IntentRecord::Kind::kMerge)
     return fmt::format("merge of layers {}", intent.target);
+  if (intent.kind == IntentRecord::Kind::kDelta)
+    return fmt::format("new delta for a live change of container \"{}\"", intent.target);
   return fmt::format("import of {}", intent.target);
 }
 

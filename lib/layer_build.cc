@@ -31,17 +31,25 @@ Result<std::shared_ptr<LayerFile>> LayerBuild::create_file(Tier tier, uint64_t s
 
 Status LayerBuild::publish(const std::function<Status(WriteTxn&)>& job) {
   auto s = pool_.committer().run([&](WriteTxn& txn) -> Status {
-    LAYER_ASSIGN(auto intent, txn.get(Db::kIntents, key_u64(intent_id_)));
-    if (!intent) return make_error(EIO, "layer {}: its intent was rolled back meanwhile", id_);
-    LAYER_TRY(job(txn));
-    return txn.del(Db::kIntents, key_u64(intent_id_));
+    LAYER_TRY(claim(txn));
+    return job(txn);
   });
   if (!s) return fail(s.error());
+  published();
+  return {};
+}
+
+Status LayerBuild::claim(WriteTxn& txn) {
+  LAYER_ASSIGN(auto intent, txn.get(Db::kIntents, key_u64(intent_id_)));
+  if (!intent) return make_error(EIO, "layer {}: its intent was rolled back meanwhile", id_);
+  return txn.del(Db::kIntents, key_u64(intent_id_));
+}
+
+void LayerBuild::published() {
   done_ = true;
   // Published: an ordinary layer now, which whoever reads it locks shared (a disk adopting it
   // right away, in the same process).
   lock_.release();
-  return {};
 }
 
 Error LayerBuild::fail(Error e) {

@@ -44,6 +44,15 @@ class LayerBuild {
   // Rolls back now and returns e, for `return build->fail(e);`.
   Error fail(Error e);
 
+  // For a publishing transaction that someone else runs (a live snapshot's pre-made delta):
+  // claim() inside it checks and deletes the intent; after that transaction committed,
+  // published() ends the build as publish() does. A transaction that claimed and then failed
+  // leaves the build to roll back. Errors: EIO (the intent was rolled back meanwhile).
+  Status claim(WriteTxn& txn);
+  void published();
+  // The tier of the file create_file made.
+  Tier file_tier() const { return file_tier_; }
+
  private:
   LayerBuild(Pool& pool) : pool_(pool) {}
   void roll_back() noexcept;

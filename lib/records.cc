@@ -239,7 +239,8 @@ Result<IntentRecord> decode_intent(std::string_view bytes, uint64_t id) {
   LAYER_TRY(d.finish(ok));
   if (kind != static_cast<uint8_t>(IntentRecord::Kind::kImport) &&
       kind != static_cast<uint8_t>(IntentRecord::Kind::kDrop) &&
-      kind != static_cast<uint8_t>(IntentRecord::Kind::kMerge))
+      kind != static_cast<uint8_t>(IntentRecord::Kind::kMerge) &&
+      kind != static_cast<uint8_t>(IntentRecord::Kind::kDelta))
     return make_error(EIO, "intent {}: unknown kind {}", id, kind);
   r.kind = static_cast<IntentRecord::Kind>(kind);
   return r;

@@ -92,14 +92,16 @@ std::string snapshot_key(uint64_t container_id, std::string_view name);
 // - kImport: `layer` is being built (no `layers` row yet); its rows and file are rolled back.
 // - kMerge: `layer` is the merged copy of two layers being built (no `layers` row yet); rolled
 //   back like an import (`target` names the two layers, "PARENT+CHILD").
+// - kDelta: `layer` is a new delta made before a live snapshot, commit or rollback switches to
+//   it (no `layers` row yet; its file exists, on ssd); rolled back like an import.
 // - kDrop: `layer` lost its last reference (its `layers` row is gone); its `maps`/`sums` rows
 //   are deleted in bounded transactions, then its file, then the intent.
 struct IntentRecord {
-  enum class Kind : uint8_t { kImport = 1, kDrop = 2, kMerge = 3 };
+  enum class Kind : uint8_t { kImport = 1, kDrop = 2, kMerge = 3, kDelta = 4 };
   Kind kind = Kind::kImport;
   LayerId layer = 0;
   // kImport: the image ref being imported; kDrop: the tier of the layer's file ("ssd", "hdd");
-  // kMerge: "PARENT+CHILD", the layer ids being merged.
+  // kMerge: "PARENT+CHILD", the layer ids being merged; kDelta: the container's name.
   std::string target;
   uint64_t created_unix = 0;
 };

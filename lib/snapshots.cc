@@ -40,10 +40,19 @@ Status put_layer(WriteTxn& txn, const LayerRecord& layer) {
   return txn.put(Db::kLayers, key_u64(layer.id), encode(layer));
 }
 
-// A new, empty writable delta for container c on `parent` (whose refcount the caller adds).
-Result<LayerRecord> make_delta(WriteTxn& txn, const ContainerRecord& c, LayerId parent, Tier tier) {
-  LAYER_ASSIGN(LayerId id, txn.next_id("layer"));
-  LayerRecord delta{id, parent,    tier, c.size_bytes, c.block_size, LayerState::kWritable,
+// A new, empty writable delta for container c on `parent` (whose refcount the caller adds):
+// the pre-made one if given (its file exists), else a new id whose file the first write makes.
+// A new delta starts on ssd: it is what the container writes.
+Result<LayerRecord> make_delta(WriteTxn& txn, const ContainerRecord& c, LayerId parent,
+                               LayerBuild* premade) {
+  LayerId id = 0;
+  if (premade) {
+    LAYER_TRY(premade->claim(txn));
+    id = premade->id();
+  } else {
+    LAYER_ASSIGN(id, txn.next_id("layer"));
+  }
+  LayerRecord delta{id, parent,    Tier::kSsd, c.size_bytes, c.block_size, LayerState::kWritable,
                     1,  now_unix()};
   LAYER_TRY(put_layer(txn, delta));
   return delta;
@@ -66,8 +75,8 @@ Result<LayerRecord> frozen_delta(Pool& pool, WriteTxn& txn, const ContainerRecor
 // Switches container c to a new delta on `base` (refcounts of base already counted) and
 // returns what it now serves.
 Result<ContainerState> switch_delta(Pool& pool, WriteTxn& txn, ContainerRecord c,
-                                    const LayerRecord& base, Tier tier) {
-  LAYER_ASSIGN(auto delta, make_delta(txn, c, base.id, tier));
+                                    const LayerRecord& base, LayerBuild* premade) {
+  LAYER_ASSIGN(auto delta, make_delta(txn, c, base.id, premade));
   c.delta_layer = delta.id;
   ++c.generation;
   LAYER_TRY(txn.put(Db::kContainers, c.name, encode(c)));
@@ -121,7 +130,8 @@ Result<std::optional<std::pair<std::string, std::string>>> parse_snapshot_ref(
 // ---- snapshot / commit / rollback ----
 
 Result<ContainerState> snapshot_container(Pool& pool, std::string_view container,
-                                          std::string_view snap, LayerId expected_delta) {
+                                          std::string_view snap, LayerId expected_delta,
+                                          LayerBuild* premade) {
   LAYER_TRY(validate_name(container, "container name"));
   LAYER_TRY(validate_snapshot_name(snap));
   ContainerState state;
@@ -137,16 +147,17 @@ Result<ContainerState> snapshot_container(Pool& pool, std::string_view container
     LAYER_TRY(put_layer(txn, frozen));
     SnapshotRecord rec{std::string(snap), c.id, frozen.id, now_unix()};
     LAYER_TRY(txn.put(Db::kSnapshots, key, encode(rec)));
-    LAYER_ASSIGN(state, switch_delta(pool, txn, c, frozen, frozen.tier));
+    LAYER_ASSIGN(state, switch_delta(pool, txn, c, frozen, premade));
     return {};
   }));
+  if (premade) premade->published();
   pool.test_point("snapshot.committed");
   return state;
 }
 
 Result<ContainerState> commit_container(Pool& pool, std::string_view container,
                                         std::string_view image_ref, std::string_view description,
-                                        LayerId expected_delta) {
+                                        LayerId expected_delta, LayerBuild* premade) {
   LAYER_TRY(validate_name(container, "container name"));
   LAYER_TRY(validate_image_ref(image_ref));
   ContainerState state;
@@ -161,9 +172,10 @@ Result<ContainerState> commit_container(Pool& pool, std::string_view container,
                       c.block_size,           now_unix(), std::string(description)};
     LAYER_TRY(txn.put(Db::kImages, image_ref, encode(image)));
     c.image_ref = std::string(image_ref);
-    LAYER_ASSIGN(state, switch_delta(pool, txn, c, frozen, frozen.tier));
+    LAYER_ASSIGN(state, switch_delta(pool, txn, c, frozen, premade));
     return {};
   }));
+  if (premade) premade->published();
   pool.test_point("commit.committed");
   return state;
 }
@@ -171,7 +183,8 @@ Result<ContainerState> commit_container(Pool& pool, std::string_view container,
 Result<ContainerState> rollback_container(Pool& pool, std::string_view container,
                                           std::string_view snap,
                                           const std::optional<std::string>& keep_as,
-                                          std::vector<uint64_t>* drops, LayerId expected_delta) {
+                                          std::vector<uint64_t>* drops, LayerId expected_delta,
+                                          LayerBuild* premade) {
   LAYER_TRY(validate_name(container, "container name"));
   LAYER_TRY(validate_snapshot_name(snap));
   if (keep_as) LAYER_TRY(validate_snapshot_name(*keep_as));
@@ -199,9 +212,10 @@ Result<ContainerState> rollback_container(Pool& pool, std::string_view container
     LAYER_ASSIGN(auto base, pool.get_layer(txn, target.layer));
     ++base.refcount;
     LAYER_TRY(put_layer(txn, base));
-    LAYER_ASSIGN(state, switch_delta(pool, txn, c, base, Tier::kSsd));
+    LAYER_ASSIGN(state, switch_delta(pool, txn, c, base, premade));
     return {};
   }));
+  if (premade) premade->published();
   pool.test_point("rollback.committed");
   return state;
 }

@@ -45,17 +45,21 @@ struct ContainerState {
 Result<std::optional<std::pair<std::string, std::string>>> parse_snapshot_ref(std::string_view ref);
 
 // Freezes the container's delta as snapshot `snap` and starts a new empty delta on it.
-// expected_delta (if not 0) must still be the container's delta (EBUSY otherwise).
+// expected_delta (if not 0) must still be the container's delta (EBUSY otherwise). The new
+// delta is `premade` when given (a live change: its file made before the write gate closed;
+// published by the commit, left to roll back on failure), else a new id whose file the first
+// write creates. The same for commit_container and rollback_container.
 // Errors: ENOENT (container), EEXIST (snapshot name), EINVAL (name), EIO.
 Result<ContainerState> snapshot_container(Pool& pool, std::string_view container,
-                                          std::string_view snap, LayerId expected_delta = 0);
+                                          std::string_view snap, LayerId expected_delta = 0,
+                                          LayerBuild* premade = nullptr);
 
 // Freezes the container's delta as the top layer of a new image `image_ref` (its parent is
 // the container's image chain) and starts a new empty delta on it; the container now names
 // that image. Errors: ENOENT, EEXIST (image), EINVAL, EIO.
 Result<ContainerState> commit_container(Pool& pool, std::string_view container,
                                         std::string_view image_ref, std::string_view description,
-                                        LayerId expected_delta = 0);
+                                        LayerId expected_delta = 0, LayerBuild* premade = nullptr);
 
 // Replaces the container's delta by a new empty one on snapshot `snap`'s layer. The old delta
 // is dropped (its file removed once nothing refers to it: *drops, to be finished with
@@ -64,7 +68,8 @@ Result<ContainerState> commit_container(Pool& pool, std::string_view container,
 Result<ContainerState> rollback_container(Pool& pool, std::string_view container,
                                           std::string_view snap,
                                           const std::optional<std::string>& keep_as,
-                                          std::vector<uint64_t>* drops, LayerId expected_delta = 0);
+                                          std::vector<uint64_t>* drops, LayerId expected_delta = 0,
+                                          LayerBuild* premade = nullptr);
 
 struct SnapshotInfo {
   SnapshotRecord snapshot;

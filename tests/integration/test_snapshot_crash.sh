@@ -1,9 +1,10 @@
 #!/bin/bash
 # test_snapshot_crash.sh — a crash (SIGKILL, through the test-only LAYER_FAILPOINT) at each step
-# of snapshot, commit, rollback, snapshot rm and its merge, flatten, in the CLI and in a server making a
-# live change: after a restart every point (container and snapshots) reads either its old or its
-# new content, never a mix, and `layer fsck` is clean (after --repair where an interrupted merge
-# must be rolled back); `layer gc` then finishes what was left.
+# of snapshot, commit, rollback, snapshot rm and its merge, flatten, in the CLI and in a server
+# making a live change (its new delta made, its change committed): after a restart every point
+# (container and snapshots) reads either its old or its new content, never a mix, and
+# `layer fsck` is clean (after --repair where an interrupted merge or change must be rolled
+# back); `layer gc` then finishes what was left.
 source "$(dirname "${BASH_SOURCE[0]}")/functions.sh"
 requires nbdcopy
 requires qemu-io
@@ -89,24 +90,37 @@ for failpoint in snapshot.committed commit.committed rollback.committed snapshot
   log "$failpoint: ok"
 done
 
-# A server killed between a live change's commit and its switch: the change is in the index,
-# and the container reads what it read before (the snapshot was made of flushed data).
-failpoint=change.committed
-setup
-rm -f "$tmp/srv.sock"
-LAYER_FAILPOINT=change.committed start_server srv "$LAYER_POOL"
-hold_connection "$(uri c)"
-rc=0
-"$LAYER_BIN" snapshot c live >/dev/null 2>&1 || rc=$?
-[[ "$rc" != 0 ]] || fail "$failpoint: the snapshot succeeded although the server was killed"
-wait_until 10 eval "! pid_alive $server_pid" || fail "$failpoint: the server is still running"
-kill_pid "$holder_pid"
-stop_server srv
-restart
-expect c "$h_c"
-expect c@live "$h_c"
-expect c@s2 "$h_s2"
-stop_server srv
-fsck_clean
-log "$failpoint: ok"
+# A server killed in a live change: after its new delta was made (nothing committed: the
+# intent is rolled back by fsck --repair, and the snapshot does not exist), or between the
+# change's commit and its switch (the change is in the index, and the container reads what
+# it read before: the snapshot was made of flushed data).
+for failpoint in delta.premade change.committed; do
+  setup
+  rm -f "$tmp/srv.sock"
+  LAYER_FAILPOINT=$failpoint start_server srv "$LAYER_POOL"
+  hold_connection "$(uri c)"
+  rc=0
+  "$LAYER_BIN" snapshot c live >/dev/null 2>&1 || rc=$?
+  [[ "$rc" != 0 ]] || fail "$failpoint: the snapshot succeeded although the server was killed"
+  wait_until 10 eval "! pid_alive $server_pid" || fail "$failpoint: the server is still running"
+  kill_pid "$holder_pid"
+  stop_server srv
+  restart
+  expect c "$h_c"
+  if [[ "$failpoint" == change.committed ]]; then
+    expect c@live "$h_c"
+  else
+    "$LAYER_BIN" snapshot ls c | grep -q live && fail "$failpoint: snapshot live exists"
+  fi
+  expect c@s2 "$h_s2"
+  stop_server srv
+  if [[ "$failpoint" == delta.premade ]]; then
+    out=$("$LAYER_BIN" fsck 2>&1) && fail "$failpoint: fsck is clean with an interrupted change"
+    [[ "$out" == *'new delta for a live change of container "c"'* ]] ||
+      fail "$failpoint: fsck does not report the interrupted change: $out"
+  fi
+  fsck_clean
+  "$LAYER_BIN" fsck >/dev/null || fail "$failpoint: fsck: $("$LAYER_BIN" fsck 2>&1)"
+  log "$failpoint: ok"
+done
 log "ok"

@@ -455,6 +455,31 @@ TEST_CASE("live rollback and commit switch the open disk without reopening", "[s
   require_fsck_clean(pool);
 }
 
+TEST_CASE("a live change switches to a delta whose file was made before the gate closed",
+          "[snapshots][live]") {
+  DiskFixture d(kImage, kDisk);
+  Pool& pool = *d.f.pool;
+  auto disk = d.open();
+  do_write(*disk, d.model, 4096, pattern(4096, 1));
+  auto st = MUST(disk->snapshot("a"));
+  // The new delta's file is there before any write, and no intent is left.
+  CHECK(MUST(pool.store(Tier::kSsd).stat(st.delta.id)).has_value());
+  CHECK(MUST(pool.intents(IntentRecord::Kind::kDelta)).empty());
+  // A change that fails (the name exists) leaves neither the intent nor the file behind.
+  const auto files_before = MUST(pool.store(Tier::kSsd).list()).size();
+  CHECK(disk->snapshot("a").error().code == EEXIST);
+  CHECK(disk->commit("nope:1/x", "").error().code == EINVAL);
+  CHECK(disk->rollback("zz", std::nullopt).error().code == ENOENT);
+  CHECK(MUST(pool.intents(IntentRecord::Kind::kDelta)).empty());
+  CHECK(MUST(pool.store(Tier::kSsd).list()).size() == files_before);
+  do_write(*disk, d.model, 8192, pattern(4096, 2));
+  REQUIRE_OK(disk->flush());
+  check_disk(*disk, d.model);
+  disk.reset();
+  check_disk(*d.open(), d.model);
+  require_fsck_clean(pool);
+}
+
 TEST_CASE("flatten copies the chain into one layer; the image can then go", "[snapshots]") {
   DiskFixture d(kImage, kDisk);
   Pool& pool = *d.f.pool;
