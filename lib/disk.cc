@@ -84,20 +84,61 @@ Result<std::shared_ptr<Disk>> Disk::open(Pool& pool, const std::string& name, bo
   return disk;
 }
 
+namespace {
+
+struct LockedChain {
+  ContainerRecord container;
+  SnapshotRecord snapshot;
+  std::vector<LayerRecord> chain;  // the snapshot's layer first
+  std::vector<Lock> locks;         // shared, parallel to chain
+};
+
+// A snapshot's chain as read, then locked shared, then read again: the locks come before the
+// rows we trust, so a `snapshot rm` (which drops a layer only under its exclusive lock) or a
+// merge (exclusive locks on both layers) cannot take a layer away while the holder reads it.
+// Errors: ENOENT (container or snapshot), EBUSY (a layer locked exclusively, or the chain
+// changed between the two reads), EIO.
+Result<LockedChain> locked_snapshot_chain(Pool& pool, const std::string& container,
+                                          const std::string& snap) {
+  LockedChain out;
+  auto read = [&]() -> Result<std::vector<LayerRecord>> {
+    LAYER_ASSIGN(auto txn, pool.index().begin_read());
+    LAYER_ASSIGN(out.container, pool.get_container(txn, container));
+    const std::string key = snapshot_key(out.container.id, snap);
+    LAYER_ASSIGN(auto row, txn.get(Db::kSnapshots, key));
+    if (!row)
+      return make_error(ENOENT, "snapshot \"{}\" of container \"{}\" not found", snap, container);
+    LAYER_ASSIGN(out.snapshot, decode_snapshot(*row, key));
+    return pool.chain_of(txn, out.snapshot.layer);
+  };
+  LAYER_ASSIGN(out.chain, read());
+  for (const auto& layer : out.chain) {
+    LAYER_ASSIGN(Lock l, pool.locks().try_lock(LockKind::kLayer, layer.id, false,
+                                               fmt::format("layer {}", layer.id)));
+    out.locks.push_back(std::move(l));
+  }
+  LAYER_ASSIGN(auto again, read());
+  if (!std::equal(out.chain.begin(), out.chain.end(), again.begin(), again.end(),
+                  [](const LayerRecord& a, const LayerRecord& b) { return a.id == b.id; }))
+    return make_error(EBUSY, "snapshot \"{}\" of container \"{}\" changed meanwhile", snap,
+                      container);
+  out.chain = std::move(again);
+  return out;
+}
+
+}  // namespace
+
 Result<std::shared_ptr<Disk>> Disk::open_snapshot(Pool& pool, const std::string& name,
                                                   const std::string& container,
                                                   const std::string& snap) {
   std::shared_ptr<Disk> disk(new Disk(pool));
   disk->name_ = name;
   disk->snapshot_ = true;
-  LAYER_ASSIGN(auto txn, pool.index().begin_read());
-  LAYER_ASSIGN(disk->container_, pool.get_container(txn, container));
-  const std::string key = snapshot_key(disk->container_.id, snap);
-  LAYER_ASSIGN(auto row, txn.get(Db::kSnapshots, key));
-  if (!row)
-    return make_error(ENOENT, "snapshot \"{}\" of container \"{}\" not found", snap, container);
-  LAYER_ASSIGN(auto rec, decode_snapshot(*row, key));
-  LAYER_ASSIGN(disk->chain_, pool.chain_of(txn, rec.layer));
+  LAYER_ASSIGN(auto locked, locked_snapshot_chain(pool, container, snap));
+  disk->container_ = std::move(locked.container);
+  disk->chain_ = std::move(locked.chain);
+  disk->layer_locks_ = std::move(locked.locks);
+  const SnapshotRecord& rec = locked.snapshot;
   // No delta: an all-absent map over the snapshot's chain.
   disk->delta_layer_ = LayerRecord{0,
                                    rec.layer,
@@ -109,7 +150,6 @@ Result<std::shared_ptr<Disk>> Disk::open_snapshot(Pool& pool, const std::string&
                                    0};
   // Its layers are locked shared (a merge leaves them alone), the container not at all: the
   // live container may be served read-write beside it.
-  LAYER_TRY(disk->lock_chain());
   LAYER_TRY(disk->take_sizes());
   return disk;
 }
@@ -785,6 +825,9 @@ Result<ContainerState> Disk::commit(const std::string& image_ref, const std::str
 
 Result<ContainerState> Disk::rollback(const std::string& snap,
                                       const std::optional<std::string>& keep_as) {
+  // The target's chain is locked before the switch commits and until the disk holds its own
+  // locks on it, so no merge replaces one of its layers in between.
+  LAYER_ASSIGN(auto target, locked_snapshot_chain(pool_, name_, snap));
   LAYER_ASSIGN(auto premade, premake_delta());
   std::vector<uint64_t> drops;
   LAYER_ASSIGN(auto state, change([&] {

@@ -326,20 +326,47 @@ Result<RemovedSnapshot> remove_snapshot(Pool& pool, std::string_view container,
   RemovedSnapshot out;
   std::vector<uint64_t> drops;
   bool dropped = false;
+  // A layer that goes with its name must not be read meanwhile (an open CONTAINER@SNAP
+  // export, a clone being made of it): its exclusive lock, taken when no one reads it, is held
+  // from before the drop is decided until the file is gone (opening CONTAINER@SNAP takes the
+  // layer's shared lock before it reads the snapshot's row). When the lock is not free the
+  // removal goes ahead only if the layer stays (it has a child, or another reference).
+  Lock exclusive;
+  {
+    LAYER_ASSIGN(auto txn, pool.index().begin_read());
+    LAYER_ASSIGN(auto c, pool.get_container(txn, container));
+    LAYER_ASSIGN(auto s, get_snapshot(txn, c, snap));
+    out.layer = s.layer;
+    auto l =
+        pool.locks().try_lock(LockKind::kLayer, s.layer, true, fmt::format("layer {}", s.layer));
+    if (l) {
+      exclusive = std::move(*l);
+    } else if (l.error().code != EBUSY) {
+      return std::move(l).error();
+    }
+  }
   LAYER_TRY(pool.committer().run([&](WriteTxn& txn) -> Status {
     drops.clear();
     LAYER_ASSIGN(auto c, pool.get_container(txn, container));
     LAYER_ASSIGN(auto s, get_snapshot(txn, c, snap));
-    out.layer = s.layer;
+    if (s.layer != out.layer)
+      return make_error(EBUSY, "snapshot \"{}\" of container \"{}\" changed meanwhile", snap,
+                        container);
     LAYER_TRY(txn.del(Db::kSnapshots, snapshot_key(c.id, snap)));
     LAYER_TRY(pool.drop_layer(txn, s.layer, &drops));
     LAYER_ASSIGN(auto still, txn.get(Db::kLayers, key_u64(s.layer)));
     dropped = !still;
+    if (dropped && !exclusive.held())
+      return make_error(EBUSY,
+                        "snapshot \"{}\" of container \"{}\" is being read (export {}@{} is "
+                        "open); remove it once that is closed",
+                        snap, container, container, snap);
     return {};
   }));
   pool.test_point("snapshot-rm.committed");
   LAYER_TRY(pool.finish_drops_after_removal(
       drops, fmt::format("snapshot \"{}\" of container \"{}\"", snap, container)));
+  exclusive.release();  // merge_layer takes the locks it needs itself
   if (dropped) {
     out.fate = RemovedSnapshot::Fate::kDropped;
     return out;

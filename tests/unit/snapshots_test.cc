@@ -196,8 +196,20 @@ TEST_CASE("snapshot rm drops a leaf, merges a layer with one child, keeps a shar
   MUST(snapshot_container(pool, "c", "leaf"));
   MUST(rollback_container(pool, "c", "s4", std::nullopt, &drops));
   MUST(pool.finish_drops_after_removal(drops, "test"));
+  // While an export reads it, the leaf's layer cannot go: the removal is refused and the
+  // export goes on reading it.
+  const auto at_leaf = read_export(pool, "c@leaf");
+  {
+    auto reader = MUST(Disk::open(pool, "c@leaf", false));
+    auto busy = remove_snapshot(pool, "c", "leaf");
+    REQUIRE_FALSE(busy);
+    CHECK(busy.error().code == EBUSY);
+    CHECK(busy.error().message.find("c@leaf") != std::string::npos);
+    require_same(read_all(*reader), at_leaf);
+  }
   r = MUST(remove_snapshot(pool, "c", "leaf"));
   CHECK(r.fate == RemovedSnapshot::Fate::kDropped);
+  CHECK(Disk::open(pool, "c@leaf", false).error().code == ENOENT);
   MUST(pool.remove_container("c"));
   require_same(read_export(pool, "k"), at_s2);
   require_fsck_clean(pool);
