@@ -21,6 +21,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -100,6 +101,25 @@ struct RemovedSnapshot {
 };
 // "dropped", "merged", "hidden".
 const char* to_string(RemovedSnapshot::Fate fate);
+// As the CLI prints it and a server's control reply carries it: {"layer","layer_fate",
+// "merged_into" (merged only), "why" (hidden only)}. from_json reads an unknown fate as hidden.
+// (Templates: the CLI's JSON keeps key order, the control socket's does not.)
+template <typename Json>
+void to_json(Json& j, const RemovedSnapshot& r) {
+  j = Json{{"layer", r.layer}, {"layer_fate", to_string(r.fate)}};
+  if (r.merged_into) j["merged_into"] = r.merged_into;
+  if (!r.why.empty()) j["why"] = r.why;
+}
+template <typename Json>
+void from_json(const Json& j, RemovedSnapshot& r) {
+  r.layer = j.value("layer", LayerId{0});
+  r.merged_into = j.value("merged_into", LayerId{0});
+  r.why = j.value("why", std::string());
+  const std::string fate = j.value("layer_fate", std::string());
+  r.fate = fate == "dropped"  ? RemovedSnapshot::Fate::kDropped
+           : fate == "merged" ? RemovedSnapshot::Fate::kMerged
+                              : RemovedSnapshot::Fate::kHidden;
+}
 
 // Removes the name; then drops, merges or keeps the layer (see above). A merge copies the two
 // layers' blocks into a new layer file and switches every reference in one transaction, under

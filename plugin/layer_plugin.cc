@@ -174,12 +174,9 @@ nlohmann::json handle_control(const nlohmann::json& request) {
           removed->merged_into = to;
           removed->why.clear();
         }
-    json reply{{"ok", true},
-               {"container", container},
-               {"layer", removed->layer},
-               {"layer_fate", layer::to_string(removed->fate)}};
-    if (removed->merged_into) reply["merged_into"] = removed->merged_into;
-    if (!removed->why.empty()) reply["why"] = removed->why;
+    json reply = *removed;
+    reply["ok"] = true;
+    reply["container"] = container;
     if (!merged) reply["merge_error"] = merged.error().message;
     return reply;
   }

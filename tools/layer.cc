@@ -440,25 +440,13 @@ int cmd_snapshot_rm(const Globals& g, const SnapshotArgs& a) {
   // A served container's server removes it, so that it can merge layers its disk reads.
   const json reply = route_change(
       *pool, a.container, {{"op", "snapshot-rm"}, {"container", a.container}, {"name", a.name}},
-      true, "", [&] {
-        const auto removed = take(layer::remove_snapshot(*pool, a.container, a.name));
-        json j = {{"layer", removed.layer}, {"layer_fate", layer::to_string(removed.fate)}};
-        if (removed.merged_into) j["merged_into"] = removed.merged_into;
-        if (!removed.why.empty()) j["why"] = removed.why;
-        return j;
-      });
-  layer::RemovedSnapshot r;
-  r.layer = reply.value("layer", LayerId{0});
-  r.merged_into = reply.value("merged_into", LayerId{0});
-  r.why = reply.value("why", std::string());
-  const std::string fate = reply.value("layer_fate", std::string("hidden"));
-  r.fate = fate == "dropped"  ? layer::RemovedSnapshot::Fate::kDropped
-           : fate == "merged" ? layer::RemovedSnapshot::Fate::kMerged
-                              : layer::RemovedSnapshot::Fate::kHidden;
-  json j = {{"ok", true},       {"container", a.container}, {"snapshot", a.name},
-            {"layer", r.layer}, {"layer_fate", fate},       {"live", reply.value("live", false)}};
-  if (r.merged_into) j["merged_into"] = r.merged_into;
-  if (!r.why.empty()) j["why"] = r.why;
+      true, "", [&] { return json(take(layer::remove_snapshot(*pool, a.container, a.name))); });
+  const auto r = reply.get<layer::RemovedSnapshot>();
+  json j = r;
+  j.update({{"ok", true},
+            {"container", a.container},
+            {"snapshot", a.name},
+            {"live", reply.value("live", false)}});
   std::string text = fmt::format("removed snapshot {}@{}", a.container, a.name);
   if (r.fate == layer::RemovedSnapshot::Fate::kDropped)
     text += fmt::format("; layer {} freed", r.layer);
