@@ -136,7 +136,8 @@ int layer_get_ready() {
 // the write gate closed, and released. Requests: {"op": "snapshot"|"rollback"|"commit",
 // "container": C, "name": SNAP, "keep_as": NAME, "image": REF, "description": TEXT}, and
 // {"op": "snapshot-rm", "container": C, "name": SNAP}, which also merges the layers that only
-// this server's disk of C reads (Disk::merge_hidden).
+// this server's disk of C reads (Disk::merge_hidden), and {"op": "merge", "container": C},
+// which only merges them (`layer gc`), replying {"merged": [[OLD, NEW], ...]}.
 nlohmann::json handle_control(const nlohmann::json& request) {
   using nlohmann::json;
   auto error = [](int code, std::string message) {
@@ -153,10 +154,20 @@ nlohmann::json handle_control(const nlohmann::json& request) {
   };
   if (auto s = layer::validate_name(container, "container name"); !s)
     return layer::control_error(s.error());
-  if (op != "snapshot" && op != "rollback" && op != "commit" && op != "snapshot-rm")
+  if (op != "snapshot" && op != "rollback" && op != "commit" && op != "snapshot-rm" &&
+      op != "merge")
     return error(EINVAL, "unknown control operation \"" + op + "\"");
   auto disk = g_disks->acquire(container, true);
   if (!disk) return layer::control_error(disk.error());
+  if (op == "merge") {
+    auto merged = (*disk)->merge_hidden();
+    auto released = g_disks->release(std::move(*disk));
+    if (!released) nbdkit_error("flush after %s: %s", op.c_str(), released.error().message.c_str());
+    if (!merged) return layer::control_error(merged.error());
+    json pairs = json::array();
+    for (const auto& [from, to] : *merged) pairs.push_back({from, to});
+    return json{{"ok", true}, {"container", container}, {"merged", pairs}};
+  }
   if (op == "snapshot-rm") {
     // The name goes; a merge of layers this server's disk reads is done here, live.
     auto removed = layer::remove_snapshot(*g_pool, container, str("name"));

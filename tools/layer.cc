@@ -592,7 +592,33 @@ int cmd_diff(const Globals& g, const std::string& a, const std::string& b) {
 
 int cmd_gc(const Globals& g) {
   auto pool = open_pool(g, true);
-  const auto r = take(layer::gc(*pool));
+  auto r = take(layer::gc(*pool));
+  // Hidden layers that only a server's disk reads: that server merges them, live.
+  for (const auto& info : take(pool->list_containers())) {
+    const pid_t pid = pool->serving_pid(info.container.id);
+    if (pid == 0) continue;
+    const auto reply =
+        layer::control_request(layer::control_socket_path(pool->paths().run_dir, pid),
+                               {{"op", "merge"}, {"container", info.container.name}});
+    const layer::Status status = reply.ok() ? layer::control_status(*reply) : reply.error();
+    if (!status.ok()) {
+      // Gone meanwhile (its layers are then free for the next gc), or failing: say so, go on.
+      r.kept.push_back(fmt::format("container \"{}\": its server (pid {}) did not merge: {}",
+                                   info.container.name, pid, status.error().message));
+      continue;
+    }
+    for (const auto& pair : reply->value("merged", nlohmann::json::array()))
+      r.done.push_back(fmt::format(
+          "layer {}: merged with its child into layer {} by the server "
+          "of container \"{}\" (pid {})",
+          pair.at(0).get<LayerId>(), pair.at(1).get<LayerId>(), info.container.name, pid));
+  }
+  // What a server merged is no longer kept.
+  std::erase_if(r.kept, [&](const std::string& line) {
+    for (const auto& d : r.done)
+      if (line.starts_with(d.substr(0, d.find(':') + 1))) return true;
+    return false;
+  });
   if (g.json) {
     print_json({{"ok", true}, {"done", r.done}, {"kept", r.kept}});
     return 0;

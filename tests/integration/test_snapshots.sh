@@ -64,6 +64,19 @@ for p in lm lm@b; do
   qemu-img compare -f raw -F raw "$tmp/before-${p/@/-}.raw" "$(uri "$p")" >/dev/null ||
     fail "$p changed when a was merged away live"
 done
+# b carries the live delta: hidden. After the next snapshot it has a frozen child, but only the
+# server reads it: `layer gc` asks that server, which merges it live.
+out=$("$LAYER_BIN" --json snapshot rm lm b)
+grep -q '"layer_fate":"hidden"' <<<"$out" || fail "b was not kept hidden: $out"
+"$LAYER_BIN" snapshot lm c >/dev/null
+out=$("$LAYER_BIN" gc)
+grep -q 'by the server of container "lm"' <<<"$out" || fail "gc did not have the server merge: $out"
+for p in lm lm@c; do
+  qemu-img compare -f raw -F raw "$tmp/before-lm.raw" "$(uri "$p")" >/dev/null ||
+    fail "$p changed when gc had the server merge"
+done
+"$LAYER_BIN" --json snapshot ls lm | grep -q '"hidden":\[\]' ||
+  fail "a hidden layer is left after gc: $("$LAYER_BIN" snapshot ls lm)"
 kill_pid "$holder_pid"
 
 # Errors: clear messages and exit 1.
