@@ -841,6 +841,22 @@ Result<ContainerState> Disk::rollback(const std::string& snap,
   return state;
 }
 
+Result<ContainerState> Disk::flatten() {
+  if (!writable_) return make_error(EPERM, "container \"{}\" is open read-only", name_);
+  // The copy is made from the frozen chain while I/O goes on; only the switch of the delta's
+  // parent happens with the gate closed.
+  LAYER_ASSIGN(auto built, build_flat(pool_, name_));
+  if (!built) {
+    std::lock_guard<std::mutex> lk(load_mu_);
+    return ContainerState{container_, delta_layer_, chain_};
+  }
+  std::vector<uint64_t> drops;
+  LAYER_ASSIGN(auto state, change([&] { return switch_flat(pool_, *built, &drops); }));
+  LAYER_TRY(pool_.finish_drops_after_removal(
+      drops, fmt::format("the old chain of container \"{}\"", name_)));
+  return state;
+}
+
 // ---- extents / cache ----
 
 Status Disk::extents(uint64_t len, uint64_t offset,

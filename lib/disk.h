@@ -134,6 +134,10 @@ class Disk {
   // a new layer, built while I/O goes on and switched in with the gate closed. Returns the
   // merged layers and what replaced them. Errors: ENOSPC, EIO.
   Result<std::vector<std::pair<LayerId, LayerId>>> merge_hidden();
+  // Copies the frozen chain into one layer of the container's own (flatten_container), built
+  // while I/O goes on, and switches the delta onto it with the gate closed. Errors: ENOSPC,
+  // EIO, EBUSY (the disk changed meanwhile).
+  Result<ContainerState> flatten();
   // The old delta's file is removed after the switch (unless keep_as keeps it as a snapshot).
   Result<ContainerState> rollback(const std::string& snap,
                                   const std::optional<std::string>& keep_as);

@@ -580,32 +580,29 @@ Result<LayerId> merge_layer(Pool& pool, LayerId layer_id, std::string* why) {
   return merged;
 }
 
-Result<ContainerState> flatten_container(Pool& pool, std::string_view container,
-                                         std::vector<uint64_t>* drops) {
+Result<std::optional<FlatBuild>> build_flat(Pool& pool, std::string_view container) {
   LAYER_TRY(validate_name(container, "container name"));
-  ContainerRecord c;
-  LayerRecord delta;
+  FlatBuild fb;
+  ContainerRecord& c = fb.container;
   std::vector<LayerRecord> chain;
   std::shared_ptr<const ChainMap> map;
   {
     LAYER_ASSIGN(auto txn, pool.index().begin_read());
     LAYER_ASSIGN(c, pool.get_container(txn, container));
-    LAYER_ASSIGN(delta, pool.get_layer(txn, c.delta_layer));
-    if (delta.parent != 0) {
-      LAYER_ASSIGN(chain, pool.chain_of(txn, delta.parent));
+    LAYER_ASSIGN(fb.delta, pool.get_layer(txn, c.delta_layer));
+    if (fb.delta.parent != 0) {
+      LAYER_ASSIGN(chain, pool.chain_of(txn, fb.delta.parent));
     }
     LAYER_ASSIGN(map, pool.chains().get(txn, chain));
   }
-  ContainerState state{c, delta, {}};
-  if (chain.size() <= 1 && (chain.empty() || chain[0].parent == 0)) {
-    state.chain = chain;
-    return state;  // already one layer (or none) below the delta
-  }
-  LAYER_ASSIGN(auto build, LayerBuild::begin(pool, IntentRecord::Kind::kMerge,
-                                             fmt::format("flatten {}", container)));
+  if (chain.size() <= 1 && (chain.empty() || chain[0].parent == 0))
+    return std::optional<FlatBuild>{};  // already one layer (or none) below the delta
+  LAYER_ASSIGN(fb.build, LayerBuild::begin(pool, IntentRecord::Kind::kMerge,
+                                           fmt::format("flatten {}", container)));
+  LayerBuild* build = fb.build.get();
   const LayerId flat = build->id();
   const uint32_t bs = c.block_size;
-  uint64_t size = 0;
+  uint64_t& size = fb.size_bytes;
   for (const auto& l : chain) size = std::max(size, l.size_bytes);
   auto built = [&]() -> Status {
     std::vector<std::shared_ptr<LayerFile>> files;
@@ -660,13 +657,27 @@ Result<ContainerState> flatten_container(Pool& pool, std::string_view container,
   }();
   if (!built) return build->fail(built.error());
   pool.test_point("flatten.built");
-  LAYER_TRY(build->publish([&](WriteTxn& txn) -> Status {
+  return std::optional<FlatBuild>(std::move(fb));
+}
+
+Result<ContainerState> switch_flat(Pool& pool, FlatBuild& fb, std::vector<uint64_t>* drops) {
+  ContainerState state;
+  const LayerId flat = fb.build->id();
+  const std::string container = fb.container.name;
+  LAYER_TRY(fb.build->publish([&](WriteTxn& txn) -> Status {
     drops->clear();
     LAYER_ASSIGN(auto cur, pool.get_container(txn, container));
     LAYER_ASSIGN(auto d, pool.get_layer(txn, cur.delta_layer));
-    if (cur.delta_layer != delta.id || d.parent != delta.parent)
+    if (cur.delta_layer != fb.delta.id || d.parent != fb.delta.parent)
       return make_error(EBUSY, "container \"{}\" changed while flattening", container);
-    LayerRecord f{flat, 0, Tier::kSsd, size, bs, LayerState::kFrozenUnhashed, 1, now_unix()};
+    LayerRecord f{flat,
+                  0,
+                  Tier::kSsd,
+                  fb.size_bytes,
+                  fb.container.block_size,
+                  LayerState::kFrozenUnhashed,
+                  1,
+                  now_unix()};
     LAYER_TRY(put_layer(txn, f));
     LAYER_TRY(pool.drop_layer(txn, d.parent, drops));
     d.parent = flat;
@@ -677,6 +688,21 @@ Result<ContainerState> flatten_container(Pool& pool, std::string_view container,
     state = ContainerState{cur, d, {f}};
     return {};
   }));
+  return state;
+}
+
+Result<ContainerState> flatten_container(Pool& pool, std::string_view container,
+                                         std::vector<uint64_t>* drops) {
+  LAYER_ASSIGN(auto fb, build_flat(pool, container));
+  if (fb) return switch_flat(pool, *fb, drops);
+  drops->clear();
+  LAYER_ASSIGN(auto txn, pool.index().begin_read());
+  ContainerState state;
+  LAYER_ASSIGN(state.container, pool.get_container(txn, container));
+  LAYER_ASSIGN(state.delta, pool.get_layer(txn, state.container.delta_layer));
+  if (state.delta.parent != 0) {
+    LAYER_ASSIGN(state.chain, pool.chain_of(txn, state.delta.parent));
+  }
   return state;
 }
 

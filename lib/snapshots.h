@@ -153,10 +153,21 @@ Status switch_merge(Pool& pool, WriteTxn& txn, const MergePlan& plan, LayerId me
 // Copies everything the container reads from its frozen chain into one new frozen layer
 // without a parent and puts the container's delta on it, so that the container no longer
 // depends on its image or snapshots (their layers stay while others use them); its image ref
-// becomes "" so that the image can be removed. The copy is
-// built under a merge intent (rolled back by fsck --repair after a crash) and switched in one
-// transaction. REQUIRES: the caller holds the container's exclusive lock (no server serves
-// it). Errors: ENOENT, ENOSPC, EIO.
+// becomes "" so that the image can be removed. The copy is built under a merge intent (rolled
+// back by fsck --repair after a crash) and switched in one transaction: build_flat, then
+// switch_flat (a served container's Disk::flatten switches with its write gate closed;
+// flatten_container does both, for a caller holding the container's exclusive lock). The old
+// chain's references are dropped: *drops, to finish after the switch.
+// Errors: ENOENT, ENOSPC, EIO; EBUSY from switch_flat when the delta changed meanwhile.
+struct FlatBuild {
+  std::unique_ptr<LayerBuild> build;
+  ContainerRecord container;
+  LayerRecord delta;  // the delta whose chain was copied
+  uint64_t size_bytes = 0;
+};
+// std::nullopt: the delta already sits on one parentless layer (or none).
+Result<std::optional<FlatBuild>> build_flat(Pool& pool, std::string_view container);
+Result<ContainerState> switch_flat(Pool& pool, FlatBuild& built, std::vector<uint64_t>* drops);
 Result<ContainerState> flatten_container(Pool& pool, std::string_view container,
                                          std::vector<uint64_t>* drops);
 

@@ -133,7 +133,7 @@ int layer_get_ready() {
 
 // A live change asked for on the control socket (DESIGN.md "Locking"): the container is
 // acquired as a connection would (opening it if no client has), changed through its Disk with
-// the write gate closed, and released. Requests: {"op": "snapshot"|"rollback"|"commit",
+// the write gate closed, and released. Requests: {"op": "snapshot"|"rollback"|"commit"|"flatten",
 // "container": C, "name": SNAP, "keep_as": NAME, "image": REF, "description": TEXT}, and
 // {"op": "snapshot-rm", "container": C, "name": SNAP}, which also merges the layers that only
 // this server's disk of C reads (Disk::merge_hidden), and {"op": "merge", "container": C},
@@ -155,7 +155,7 @@ nlohmann::json handle_control(const nlohmann::json& request) {
   if (auto s = layer::validate_name(container, "container name"); !s)
     return layer::control_error(s.error());
   if (op != "snapshot" && op != "rollback" && op != "commit" && op != "snapshot-rm" &&
-      op != "merge")
+      op != "merge" && op != "flatten")
     return error(EINVAL, "unknown control operation \"" + op + "\"");
   auto disk = g_disks->acquire(container, true);
   if (!disk) return layer::control_error(disk.error());
@@ -196,6 +196,8 @@ nlohmann::json handle_control(const nlohmann::json& request) {
     state = (*disk)->snapshot(str("name"));
   } else if (op == "commit") {
     state = (*disk)->commit(str("image"), str("description"));
+  } else if (op == "flatten") {
+    state = (*disk)->flatten();
   } else {
     std::optional<std::string> keep;
     if (!str("keep_as").empty()) keep = str("keep_as");

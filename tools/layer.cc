@@ -529,18 +529,17 @@ int cmd_commit(const Globals& g, const CommitArgs& a) {
 int cmd_flatten(const Globals& g, const std::string& container) {
   check(layer::validate_name(container, "container name"));
   auto pool = open_pool(g, true);
-  const Changed c =
-      change_container(*pool, container, json::object(), false,
-                       "flatten copies the whole chain; stop the clients first", [&] {
-                         std::vector<uint64_t> drops;
-                         auto st = take(layer::flatten_container(*pool, container, &drops));
-                         check(pool->finish_drops_after_removal(
-                             drops, fmt::format("the old chain of container \"{}\"", container)));
-                         return st;
-                       });
-  print_result(
-      g, {{"ok", true}, {"container", container}, {"layer", c.base}},
-      fmt::format("flattened {}: its delta now sits on layer {} alone", container, c.base));
+  const Changed c = change_container(
+      *pool, container, {{"op", "flatten"}, {"container", container}}, true, "", [&] {
+        std::vector<uint64_t> drops;
+        auto st = take(layer::flatten_container(*pool, container, &drops));
+        check(pool->finish_drops_after_removal(
+            drops, fmt::format("the old chain of container \"{}\"", container)));
+        return st;
+      });
+  print_result(g, {{"ok", true}, {"container", container}, {"layer", c.base}, {"live", c.live}},
+               fmt::format("flattened {}: its delta now sits on layer {} alone{}", container,
+                           c.base, c.live ? " (live)" : ""));
   return 0;
 }
 
