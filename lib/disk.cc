@@ -45,11 +45,39 @@ constexpr auto kQuiesceQuickFlush = std::chrono::milliseconds(5);
 
 // ---- open ----
 
+Result<ExportName> parse_export_name(std::string_view name) {
+  ExportName out;
+  const auto at = name.find('@');
+  out.container = std::string(name.substr(0, at));
+  LAYER_TRY(validate_name(out.container, "container name"));
+  if (at == std::string_view::npos) return out;
+  std::string_view snap = name.substr(at + 1);
+  if (const auto dots = snap.find(".."); dots != std::string_view::npos) {
+    out.since = std::string(snap.substr(0, dots));
+    snap = snap.substr(dots + 2);
+    LAYER_TRY(validate_name(out.since, "snapshot name"));
+  }
+  out.snapshot = std::string(snap);
+  LAYER_TRY(validate_name(out.snapshot, "snapshot name"));
+  return out;
+}
+
 Result<std::shared_ptr<Disk>> Disk::open(Pool& pool, const std::string& name, bool writable) {
-  LAYER_ASSIGN(auto snap, parse_snapshot_ref(name));
-  if (snap) {
+  LAYER_ASSIGN(auto parsed, parse_export_name(name));
+  if (!parsed.snapshot.empty()) {
     if (writable) return make_error(EPERM, "snapshot {} is read-only", name);
-    return open_snapshot(pool, name, snap->first, snap->second);
+    LAYER_ASSIGN(auto disk, open_snapshot(pool, name, parsed.container, parsed.snapshot));
+    if (!parsed.since.empty()) {
+      LAYER_ASSIGN(auto txn, pool.index().begin_read());
+      LAYER_ASSIGN(auto c, pool.get_container(txn, parsed.container));
+      LAYER_ASSIGN(auto since, txn.get(Db::kSnapshots, snapshot_key(c.id, parsed.since)));
+      if (!since)
+        return make_error(ENOENT, "snapshot \"{}\" of container \"{}\" not found", parsed.since,
+                          parsed.container);
+      disk->diff_since_ = parsed.container + "@" + parsed.since;
+      disk->diff_of_ = parsed.container + "@" + parsed.snapshot;
+    }
+    return disk;
   }
   LAYER_TRY(validate_name(name, "container name"));
   if (writable && pool.read_only())
@@ -366,7 +394,13 @@ Status Disk::read(void* buf, uint64_t len, uint64_t offset) {
   LAYER_TRY(check_range(len, offset, false));
   if (len == 0) return {};
   LAYER_ASSIGN(auto v, loaded_view());
-  return read_range(*v, static_cast<uint8_t*>(buf), len, offset);
+  if (!is_diff()) return read_range(*v, static_cast<uint8_t*>(buf), len, offset);
+  return for_each_change(len, offset, [&](uint64_t from, uint64_t to, bool changed) -> Status {
+    uint8_t* dst = static_cast<uint8_t*>(buf) + (from - offset);
+    if (changed) return read_range(*v, dst, to - from, from);
+    std::memset(dst, 0, to - from);
+    return {};
+  });
 }
 
 Status Disk::for_each_run(const View& v, uint64_t len, uint64_t offset,
@@ -863,6 +897,11 @@ Status Disk::extents(uint64_t len, uint64_t offset,
                      const std::function<void(uint64_t, uint64_t, bool)>& fn) {
   LAYER_TRY(check_range(len, offset, false));
   if (len == 0) return {};
+  if (is_diff())
+    return for_each_change(len, offset, [&](uint64_t from, uint64_t to, bool changed) -> Status {
+      fn(from, to - from, changed);
+      return {};
+    });
   LAYER_ASSIGN(auto v, loaded_view());
   // Runs of the same kind (data, or hole+zero) are merged into one extent.
   uint64_t cur_from = offset;
@@ -878,6 +917,36 @@ Status Disk::extents(uint64_t len, uint64_t offset,
     return {};
   }));
   fn(cur_from, offset + len - cur_from, cur_data);
+  return {};
+}
+
+Result<std::shared_ptr<const Disk::Ranges>> Disk::changed_ranges() {
+  std::lock_guard<std::mutex> lk(diff_mu_);
+  if (!changed_) {
+    LAYER_ASSIGN(auto d, diff(pool_, diff_since_, diff_of_));
+    std::sort(d.ranges.begin(), d.ranges.end());
+    changed_ = std::make_shared<const Ranges>(std::move(d.ranges));
+  }
+  return changed_;
+}
+
+Status Disk::for_each_change(uint64_t len, uint64_t offset,
+                             const std::function<Status(uint64_t, uint64_t, bool)>& fn) {
+  LAYER_ASSIGN(auto changed, changed_ranges());
+  const uint64_t end = offset + len;
+  uint64_t pos = offset;
+  auto it = std::upper_bound(changed->begin(), changed->end(), std::make_pair(offset, UINT64_MAX));
+  if (it != changed->begin()) --it;
+  for (; it != changed->end() && pos < end; ++it) {
+    const uint64_t from = std::max(pos, it->first);
+    const uint64_t to = std::min(end, it->first + it->second);
+    if (to <= pos) continue;
+    if (from >= end) break;
+    if (from > pos) LAYER_TRY(fn(pos, from, false));
+    LAYER_TRY(fn(from, to, true));
+    pos = to;
+  }
+  if (pos < end) LAYER_TRY(fn(pos, end, false));
   return {};
 }
 

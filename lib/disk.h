@@ -73,6 +73,17 @@ class WriteGate {
   bool closed_ = false;   // GUARDED_BY(mu_)
 };
 
+// An export name: "CONTAINER", "CONTAINER@SNAP" (read-only), or "CONTAINER@A..B": snapshot B
+// read-only, whose extents mark what changed since snapshot A (an incremental backup reads
+// only those).
+struct ExportName {
+  std::string container;
+  std::string snapshot;  // "" for the container itself
+  std::string since;     // "CONTAINER@A..B": A; else ""
+};
+// Errors: EINVAL naming the rule broken.
+Result<ExportName> parse_export_name(std::string_view name);
+
 class Disk {
  public:
   // Opens container `name`, taking its exclusive lock (writable) or a shared one, and shared
@@ -81,6 +92,8 @@ class Disk {
   // container. Errors: ENOENT (no such container or snapshot), EBUSY (another process serves
   // it: the message names it), EACCES (writable on a pool opened read-only), EPERM (a
   // snapshot opened writable), EIO.
+  // "CONTAINER@A..B" opens B like "CONTAINER@SNAP" and marks it a diff export (changed_extents);
+  // A must exist. Errors for it as for a snapshot.
   static Result<std::shared_ptr<Disk>> open(Pool& pool, const std::string& name, bool writable);
   // Does not flush: what was not flushed may be lost, as after a crash.
   ~Disk();
@@ -113,6 +126,11 @@ class Disk {
                  const std::function<void(uint64_t, uint64_t, bool)>& fn);
   // Hints that the range will be read soon.
   Status cache(uint64_t len, uint64_t offset);
+  // A "CONTAINER@A..B" export: it reads B where B may differ from A (diff(): from the index,
+  // computed on the first request) and zeroes elsewhere, and its extents say so (changed:
+  // data; unchanged: hole+zero). Every client reads it truthfully as "what changed", and a
+  // backup copies just the data extents.
+  bool is_diff() const { return !diff_since_.empty(); }
 
   // Runs fn with the write gate closed, after a flush: no write, zero or trim is in flight
   // or starts until fn returns, and everything written before is durable. The seam through
@@ -242,7 +260,17 @@ class Disk {
   uint32_t block_size_ = 0;
   uint64_t size_blocks_ = 0;
   bool writable_ = false;
-  bool snapshot_ = false;  // "CONTAINER@SNAP": no delta (delta_layer_.id == 0), read-only
+  bool snapshot_ = false;   // "CONTAINER@SNAP": no delta (delta_layer_.id == 0), read-only
+  std::string diff_since_;  // "CONTAINER@A..B": "CONTAINER@A"
+  std::string diff_of_;     // and "CONTAINER@B"
+  using Ranges = std::vector<std::pair<uint64_t, uint64_t>>;  // (offset, length), sorted
+  std::mutex diff_mu_;
+  std::shared_ptr<const Ranges> changed_;  // GUARDED_BY(diff_mu_); null until computed
+  // The diff export's changed ranges, computed on the first call. Errors: those of diff().
+  Result<std::shared_ptr<const Ranges>> changed_ranges();
+  // Calls fn(from, to, changed) for consecutive pieces covering [offset, offset+len).
+  Status for_each_change(uint64_t len, uint64_t offset,
+                         const std::function<Status(uint64_t, uint64_t, bool)>& fn);
   Lock container_lock_;
   Lock delta_lock_;  // exclusive when writable: fsck --repair leaves the delta's file alone
   // What the disk serves; replaced by adopt() with the gate closed. GUARDED_BY(load_mu_)

@@ -295,10 +295,13 @@ void* layer_open(int readonly) {
       nbdkit_set_error(EINVAL);
       return nullptr;
     }
-    auto snap = layer::parse_snapshot_ref(name);
-    const bool is_snapshot = snap.ok() && snap->has_value();
-    if (!snap.ok() || (!is_snapshot && !layer::validate_name(name, "container name").ok())) {
-      nbdkit_error("unknown export \"%s\": not a container name or CONTAINER@SNAPSHOT", name);
+    auto parsed = layer::parse_export_name(name);
+    const bool is_snapshot = parsed.ok() && !parsed->snapshot.empty();
+    if (!parsed.ok()) {
+      nbdkit_error(
+          "unknown export \"%s\": not a container name, CONTAINER@SNAPSHOT or "
+          "CONTAINER@SNAP1..SNAP2",
+          name);
       nbdkit_set_error(EINVAL);
       return nullptr;
     }

@@ -47,6 +47,26 @@ for p in m m@m2 m@m3; do
 done
 "$LAYER_BIN" fsck >/dev/null || fail "fsck after the merge: $("$LAYER_BIN" fsck 2>&1)"
 
+# The export m@m2..m3 maps as data exactly the ranges `layer diff` reports (m3 added one 4 KiB
+# write at 3 MiB) and as hole+zero the rest; it reads m3 there and zeroes elsewhere.
+ranges=$("$LAYER_BIN" --json diff m@m2 m@m3 |
+  /usr/bin/python3 -c 'import json,sys; print(" ".join("%d+%d" % (r["offset"], r["length"]) for r in json.load(sys.stdin)["ranges"]))')
+mapped=$(nbdinfo --map --json "$(uri m@m2..m3)" |
+  /usr/bin/python3 -c 'import json,sys; print(" ".join("%d+%d" % (e["offset"], e["length"]) for e in json.load(sys.stdin) if e["type"] == 0))')
+[[ "$mapped" == "$ranges" && -n "$ranges" ]] ||
+  fail "m@m2..m3 maps '$mapped' as changed, diff says '$ranges'"
+nbdcopy "$(uri m@m3)" "$tmp/m3.raw"
+nbdcopy "$(uri m@m2..m3)" "$tmp/m2-m3.raw"
+/usr/bin/python3 - "$tmp/m3.raw" "$tmp/m2-m3.raw" $ranges <<'PY' || fail "m@m2..m3 does not read m3's changes over zeroes"
+import sys
+b, d = open(sys.argv[1], "rb").read(), open(sys.argv[2], "rb").read()
+want = bytearray(len(b))
+for r in sys.argv[3:]:
+    o, n = map(int, r.split("+"))
+    want[o:o + n] = b[o:o + n]
+sys.exit(0 if bytes(want) == d else 1)
+PY
+
 # The same with a client attached: the serving server removes the name and merges, live, the
 # layers only its disk reads; the client's disk and the other snapshot read the same.
 "$LAYER_BIN" clone base:1 lm >/dev/null

@@ -339,6 +339,29 @@ TEST_CASE("diff reports exactly the blocks written since the fork", "[snapshots]
   CHECK(MUST(diff(pool, "c@b", "c@a")).ranges == ab.ranges);
   CHECK(MUST(diff(pool, "c@a", "c")).ranges == differing(at_a, at_head));
   CHECK(MUST(diff(pool, "c@b", "c@b")).ranges.empty());
+  // The export "c@a..b" reads b where diff reports a change and zeroes elsewhere, and its
+  // extents mark exactly those ranges as data.
+  {
+    auto ex = MUST(Disk::open(pool, "c@a..b", false));
+    CHECK(ex->is_diff());
+    std::vector<uint8_t> want_bytes(at_b.size(), 0);
+    for (auto [o, l] : ab.ranges)
+      std::copy(at_b.begin() + o, at_b.begin() + o + l, want_bytes.begin() + o);
+    require_same(read_all(*ex), want_bytes);
+    std::vector<std::pair<uint64_t, uint64_t>> changed;
+    uint64_t covered = 0;
+    REQUIRE_OK(ex->extents(kImage - 4096, 4096, [&](uint64_t o, uint64_t l, bool data) {
+      CHECK(o == 4096 + covered);
+      covered += l;
+      if (data) changed.emplace_back(o, l);
+    }));
+    CHECK(covered == kImage - 4096);
+    CHECK(changed == ab.ranges);  // all of them start above 4096
+    CHECK(Disk::open(pool, "c@a..b", true).error().code == EPERM);
+    CHECK(Disk::open(pool, "c@zz..b", false).error().code == ENOENT);
+    CHECK(Disk::open(pool, "c@a..", false).error().code == EINVAL);
+    CHECK_FALSE(MUST(Disk::open(pool, "c@b", false))->is_diff());
+  }
   // Two branches of the tree: a clone of a, written elsewhere.
   disk.reset();
   MUST(pool.clone("c@a", "k", std::nullopt));
