@@ -28,6 +28,7 @@
 #include <map>
 
 #include "index.h"
+#include "names.h"
 
 namespace layer {
 namespace {

@@ -22,6 +22,7 @@
 #include "block_map.h"
 #include "checksum.h"
 #include "layer_build.h"
+#include "names.h"
 #include "pool.h"
 
 namespace layer {

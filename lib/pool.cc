@@ -1,4 +1,4 @@
-// pool.cc — pool creation and opening, names and sizes, layers, containers (clone, rm).
+// pool.cc — pool creation and opening, layers, containers (clone, rm).
 // Images are in image.cc, fsck in fsck.cc.
 //
 // Design notes:
@@ -28,7 +28,7 @@
 
 #include "block_map.h"
 #include "checksum.h"
-#include "snapshots.h"
+#include "names.h"
 
 namespace layer {
 namespace {
@@ -175,87 +175,12 @@ Result<std::string> meta_string(ReadTxn& txn, std::string_view key, const std::s
   return std::string(*v);
 }
 
-Status validate_part(std::string_view name, std::string_view what) {
-  // [a-z0-9][a-z0-9._-]{0,63} without "..": safe as a file name and an NBD export name.
-  auto lower_or_digit = [](char c) { return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9'); };
-  bool ok = !name.empty() && name.size() <= 64 && lower_or_digit(name[0]) &&
-            name.find("..") == std::string_view::npos;
-  for (char c : name) ok = ok && (lower_or_digit(c) || c == '.' || c == '_' || c == '-');
-  if (name.empty()) return make_error(EINVAL, "{} must not be empty", what);
-  if (!ok)
-    return make_error(EINVAL,
-                      "invalid {} \"{}\": use 1-64 characters a-z 0-9 . _ -, starting with a "
-                      "letter or digit, without \"..\"",
-                      what, name);
-  return {};
-}
-
 }  // namespace
 
 uint64_t now_unix() {
   return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::seconds>(
                                    std::chrono::system_clock::now().time_since_epoch())
                                    .count());
-}
-
-Status validate_name(std::string_view name, std::string_view what) {
-  return validate_part(name, what);
-}
-
-Status validate_image_ref(std::string_view ref) {
-  const auto colon = ref.find(':');
-  if (colon == std::string_view::npos || ref.find(':', colon + 1) != std::string_view::npos)
-    return make_error(EINVAL, "invalid image reference \"{}\": expected NAME:VERSION", ref);
-  LAYER_TRY(validate_part(ref.substr(0, colon), "image name"));
-  return validate_part(ref.substr(colon + 1), "image version");
-}
-
-Result<uint64_t> parse_size(std::string_view text) {
-  if (text.empty()) return make_error(EINVAL, "empty size");
-  uint64_t n = 0;
-  size_t i = 0;
-  for (; i < text.size() && text[i] >= '0' && text[i] <= '9'; ++i) {
-    const uint64_t d = static_cast<uint64_t>(text[i] - '0');
-    if (n > (UINT64_MAX - d) / 10) return make_error(EINVAL, "size \"{}\" is too large", text);
-    n = n * 10 + d;
-  }
-  if (i == 0) return make_error(EINVAL, "invalid size \"{}\"", text);
-  std::string_view suffix = text.substr(i);
-  // "10G", "10GB" and "10GiB" all mean 10 GiB.
-  if (suffix.size() == 3 && suffix.substr(1) == "iB")
-    suffix = suffix.substr(0, 1);
-  else if (suffix.size() == 2 && (suffix[1] == 'B' || suffix[1] == 'b'))
-    suffix = suffix.substr(0, 1);
-  unsigned shift = 0;
-  if (suffix.empty())
-    shift = 0;
-  else if (suffix.size() == 1) {
-    switch (suffix[0]) {
-      case 'k':
-      case 'K':
-        shift = 10;
-        break;
-      case 'm':
-      case 'M':
-        shift = 20;
-        break;
-      case 'g':
-      case 'G':
-        shift = 30;
-        break;
-      case 't':
-      case 'T':
-        shift = 40;
-        break;
-      default:
-        return make_error(EINVAL, "invalid size \"{}\": unknown suffix", text);
-    }
-  } else {
-    return make_error(EINVAL, "invalid size \"{}\": unknown suffix", text);
-  }
-  if (shift && n > (UINT64_MAX >> shift))
-    return make_error(EINVAL, "size \"{}\" is too large", text);
-  return n << shift;
 }
 
 // ---- create / open ----

@@ -40,14 +40,6 @@ constexpr uint32_t kMaxBlockSize = 1 << 20;
 // for the delta and 24 MiB for the chain map at 16 TiB with 4 KiB blocks).
 constexpr uint64_t kMaxDiskBytes = 16ULL << 40;
 
-// Names of containers and image names/versions: [a-z0-9][a-z0-9._-]{0,63} without "..".
-// Errors: EINVAL naming `what` and the rule.
-Status validate_name(std::string_view name, std::string_view what);
-// "name:version" -> checked. Errors: EINVAL.
-Status validate_image_ref(std::string_view ref);
-// Parses sizes like "4096", "512M", "10G", "1T" (binary units). Errors: EINVAL.
-Result<uint64_t> parse_size(std::string_view text);
-
 struct PoolPaths {
   std::string root;
   std::string index_dir;

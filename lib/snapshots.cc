@@ -22,13 +22,10 @@
 #include "index.h"
 #include "layer_build.h"
 #include "locks.h"
+#include "names.h"
 
 namespace layer {
 namespace {
-
-Status validate_snapshot_name(std::string_view name) {
-  return validate_name(name, "snapshot name");
-}
 
 Result<SnapshotRecord> get_snapshot(ReadTxn& txn, const ContainerRecord& c, std::string_view name) {
   LAYER_ASSIGN(auto v, txn.get(Db::kSnapshots, snapshot_key(c.id, name)));
@@ -106,17 +103,6 @@ Result<std::map<uint32_t, ChunkBits>> load_rows(ReadTxn& txn, LayerId id) {
 }
 
 }  // namespace
-
-Result<std::optional<std::pair<std::string, std::string>>> parse_snapshot_ref(
-    std::string_view ref) {
-  const auto at = ref.find('@');
-  if (at == std::string_view::npos) return std::optional<std::pair<std::string, std::string>>{};
-  const std::string_view c = ref.substr(0, at), s = ref.substr(at + 1);
-  LAYER_TRY(validate_name(c, "container name"));
-  LAYER_TRY(validate_snapshot_name(s));
-  return std::optional<std::pair<std::string, std::string>>{
-      std::pair<std::string, std::string>{std::string(c), std::string(s)}};
-}
 
 // ---- snapshot / commit / rollback ----
 

@@ -41,9 +41,6 @@ struct ContainerState {
   std::vector<LayerRecord> chain;
 };
 
-// "CONTAINER@SNAP" split; std::nullopt when `ref` has no '@'. Errors: EINVAL for bad names.
-Result<std::optional<std::pair<std::string, std::string>>> parse_snapshot_ref(std::string_view ref);
-
 // Freezes the container's delta as snapshot `snap` and starts a new empty delta on it.
 // expected_delta (if not 0) must still be the container's delta (EBUSY otherwise).
 // Errors: ENOENT (container), EEXIST (snapshot name), EINVAL (name), EIO.

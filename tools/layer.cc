@@ -28,6 +28,7 @@
 #include "error.h"
 #include "index.h"
 #include "locks.h"
+#include "names.h"
 #include "output.h"
 #include "pool.h"
 #include "records.h"
