@@ -19,6 +19,7 @@
 
 #include "block_map.h"
 #include "checksum.h"
+#include "layers.h"
 #include "pool.h"
 #include "snapshots.h"
 
@@ -345,7 +346,7 @@ Result<FsckReport> Pool::fsck(bool full, bool repair) {
     // One removal that cannot be finished (an unlink refused, say) must not stop the others
     // or the orphan cleanup: it is reported and stays for a later run.
     for (uint64_t intent_id : drops) {
-      auto s = finish_drop(intent_id);
+      auto s = finish_drop(*this, intent_id);
       if (s)
         report.repaired.push_back(
             fmt::format("unfinished removal (intent {}): finished", intent_id));

@@ -22,6 +22,7 @@
 #include "block_map.h"
 #include "checksum.h"
 #include "layer_build.h"
+#include "layers.h"
 #include "names.h"
 #include "pool.h"
 
@@ -332,7 +333,7 @@ Status Pool::remove_image(const std::string& ref) {
     return drop_layer(txn, image.top_layer, &drops);
   }));
   // Files are unlinked only after the transaction that dropped the last reference committed.
-  return finish_drops_after_removal(drops, fmt::format("image {}", ref));
+  return finish_drops_after_removal(*this, drops, fmt::format("image {}", ref));
 }
 
 }  // namespace layer

@@ -1,6 +1,8 @@
 // layer_build.cc — LayerBuild: the intent, lock, publish and rollback of a layer being built.
 #include "layer_build.h"
 
+#include "layers.h"
+
 namespace layer {
 
 Result<std::unique_ptr<LayerBuild>> LayerBuild::begin(Pool& pool, IntentRecord::Kind kind,
@@ -55,7 +57,7 @@ void LayerBuild::roll_back() noexcept {
   try {
     for (bool finished = false; !finished;) {
       auto s = pool_.committer().run([&](WriteTxn& txn) -> Status {
-        LAYER_ASSIGN(uint64_t n, Pool::delete_layer_rows(txn, id_));
+        LAYER_ASSIGN(uint64_t n, delete_layer_rows(txn, id_));
         if (n > 0) return {};
         finished = true;
         return txn.del(Db::kIntents, key_u64(intent_id_));

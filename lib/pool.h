@@ -126,10 +126,6 @@ class Pool {
   // way to stop a CLI or a server between two steps of an operation.
   void test_point(std::string_view point);
 
-  // The chain of `top` following parents, top first. Errors: ENOENT/EIO on a missing or cyclic
-  // parent (the index is corrupt).
-  Result<std::vector<LayerRecord>> chain_of(ReadTxn& txn, LayerId top);
-  Result<LayerRecord> get_layer(ReadTxn& txn, LayerId id);
   // Errors: ENOENT `container "x" not found in pool P`.
   Result<ContainerRecord> get_container(ReadTxn& txn, std::string_view name);
 
@@ -172,32 +168,6 @@ class Pool {
   // before changing anything). full = also verify every checksum.
   Result<FsckReport> fsck(bool full, bool repair);
 
-  // The intents of one kind in the index: (intent id, intent). Errors: EIO.
-  Result<std::vector<std::pair<uint64_t, IntentRecord>>> intents(IntentRecord::Kind kind);
-
-  // ---- Layer references, for lib/'s modules (snapshots.cc, image.cc, fsck.cc) ----
-  // Counts a layer's data and zero blocks from its `maps` rows. Errors: EIO (corrupt row).
-  static Status count_blocks(ReadTxn& txn, LayerId id, uint64_t* data, uint64_t* zero);
-  // Decrements a layer's refcount inside txn; one that reaches 0 loses its `layers` row and
-  // gets a drop intent (appended to drop_intents), and its parent is dropped the same way.
-  // After the commit, finish_drop() each intent.
-  Status drop_layer(WriteTxn& txn, LayerId id, std::vector<uint64_t>* drop_intents);
-  // Deletes up to kMaxRowsPerTxn of a layer's `maps` and `sums` rows in txn; returns how many
-  // (0: none are left). Drops and rollbacks call it until it returns 0, one bounded
-  // transaction at a time.
-  static Result<uint64_t> delete_layer_rows(WriteTxn& txn, LayerId id);
-  // Deletes a dropped layer's rows in bounded transactions, then its file, then the intent.
-  // Idempotent: another process may finish the same intent concurrently.
-  Status finish_drop(uint64_t intent_id);
-  // Finishes every drop intent (Pool::open, fsck --repair).
-  Status finish_drops();
-  // Finishes the drops of a removal that committed; an error says the object is gone and
-  // what remains to be done.
-  Status finish_drops_after_removal(const std::vector<uint64_t>& drops, const std::string& what);
-  // Takes a layer's `layers` and `heat` rows out of the index inside txn and records a drop
-  // intent for its map rows and file (finished by finish_drop after the commit), without
-  // touching its parent's refcount (a merge hands that reference to the merged layer).
-  Status retire_layer(WriteTxn& txn, const LayerRecord& layer, std::vector<uint64_t>* drop_intents);
   // The lock table's record of who serves container_id ("pid N"), as a pid; 0 if unknown.
   pid_t serving_pid(uint64_t container_id) const;
 

@@ -28,6 +28,7 @@
 
 #include "error.h"
 #include "layer_build.h"
+#include "layers.h"
 #include "pool.h"
 #include "records.h"
 
@@ -56,7 +57,7 @@ Result<ContainerState> commit_container(Pool& pool, std::string_view container,
 
 // Replaces the container's delta by a new empty one on snapshot `snap`'s layer. The old delta
 // is dropped (its file removed once nothing refers to it: *drops, to be finished with
-// Pool::finish_drops_after_removal after the caller switched away from it), or kept as
+// finish_drops_after_removal (layers.h) after the caller switched away from it), or kept as
 // snapshot keep_as. Errors: ENOENT (container or snapshot), EEXIST (keep_as), EIO.
 Result<ContainerState> rollback_container(Pool& pool, std::string_view container,
                                           std::string_view snap,

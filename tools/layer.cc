@@ -27,6 +27,7 @@
 #include "control.h"
 #include "error.h"
 #include "index.h"
+#include "layers.h"
 #include "locks.h"
 #include "names.h"
 #include "output.h"
@@ -494,8 +495,8 @@ int cmd_rollback(const Globals& g, const RollbackArgs& a) {
       [&] {
         std::vector<uint64_t> drops;
         auto st = take(layer::rollback_container(*pool, a.container, a.snapshot, keep, &drops));
-        check(pool->finish_drops_after_removal(
-            drops, fmt::format("the rolled-back delta of container \"{}\"", a.container)));
+        check(layer::finish_drops_after_removal(
+            *pool, drops, fmt::format("the rolled-back delta of container \"{}\"", a.container)));
         return st;
       });
   json j = {{"ok", true},
@@ -542,15 +543,15 @@ int cmd_commit(const Globals& g, const CommitArgs& a) {
 int cmd_flatten(const Globals& g, const std::string& container) {
   check(layer::validate_name(container, "container name"));
   auto pool = open_pool(g, true);
-  const Changed c =
-      change_container(*pool, container, json::object(), false,
-                       "flatten copies the whole chain; stop the clients first", [&] {
-                         std::vector<uint64_t> drops;
-                         auto st = take(layer::flatten_container(*pool, container, &drops));
-                         check(pool->finish_drops_after_removal(
-                             drops, fmt::format("the old chain of container \"{}\"", container)));
-                         return st;
-                       });
+  const Changed c = change_container(
+      *pool, container, json::object(), false,
+      "flatten copies the whole chain; stop the clients first", [&] {
+        std::vector<uint64_t> drops;
+        auto st = take(layer::flatten_container(*pool, container, &drops));
+        check(layer::finish_drops_after_removal(
+            *pool, drops, fmt::format("the old chain of container \"{}\"", container)));
+        return st;
+      });
   print_result(
       g, {{"ok", true}, {"container", container}, {"layer", c.base}},
       fmt::format("flattened {}: its delta now sits on layer {} alone", container, c.base));

@@ -4,6 +4,7 @@
 #include <fstream>
 
 #include "disk_test_util.h"
+#include "layers.h"
 
 using namespace layer;
 using namespace disktest;
@@ -205,7 +206,7 @@ TEST_CASE("a removal interrupted by a crash is finished by the next open", "[fsc
   f.reopen();
   CHECK(map_rows(*f.pool, delta) == 0);
   CHECK_FALSE(std::filesystem::exists(path));
-  CHECK(MUST(f.pool->intents(IntentRecord::Kind::kDrop)).empty());
+  CHECK(MUST(intents(*f.pool, IntentRecord::Kind::kDrop)).empty());
   FsckReport rep = MUST(f.pool->fsck(true, false));
   CHECK(joined(rep.problems) == "");
   CHECK_ERRNO(f.pool->inspect("c"), ENOENT);

@@ -121,7 +121,7 @@ TEST_CASE("rollback restores a snapshot; later snapshots survive and one rolls f
   write_flush(d, 4096 * 50, 4096, 4);
   MUST(rollback_container(pool, "c", "b", std::nullopt, &drops));
   CHECK(drops.size() == 1);
-  MUST(pool.finish_drops_after_removal(drops, "test"));
+  MUST(finish_drops_after_removal(pool, drops, "test"));
   require_same(read_export(pool, "c"), at_b);
   CHECK(rollback_container(pool, "c", "zz", std::nullopt, &drops).error().code == ENOENT);
   CHECK(rollback_container(pool, "c", "a", std::string("b"), &drops).error().code == EEXIST);
@@ -192,10 +192,10 @@ TEST_CASE("snapshot rm drops a leaf, merges a layer with one child, keeps a shar
   // A leaf snapshot nothing depends on is dropped; removing the container removes the rest.
   std::vector<uint64_t> drops;
   MUST(rollback_container(pool, "c", "s4", std::nullopt, &drops));
-  MUST(pool.finish_drops_after_removal(drops, "test"));
+  MUST(finish_drops_after_removal(pool, drops, "test"));
   MUST(snapshot_container(pool, "c", "leaf"));
   MUST(rollback_container(pool, "c", "s4", std::nullopt, &drops));
-  MUST(pool.finish_drops_after_removal(drops, "test"));
+  MUST(finish_drops_after_removal(pool, drops, "test"));
   r = MUST(remove_snapshot(pool, "c", "leaf"));
   CHECK(r.fate == RemovedSnapshot::Fate::kDropped);
   MUST(pool.remove_container("c"));
@@ -351,7 +351,7 @@ TEST_CASE("diff reports exactly the blocks written since the fork", "[snapshots]
   {
     std::vector<uint64_t> drops;
     MUST(flatten_container(pool, "k", &drops));
-    MUST(pool.finish_drops_after_removal(drops, "test"));
+    MUST(finish_drops_after_removal(pool, drops, "test"));
     auto k = MUST(Disk::open(pool, "k", true));
     for (uint64_t b = 100; b < 164; ++b) REQUIRE_OK(k->zero(4096, b * 4096, false, false));
     REQUIRE_OK(k->flush());
@@ -471,7 +471,7 @@ TEST_CASE("flatten copies the chain into one layer; the image can then go", "[sn
   const auto at_a = read_export(pool, "c@a");
   std::vector<uint64_t> drops;
   auto st = MUST(flatten_container(pool, "c", &drops));
-  MUST(pool.finish_drops_after_removal(drops, "test"));
+  MUST(finish_drops_after_removal(pool, drops, "test"));
   REQUIRE(st.chain.size() == 1);
   CHECK(st.chain[0].parent == 0);
   check_disk(*d.open(), d.model);
