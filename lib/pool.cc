@@ -1,9 +1,9 @@
 // pool.cc — pool creation and opening, containers (clone, ls, inspect, rm).
-// Images are in image.cc, fsck in fsck.cc.
+// Layers are in layers.cc, images in images.cc and import.cc, fsck in fsck.cc.
 //
 // Design notes:
 // - Every metadata change is one write transaction through the Committer. Long work (import,
-//   image.cc) commits bounded batches of rows under an `intents` row and publishes with one
+//   merge) commits bounded batches of rows under an `intents` row and publishes with one
 //   final transaction.
 // - File order: a layer file is created, synced and its directory synced before any
 //   transaction refers to it; it is unlinked only after the transaction that drops the last
@@ -290,6 +290,11 @@ void Pool::test_point(std::string_view point) {
   if (!failpoint_.empty() && point == failpoint_) ::kill(::getpid(), SIGKILL);
 }
 
+Status Pool::check_writable() const {
+  if (read_only_) return make_error(EACCES, "pool {} is open read-only", paths_.root);
+  return {};
+}
+
 Status Pool::check_tiers_hold(uint64_t size_bytes) const {
   for (const auto& store : stores_) LAYER_TRY(store->check_can_hold(size_bytes));
   return {};
@@ -357,7 +362,7 @@ Result<ContainerInfo> Pool::container_info(ReadTxn& txn, const ContainerRecord& 
 
 Result<ContainerInfo> Pool::clone(const std::string& source, const std::string& name,
                                   std::optional<uint64_t> size_bytes) {
-  if (read_only_) return make_error(EACCES, "pool {} is open read-only", paths_.root);
+  LAYER_TRY(check_writable());
   LAYER_ASSIGN(auto snap, parse_snapshot_ref(source));
   if (!snap) LAYER_TRY(validate_image_ref(source));
   LAYER_TRY(validate_name(name, "container name"));
@@ -468,7 +473,7 @@ Result<ContainerInfo> Pool::inspect(const std::string& name) {
 }
 
 Status Pool::remove_container(const std::string& name) {
-  if (read_only_) return make_error(EACCES, "pool {} is open read-only", paths_.root);
+  LAYER_TRY(check_writable());
   LAYER_TRY(validate_name(name, "container name"));
   ContainerRecord rec;
   {

@@ -47,13 +47,6 @@ struct PoolPaths {
   std::string tier_dir[2];  // indexed by Tier
 };
 
-struct ImageInfo {
-  ImageRecord image;
-  LayerRecord layer;
-  uint64_t data_blocks = 0;
-  uint32_t containers = 0;  // containers cloned from it
-};
-
 struct ContainerInfo {
   ContainerRecord container;
   std::vector<LayerRecord> chain;           // delta first, then the frozen layers below it
@@ -98,6 +91,12 @@ class Pool {
   LockTable& locks() { return *locks_; }
   ChainCache& chains() { return chains_; }
   bool read_only() const { return read_only_; }
+  // Errors: EACCES `pool P is open read-only` when it is.
+  Status check_writable() const;
+  // Checks that every tier's filesystem can hold a layer file of size_bytes (ext4 with 4 KiB
+  // blocks stops at 16 TiB - 4 KiB, below kMaxDiskBytes): a sparse temporary file in each tier
+  // is sized to it. Errors: EINVAL naming the tier and the size; EIO/EACCES from the probe.
+  Status check_tiers_hold(uint64_t size_bytes) const;
   // Where a layer's file is, for messages and tools (for a local tier: its path).
   std::string layer_path(const LayerRecord& layer) const;
   std::string layer_path(LayerId id, Tier tier) const;
@@ -128,22 +127,6 @@ class Pool {
 
   // Errors: ENOENT `container "x" not found in pool P`.
   Result<ContainerRecord> get_container(ReadTxn& txn, std::string_view name);
-
-  using Progress = std::function<void(uint64_t done_bytes, uint64_t total_bytes)>;
-  // Imports a raw disk image as image `ref` (one frozen, hashed layer). Holes (SEEK_DATA) and
-  // all-zero blocks are stored as nothing. The file size must be a multiple of 512 and at most
-  // kMaxDiskBytes (and what the tiers hold: check_tiers_hold). The new layer is locked
-  // exclusively from before its intent is visible until it is published or rolled back, so
-  // fsck --repair leaves a running import alone.
-  // A failed import removes its rows, its intent and the layer file only if it created it.
-  // Errors: EINVAL (bad ref, block size or file size), EEXIST, ENOENT/EACCES (file), EBUSY
-  // (the file's size, mtime or ctime changed during the copy), ENOSPC, EIO.
-  Result<ImageInfo> import_image(const std::string& ref, const std::string& file,
-                                 uint32_t block_size, const Progress& progress,
-                                 const std::string& description = "");
-  Result<std::vector<ImageInfo>> list_images();
-  // Errors: ENOENT, EBUSY (containers use it).
-  Status remove_image(const std::string& ref);
 
   // A new container on image_ref ("NAME:VER", or "CONTAINER@SNAP": on that snapshot, with the
   // source container's image ref): one transaction, no file work. size_bytes defaults to the
@@ -185,10 +168,6 @@ class Pool {
   // fsck: the orphan candidates that a fresh transaction and the layer locks still call
   // orphans.
   Result<std::vector<OrphanFile>> confirm_orphans(const std::vector<OrphanFile>& candidates);
-  // Checks that every tier's filesystem can hold a layer file of size_bytes (ext4 with 4 KiB
-  // blocks stops at 16 TiB - 4 KiB, below kMaxDiskBytes): a sparse temporary file in each tier
-  // is sized to it. Errors: EINVAL naming the tier and the size; EIO/EACCES from the probe.
-  Status check_tiers_hold(uint64_t size_bytes) const;
 
   PoolPaths paths_;
   bool read_only_ = false;

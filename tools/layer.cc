@@ -26,6 +26,8 @@
 
 #include "control.h"
 #include "error.h"
+#include "images.h"
+#include "import.h"
 #include "index.h"
 #include "layers.h"
 #include "locks.h"
@@ -187,8 +189,8 @@ int cmd_image_import(const Globals& g, const ImportArgs& a) {
                              total >> 20)
               << std::flush;
   };
-  auto result =
-      pool->import_image(a.ref, a.file, static_cast<uint32_t>(block_size), progress, a.description);
+  auto result = layer::import_image(*pool, a.ref, a.file, static_cast<uint32_t>(block_size),
+                                    progress, a.description);
   if (last_percent >= 0) std::cerr << '\n';
   auto info = take(std::move(result));
 
@@ -203,7 +205,7 @@ int cmd_image_import(const Globals& g, const ImportArgs& a) {
 
 int cmd_image_ls(const Globals& g) {
   auto pool = open_pool(g, false);
-  const auto images = take(pool->list_images());
+  const auto images = take(layer::list_images(*pool));
   if (g.json) {
     json j = json::array();
     for (const auto& info : images) j.push_back(image_json(info));
@@ -226,7 +228,7 @@ int cmd_image_ls(const Globals& g) {
 int cmd_image_rm(const Globals& g, const std::string& ref) {
   check(layer::validate_image_ref(ref));
   auto pool = open_pool(g, true);
-  check(pool->remove_image(ref));
+  check(layer::remove_image(*pool, ref));
   print_result(g, {{"ok", true}, {"ref", ref}}, "removed image " + ref);
   return 0;
 }

@@ -253,7 +253,7 @@ TEST_CASE("a write racing a flush round is not committed before its data is sync
       auto data = pattern(4096, c);
       test::pwrite_all(fd.get(), data.data(), data.size(), c * chunk_bytes);
     }
-    MUST(f.pool->import_image("sparse:1", file, 4096, nullptr));
+    MUST(import_image(*f.pool, "sparse:1", file, 4096, nullptr));
     std::filesystem::remove(file);
   }
   TrackingStore* tracking = install_store<TrackingStore>(*f.pool, 4096);

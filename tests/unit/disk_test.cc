@@ -230,7 +230,7 @@ TEST_CASE("two clones of one image stay independent; the image does not change",
   const uint64_t size = 96 * 4096;
   DiskFixture d(size, size);
   MUST(d.f.pool->clone("base:1", "c2", std::nullopt));
-  const ImageInfo img = MUST(d.f.pool->list_images())[0];
+  const ImageInfo img = MUST(list_images(*d.f.pool))[0];
   const std::string image_path = d.f.pool->layer_path(img.layer);
   const auto image_file_before = test::read_file(image_path);
 

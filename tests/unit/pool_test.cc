@@ -66,7 +66,7 @@ TEST_CASE("Pool::create then open", "[pool]") {
   CHECK(std::filesystem::is_directory(pool->paths().tier_dir[0]));
   CHECK(std::filesystem::is_directory(pool->paths().tier_dir[1]));
   CHECK(pool->paths().tier_dir[0] != pool->paths().tier_dir[1]);
-  CHECK(MUST(pool->list_images()).empty());
+  CHECK(MUST(list_images(*pool)).empty());
   CHECK(MUST(pool->list_containers()).empty());
   REQUIRE_FSCK_CLEAN(pool, true);
 }
@@ -248,7 +248,7 @@ TEST_CASE("import of a raw file with holes and zero blocks", "[pool][import]") {
 
   std::vector<std::pair<uint64_t, uint64_t>> progress;
   ImageInfo info =
-      MUST(f.pool->import_image("debian:12.1", file, bs, [&](uint64_t done, uint64_t total) {
+      MUST(import_image(*f.pool, "debian:12.1", file, bs, [&](uint64_t done, uint64_t total) {
         progress.emplace_back(done, total);
       }));
   CHECK(info.image.ref == "debian:12.1");
@@ -271,7 +271,7 @@ TEST_CASE("import of a raw file with holes and zero blocks", "[pool][import]") {
   CHECK(stored == content);
   CHECK(allocated_bytes(path) <= data_blocks * bs + 64 * 1024);
 
-  auto images = MUST(f.pool->list_images());
+  auto images = MUST(list_images(*f.pool));
   REQUIRE(images.size() == 1);
   CHECK(images[0].image.ref == "debian:12.1");
   CHECK(images[0].data_blocks == data_blocks);
@@ -285,7 +285,7 @@ TEST_CASE("import of a raw file with holes and zero blocks", "[pool][import]") {
 
   // Everything survives a reopen.
   f.reopen();
-  images = MUST(f.pool->list_images());
+  images = MUST(list_images(*f.pool));
   REQUIRE(images.size() == 1);
   CHECK(images[0].data_blocks == data_blocks);
 }
@@ -297,7 +297,7 @@ TEST_CASE("import with a larger block size counts its blocks", "[pool][import]")
   const std::string file = f.tmp.sub("img.raw");
   const uint64_t size = 40 * uint64_t{bs};
   auto content = test::write_patterned_image(file, size, bs, 2, &data_blocks);
-  ImageInfo info = MUST(f.pool->import_image("big:1", file, bs, nullptr));
+  ImageInfo info = MUST(import_image(*f.pool, "big:1", file, bs, nullptr));
   CHECK(info.data_blocks == data_blocks);
   CHECK(info.image.block_size == bs);
   CHECK(test::read_file(f.pool->layer_path(info.layer)) == content);
@@ -312,7 +312,7 @@ TEST_CASE("import of a 64 GiB sparse file stores no data", "[pool][import]") {
     REQUIRE(fd.get() >= 0);
     REQUIRE(::ftruncate(fd.get(), 64LL << 30) == 0);
   }
-  ImageInfo info = MUST(f.pool->import_image("empty:64g", file, 4096, nullptr));
+  ImageInfo info = MUST(import_image(*f.pool, "empty:64g", file, 4096, nullptr));
   CHECK(info.image.size_bytes == 64ULL << 30);
   CHECK(info.data_blocks == 0);
   CHECK(allocated_bytes(f.pool->layer_path(info.layer)) == 0);
@@ -334,41 +334,41 @@ TEST_CASE("import errors", "[pool][import]") {
   SECTION("file size not a multiple of 512") {
     const std::string odd = f.tmp.sub("odd.raw");
     test::write_raw_image(odd, std::vector<uint8_t>(4096 + 100, 7), {{0, 4196}});
-    REQUIRE_ERRNO(f.pool->import_image("odd:1", odd, 4096, nullptr), EINVAL);
+    REQUIRE_ERRNO(import_image(*f.pool, "odd:1", odd, 4096, nullptr), EINVAL);
   }
   SECTION("empty file") {
     const std::string empty = f.tmp.sub("empty.raw");
     test::write_raw_image(empty, {}, {});
-    REQUIRE_ERRNO(f.pool->import_image("empty:1", empty, 4096, nullptr), EINVAL);
+    REQUIRE_ERRNO(import_image(*f.pool, "empty:1", empty, 4096, nullptr), EINVAL);
   }
   SECTION("duplicate image") {
-    MUST(f.pool->import_image("dup:1", good, 4096, nullptr));
-    REQUIRE_ERRNO(f.pool->import_image("dup:1", good, 4096, nullptr), EEXIST);
-    CHECK(MUST(f.pool->list_images()).size() == 1);
+    MUST(import_image(*f.pool, "dup:1", good, 4096, nullptr));
+    REQUIRE_ERRNO(import_image(*f.pool, "dup:1", good, 4096, nullptr), EEXIST);
+    CHECK(MUST(list_images(*f.pool)).size() == 1);
     // Another version of the same name is a different image.
-    MUST(f.pool->import_image("dup:2", good, 4096, nullptr));
-    CHECK(MUST(f.pool->list_images()).size() == 2);
+    MUST(import_image(*f.pool, "dup:2", good, 4096, nullptr));
+    CHECK(MUST(list_images(*f.pool)).size() == 2);
   }
   SECTION("bad block sizes") {
     for (uint32_t bs : {0u, 512u, 2048u, 4095u, 12288u, 2u << 20, 100000u}) {
       INFO("block size " << bs);
-      REQUIRE_ERRNO(f.pool->import_image("bs:1", good, bs, nullptr), EINVAL);
+      REQUIRE_ERRNO(import_image(*f.pool, "bs:1", good, bs, nullptr), EINVAL);
     }
     for (uint32_t bs : {4096u, 8192u, 1u << 20}) {
       INFO("block size " << bs);
-      MUST(f.pool->import_image("bs:" + std::to_string(bs), good, bs, nullptr));
+      MUST(import_image(*f.pool, "bs:" + std::to_string(bs), good, bs, nullptr));
     }
   }
   SECTION("bad reference") {
-    REQUIRE_ERRNO(f.pool->import_image("nocolon", good, 4096, nullptr), EINVAL);
-    REQUIRE_ERRNO(f.pool->import_image("../x:1", good, 4096, nullptr), EINVAL);
+    REQUIRE_ERRNO(import_image(*f.pool, "nocolon", good, 4096, nullptr), EINVAL);
+    REQUIRE_ERRNO(import_image(*f.pool, "../x:1", good, 4096, nullptr), EINVAL);
   }
   SECTION("missing file") {
-    REQUIRE_ERRNO(f.pool->import_image("m:1", f.tmp.sub("nope.raw"), 4096, nullptr), ENOENT);
+    REQUIRE_ERRNO(import_image(*f.pool, "m:1", f.tmp.sub("nope.raw"), 4096, nullptr), ENOENT);
   }
   // Failed imports leave nothing behind.
   REQUIRE_FSCK_CLEAN(f.pool, true);
-  for (const auto& img : MUST(f.pool->list_images())) {
+  for (const auto& img : MUST(list_images(*f.pool))) {
     CHECK((img.image.ref.rfind("dup:", 0) == 0 || img.image.ref.rfind("bs:", 0) == 0));
   }
 }
@@ -426,7 +426,7 @@ TEST_CASE("clone", "[pool][clone]") {
   CHECK(missing.error().code == ENOENT);
   CHECK_THAT(missing.error().message, Catch::Contains("nope"));
 
-  auto images = MUST(f.pool->list_images());
+  auto images = MUST(list_images(*f.pool));
   REQUIRE(images.size() == 1);
   CHECK(images[0].containers == 2);
 
@@ -481,13 +481,13 @@ TEST_CASE("image rm is refused while a container uses it", "[pool][clone]") {
   PoolFixture f;
   f.import("base:1", 128 * 1024, 4096, 5);
   f.import("other:1", 64 * 1024, 4096, 6);
-  const ImageInfo base = MUST(f.pool->list_images())[0];
+  const ImageInfo base = MUST(list_images(*f.pool))[0];
   REQUIRE(base.image.ref == "base:1");
   const std::string base_path = f.pool->layer_path(base.layer);
   REQUIRE(std::filesystem::exists(base_path));
 
   MUST(f.pool->clone("base:1", "c1", std::nullopt));
-  auto busy = f.pool->remove_image("base:1");
+  auto busy = remove_image(*f.pool, "base:1");
   REQUIRE_FALSE(busy.ok());
   CHECK(busy.error().code == EBUSY);
   CHECK_THAT(busy.error().message, Catch::Contains("c1"));
@@ -495,15 +495,15 @@ TEST_CASE("image rm is refused while a container uses it", "[pool][clone]") {
   REQUIRE_FSCK_CLEAN(f.pool, true);
 
   REQUIRE_ERRNO(f.pool->remove_container("nope"), ENOENT);
-  REQUIRE_ERRNO(f.pool->remove_image("nope:1"), ENOENT);
+  REQUIRE_ERRNO(remove_image(*f.pool, "nope:1"), ENOENT);
   REQUIRE_OK(f.pool->remove_container("c1"));
   REQUIRE_ERRNO(f.pool->inspect("c1"), ENOENT);
   REQUIRE_FSCK_CLEAN(f.pool, true);
-  REQUIRE_OK(f.pool->remove_image("base:1"));
+  REQUIRE_OK(remove_image(*f.pool, "base:1"));
   CHECK_FALSE(std::filesystem::exists(base_path));
-  REQUIRE_ERRNO(f.pool->remove_image("base:1"), ENOENT);
+  REQUIRE_ERRNO(remove_image(*f.pool, "base:1"), ENOENT);
   REQUIRE_ERRNO(f.pool->clone("base:1", "c2", std::nullopt), ENOENT);
-  auto images = MUST(f.pool->list_images());
+  auto images = MUST(list_images(*f.pool));
   REQUIRE(images.size() == 1);
   CHECK(images[0].image.ref == "other:1");
   REQUIRE_FSCK_CLEAN(f.pool, true);
@@ -537,11 +537,11 @@ TEST_CASE("a read-only pool refuses changes", "[pool]") {
   ro.read_only = true;
   auto pool = MUST(Pool::open(f.root, ro));
   CHECK(pool->read_only());
-  CHECK(MUST(pool->list_images()).size() == 1);
+  CHECK(MUST(list_images(*pool)).size() == 1);
   CHECK(MUST(pool->list_containers()).size() == 1);
   CHECK_FALSE(pool->clone("base:1", "d", std::nullopt).ok());
   CHECK_FALSE(pool->remove_container("c").ok());
-  CHECK_FALSE(pool->remove_image("base:1").ok());
+  CHECK_FALSE(remove_image(*pool, "base:1").ok());
   CHECK_FALSE(pool->fsck(false, true).ok());
   FsckReport rep = MUST(pool->fsck(true, false));
   CHECK(rep.problems.empty());
@@ -553,7 +553,7 @@ TEST_CASE("fsck detects damaged layer files", "[pool][fsck]") {
   PoolFixture f;
   const uint64_t size = 512 * 1024;
   auto content = f.import("base:1", size, 4096, 9);
-  const ImageInfo img = MUST(f.pool->list_images())[0];
+  const ImageInfo img = MUST(list_images(*f.pool))[0];
   const std::string path = f.pool->layer_path(img.layer);
   const std::string id = std::to_string(img.layer.id);
   MUST(f.pool->clone("base:1", "c", std::nullopt));

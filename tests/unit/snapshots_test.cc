@@ -202,7 +202,7 @@ TEST_CASE("snapshot rm drops a leaf, merges a layer with one child, keeps a shar
   require_same(read_export(pool, "k"), at_s2);
   require_fsck_clean(pool);
   MUST(pool.remove_container("k"));
-  MUST(pool.remove_image("base:1"));
+  MUST(remove_image(pool, "base:1"));
   auto layers = MUST(pool.fsck(false, false));
   CHECK(layers.layers == 0);
 }
@@ -283,7 +283,7 @@ TEST_CASE("commit publishes an image version whose history names its parent", "[
   CHECK(info.container.image_ref == "base:2");
   CHECK(commit_container(pool, "c", "base:2", "").error().code == EEXIST);
   // The old version can go: the new one keeps its layers.
-  MUST(pool.remove_image("base:1"));
+  MUST(remove_image(pool, "base:1"));
   require_same(read_export(pool, "fresh"), d.model.bytes);
   require_fsck_clean(pool);
 }
@@ -480,7 +480,7 @@ TEST_CASE("flatten copies the chain into one layer; the image can then go", "[sn
   MUST(remove_snapshot(pool, "c", "a"));
   MUST(remove_snapshot(pool, "c", "b"));
   CHECK(MUST(pool.inspect("c")).container.image_ref.empty());
-  MUST(pool.remove_image("base:1"));
+  MUST(remove_image(pool, "base:1"));
   check_disk(*d.open(), d.model);
   require_fsck_clean(pool);
   // Flattening again changes nothing.
