@@ -56,12 +56,6 @@ struct ContainerInfo {
   std::optional<std::string> served_by;  // "pid N" when a server holds it
 };
 
-struct FsckReport {
-  std::vector<std::string> problems;  // one line each; empty = consistent
-  std::vector<std::string> repaired;  // with repair: what was fixed (not in problems)
-  uint64_t layers = 0, images = 0, containers = 0, map_rows = 0, groups_verified = 0;
-};
-
 class Pool {
  public:
   // Creates an empty pool at root (made if missing; must be empty if it exists) with tier
@@ -145,29 +139,12 @@ class Pool {
   // the holder).
   Status remove_container(const std::string& name);
 
-  // Checks the index against the layer files (read-only unless repair: then rolls back
-  // interrupted imports, finishes interrupted removals and removes orphan files; it never
-  // touches a layer whose lock is held, and re-checks every candidate in a fresh transaction
-  // before changing anything). full = also verify every checksum.
-  Result<FsckReport> fsck(bool full, bool repair);
-
   // The lock table's record of who serves container_id ("pid N"), as a pid; 0 if unknown.
   pid_t serving_pid(uint64_t container_id) const;
 
  private:
   Pool() = default;
   Result<ContainerInfo> container_info(ReadTxn& txn, const ContainerRecord& rec);
-  // fsck --repair: rolls back an interrupted import under its layer's lock, re-reading the
-  // intent; false when it was running, published or rolled back meanwhile.
-  Result<bool> roll_back_import(uint64_t intent_id, const IntentRecord& intent);
-  // A layer file (or unfinished create) in a tier that no layer of fsck's view names.
-  struct OrphanFile {
-    Tier tier;
-    LayerStore::Entry entry;
-  };
-  // fsck: the orphan candidates that a fresh transaction and the layer locks still call
-  // orphans.
-  Result<std::vector<OrphanFile>> confirm_orphans(const std::vector<OrphanFile>& candidates);
 
   PoolPaths paths_;
   bool read_only_ = false;

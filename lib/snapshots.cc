@@ -19,6 +19,7 @@
 #include <set>
 
 #include "block_map.h"
+#include "fsck.h"
 #include "index.h"
 #include "layer_build.h"
 #include "layers.h"
@@ -653,7 +654,7 @@ Result<GcReport> gc(Pool& pool) {
       }
     }
   }
-  LAYER_ASSIGN(auto fsck, pool.fsck(false, true));
+  LAYER_ASSIGN(auto fsck, layer::fsck(pool, false, true));
   for (auto& line : fsck.repaired) report.done.push_back(std::move(line));
   return report;
 }

@@ -26,6 +26,7 @@
 
 #include "control.h"
 #include "error.h"
+#include "fsck.h"
 #include "images.h"
 #include "import.h"
 #include "index.h"
@@ -724,7 +725,7 @@ struct FsckArgs {
 int cmd_fsck(const Globals& g, const FsckArgs& a) {
   const std::string root = resolve_pool(g);
   auto pool = open_pool(g, a.repair);
-  const auto r = take(pool->fsck(a.full, a.repair));
+  const auto r = take(layer::fsck(*pool, a.full, a.repair));
   if (g.json) {
     print_json({{"ok", r.problems.empty()},
                 {"problems", r.problems},

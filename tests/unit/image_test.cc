@@ -4,6 +4,7 @@
 
 #include <filesystem>
 
+#include "fsck.h"
 #include "import.h"
 #include "pool.h"
 #include "test_util.h"
@@ -180,7 +181,7 @@ TEST_CASE("import commits its rows in bounded transactions as the copy goes", "[
     before = rows;
   }
   CHECK(before == static_cast<int>(size / step + size / step / 4));
-  FsckReport rep = MUST(f.pool->fsck(true, false));
+  FsckReport rep = MUST(fsck(*f.pool, true, false));
   CHECK(rep.problems.empty());
   CHECK(rep.groups_verified == size / step);
 }

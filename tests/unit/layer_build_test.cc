@@ -4,6 +4,7 @@
 #include "layer_build.h"
 
 #include "block_map.h"
+#include "fsck.h"
 #include "layers.h"
 #include "test_util.h"
 
@@ -35,7 +36,7 @@ TEST_CASE("a LayerBuild dropped before publishing leaves nothing behind", "[laye
   }
   CHECK(merge_intents(*f.pool) == 0);
   CHECK_FALSE(MUST(f.pool->store(Tier::kSsd).stat(id)).has_value());
-  auto r = MUST(f.pool->fsck(false, false));
+  auto r = MUST(fsck(*f.pool, false, false));
   CHECK(r.problems.empty());
   CHECK(r.map_rows == 0);
 }
@@ -69,7 +70,7 @@ TEST_CASE("fsck --repair leaves a running LayerBuild alone; one it rolled back c
   MUST(build->create_file(Tier::kSsd, 4096));
   put_row(*f.pool, build->id());
   // Running: locked, so not "interrupted".
-  auto r = MUST(f.pool->fsck(false, true));
+  auto r = MUST(fsck(*f.pool, false, true));
   CHECK(r.repaired.empty());
   CHECK(merge_intents(*f.pool) == 1);
   // The intent gone (as if a repair rolled back a build whose process died): publish refuses.

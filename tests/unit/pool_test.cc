@@ -7,6 +7,7 @@
 #include <set>
 
 #include "disk.h"
+#include "fsck.h"
 #include "test_util.h"
 
 using namespace layer;
@@ -42,11 +43,11 @@ std::string problems_text(const FsckReport& r) {
   return s;
 }
 
-#define REQUIRE_FSCK_CLEAN(pool, full)                   \
-  do {                                                   \
-    FsckReport rep_ = MUST((pool)->fsck((full), false)); \
-    INFO("fsck problems:" << problems_text(rep_));       \
-    REQUIRE(rep_.problems.empty());                      \
+#define REQUIRE_FSCK_CLEAN(pool, full)                    \
+  do {                                                    \
+    FsckReport rep_ = MUST(fsck(*(pool), (full), false)); \
+    INFO("fsck problems:" << problems_text(rep_));        \
+    REQUIRE(rep_.problems.empty());                       \
   } while (0)
 
 }  // namespace
@@ -278,7 +279,7 @@ TEST_CASE("import of a raw file with holes and zero blocks", "[pool][import]") {
   CHECK(images[0].image.size_bytes == size);
 
   REQUIRE_FSCK_CLEAN(f.pool, true);
-  FsckReport rep = MUST(f.pool->fsck(true, false));
+  FsckReport rep = MUST(fsck(*f.pool, true, false));
   CHECK(rep.images == 1);
   CHECK(rep.layers == 1);
   CHECK(rep.groups_verified > 0);
@@ -507,7 +508,7 @@ TEST_CASE("image rm is refused while a container uses it", "[pool][clone]") {
   REQUIRE(images.size() == 1);
   CHECK(images[0].image.ref == "other:1");
   REQUIRE_FSCK_CLEAN(f.pool, true);
-  FsckReport rep = MUST(f.pool->fsck(true, false));
+  FsckReport rep = MUST(fsck(*f.pool, true, false));
   CHECK(rep.layers == 1);
   CHECK(rep.containers == 0);
 }
@@ -542,8 +543,8 @@ TEST_CASE("a read-only pool refuses changes", "[pool]") {
   CHECK_FALSE(pool->clone("base:1", "d", std::nullopt).ok());
   CHECK_FALSE(pool->remove_container("c").ok());
   CHECK_FALSE(remove_image(*pool, "base:1").ok());
-  CHECK_FALSE(pool->fsck(false, true).ok());
-  FsckReport rep = MUST(pool->fsck(true, false));
+  CHECK_FALSE(fsck(*pool, false, true).ok());
+  FsckReport rep = MUST(fsck(*pool, true, false));
   CHECK(rep.problems.empty());
 }
 
@@ -561,14 +562,14 @@ TEST_CASE("fsck detects damaged layer files", "[pool][fsck]") {
 
   SECTION("deleted layer file") {
     std::filesystem::remove(path);
-    FsckReport rep = MUST(f.pool->fsck(false, false));
+    FsckReport rep = MUST(fsck(*f.pool, false, false));
     INFO(problems_text(rep));
     REQUIRE_FALSE(rep.problems.empty());
     CHECK(has_problem_containing(rep, id));
   }
   SECTION("truncated layer file") {
     std::filesystem::resize_file(path, size / 2);
-    FsckReport rep = MUST(f.pool->fsck(false, false));
+    FsckReport rep = MUST(fsck(*f.pool, false, false));
     INFO(problems_text(rep));
     REQUIRE_FALSE(rep.problems.empty());
     CHECK(has_problem_containing(rep, id));
@@ -576,13 +577,13 @@ TEST_CASE("fsck detects damaged layer files", "[pool][fsck]") {
   SECTION("orphan file, removed by repair") {
     const std::string orphan = f.pool->paths().tier_dir[0] + "/987654.layer";
     test::write_raw_image(orphan, std::vector<uint8_t>(4096, 1), {{0, 4096}});
-    FsckReport rep = MUST(f.pool->fsck(false, false));
+    FsckReport rep = MUST(fsck(*f.pool, false, false));
     INFO(problems_text(rep));
     REQUIRE(rep.problems.size() == 1);
     CHECK(has_problem_containing(rep, "987654.layer"));
     CHECK(std::filesystem::exists(orphan));  // without repair, nothing changes
 
-    FsckReport fixed = MUST(f.pool->fsck(false, true));
+    FsckReport fixed = MUST(fsck(*f.pool, false, true));
     CHECK_FALSE(std::filesystem::exists(orphan));
     CHECK(std::filesystem::exists(path));
     REQUIRE_FSCK_CLEAN(f.pool, true);
@@ -600,7 +601,7 @@ TEST_CASE("fsck detects damaged layer files", "[pool][fsck]") {
       const uint8_t b = static_cast<uint8_t>(content[off] ^ 0x5A);
       test::pwrite_all(fd.get(), &b, 1, off);
     }
-    FsckReport rep = MUST(f.pool->fsck(true, false));
+    FsckReport rep = MUST(fsck(*f.pool, true, false));
     INFO(problems_text(rep));
     REQUIRE_FALSE(rep.problems.empty());
     CHECK(has_problem_containing(rep, id));
@@ -621,13 +622,13 @@ TEST_CASE("fsck detects damaged layer files", "[pool][fsck]") {
       bits.set(0, BlockState::kData);
       return txn.put(Db::kMaps, key_u64_u32(ghost, 0), encode_chunk(bits));
     }));
-    FsckReport rep = MUST(f.pool->fsck(false, false));
+    FsckReport rep = MUST(fsck(*f.pool, false, false));
     INFO(problems_text(rep));
     REQUIRE_FALSE(rep.problems.empty());
     CHECK(has_problem_containing(rep, "ghost:1"));
     CHECK(std::filesystem::exists(ghost_path));
 
-    MUST(f.pool->fsck(false, true));
+    MUST(fsck(*f.pool, false, true));
     CHECK_FALSE(std::filesystem::exists(ghost_path));
     REQUIRE_FSCK_CLEAN(f.pool, true);
     ReadTxn txn = MUST(f.pool->index().begin_read());

@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "disk_test_util.h"
+#include "fsck.h"
 #include "snapshots.h"
 
 using namespace layer;
@@ -26,7 +27,7 @@ struct StringMaker<std::pair<uint64_t, uint64_t>> {
 namespace {
 
 void require_fsck_clean(Pool& pool) {
-  auto r = MUST(pool.fsck(true, false));
+  auto r = MUST(fsck(pool, true, false));
   for (const auto& p : r.problems) UNSCOPED_INFO(p);
   REQUIRE(r.problems.empty());
 }
@@ -203,7 +204,7 @@ TEST_CASE("snapshot rm drops a leaf, merges a layer with one child, keeps a shar
   require_fsck_clean(pool);
   MUST(pool.remove_container("k"));
   MUST(remove_image(pool, "base:1"));
-  auto layers = MUST(pool.fsck(false, false));
+  auto layers = MUST(fsck(pool, false, false));
   CHECK(layers.layers == 0);
 }
 
