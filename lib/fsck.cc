@@ -23,6 +23,7 @@
 
 #include "block_map.h"
 #include "checksum.h"
+#include "intents.h"
 #include "layers.h"
 
 namespace layer {
@@ -42,6 +43,13 @@ struct OrphanFile {
   LayerStore::Entry entry;
 };
 
+// An intent that waits for a repair.
+struct PendingIntent {
+  uint64_t id;
+  IntentRecord intent;
+  IntentKindInfo info;
+};
+
 // What the phases have found so far.
 struct FsckState {
   FsckState(Pool& p, bool f, bool r) : pool(p), full(f), repair(r) {}
@@ -50,21 +58,15 @@ struct FsckState {
   FsckReport report;
   std::map<LayerId, LayerFacts> layers;
   std::set<uint64_t> container_ids;
-  std::vector<std::pair<uint64_t, IntentRecord>> stale_imports;  // intent id, intent
-  std::vector<uint64_t> drops;                                   // drop intent ids
-  std::map<LayerId, Tier> intent_files;                          // files an intent accounts for
-  std::set<LayerId> importing;  // layers of every intent, running or interrupted
+  std::vector<PendingIntent> to_roll_back;  // interrupted builds (their layer is unlocked)
+  std::vector<PendingIntent> to_finish;     // unfinished removals
+  std::map<LayerId, Tier> intent_files;     // files an intent accounts for
+  std::set<LayerId> intent_layers;          // layers of every intent, running or interrupted
   std::map<LayerId, std::map<uint32_t, std::vector<uint64_t>>> sums;  // full only
   std::vector<OrphanFile> orphans;
 
   void problem(std::string line) { report.problems.push_back(std::move(line)); }
 };
-
-std::string describe_intent(const IntentRecord& intent) {
-  if (intent.kind == IntentRecord::Kind::kMerge)
-    return fmt::format("merge of layers {}", intent.target);
-  return fmt::format("import of {}", intent.target);
-}
 
 // Every `layers` row; each parent exists, is frozen, has the same block size, and gains a
 // reference.
@@ -221,8 +223,9 @@ Status check_map_rows(FsckState& st, ReadTxn& txn) {
   });
 }
 
-// Every intent: the layer and file it accounts for, and whether it waits for a repair
-// (unfinished removals; interrupted imports and merges, i.e. those whose layer is unlocked).
+// Every intent: the layer and file it accounts for, and whether it waits for a repair (each
+// kind's recovery, intents.h): unfinished removals; interrupted builds, i.e. those whose layer
+// is unlocked.
 Status read_intents(FsckState& st, ReadTxn& txn) {
   return txn.scan(Db::kIntents, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
     auto id = decode_key_u64(k).value_or(0);
@@ -231,41 +234,46 @@ Status read_intents(FsckState& st, ReadTxn& txn) {
       st.problem(intent.error().message);
       return true;
     }
-    st.importing.insert(intent->layer);
-    if (intent->kind == IntentRecord::Kind::kDrop) {
-      auto tier = parse_tier(intent->target);
-      if (!tier) {
-        st.problem(fmt::format("intent {}: {}", id, tier.error().message));
-        return true;
-      }
-      st.intent_files[intent->layer] = *tier;
-      st.drops.push_back(id);
-      if (!st.repair)
-        st.problem(
-            fmt::format("unfinished removal of layer {} (intent {}): run `layer fsck "
-                        "--repair` or any command that opens the pool for writing",
-                        intent->layer, id));
+    st.intent_layers.insert(intent->layer);
+    auto info = intent_kind_info(id, *intent);
+    if (!info) {
+      st.problem(info.error().message);
       return true;
     }
-    st.intent_files[intent->layer] = Tier::kSsd;
-    // An import still running holds its layer's lock: not interrupted, leave it alone.
+    const IntentRecovery& recovery = *info->recovery;
+    auto tier = recovery.file_tier(id, *intent);
+    if (!tier) {
+      st.problem(tier.error().message);
+      return true;
+    }
+    st.intent_files[intent->layer] = *tier;
+    if (recovery.direction == IntentRecovery::Direction::kFinish) {
+      if (!st.repair)
+        st.problem(fmt::format(
+            "unfinished {} (intent {}): run `layer fsck --repair` or any command that opens the "
+            "pool for writing",
+            info->what, id));
+      st.to_finish.push_back(PendingIntent{id, *intent, std::move(*info)});
+      return true;
+    }
+    // A build still running holds its layer's lock: not interrupted, leave it alone.
     LAYER_ASSIGN(const bool running, st.pool.locks().is_locked(LockKind::kLayer, intent->layer));
     if (running) return true;
-    st.stale_imports.emplace_back(id, *intent);
     if (!st.repair)
       st.problem(fmt::format(
           "interrupted {} (intent {}, layer {}): run `layer fsck --repair` to roll it back",
-          describe_intent(*intent), id, intent->layer));
+          info->what, id, intent->layer));
+    st.to_roll_back.push_back(PendingIntent{id, *intent, std::move(*info)});
     return true;
   });
 }
 
-// Map rows whose layer is unknown and not an intent's (an import in progress) are leaks.
+// Map rows whose layer is unknown and not an intent's (a build in progress) are leaks.
 Status find_leaked_rows(FsckState& st, ReadTxn& txn) {
   std::set<LayerId> leaked;
   LAYER_TRY(txn.scan(Db::kMaps, "", [&](std::string_view k, std::string_view) -> Result<bool> {
     auto key = decode_key_u64_u32(k);
-    if (key && !st.layers.count(key->first) && !st.importing.count(key->first))
+    if (key && !st.layers.count(key->first) && !st.intent_layers.count(key->first))
       leaked.insert(key->first);
     return true;
   }));
@@ -426,61 +434,29 @@ void verify_checksums(FsckState& st) {
   }
 }
 
-// fsck --repair: rolls back an interrupted import under its layer's lock, re-reading the
-// intent; false when it was running, published or rolled back meanwhile.
-Result<bool> roll_back_import(Pool& pool, uint64_t intent_id, const IntentRecord& intent) {
-  // Held through the rollback: an import holds it from before its intent is visible until
-  // it publishes, so holding it here means no import of this layer runs.
-  auto lock = pool.locks().try_lock(LockKind::kLayer, intent.layer, true,
-                                    fmt::format("layer {}", intent.layer));
-  if (!lock) {
-    if (lock.error().code == EBUSY) return false;
-    return std::move(lock).error();
-  }
-  for (;;) {
-    bool skip = false, done = false;
-    LAYER_TRY(pool.committer().run([&](WriteTxn& txn) -> Status {
-      LAYER_ASSIGN(auto current, txn.get(Db::kIntents, key_u64(intent_id)));
-      LAYER_ASSIGN(auto published, txn.get(Db::kLayers, key_u64(intent.layer)));
-      if (!current || published) {
-        skip = true;  // finished, published or rolled back meanwhile
-        return {};
-      }
-      LAYER_ASSIGN(uint64_t n, delete_layer_rows(txn, intent.layer));
-      if (n > 0) return {};  // more to do: the intent stays until the rows are gone
-      done = true;
-      return txn.del(Db::kIntents, key_u64(intent_id));
-    }));
-    if (skip) return false;
-    if (done) break;
-  }
-  LAYER_TRY(pool.store(Tier::kSsd).remove(intent.layer));
-  return true;
-}
-
 // Rolls back interrupted imports and merges, finishes removals and removes orphan files.
 // Everything the scan found is a view from before it: each change re-checks its candidate
 // in a fresh transaction and under the layer's lock, so work that started meanwhile (an
 // import, a clone's first write) is never undone.
 Status run_repairs(FsckState& st) {
-  for (const auto& [intent_id, intent] : st.stale_imports) {
-    LAYER_ASSIGN(bool rolled_back, roll_back_import(st.pool, intent_id, intent));
+  for (const auto& p : st.to_roll_back) {
+    LAYER_ASSIGN(bool rolled_back, p.info.recovery->recover(st.pool, p.id, p.intent));
     // Not rolled back: it resumed, finished or was rolled back by someone else meanwhile,
     // none of which is a problem.
     if (rolled_back)
       st.report.repaired.push_back(fmt::format("interrupted {} (intent {}, layer {}): rolled back",
-                                               describe_intent(intent), intent_id, intent.layer));
+                                               p.info.what, p.id, p.intent.layer));
   }
   // One removal that cannot be finished (an unlink refused, say) must not stop the others
   // or the orphan cleanup: it is reported and stays for a later run.
-  for (uint64_t intent_id : st.drops) {
-    auto s = finish_drop(st.pool, intent_id);
-    if (s)
+  for (const auto& p : st.to_finish) {
+    auto done = p.info.recovery->recover(st.pool, p.id, p.intent);
+    if (done)
       st.report.repaired.push_back(
-          fmt::format("unfinished removal (intent {}): finished", intent_id));
+          fmt::format("unfinished {} (intent {}): finished", p.info.name, p.id));
     else
-      st.problem(fmt::format("unfinished removal (intent {}) could not be finished: {}", intent_id,
-                             s.error().message));
+      st.problem(fmt::format("unfinished {} (intent {}) could not be finished: {}", p.info.name,
+                             p.id, done.error().message));
   }
   // Confirmed once more just before: a file made before the first confirmation has its row
   // or intent committed by then, so what is still an orphan stays one.

@@ -75,6 +75,12 @@ Result<uint64_t> delete_layer_rows(WriteTxn& txn, LayerId id) {
   return maps + sums;
 }
 
+Result<Tier> drop_file_tier(uint64_t intent_id, const IntentRecord& intent) {
+  auto tier = parse_tier(intent.target);
+  if (!tier) return make_error(EIO, "intent {}: {}", intent_id, tier.error().message);
+  return *tier;
+}
+
 Status finish_drop(Pool& pool, uint64_t intent_id) {
   pool.test_point("drop.rows");
   IntentRecord intent;
@@ -98,25 +104,10 @@ Status finish_drop(Pool& pool, uint64_t intent_id) {
   }
   // No row names the layer any more: its file goes, then the intent (a crash in between
   // repeats the unlink, which tolerates a missing file).
-  auto tier = parse_tier(intent.target);
-  if (!tier) return make_error(EIO, "intent {}: {}", intent_id, tier.error().message);
-  LAYER_TRY(pool.store(*tier).remove(intent.layer));
+  LAYER_ASSIGN(const Tier tier, drop_file_tier(intent_id, intent));
+  LAYER_TRY(pool.store(tier).remove(intent.layer));
   return pool.committer().run(
       [&](WriteTxn& txn) { return txn.del(Db::kIntents, key_u64(intent_id)); });
-}
-
-Result<std::vector<std::pair<uint64_t, IntentRecord>>> intents(Pool& pool,
-                                                               IntentRecord::Kind kind) {
-  std::vector<std::pair<uint64_t, IntentRecord>> out;
-  LAYER_ASSIGN(auto txn, pool.index().begin_read());
-  LAYER_TRY(txn.scan(Db::kIntents, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
-    auto id = decode_key_u64(k);
-    if (!id) return make_error(EIO, "intents: key of {} bytes", k.size());
-    LAYER_ASSIGN(auto intent, decode_intent(v, *id));
-    if (intent.kind == kind) out.emplace_back(*id, intent);
-    return true;
-  }));
-  return out;
 }
 
 Status finish_drops_after_removal(Pool& pool, const std::vector<uint64_t>& drops,
@@ -129,12 +120,6 @@ Status finish_drops_after_removal(Pool& pool, const std::vector<uint64_t>& drops
                         "next `layer fsck --repair` or writable open of the pool finishes it",
                         what, s.error().message);
   }
-  return {};
-}
-
-Status finish_drops(Pool& pool) {
-  LAYER_ASSIGN(auto drops, intents(pool, IntentRecord::Kind::kDrop));
-  for (const auto& [id, intent] : drops) LAYER_TRY(finish_drop(pool, id));
   return {};
 }
 

@@ -7,7 +7,7 @@
 // and its file go after the commit, in bounded transactions (finish_drop), so no transaction of
 // a removal is long. Files are removed only after the transaction that dropped the last
 // reference committed; a crash in between leaves the drop intent, finished by the next writable
-// open or `layer fsck --repair`.
+// open or `layer fsck --repair` (intents.h).
 //
 // Thread-safety: the functions that take a transaction use it (one thread at a time); the others
 // are safe to call concurrently, also with other processes finishing the same intents.
@@ -15,7 +15,6 @@
 
 #include <cstdint>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "error.h"
@@ -48,19 +47,16 @@ Status retire_layer(WriteTxn& txn, const LayerRecord& layer, std::vector<uint64_
 // transaction at a time.
 Result<uint64_t> delete_layer_rows(WriteTxn& txn, LayerId id);
 
+// The tier of a drop intent's file (its target). Errors: EIO naming the intent.
+Result<Tier> drop_file_tier(uint64_t intent_id, const IntentRecord& intent);
 // Deletes a dropped layer's rows in bounded transactions, then its file, then the intent.
 // Idempotent: another process may finish the same intent concurrently. Calls the test point
 // "drop.rows" first. Errors: EIO (not a drop intent, corrupt target), those of the
 // transactions and of the store's remove. REQUIRES: pool open writable.
 Status finish_drop(Pool& pool, uint64_t intent_id);
-// Finishes every drop intent (Pool::open, fsck --repair). Stops at the first error.
-Status finish_drops(Pool& pool);
 // Finishes the drops of a removal that committed; an error says the object (`what`) is gone
 // and what remains to be done.
 Status finish_drops_after_removal(Pool& pool, const std::vector<uint64_t>& drops,
                                   const std::string& what);
-
-// The intents of one kind in the index: (intent id, intent). Errors: EIO.
-Result<std::vector<std::pair<uint64_t, IntentRecord>>> intents(Pool& pool, IntentRecord::Kind kind);
 
 }  // namespace layer

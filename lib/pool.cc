@@ -26,6 +26,7 @@
 #include <cstring>
 #include <set>
 
+#include "intents.h"
 #include "layers.h"
 #include "names.h"
 
@@ -278,7 +279,7 @@ Result<std::unique_ptr<Pool>> Pool::open(const std::string& root, const OpenOpti
     // Removals a crash interrupted are finished here (their containers are already gone).
     // Best effort: a pool whose disk is full must still open (to remove things); a drop that
     // fails now stays for the next open or fsck --repair.
-    (void)finish_drops(*pool);
+    (void)finish_interrupted(*pool);
   }
   return pool;
 }

@@ -5,7 +5,7 @@
 
 #include "disk_test_util.h"
 #include "fsck.h"
-#include "layers.h"
+#include "intents.h"
 
 using namespace layer;
 using namespace disktest;

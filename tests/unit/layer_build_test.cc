@@ -5,7 +5,7 @@
 
 #include "block_map.h"
 #include "fsck.h"
-#include "layers.h"
+#include "intents.h"
 #include "test_util.h"
 
 using namespace layer;
