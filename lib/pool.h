@@ -1,4 +1,10 @@
-// pool.h — a pool: its directories, index, locks and layer store; images and containers.
+// pool.h — a pool: its directories, index, committer, locks and layer stores, open once per
+// process; and its containers (clone, ls, inspect, rm, export names).
+//
+// The rest works on a Pool through free functions in modules of its own: layers.h (chains,
+// refcounts, drops), layer_build.h (a layer built under an intent), intents.h (intents by kind
+// and their recovery), import.h and images.h (images), snapshots.h, fsck.h; names.h holds the
+// naming rules.
 //
 // POOL/index (LMDB), POOL/run/locks, POOL/run/holders/, tier directories (default
 // POOL/tiers/ssd and POOL/tiers/hdd; either may be elsewhere, recorded in `meta`). Layer files
@@ -69,8 +75,10 @@ class Pool {
   struct OpenOptions {
     bool read_only = false;  // no writes, no committer (fsck, ls)
   };
-  // Opens a pool. Errors: ENOENT (not a pool: names the path), ENOTSUP (newer format or unknown
-  // feature bit), EIO (corrupt meta; a tier's marker missing or naming another pool), EACCES.
+  // Opens a pool; a writable open then finishes the removals a crash interrupted (best effort:
+  // finish_interrupted, intents.h). Errors: ENOENT (not a pool: names the path), ENOTSUP
+  // (newer format or unknown feature bit), EIO (corrupt meta; a tier's marker missing or naming
+  // another pool), EACCES.
   static Result<std::unique_ptr<Pool>> open(const std::string& root, const OpenOptions& options);
   // Checks a pool without creating or locking anything (MDB_RDONLY|MDB_NOLOCK), as nbdkit's
   // get_ready needs. Errors: as open.
