@@ -102,6 +102,23 @@ Status read_layers(FsckState& st, ReadTxn& txn) {
   return {};
 }
 
+// Counts a reference from `owner` ("image debian:12") to its `role` ("layer", "delta layer")
+// `id`, which must exist and be writable exactly when `writable`. Returns the layer's facts, or
+// nullptr when it is missing (reported).
+LayerFacts* add_reference(FsckState& st, const std::string& owner, std::string_view role,
+                          LayerId id, bool writable) {
+  auto it = st.layers.find(id);
+  if (it == st.layers.end()) {
+    st.problem(fmt::format("{}: {} {} is missing", owner, role, id));
+    return nullptr;
+  }
+  ++it->second.refs;
+  if ((it->second.rec.state == LayerState::kWritable) != writable)
+    st.problem(
+        fmt::format("{}: {} {} is {}", owner, role, id, writable ? "not writable" : "writable"));
+  return &it->second;
+}
+
 // Every image names an existing frozen layer, which gains a reference.
 Status check_images(FsckState& st, ReadTxn& txn) {
   return txn.scan(Db::kImages, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
@@ -111,14 +128,7 @@ Status check_images(FsckState& st, ReadTxn& txn) {
       st.problem(image.error().message);
       return true;
     }
-    auto it = st.layers.find(image->top_layer);
-    if (it == st.layers.end()) {
-      st.problem(fmt::format("image {}: layer {} is missing", k, image->top_layer));
-      return true;
-    }
-    ++it->second.refs;
-    if (it->second.rec.state == LayerState::kWritable)
-      st.problem(fmt::format("image {}: layer {} is writable", k, image->top_layer));
+    add_reference(st, fmt::format("image {}", k), "layer", image->top_layer, false);
     return true;
   });
 }
@@ -133,17 +143,12 @@ Status check_containers(FsckState& st, ReadTxn& txn) {
       st.problem(c.error().message);
       return true;
     }
-    auto it = st.layers.find(c->delta_layer);
-    if (it == st.layers.end()) {
-      st.problem(fmt::format("container {}: delta layer {} is missing", k, c->delta_layer));
-      return true;
-    }
-    ++it->second.refs;
-    if (it->second.rec.state != LayerState::kWritable)
-      st.problem(fmt::format("container {}: delta layer {} is not writable", k, c->delta_layer));
-    if (it->second.rec.size_bytes != c->size_bytes)
+    const LayerFacts* delta =
+        add_reference(st, fmt::format("container {}", k), "delta layer", c->delta_layer, true);
+    if (!delta) return true;
+    if (delta->rec.size_bytes != c->size_bytes)
       st.problem(fmt::format("container {}: size {} differs from its delta's {}", k, c->size_bytes,
-                             it->second.rec.size_bytes));
+                             delta->rec.size_bytes));
     auto chain = chain_of(txn, c->delta_layer);
     if (!chain) st.problem(fmt::format("container {}: {}", k, chain.error().message));
     st.container_ids.insert(c->id);
@@ -163,14 +168,7 @@ Status check_snapshots(FsckState& st, ReadTxn& txn) {
     if (!st.container_ids.count(s->container_id) || k != snapshot_key(s->container_id, s->name))
       st.problem(fmt::format("snapshot {} (layer {}): its container {} is missing", s->name,
                              s->layer, s->container_id));
-    auto it = st.layers.find(s->layer);
-    if (it == st.layers.end()) {
-      st.problem(fmt::format("snapshot {}: layer {} is missing", s->name, s->layer));
-      return true;
-    }
-    ++it->second.refs;
-    if (it->second.rec.state == LayerState::kWritable)
-      st.problem(fmt::format("snapshot {}: layer {} is writable", s->name, s->layer));
+    add_reference(st, fmt::format("snapshot {}", s->name), "layer", s->layer, false);
     return true;
   });
 }
