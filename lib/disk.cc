@@ -28,6 +28,8 @@
 #include <map>
 
 #include "index.h"
+#include "layers.h"
+#include "names.h"
 
 namespace layer {
 namespace {
@@ -100,9 +102,9 @@ Result<std::shared_ptr<Disk>> Disk::open(Pool& pool, const std::string& name, bo
   LAYER_ASSIGN(disk->container_, pool.get_container(txn, name));
   if (disk->container_.id != id)
     return make_error(EBUSY, "container \"{}\" was replaced while opening", name);
-  LAYER_ASSIGN(disk->delta_layer_, pool.get_layer(txn, disk->container_.delta_layer));
+  LAYER_ASSIGN(disk->delta_layer_, get_layer(txn, disk->container_.delta_layer));
   if (disk->delta_layer_.parent != 0) {
-    LAYER_ASSIGN(disk->chain_, pool.chain_of(txn, disk->delta_layer_.parent));
+    LAYER_ASSIGN(disk->chain_, chain_of(txn, disk->delta_layer_.parent));
   }
   LAYER_ASSIGN(disk->delta_lock_,
                pool.locks().try_lock(LockKind::kLayer, disk->delta_layer_.id, writable,
@@ -137,7 +139,7 @@ Result<LockedChain> locked_snapshot_chain(Pool& pool, const std::string& contain
     if (!row)
       return make_error(ENOENT, "snapshot \"{}\" of container \"{}\" not found", snap, container);
     LAYER_ASSIGN(out.snapshot, decode_snapshot(*row, key));
-    return pool.chain_of(txn, out.snapshot.layer);
+    return chain_of(txn, out.snapshot.layer);
   };
   LAYER_ASSIGN(out.chain, read());
   for (const auto& layer : out.chain) {
@@ -823,12 +825,12 @@ Result<std::vector<std::pair<LayerId, LayerId>>> Disk::merge_hidden() {
         LAYER_ASSIGN(auto txn, pool_.index().begin_read());
         ContainerState state;
         LAYER_ASSIGN(state.container, pool_.get_container(txn, name_));
-        LAYER_ASSIGN(state.delta, pool_.get_layer(txn, state.container.delta_layer));
-        LAYER_ASSIGN(state.chain, pool_.chain_of(txn, state.delta.parent));
+        LAYER_ASSIGN(state.delta, get_layer(txn, state.container.delta_layer));
+        LAYER_ASSIGN(state.chain, chain_of(txn, state.delta.parent));
         return state;
       }));
-      LAYER_TRY(pool_.finish_drops_after_removal(
-          drops, fmt::format("merged layers {} and {}", chain[i].id, chain[i - 1].id)));
+      LAYER_TRY(finish_drops_after_removal(
+          pool_, drops, fmt::format("merged layers {} and {}", chain[i].id, chain[i - 1].id)));
       merged.emplace_back(chain[i].id, m);
       again = true;
     }
@@ -870,8 +872,8 @@ Result<ContainerState> Disk::rollback(const std::string& snap,
                }));
   // The old delta's rows and file go now that no view will write it (a read still in flight
   // keeps its file open).
-  LAYER_TRY(pool_.finish_drops_after_removal(
-      drops, fmt::format("the rolled-back delta of container \"{}\"", name_)));
+  LAYER_TRY(finish_drops_after_removal(
+      pool_, drops, fmt::format("the rolled-back delta of container \"{}\"", name_)));
   return state;
 }
 
@@ -886,8 +888,8 @@ Result<ContainerState> Disk::flatten() {
   }
   std::vector<uint64_t> drops;
   LAYER_ASSIGN(auto state, change([&] { return switch_flat(pool_, *built, &drops); }));
-  LAYER_TRY(pool_.finish_drops_after_removal(
-      drops, fmt::format("the old chain of container \"{}\"", name_)));
+  LAYER_TRY(finish_drops_after_removal(pool_, drops,
+                                       fmt::format("the old chain of container \"{}\"", name_)));
   return state;
 }
 

@@ -1,7 +1,39 @@
 // layer_build.cc — LayerBuild: the intent, lock, publish and rollback of a layer being built.
 #include "layer_build.h"
 
+#include "layers.h"
+
 namespace layer {
+
+namespace {
+
+// Deletes a build's rows in bounded transactions and its intent with the last of them. The
+// build itself (owner: it holds the layer's lock and has not published) deletes whatever is
+// there. A recovery (!owner) re-reads the intent in each transaction and stops, returning false,
+// when it is gone or the layer was published meanwhile (what is left is not the build's).
+Result<bool> delete_build_rows(Pool& pool, LayerId layer, uint64_t intent_id, bool owner) {
+  for (;;) {
+    bool skip = false, done = false;
+    LAYER_TRY(pool.committer().run([&](WriteTxn& txn) -> Status {
+      if (!owner) {
+        LAYER_ASSIGN(auto current, txn.get(Db::kIntents, key_u64(intent_id)));
+        LAYER_ASSIGN(auto published, txn.get(Db::kLayers, key_u64(layer)));
+        if (!current || published) {
+          skip = true;  // finished, published or rolled back meanwhile
+          return {};
+        }
+      }
+      LAYER_ASSIGN(uint64_t n, delete_layer_rows(txn, layer));
+      if (n > 0) return {};  // more to do: the intent stays until the rows are gone
+      done = true;
+      return txn.del(Db::kIntents, key_u64(intent_id));
+    }));
+    if (skip) return false;
+    if (done) return true;
+  }
+}
+
+}  // namespace
 
 Result<std::unique_ptr<LayerBuild>> LayerBuild::begin(Pool& pool, IntentRecord::Kind kind,
                                                       std::string target) {
@@ -61,19 +93,28 @@ void LayerBuild::roll_back() noexcept {
   if (done_) return;
   done_ = true;
   try {
-    for (bool finished = false; !finished;) {
-      auto s = pool_.committer().run([&](WriteTxn& txn) -> Status {
-        LAYER_ASSIGN(uint64_t n, Pool::delete_layer_rows(txn, id_));
-        if (n > 0) return {};
-        finished = true;
-        return txn.del(Db::kIntents, key_u64(intent_id_));
-      });
-      if (!s) return;  // the intent stays: fsck --repair finishes it
-    }
+    // An error leaves the intent for fsck --repair.
+    if (!delete_build_rows(pool_, id_, intent_id_, /*owner=*/true)) return;
     if (created_file_) (void)pool_.store(file_tier_).remove(id_);
   } catch (...) {
     // Out of memory: the intent stays for fsck --repair.
   }
+}
+
+Result<bool> roll_back_build(Pool& pool, uint64_t intent_id, const IntentRecord& intent) {
+  // Held through the rollback: a build holds it from before its intent is visible until it
+  // publishes, so holding it here means no build of this layer runs.
+  auto lock = pool.locks().try_lock(LockKind::kLayer, intent.layer, true,
+                                    fmt::format("layer {}", intent.layer));
+  if (!lock) {
+    if (lock.error().code == EBUSY) return false;
+    return std::move(lock).error();
+  }
+  LAYER_ASSIGN(const bool deleted,
+               delete_build_rows(pool, intent.layer, intent_id, /*owner=*/false));
+  if (!deleted) return false;
+  LAYER_TRY(pool.store(Tier::kSsd).remove(intent.layer));
+  return true;
 }
 
 }  // namespace layer

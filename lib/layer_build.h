@@ -7,7 +7,8 @@
 // reads them), and publish() runs the one transaction that makes the layer visible and deletes
 // the intent. Until then, destroying the LayerBuild (or fail()) rolls back: the rows in bounded
 // transactions, the intent with the last of them, then the file if this build created it. What
-// a crash or a failing rollback leaves is an intent that fsck --repair rolls back the same way.
+// a crash or a failing rollback leaves is an intent that fsck --repair rolls back the same way
+// (roll_back_build).
 //
 // Thread-safety: one thread uses a LayerBuild. The Pool must outlive it.
 #pragma once
@@ -64,5 +65,14 @@ class LayerBuild {
   bool created_file_ = false;
   bool done_ = false;  // published or rolled back
 };
+
+// Rolls back a build that a crash (or a failed rollback) left behind, as LayerBuild would have:
+// under the layer's exclusive lock, its rows in bounded transactions, its intent with the last
+// of them, then its file in the ssd tier (where imports and merges build). Every transaction
+// re-reads the intent. Returns false when the lock is held (the build is running: nothing is
+// changed) or when the intent is gone or the layer published meanwhile (it stops there). This
+// is fsck --repair's recovery of import and merge intents (intents.h). Errors: those of the
+// lock, the transactions and the store's remove.
+Result<bool> roll_back_build(Pool& pool, uint64_t intent_id, const IntentRecord& intent);
 
 }  // namespace layer

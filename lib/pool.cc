@@ -1,9 +1,9 @@
-// pool.cc — pool creation and opening, names and sizes, layers, containers (clone, rm).
-// Images are in image.cc, fsck in fsck.cc.
+// pool.cc — pool creation and opening, containers (clone, ls, inspect, rm).
+// Layers are in layers.cc, images in images.cc and import.cc, fsck in fsck.cc.
 //
 // Design notes:
 // - Every metadata change is one write transaction through the Committer. Long work (import,
-//   image.cc) commits bounded batches of rows under an `intents` row and publishes with one
+//   merge) commits bounded batches of rows under an `intents` row and publishes with one
 //   final transaction.
 // - File order: a layer file is created, synced and its directory synced before any
 //   transaction refers to it; it is unlinked only after the transaction that drops the last
@@ -26,9 +26,9 @@
 #include <cstring>
 #include <set>
 
-#include "block_map.h"
-#include "checksum.h"
-#include "snapshots.h"
+#include "intents.h"
+#include "layers.h"
+#include "names.h"
 
 namespace layer {
 namespace {
@@ -175,87 +175,12 @@ Result<std::string> meta_string(ReadTxn& txn, std::string_view key, const std::s
   return std::string(*v);
 }
 
-Status validate_part(std::string_view name, std::string_view what) {
-  // [a-z0-9][a-z0-9._-]{0,63} without "..": safe as a file name and an NBD export name.
-  auto lower_or_digit = [](char c) { return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9'); };
-  bool ok = !name.empty() && name.size() <= 64 && lower_or_digit(name[0]) &&
-            name.find("..") == std::string_view::npos;
-  for (char c : name) ok = ok && (lower_or_digit(c) || c == '.' || c == '_' || c == '-');
-  if (name.empty()) return make_error(EINVAL, "{} must not be empty", what);
-  if (!ok)
-    return make_error(EINVAL,
-                      "invalid {} \"{}\": use 1-64 characters a-z 0-9 . _ -, starting with a "
-                      "letter or digit, without \"..\"",
-                      what, name);
-  return {};
-}
-
 }  // namespace
 
 uint64_t now_unix() {
   return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::seconds>(
                                    std::chrono::system_clock::now().time_since_epoch())
                                    .count());
-}
-
-Status validate_name(std::string_view name, std::string_view what) {
-  return validate_part(name, what);
-}
-
-Status validate_image_ref(std::string_view ref) {
-  const auto colon = ref.find(':');
-  if (colon == std::string_view::npos || ref.find(':', colon + 1) != std::string_view::npos)
-    return make_error(EINVAL, "invalid image reference \"{}\": expected NAME:VERSION", ref);
-  LAYER_TRY(validate_part(ref.substr(0, colon), "image name"));
-  return validate_part(ref.substr(colon + 1), "image version");
-}
-
-Result<uint64_t> parse_size(std::string_view text) {
-  if (text.empty()) return make_error(EINVAL, "empty size");
-  uint64_t n = 0;
-  size_t i = 0;
-  for (; i < text.size() && text[i] >= '0' && text[i] <= '9'; ++i) {
-    const uint64_t d = static_cast<uint64_t>(text[i] - '0');
-    if (n > (UINT64_MAX - d) / 10) return make_error(EINVAL, "size \"{}\" is too large", text);
-    n = n * 10 + d;
-  }
-  if (i == 0) return make_error(EINVAL, "invalid size \"{}\"", text);
-  std::string_view suffix = text.substr(i);
-  // "10G", "10GB" and "10GiB" all mean 10 GiB.
-  if (suffix.size() == 3 && suffix.substr(1) == "iB")
-    suffix = suffix.substr(0, 1);
-  else if (suffix.size() == 2 && (suffix[1] == 'B' || suffix[1] == 'b'))
-    suffix = suffix.substr(0, 1);
-  unsigned shift = 0;
-  if (suffix.empty())
-    shift = 0;
-  else if (suffix.size() == 1) {
-    switch (suffix[0]) {
-      case 'k':
-      case 'K':
-        shift = 10;
-        break;
-      case 'm':
-      case 'M':
-        shift = 20;
-        break;
-      case 'g':
-      case 'G':
-        shift = 30;
-        break;
-      case 't':
-      case 'T':
-        shift = 40;
-        break;
-      default:
-        return make_error(EINVAL, "invalid size \"{}\": unknown suffix", text);
-    }
-  } else {
-    return make_error(EINVAL, "invalid size \"{}\": unknown suffix", text);
-  }
-  if (shift && n > (UINT64_MAX >> shift))
-    return make_error(EINVAL, "size \"{}\" is too large", text);
-  return n << shift;
 }
 
 // ---- create / open ----
@@ -354,7 +279,7 @@ Result<std::unique_ptr<Pool>> Pool::open(const std::string& root, const OpenOpti
     // Removals a crash interrupted are finished here (their containers are already gone).
     // Best effort: a pool whose disk is full must still open (to remove things); a drop that
     // fails now stays for the next open or fsck --repair.
-    (void)pool->finish_drops();
+    (void)finish_interrupted(*pool);
   }
   return pool;
 }
@@ -364,6 +289,11 @@ Pool::~Pool() = default;
 void Pool::test_point(std::string_view point) {
   if (test_hook_) test_hook_(point);
   if (!failpoint_.empty() && point == failpoint_) ::kill(::getpid(), SIGKILL);
+}
+
+Status Pool::check_writable() const {
+  if (read_only_) return make_error(EACCES, "pool {} is open read-only", paths_.root);
+  return {};
 }
 
 Status Pool::check_tiers_hold(uint64_t size_bytes) const {
@@ -396,75 +326,10 @@ std::string Pool::layer_path(LayerId id, Tier tier) const {
   return stores_[static_cast<int>(tier)]->describe(id);
 }
 
-Result<LayerRecord> Pool::get_layer(ReadTxn& txn, LayerId id) {
-  LAYER_ASSIGN(auto v, txn.get(Db::kLayers, key_u64(id)));
-  if (!v) return make_error(EIO, "layer {} is missing from the index", id);
-  return decode_layer(*v, id);
-}
-
 Result<ContainerRecord> Pool::get_container(ReadTxn& txn, std::string_view name) {
   LAYER_ASSIGN(auto v, txn.get(Db::kContainers, name));
   if (!v) return make_error(ENOENT, "container \"{}\" not found in pool {}", name, paths_.root);
   return decode_container(*v, name);
-}
-
-Result<std::vector<LayerRecord>> Pool::chain_of(ReadTxn& txn, LayerId top) {
-  std::vector<LayerRecord> chain;
-  for (LayerId id = top; id != 0;) {
-    if (chain.size() > kMaxChainDepth + 1)
-      return make_error(EIO, "layer {}: parent chain loops or is deeper than {}", top,
-                        kMaxChainDepth);
-    LAYER_ASSIGN(auto layer, get_layer(txn, id));
-    id = layer.parent;
-    chain.push_back(std::move(layer));
-  }
-  return chain;
-}
-
-// ---- layers ----
-
-// Counts the data and zero blocks of a layer from its map rows.
-Status Pool::count_blocks(ReadTxn& txn, LayerId id, uint64_t* data, uint64_t* zero) {
-  *data = *zero = 0;
-  return for_each_map_row(txn, id, [&](uint32_t, const ChunkBits& bits) -> Result<bool> {
-    BlockState u;
-    if (bits.uniform(&u)) {
-      if (u == BlockState::kData) *data += kBlocksPerChunk;
-      if (u == BlockState::kZero) *zero += kBlocksPerChunk;
-      return true;
-    }
-    for (uint32_t i = 0; i < kBlocksPerChunk; ++i) {
-      *data += bits.get(i) == BlockState::kData;
-      *zero += bits.get(i) == BlockState::kZero;
-    }
-    return true;
-  });
-}
-
-Status Pool::retire_layer(WriteTxn& txn, const LayerRecord& layer,
-                          std::vector<uint64_t>* drop_intents) {
-  // The layer row goes now; its map and checksum rows (any number) and its file go in bounded
-  // steps under a drop intent (finish_drop), so this transaction stays short.
-  LAYER_TRY(txn.del(Db::kLayers, key_u64(layer.id)));
-  LAYER_TRY(txn.del(Db::kHeat, key_u64(layer.id)));
-  LAYER_ASSIGN(uint64_t intent_id, txn.next_id("intent"));
-  IntentRecord intent{IntentRecord::Kind::kDrop, layer.id, to_string(layer.tier), now_unix()};
-  LAYER_TRY(txn.put(Db::kIntents, key_u64(intent_id), encode(intent)));
-  drop_intents->push_back(intent_id);
-  return {};
-}
-
-Status Pool::drop_layer(WriteTxn& txn, LayerId id, std::vector<uint64_t>* drop_intents) {
-  while (id != 0) {
-    LAYER_ASSIGN(auto layer, get_layer(txn, id));
-    if (layer.refcount > 1) {
-      --layer.refcount;
-      return txn.put(Db::kLayers, key_u64(id), encode(layer));
-    }
-    LAYER_TRY(retire_layer(txn, layer, drop_intents));
-    id = layer.parent;  // the dropped layer's reference to its parent goes too
-  }
-  return {};
 }
 
 pid_t Pool::serving_pid(uint64_t container_id) const {
@@ -476,74 +341,6 @@ pid_t Pool::serving_pid(uint64_t container_id) const {
     pid = pid * 10 + (c - '0');
   }
   return pid;
-}
-
-Result<uint64_t> Pool::delete_layer_rows(WriteTxn& txn, LayerId id) {
-  const std::string prefix = key_u64(id);
-  LAYER_ASSIGN(uint64_t maps, txn.del_prefix(Db::kMaps, prefix, kMaxRowsPerTxn));
-  LAYER_ASSIGN(uint64_t sums, txn.del_prefix(Db::kSums, prefix, kMaxRowsPerTxn - maps));
-  return maps + sums;
-}
-
-Status Pool::finish_drop(uint64_t intent_id) {
-  test_point("drop.rows");
-  IntentRecord intent;
-  for (;;) {
-    bool gone = false;
-    uint64_t deleted = 0;
-    LAYER_TRY(committer_->run([&](WriteTxn& txn) -> Status {
-      LAYER_ASSIGN(auto v, txn.get(Db::kIntents, key_u64(intent_id)));
-      if (!v) {
-        gone = true;  // finished by another process meanwhile
-        return {};
-      }
-      LAYER_ASSIGN(intent, decode_intent(*v, intent_id));
-      if (intent.kind != IntentRecord::Kind::kDrop)
-        return make_error(EIO, "intent {} is not a drop", intent_id);
-      LAYER_ASSIGN(deleted, delete_layer_rows(txn, intent.layer));
-      return {};
-    }));
-    if (gone) return {};
-    if (deleted == 0) break;
-  }
-  // No row names the layer any more: its file goes, then the intent (a crash in between
-  // repeats the unlink, which tolerates a missing file).
-  auto tier = parse_tier(intent.target);
-  if (!tier) return make_error(EIO, "intent {}: {}", intent_id, tier.error().message);
-  LAYER_TRY(store(*tier).remove(intent.layer));
-  return committer_->run([&](WriteTxn& txn) { return txn.del(Db::kIntents, key_u64(intent_id)); });
-}
-
-Result<std::vector<std::pair<uint64_t, IntentRecord>>> Pool::intents(IntentRecord::Kind kind) {
-  std::vector<std::pair<uint64_t, IntentRecord>> out;
-  LAYER_ASSIGN(auto txn, index_->begin_read());
-  LAYER_TRY(txn.scan(Db::kIntents, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
-    auto id = decode_key_u64(k);
-    if (!id) return make_error(EIO, "intents: key of {} bytes", k.size());
-    LAYER_ASSIGN(auto intent, decode_intent(v, *id));
-    if (intent.kind == kind) out.emplace_back(*id, intent);
-    return true;
-  }));
-  return out;
-}
-
-Status Pool::finish_drops_after_removal(const std::vector<uint64_t>& drops,
-                                        const std::string& what) {
-  for (uint64_t intent_id : drops) {
-    auto s = finish_drop(intent_id);
-    if (!s)
-      return make_error(s.error().code,
-                        "{} was removed, but freeing its space failed ({}); the "
-                        "next `layer fsck --repair` or writable open of the pool finishes it",
-                        what, s.error().message);
-  }
-  return {};
-}
-
-Status Pool::finish_drops() {
-  LAYER_ASSIGN(auto drops, intents(IntentRecord::Kind::kDrop));
-  for (const auto& [id, intent] : drops) LAYER_TRY(finish_drop(id));
-  return {};
 }
 
 // ---- containers ----
@@ -566,7 +363,7 @@ Result<ContainerInfo> Pool::container_info(ReadTxn& txn, const ContainerRecord& 
 
 Result<ContainerInfo> Pool::clone(const std::string& source, const std::string& name,
                                   std::optional<uint64_t> size_bytes) {
-  if (read_only_) return make_error(EACCES, "pool {} is open read-only", paths_.root);
+  LAYER_TRY(check_writable());
   LAYER_ASSIGN(auto snap, parse_snapshot_ref(source));
   if (!snap) LAYER_TRY(validate_image_ref(source));
   LAYER_TRY(validate_name(name, "container name"));
@@ -677,7 +474,7 @@ Result<ContainerInfo> Pool::inspect(const std::string& name) {
 }
 
 Status Pool::remove_container(const std::string& name) {
-  if (read_only_) return make_error(EACCES, "pool {} is open read-only", paths_.root);
+  LAYER_TRY(check_writable());
   LAYER_TRY(validate_name(name, "container name"));
   ContainerRecord rec;
   {
@@ -708,7 +505,7 @@ Status Pool::remove_container(const std::string& name) {
     return drop_layer(txn, current.delta_layer, &drops);
   }));
   // The container is gone; a crash from here on is finished by the next open or fsck --repair.
-  LAYER_TRY(finish_drops_after_removal(drops, fmt::format("container \"{}\"", name)));
+  LAYER_TRY(finish_drops_after_removal(*this, drops, fmt::format("container \"{}\"", name)));
   return {};
 }
 

@@ -1,4 +1,10 @@
-// pool.h — a pool: its directories, index, locks and layer store; images and containers.
+// pool.h — a pool: its directories, index, committer, locks and layer stores, open once per
+// process; and its containers (clone, ls, inspect, rm, export names).
+//
+// The rest works on a Pool through free functions in modules of its own: layers.h (chains,
+// refcounts, drops), layer_build.h (a layer built under an intent), intents.h (intents by kind
+// and their recovery), import.h and images.h (images), snapshots.h, fsck.h; names.h holds the
+// naming rules.
 //
 // POOL/index (LMDB), POOL/run/locks, POOL/run/holders/, tier directories (default
 // POOL/tiers/ssd and POOL/tiers/hdd; either may be elsewhere, recorded in `meta`). Layer files
@@ -40,26 +46,11 @@ constexpr uint32_t kMaxBlockSize = 1 << 20;
 // for the delta and 24 MiB for the chain map at 16 TiB with 4 KiB blocks).
 constexpr uint64_t kMaxDiskBytes = 16ULL << 40;
 
-// Names of containers and image names/versions: [a-z0-9][a-z0-9._-]{0,63} without "..".
-// Errors: EINVAL naming `what` and the rule.
-Status validate_name(std::string_view name, std::string_view what);
-// "name:version" -> checked. Errors: EINVAL.
-Status validate_image_ref(std::string_view ref);
-// Parses sizes like "4096", "512M", "10G", "1T" (binary units). Errors: EINVAL.
-Result<uint64_t> parse_size(std::string_view text);
-
 struct PoolPaths {
   std::string root;
   std::string index_dir;
   std::string run_dir;
   std::string tier_dir[2];  // indexed by Tier
-};
-
-struct ImageInfo {
-  ImageRecord image;
-  LayerRecord layer;
-  uint64_t data_blocks = 0;
-  uint32_t containers = 0;  // containers cloned from it
 };
 
 struct ContainerInfo {
@@ -69,12 +60,6 @@ struct ContainerInfo {
   uint64_t delta_data_blocks = 0;           // as of the last flush (== chain_data_blocks[0])
   uint64_t delta_zero_blocks = 0;
   std::optional<std::string> served_by;  // "pid N" when a server holds it
-};
-
-struct FsckReport {
-  std::vector<std::string> problems;  // one line each; empty = consistent
-  std::vector<std::string> repaired;  // with repair: what was fixed (not in problems)
-  uint64_t layers = 0, images = 0, containers = 0, map_rows = 0, groups_verified = 0;
 };
 
 class Pool {
@@ -90,8 +75,10 @@ class Pool {
   struct OpenOptions {
     bool read_only = false;  // no writes, no committer (fsck, ls)
   };
-  // Opens a pool. Errors: ENOENT (not a pool: names the path), ENOTSUP (newer format or unknown
-  // feature bit), EIO (corrupt meta; a tier's marker missing or naming another pool), EACCES.
+  // Opens a pool; a writable open then finishes the removals a crash interrupted (best effort:
+  // finish_interrupted, intents.h). Errors: ENOENT (not a pool: names the path), ENOTSUP
+  // (newer format or unknown feature bit), EIO (corrupt meta; a tier's marker missing or naming
+  // another pool), EACCES.
   static Result<std::unique_ptr<Pool>> open(const std::string& root, const OpenOptions& options);
   // Checks a pool without creating or locking anything (MDB_RDONLY|MDB_NOLOCK), as nbdkit's
   // get_ready needs. Errors: as open.
@@ -106,6 +93,12 @@ class Pool {
   LockTable& locks() { return *locks_; }
   ChainCache& chains() { return chains_; }
   bool read_only() const { return read_only_; }
+  // Errors: EACCES `pool P is open read-only` when it is.
+  Status check_writable() const;
+  // Checks that every tier's filesystem can hold a layer file of size_bytes (ext4 with 4 KiB
+  // blocks stops at 16 TiB - 4 KiB, below kMaxDiskBytes): a sparse temporary file in each tier
+  // is sized to it. Errors: EINVAL naming the tier and the size; EIO/EACCES from the probe.
+  Status check_tiers_hold(uint64_t size_bytes) const;
   // Where a layer's file is, for messages and tools (for a local tier: its path).
   std::string layer_path(const LayerRecord& layer) const;
   std::string layer_path(LayerId id, Tier tier) const;
@@ -134,28 +127,8 @@ class Pool {
   // way to stop a CLI or a server between two steps of an operation.
   void test_point(std::string_view point);
 
-  // The chain of `top` following parents, top first. Errors: ENOENT/EIO on a missing or cyclic
-  // parent (the index is corrupt).
-  Result<std::vector<LayerRecord>> chain_of(ReadTxn& txn, LayerId top);
-  Result<LayerRecord> get_layer(ReadTxn& txn, LayerId id);
   // Errors: ENOENT `container "x" not found in pool P`.
   Result<ContainerRecord> get_container(ReadTxn& txn, std::string_view name);
-
-  using Progress = std::function<void(uint64_t done_bytes, uint64_t total_bytes)>;
-  // Imports a raw disk image as image `ref` (one frozen, hashed layer). Holes (SEEK_DATA) and
-  // all-zero blocks are stored as nothing. The file size must be a multiple of 512 and at most
-  // kMaxDiskBytes (and what the tiers hold: check_tiers_hold). The new layer is locked
-  // exclusively from before its intent is visible until it is published or rolled back, so
-  // fsck --repair leaves a running import alone.
-  // A failed import removes its rows, its intent and the layer file only if it created it.
-  // Errors: EINVAL (bad ref, block size or file size), EEXIST, ENOENT/EACCES (file), EBUSY
-  // (the file's size, mtime or ctime changed during the copy), ENOSPC, EIO.
-  Result<ImageInfo> import_image(const std::string& ref, const std::string& file,
-                                 uint32_t block_size, const Progress& progress,
-                                 const std::string& description = "");
-  Result<std::vector<ImageInfo>> list_images();
-  // Errors: ENOENT, EBUSY (containers use it).
-  Status remove_image(const std::string& ref);
 
   // A new container on image_ref ("NAME:VER", or "CONTAINER@SNAP": on that snapshot, with the
   // source container's image ref): one transaction, no file work. size_bytes defaults to the
@@ -174,59 +147,12 @@ class Pool {
   // the holder).
   Status remove_container(const std::string& name);
 
-  // Checks the index against the layer files (read-only unless repair: then rolls back
-  // interrupted imports, finishes interrupted removals and removes orphan files; it never
-  // touches a layer whose lock is held, and re-checks every candidate in a fresh transaction
-  // before changing anything). full = also verify every checksum.
-  Result<FsckReport> fsck(bool full, bool repair);
-
-  // The intents of one kind in the index: (intent id, intent). Errors: EIO.
-  Result<std::vector<std::pair<uint64_t, IntentRecord>>> intents(IntentRecord::Kind kind);
-
-  // ---- Layer references, for lib/'s modules (snapshots.cc, image.cc, fsck.cc) ----
-  // Counts a layer's data and zero blocks from its `maps` rows. Errors: EIO (corrupt row).
-  static Status count_blocks(ReadTxn& txn, LayerId id, uint64_t* data, uint64_t* zero);
-  // Decrements a layer's refcount inside txn; one that reaches 0 loses its `layers` row and
-  // gets a drop intent (appended to drop_intents), and its parent is dropped the same way.
-  // After the commit, finish_drop() each intent.
-  Status drop_layer(WriteTxn& txn, LayerId id, std::vector<uint64_t>* drop_intents);
-  // Deletes up to kMaxRowsPerTxn of a layer's `maps` and `sums` rows in txn; returns how many
-  // (0: none are left). Drops and rollbacks call it until it returns 0, one bounded
-  // transaction at a time.
-  static Result<uint64_t> delete_layer_rows(WriteTxn& txn, LayerId id);
-  // Deletes a dropped layer's rows in bounded transactions, then its file, then the intent.
-  // Idempotent: another process may finish the same intent concurrently.
-  Status finish_drop(uint64_t intent_id);
-  // Finishes every drop intent (Pool::open, fsck --repair).
-  Status finish_drops();
-  // Finishes the drops of a removal that committed; an error says the object is gone and
-  // what remains to be done.
-  Status finish_drops_after_removal(const std::vector<uint64_t>& drops, const std::string& what);
-  // Takes a layer's `layers` and `heat` rows out of the index inside txn and records a drop
-  // intent for its map rows and file (finished by finish_drop after the commit), without
-  // touching its parent's refcount (a merge hands that reference to the merged layer).
-  Status retire_layer(WriteTxn& txn, const LayerRecord& layer, std::vector<uint64_t>* drop_intents);
   // The lock table's record of who serves container_id ("pid N"), as a pid; 0 if unknown.
   pid_t serving_pid(uint64_t container_id) const;
 
  private:
   Pool() = default;
   Result<ContainerInfo> container_info(ReadTxn& txn, const ContainerRecord& rec);
-  // fsck --repair: rolls back an interrupted import under its layer's lock, re-reading the
-  // intent; false when it was running, published or rolled back meanwhile.
-  Result<bool> roll_back_import(uint64_t intent_id, const IntentRecord& intent);
-  // A layer file (or unfinished create) in a tier that no layer of fsck's view names.
-  struct OrphanFile {
-    Tier tier;
-    LayerStore::Entry entry;
-  };
-  // fsck: the orphan candidates that a fresh transaction and the layer locks still call
-  // orphans.
-  Result<std::vector<OrphanFile>> confirm_orphans(const std::vector<OrphanFile>& candidates);
-  // Checks that every tier's filesystem can hold a layer file of size_bytes (ext4 with 4 KiB
-  // blocks stops at 16 TiB - 4 KiB, below kMaxDiskBytes): a sparse temporary file in each tier
-  // is sized to it. Errors: EINVAL naming the tier and the size; EIO/EACCES from the probe.
-  Status check_tiers_hold(uint64_t size_bytes) const;
 
   PoolPaths paths_;
   bool read_only_ = false;

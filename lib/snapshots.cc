@@ -19,16 +19,15 @@
 #include <set>
 
 #include "block_map.h"
+#include "fsck.h"
 #include "index.h"
 #include "layer_build.h"
+#include "layers.h"
 #include "locks.h"
+#include "names.h"
 
 namespace layer {
 namespace {
-
-Status validate_snapshot_name(std::string_view name) {
-  return validate_name(name, "snapshot name");
-}
 
 Result<SnapshotRecord> get_snapshot(ReadTxn& txn, const ContainerRecord& c, std::string_view name) {
   LAYER_ASSIGN(auto v, txn.get(Db::kSnapshots, snapshot_key(c.id, name)));
@@ -60,12 +59,12 @@ Result<LayerRecord> make_delta(WriteTxn& txn, const ContainerRecord& c, LayerId 
 
 // The container's delta, frozen (not yet written back). Errors: EBUSY when it is not
 // expected_delta, EIO when the index says it is not writable.
-Result<LayerRecord> frozen_delta(Pool& pool, WriteTxn& txn, const ContainerRecord& c,
+Result<LayerRecord> frozen_delta(Pool& /*pool*/, WriteTxn& txn, const ContainerRecord& c,
                                  LayerId expected_delta) {
   if (expected_delta != 0 && c.delta_layer != expected_delta)
     return make_error(EBUSY, "container \"{}\" changed meanwhile (its delta is now layer {})",
                       c.name, c.delta_layer);
-  LAYER_ASSIGN(auto d, pool.get_layer(txn, c.delta_layer));
+  LAYER_ASSIGN(auto d, get_layer(txn, c.delta_layer));
   if (d.state != LayerState::kWritable)
     return make_error(EIO, "container \"{}\": its delta layer {} is not writable", c.name, d.id);
   d.state = LayerState::kFrozenUnhashed;
@@ -74,14 +73,14 @@ Result<LayerRecord> frozen_delta(Pool& pool, WriteTxn& txn, const ContainerRecor
 
 // Switches container c to a new delta on `base` (refcounts of base already counted) and
 // returns what it now serves.
-Result<ContainerState> switch_delta(Pool& pool, WriteTxn& txn, ContainerRecord c,
-                                    const LayerRecord& base, LayerBuild* premade) {
+Result<ContainerState> switch_delta(WriteTxn& txn, ContainerRecord c, const LayerRecord& base,
+                                    LayerBuild* premade) {
   LAYER_ASSIGN(auto delta, make_delta(txn, c, base.id, premade));
   c.delta_layer = delta.id;
   ++c.generation;
   LAYER_TRY(txn.put(Db::kContainers, c.name, encode(c)));
   ContainerState state{c, delta, {}};
-  LAYER_ASSIGN(state.chain, pool.chain_of(txn, base.id));
+  LAYER_ASSIGN(state.chain, chain_of(txn, base.id));
   return state;
 }
 
@@ -116,17 +115,6 @@ Result<std::map<uint32_t, ChunkBits>> load_rows(ReadTxn& txn, LayerId id) {
 
 }  // namespace
 
-Result<std::optional<std::pair<std::string, std::string>>> parse_snapshot_ref(
-    std::string_view ref) {
-  const auto at = ref.find('@');
-  if (at == std::string_view::npos) return std::optional<std::pair<std::string, std::string>>{};
-  const std::string_view c = ref.substr(0, at), s = ref.substr(at + 1);
-  LAYER_TRY(validate_name(c, "container name"));
-  LAYER_TRY(validate_snapshot_name(s));
-  return std::optional<std::pair<std::string, std::string>>{
-      std::pair<std::string, std::string>{std::string(c), std::string(s)}};
-}
-
 // ---- snapshot / commit / rollback ----
 
 Result<ContainerState> snapshot_container(Pool& pool, std::string_view container,
@@ -147,7 +135,7 @@ Result<ContainerState> snapshot_container(Pool& pool, std::string_view container
     LAYER_TRY(put_layer(txn, frozen));
     SnapshotRecord rec{std::string(snap), c.id, frozen.id, now_unix()};
     LAYER_TRY(txn.put(Db::kSnapshots, key, encode(rec)));
-    LAYER_ASSIGN(state, switch_delta(pool, txn, c, frozen, premade));
+    LAYER_ASSIGN(state, switch_delta(txn, c, frozen, premade));
     return {};
   }));
   if (premade) premade->published();
@@ -172,7 +160,7 @@ Result<ContainerState> commit_container(Pool& pool, std::string_view container,
                       c.block_size,           now_unix(), std::string(description)};
     LAYER_TRY(txn.put(Db::kImages, image_ref, encode(image)));
     c.image_ref = std::string(image_ref);
-    LAYER_ASSIGN(state, switch_delta(pool, txn, c, frozen, premade));
+    LAYER_ASSIGN(state, switch_delta(txn, c, frozen, premade));
     return {};
   }));
   if (premade) premade->published();
@@ -207,12 +195,12 @@ Result<ContainerState> rollback_container(Pool& pool, std::string_view container
       SnapshotRecord rec{*keep_as, c.id, frozen.id, now_unix()};
       LAYER_TRY(txn.put(Db::kSnapshots, key, encode(rec)));
     } else {
-      LAYER_TRY(pool.drop_layer(txn, c.delta_layer, drops));
+      LAYER_TRY(drop_layer(txn, c.delta_layer, drops));
     }
-    LAYER_ASSIGN(auto base, pool.get_layer(txn, target.layer));
+    LAYER_ASSIGN(auto base, get_layer(txn, target.layer));
     ++base.refcount;
     LAYER_TRY(put_layer(txn, base));
-    LAYER_ASSIGN(state, switch_delta(pool, txn, c, base, premade));
+    LAYER_ASSIGN(state, switch_delta(txn, c, base, premade));
     return {};
   }));
   if (premade) premade->published();
@@ -238,18 +226,18 @@ Result<SnapshotTree> list_snapshots(Pool& pool, std::string_view container) {
                        named[rec.layer] = rec.name;
                        return true;
                      }));
-  LAYER_ASSIGN(auto delta, pool.get_layer(txn, c.delta_layer));
+  LAYER_ASSIGN(auto delta, get_layer(txn, c.delta_layer));
   for (auto& s : tree.snapshots) {
-    LAYER_ASSIGN(s.layer, pool.get_layer(txn, s.snapshot.layer));
+    LAYER_ASSIGN(s.layer, get_layer(txn, s.snapshot.layer));
     uint64_t zero = 0;
-    LAYER_TRY(Pool::count_blocks(txn, s.layer.id, &s.data_blocks, &zero));
+    LAYER_TRY(count_blocks(txn, s.layer.id, &s.data_blocks, &zero));
     s.current = delta.parent == s.layer.id;
     for (LayerId p = s.layer.parent; p != 0;) {
       if (auto it = named.find(p); it != named.end()) {
         s.parent = it->second;
         break;
       }
-      LAYER_ASSIGN(auto l, pool.get_layer(txn, p));
+      LAYER_ASSIGN(auto l, get_layer(txn, p));
       p = l.parent;
     }
   }
@@ -263,7 +251,7 @@ Result<SnapshotTree> list_snapshots(Pool& pool, std::string_view container) {
     LAYER_ASSIGN(auto image, decode_image(v, k));
     other_names.insert(image.top_layer);
     if (image.ref == c.image_ref) {
-      LAYER_ASSIGN(auto chain, pool.chain_of(txn, image.top_layer));
+      LAYER_ASSIGN(auto chain, chain_of(txn, image.top_layer));
       for (const auto& l : chain) image_layers.insert(l.id);
     }
     return true;
@@ -288,7 +276,7 @@ Result<SnapshotTree> list_snapshots(Pool& pool, std::string_view container) {
       if (!other_names.count(id) && l.parent != 0) {
         HiddenLayer h{l, 0, {}};
         uint64_t zero = 0;
-        LAYER_TRY(Pool::count_blocks(txn, id, &h.data_blocks, &zero));
+        LAYER_TRY(count_blocks(txn, id, &h.data_blocks, &zero));
         const auto& kids = graph.children[id];
         if (kids.size() > 1 || l.refcount > 1)
           h.why = fmt::format("{} layers depend on it", std::max<size_t>(kids.size(), l.refcount));
@@ -353,7 +341,7 @@ Result<RemovedSnapshot> remove_snapshot(Pool& pool, std::string_view container,
       return make_error(EBUSY, "snapshot \"{}\" of container \"{}\" changed meanwhile", snap,
                         container);
     LAYER_TRY(txn.del(Db::kSnapshots, snapshot_key(c.id, snap)));
-    LAYER_TRY(pool.drop_layer(txn, s.layer, &drops));
+    LAYER_TRY(drop_layer(txn, s.layer, &drops));
     LAYER_ASSIGN(auto still, txn.get(Db::kLayers, key_u64(s.layer)));
     dropped = !still;
     if (dropped && !exclusive.held())
@@ -364,8 +352,8 @@ Result<RemovedSnapshot> remove_snapshot(Pool& pool, std::string_view container,
     return {};
   }));
   pool.test_point("snapshot-rm.committed");
-  LAYER_TRY(pool.finish_drops_after_removal(
-      drops, fmt::format("snapshot \"{}\" of container \"{}\"", snap, container)));
+  LAYER_TRY(finish_drops_after_removal(
+      pool, drops, fmt::format("snapshot \"{}\" of container \"{}\"", snap, container)));
   exclusive.release();  // merge_layer takes the locks it needs itself
   if (dropped) {
     out.fate = RemovedSnapshot::Fate::kDropped;
@@ -508,13 +496,13 @@ Result<std::unique_ptr<LayerBuild>> build_merge(Pool& pool, const MergePlan& pla
   return build;
 }
 
-Status switch_merge(Pool& pool, WriteTxn& txn, const MergePlan& plan, LayerId merged,
+Status switch_merge(Pool& /*pool*/, WriteTxn& txn, const MergePlan& plan, LayerId merged,
                     std::vector<uint64_t>* drops) {
   const LayerRecord& l = plan.parent;
   const LayerRecord& k = plan.child;
   drops->clear();
-  LAYER_ASSIGN(auto cur_l, pool.get_layer(txn, l.id));
-  LAYER_ASSIGN(auto cur_k, pool.get_layer(txn, k.id));
+  LAYER_ASSIGN(auto cur_l, get_layer(txn, l.id));
+  LAYER_ASSIGN(auto cur_k, get_layer(txn, k.id));
   if (cur_l.refcount != 1 || cur_k.parent != l.id)
     return make_error(EBUSY, "layers {} and {} changed while merging", l.id, k.id);
   LayerRecord m{merged,           cur_l.parent,     Tier::kSsd,
@@ -548,8 +536,8 @@ Status switch_merge(Pool& pool, WriteTxn& txn, const MergePlan& plan, LayerId me
     LAYER_TRY(txn.put(Db::kImages, image.ref, encode(image)));
   }
   LAYER_TRY(put_layer(txn, m));
-  LAYER_TRY(pool.retire_layer(txn, cur_k, drops));
-  return pool.retire_layer(txn, cur_l, drops);
+  LAYER_TRY(retire_layer(txn, cur_k, drops));
+  return retire_layer(txn, cur_l, drops);
 }
 
 Result<LayerId> merge_layer(Pool& pool, LayerId layer_id, std::string* why) {
@@ -576,7 +564,7 @@ Result<LayerId> merge_layer(Pool& pool, LayerId layer_id, std::string* why) {
       [&](WriteTxn& txn) { return switch_merge(pool, txn, *plan, merged, &drops); }));
   pool.test_point("merge.switched");
   LAYER_TRY(
-      pool.finish_drops_after_removal(drops, fmt::format("merged layers {} and {}", l.id, k.id)));
+      finish_drops_after_removal(pool, drops, fmt::format("merged layers {} and {}", l.id, k.id)));
   return merged;
 }
 
@@ -589,9 +577,9 @@ Result<std::optional<FlatBuild>> build_flat(Pool& pool, std::string_view contain
   {
     LAYER_ASSIGN(auto txn, pool.index().begin_read());
     LAYER_ASSIGN(c, pool.get_container(txn, container));
-    LAYER_ASSIGN(fb.delta, pool.get_layer(txn, c.delta_layer));
+    LAYER_ASSIGN(fb.delta, get_layer(txn, c.delta_layer));
     if (fb.delta.parent != 0) {
-      LAYER_ASSIGN(chain, pool.chain_of(txn, fb.delta.parent));
+      LAYER_ASSIGN(chain, chain_of(txn, fb.delta.parent));
     }
     LAYER_ASSIGN(map, pool.chains().get(txn, chain));
   }
@@ -667,7 +655,7 @@ Result<ContainerState> switch_flat(Pool& pool, FlatBuild& fb, std::vector<uint64
   LAYER_TRY(fb.build->publish([&](WriteTxn& txn) -> Status {
     drops->clear();
     LAYER_ASSIGN(auto cur, pool.get_container(txn, container));
-    LAYER_ASSIGN(auto d, pool.get_layer(txn, cur.delta_layer));
+    LAYER_ASSIGN(auto d, get_layer(txn, cur.delta_layer));
     if (cur.delta_layer != fb.delta.id || d.parent != fb.delta.parent)
       return make_error(EBUSY, "container \"{}\" changed while flattening", container);
     LayerRecord f{flat,
@@ -679,7 +667,7 @@ Result<ContainerState> switch_flat(Pool& pool, FlatBuild& fb, std::vector<uint64
                   1,
                   now_unix()};
     LAYER_TRY(put_layer(txn, f));
-    LAYER_TRY(pool.drop_layer(txn, d.parent, drops));
+    LAYER_TRY(drop_layer(txn, d.parent, drops));
     d.parent = flat;
     LAYER_TRY(put_layer(txn, d));
     cur.image_ref.clear();  // it depends on no image any more
@@ -699,9 +687,9 @@ Result<ContainerState> flatten_container(Pool& pool, std::string_view container,
   LAYER_ASSIGN(auto txn, pool.index().begin_read());
   ContainerState state;
   LAYER_ASSIGN(state.container, pool.get_container(txn, container));
-  LAYER_ASSIGN(state.delta, pool.get_layer(txn, state.container.delta_layer));
+  LAYER_ASSIGN(state.delta, get_layer(txn, state.container.delta_layer));
   if (state.delta.parent != 0) {
-    LAYER_ASSIGN(state.chain, pool.chain_of(txn, state.delta.parent));
+    LAYER_ASSIGN(state.chain, chain_of(txn, state.delta.parent));
   }
   return state;
 }
@@ -733,7 +721,7 @@ Result<GcReport> gc(Pool& pool) {
       }
     }
   }
-  LAYER_ASSIGN(auto fsck, pool.fsck(false, true));
+  LAYER_ASSIGN(auto fsck, layer::fsck(pool, false, true));
   for (auto& line : fsck.repaired) report.done.push_back(std::move(line));
   return report;
 }
@@ -767,7 +755,7 @@ Result<Point> resolve_point(Pool& pool, ReadTxn& txn, std::string_view ref) {
     p.size_bytes = c.size_bytes;
     p.block_size = c.block_size;
   }
-  LAYER_ASSIGN(auto chain, pool.chain_of(txn, top));
+  LAYER_ASSIGN(auto chain, chain_of(txn, top));
   for (const auto& l : chain) p.layers.push_back(l.id);
   return p;
 }
@@ -848,7 +836,7 @@ Result<std::vector<ImageRecord>> image_history(Pool& pool, std::string_view imag
         return true;
       }));
   std::vector<ImageRecord> out;
-  LAYER_ASSIGN(auto chain, pool.chain_of(txn, image.top_layer));
+  LAYER_ASSIGN(auto chain, chain_of(txn, image.top_layer));
   for (const auto& l : chain) {
     auto [lo, hi] = by_top.equal_range(l.id);
     if (l.id == image.top_layer) {

@@ -29,6 +29,7 @@
 
 #include "error.h"
 #include "layer_build.h"
+#include "layers.h"
 #include "pool.h"
 #include "records.h"
 
@@ -41,9 +42,6 @@ struct ContainerState {
   LayerRecord delta;
   std::vector<LayerRecord> chain;
 };
-
-// "CONTAINER@SNAP" split; std::nullopt when `ref` has no '@'. Errors: EINVAL for bad names.
-Result<std::optional<std::pair<std::string, std::string>>> parse_snapshot_ref(std::string_view ref);
 
 // Freezes the container's delta as snapshot `snap` and starts a new empty delta on it.
 // expected_delta (if not 0) must still be the container's delta (EBUSY otherwise). The new
@@ -64,7 +62,7 @@ Result<ContainerState> commit_container(Pool& pool, std::string_view container,
 
 // Replaces the container's delta by a new empty one on snapshot `snap`'s layer. The old delta
 // is dropped (its file removed once nothing refers to it: *drops, to be finished with
-// Pool::finish_drops_after_removal after the caller switched away from it), or kept as
+// finish_drops_after_removal (layers.h) after the caller switched away from it), or kept as
 // snapshot keep_as. Errors: ENOENT (container or snapshot), EEXIST (keep_as), EIO.
 Result<ContainerState> rollback_container(Pool& pool, std::string_view container,
                                           std::string_view snap,

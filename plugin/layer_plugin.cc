@@ -24,6 +24,7 @@
 
 #include "control.h"
 #include "disk.h"
+#include "names.h"
 #include "pool.h"
 #include "snapshots.h"
 #include "version.h"

@@ -26,8 +26,13 @@
 
 #include "control.h"
 #include "error.h"
+#include "fsck.h"
+#include "images.h"
+#include "import.h"
 #include "index.h"
+#include "layers.h"
 #include "locks.h"
+#include "names.h"
 #include "output.h"
 #include "pool.h"
 #include "records.h"
@@ -185,8 +190,8 @@ int cmd_image_import(const Globals& g, const ImportArgs& a) {
                              total >> 20)
               << std::flush;
   };
-  auto result =
-      pool->import_image(a.ref, a.file, static_cast<uint32_t>(block_size), progress, a.description);
+  auto result = layer::import_image(*pool, a.ref, a.file, static_cast<uint32_t>(block_size),
+                                    progress, a.description);
   if (last_percent >= 0) std::cerr << '\n';
   auto info = take(std::move(result));
 
@@ -201,7 +206,7 @@ int cmd_image_import(const Globals& g, const ImportArgs& a) {
 
 int cmd_image_ls(const Globals& g) {
   auto pool = open_pool(g, false);
-  const auto images = take(pool->list_images());
+  const auto images = take(layer::list_images(*pool));
   if (g.json) {
     json j = json::array();
     for (const auto& info : images) j.push_back(image_json(info));
@@ -224,7 +229,7 @@ int cmd_image_ls(const Globals& g) {
 int cmd_image_rm(const Globals& g, const std::string& ref) {
   check(layer::validate_image_ref(ref));
   auto pool = open_pool(g, true);
-  check(pool->remove_image(ref));
+  check(layer::remove_image(*pool, ref));
   print_result(g, {{"ok", true}, {"ref", ref}}, "removed image " + ref);
   return 0;
 }
@@ -481,8 +486,8 @@ int cmd_rollback(const Globals& g, const RollbackArgs& a) {
       [&] {
         std::vector<uint64_t> drops;
         auto st = take(layer::rollback_container(*pool, a.container, a.snapshot, keep, &drops));
-        check(pool->finish_drops_after_removal(
-            drops, fmt::format("the rolled-back delta of container \"{}\"", a.container)));
+        check(layer::finish_drops_after_removal(
+            *pool, drops, fmt::format("the rolled-back delta of container \"{}\"", a.container)));
         return st;
       });
   json j = {{"ok", true},
@@ -533,8 +538,8 @@ int cmd_flatten(const Globals& g, const std::string& container) {
       *pool, container, {{"op", "flatten"}, {"container", container}}, true, "", [&] {
         std::vector<uint64_t> drops;
         auto st = take(layer::flatten_container(*pool, container, &drops));
-        check(pool->finish_drops_after_removal(
-            drops, fmt::format("the old chain of container \"{}\"", container)));
+        check(layer::finish_drops_after_removal(
+            *pool, drops, fmt::format("the old chain of container \"{}\"", container)));
         return st;
       });
   print_result(g, {{"ok", true}, {"container", container}, {"layer", c.base}, {"live", c.live}},
@@ -733,7 +738,7 @@ struct FsckArgs {
 int cmd_fsck(const Globals& g, const FsckArgs& a) {
   const std::string root = resolve_pool(g);
   auto pool = open_pool(g, a.repair);
-  const auto r = take(pool->fsck(a.full, a.repair));
+  const auto r = take(layer::fsck(*pool, a.full, a.repair));
   if (g.json) {
     print_json({{"ok", r.problems.empty()},
                 {"problems", r.problems},

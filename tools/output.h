@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "images.h"
 #include "pool.h"
 
 namespace layer_cli {

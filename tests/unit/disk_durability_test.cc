@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "disk_test_util.h"
+#include "fsck.h"
 
 using namespace layer;
 using namespace disktest;
@@ -115,7 +116,7 @@ TEST_CASE("power loss keeps every flushed write and nothing half-made", "[disk][
     do_write(*disk, a, 5, pattern(5000, seed));
     REQUIRE_OK(disk->flush());
     disk.reset();
-    FsckReport rep = MUST(d.f.pool->fsck(false, false));
+    FsckReport rep = MUST(fsck(*d.f.pool, false, false));
     INFO(rep.problems.size() << " problems, first: "
                              << (rep.problems.empty() ? "" : rep.problems[0]));
     CHECK(rep.problems.empty());
@@ -253,7 +254,7 @@ TEST_CASE("a write racing a flush round is not committed before its data is sync
       auto data = pattern(4096, c);
       test::pwrite_all(fd.get(), data.data(), data.size(), c * chunk_bytes);
     }
-    MUST(f.pool->import_image("sparse:1", file, 4096, nullptr));
+    MUST(import_image(*f.pool, "sparse:1", file, 4096, nullptr));
     std::filesystem::remove(file);
   }
   TrackingStore* tracking = install_store<TrackingStore>(*f.pool, 4096);

@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "disk_test_util.h"
+#include "fsck.h"
 
 using namespace layer;
 using namespace disktest;
@@ -73,7 +74,7 @@ TEST_CASE("a flush queued behind a failed fdatasync fails too and syncs nothing"
   disk = d.open();
   check_disk(*disk, flushed);
   disk.reset();
-  FsckReport rep = MUST(d.f.pool->fsck(true, false));
+  FsckReport rep = MUST(fsck(*d.f.pool, true, false));
   CHECK(rep.problems.empty());
 }
 
@@ -281,7 +282,7 @@ TEST_CASE("a failed directory fsync after creating the delta's file does not blo
   disk = d.open();
   check_disk(*disk, m);
   disk.reset();
-  FsckReport rep = MUST(d.f.pool->fsck(false, false));
+  FsckReport rep = MUST(fsck(*d.f.pool, false, false));
   CHECK(rep.problems.empty());
 }
 

@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "disk_test_util.h"
+#include "fsck.h"
 
 using namespace layer;
 using namespace disktest;
@@ -230,7 +231,7 @@ TEST_CASE("two clones of one image stay independent; the image does not change",
   const uint64_t size = 96 * 4096;
   DiskFixture d(size, size);
   MUST(d.f.pool->clone("base:1", "c2", std::nullopt));
-  const ImageInfo img = MUST(d.f.pool->list_images())[0];
+  const ImageInfo img = MUST(list_images(*d.f.pool))[0];
   const std::string image_path = d.f.pool->layer_path(img.layer);
   const auto image_file_before = test::read_file(image_path);
 
@@ -257,7 +258,7 @@ TEST_CASE("two clones of one image stay independent; the image does not change",
   CHECK(test::read_file(image_path) == image_file_before);
   auto a = d.open("c");
   check_disk(*a, m1);
-  FsckReport rep = MUST(d.f.pool->fsck(true, false));
+  FsckReport rep = MUST(fsck(*d.f.pool, true, false));
   INFO(rep.problems.size() << " problems, first: "
                            << (rep.problems.empty() ? "" : rep.problems[0]));
   CHECK(rep.problems.empty());
@@ -276,7 +277,7 @@ TEST_CASE("two clones of one image stay independent; the image does not change",
   REQUIRE_OK(d.f.pool->remove_container("c2"));
   CHECK_FALSE(std::filesystem::exists(delta_path));
   check_disk(*a, m1);
-  FsckReport after_rm = MUST(d.f.pool->fsck(true, false));
+  FsckReport after_rm = MUST(fsck(*d.f.pool, true, false));
   INFO("first problem: " << (after_rm.problems.empty() ? "" : after_rm.problems[0]));
   CHECK(after_rm.problems.empty());
 }
@@ -372,7 +373,7 @@ TEST_CASE("Disk model-based random test", "[disk][random]") {
   check_extents(*disk, m, 0, m.size());
   CHECK(reopens > 0);
   disk.reset();
-  FsckReport rep = MUST(d.f.pool->fsck(true, false));
+  FsckReport rep = MUST(fsck(*d.f.pool, true, false));
   INFO(rep.problems.size() << " problems, first: "
                            << (rep.problems.empty() ? "" : rep.problems[0]));
   CHECK(rep.problems.empty());

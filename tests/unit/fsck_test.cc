@@ -4,6 +4,8 @@
 #include <fstream>
 
 #include "disk_test_util.h"
+#include "fsck.h"
+#include "intents.h"
 
 using namespace layer;
 using namespace disktest;
@@ -78,7 +80,7 @@ TEST_CASE("fsck --repair keeps a layer file created while it scans", "[fsck][rep
     REQUIRE_OK(disk->write(data.data(), data.size(), 8192, false));
     REQUIRE_OK(disk->flush());
   });
-  FsckReport rep = MUST(f.pool->fsck(false, true));
+  FsckReport rep = MUST(fsck(*f.pool, false, true));
   f.pool->set_test_hook(nullptr);
   INFO("repaired:\n" << joined(rep.repaired) << "problems:\n" << joined(rep.problems));
   CHECK(rep.repaired.empty());
@@ -102,7 +104,7 @@ TEST_CASE("fsck --repair does not roll back an import that finished while it sca
   f.pool->set_test_hook([&](std::string_view point) {
     if (point == "fsck.scanned") REQUIRE_OK(publish(*f.pool, u, "base:1"));
   });
-  FsckReport rep = MUST(f.pool->fsck(false, true));
+  FsckReport rep = MUST(fsck(*f.pool, false, true));
   f.pool->set_test_hook(nullptr);
   INFO("repaired:\n" << joined(rep.repaired) << "problems:\n" << joined(rep.problems));
   CHECK(rep.repaired.empty());
@@ -111,7 +113,7 @@ TEST_CASE("fsck --repair does not roll back an import that finished while it sca
   auto disk = MUST(Disk::open(*f.pool, "c", false));
   require_same(read_all(*disk), image);
   disk.reset();
-  FsckReport again = MUST(f.pool->fsck(true, false));
+  FsckReport again = MUST(fsck(*f.pool, true, false));
   CHECK(joined(again.problems) == "");
 }
 
@@ -126,7 +128,7 @@ TEST_CASE("fsck --repair leaves an import alone whose lock was taken after the s
     if (point == "fsck.scanned")
       held = MUST(f.pool->locks().try_lock(LockKind::kLayer, u.layer, true, "the import"));
   });
-  FsckReport rep = MUST(f.pool->fsck(false, true));
+  FsckReport rep = MUST(fsck(*f.pool, false, true));
   f.pool->set_test_hook(nullptr);
   INFO("repaired:\n" << joined(rep.repaired) << "problems:\n" << joined(rep.problems));
   CHECK(rep.repaired.empty());
@@ -135,14 +137,14 @@ TEST_CASE("fsck --repair leaves an import alone whose lock was taken after the s
   CHECK(std::filesystem::exists(f.pool->layer_path(u.layer, Tier::kSsd)));
   // Once the import is gone for good (its lock free), the repair rolls it back.
   held.release();
-  FsckReport later = MUST(f.pool->fsck(false, true));
+  FsckReport later = MUST(fsck(*f.pool, false, true));
   REQUIRE(later.repaired.size() == 1);
   CHECK(later.repaired[0] == fmt::format("interrupted import of base:1 (intent {}, layer {}): "
                                          "rolled back",
                                          u.intent_id, u.layer));
   CHECK(map_rows(*f.pool, u.layer) == 0);
   CHECK_FALSE(std::filesystem::exists(f.pool->layer_path(u.layer, Tier::kSsd)));
-  CHECK(joined(MUST(f.pool->fsck(true, false)).problems) == "");
+  CHECK(joined(MUST(fsck(*f.pool, true, false)).problems) == "");
 }
 
 TEST_CASE("fsck reports each problem in one line and --repair reports what it fixed",
@@ -151,16 +153,16 @@ TEST_CASE("fsck reports each problem in one line and --repair reports what it fi
   f.import("base:1", 64 * 4096, 4096, 9);
   const std::string orphan = f.pool->paths().tier_dir[1] + "/999.layer";
   { std::ofstream(orphan) << "x"; }
-  FsckReport check = MUST(f.pool->fsck(false, false));
+  FsckReport check = MUST(fsck(*f.pool, false, false));
   REQUIRE(check.problems.size() == 1);
   CHECK(check.problems[0] ==
         fmt::format("orphan file {}: no layer names it; `layer fsck --repair` removes it", orphan));
-  FsckReport rep = MUST(f.pool->fsck(false, true));
+  FsckReport rep = MUST(fsck(*f.pool, false, true));
   CHECK(rep.problems.empty());
   REQUIRE(rep.repaired.size() == 1);
   CHECK(rep.repaired[0] == fmt::format("orphan file {}: removed", orphan));
   CHECK_FALSE(std::filesystem::exists(orphan));
-  FsckReport after = MUST(f.pool->fsck(true, false));
+  FsckReport after = MUST(fsck(*f.pool, true, false));
   CHECK(after.problems.empty());
   CHECK(after.repaired.empty());
 }
@@ -198,15 +200,15 @@ TEST_CASE("a removal interrupted by a crash is finished by the next open", "[fsc
   f.pool.reset();
   {
     auto ro = MUST(Pool::open(f.root, Pool::OpenOptions{.read_only = true}));
-    FsckReport rep = MUST(ro->fsck(false, false));
+    FsckReport rep = MUST(fsck(*ro, false, false));
     REQUIRE(rep.problems.size() == 1);
     CHECK(rep.problems[0].find(fmt::format("unfinished removal of layer {}", delta)) == 0);
   }
   f.reopen();
   CHECK(map_rows(*f.pool, delta) == 0);
   CHECK_FALSE(std::filesystem::exists(path));
-  CHECK(MUST(f.pool->intents(IntentRecord::Kind::kDrop)).empty());
-  FsckReport rep = MUST(f.pool->fsck(true, false));
+  CHECK(MUST(intents(*f.pool, IntentRecord::Kind::kDrop)).empty());
+  FsckReport rep = MUST(fsck(*f.pool, true, false));
   CHECK(joined(rep.problems) == "");
   CHECK_ERRNO(f.pool->inspect("c"), ENOENT);
 }
@@ -228,9 +230,9 @@ TEST_CASE("fsck --repair finishes an interrupted removal", "[fsck][rm]") {
   });
   CHECK_THROWS_AS(f.pool->remove_container("c"), Crash);
   f.pool->set_test_hook(nullptr);
-  FsckReport rep = MUST(f.pool->fsck(false, true));
+  FsckReport rep = MUST(fsck(*f.pool, false, true));
   REQUIRE(rep.repaired.size() == 1);
   CHECK(rep.repaired[0].find("unfinished removal") == 0);
   CHECK(map_rows(*f.pool, delta) == 0);
-  CHECK(joined(MUST(f.pool->fsck(true, false)).problems) == "");
+  CHECK(joined(MUST(fsck(*f.pool, true, false)).problems) == "");
 }

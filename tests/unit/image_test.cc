@@ -1,9 +1,11 @@
-// Unit tests for import (lib/image.cc) that need the Pool's test hook: interleavings with
+// Unit tests for import (lib/import.h) that need the Pool's test hook: interleavings with
 // other processes, the source changing underneath, and what a failed import leaves behind.
 #include <sys/stat.h>
 
 #include <filesystem>
 
+#include "fsck.h"
+#include "import.h"
 #include "pool.h"
 #include "test_util.h"
 
@@ -59,7 +61,7 @@ TEST_CASE("import holds the new layer's lock before its intent is visible", "[im
     });
     CHECK(child.wait() == 0);
   });
-  ImageInfo info = MUST(f.pool->import_image("locked:1", file, 4096, nullptr));
+  ImageInfo info = MUST(import_image(*f.pool, "locked:1", file, 4096, nullptr));
   CHECK(seen == 1);
   CHECK(intent_layers(*f.pool).empty());
   CHECK_FALSE(MUST(f.pool->locks().is_locked(LockKind::kLayer, info.layer.id)));
@@ -80,14 +82,14 @@ TEST_CASE("a failed import never removes a layer file it did not create", "[imag
     LayerRecord probe{next, 0, Tier::kSsd, 0, 4096, LayerState::kFrozen, 1, 0};
     test::write_raw_image(f.pool->layer_path(probe), std::vector<uint8_t>(4096, 0x5a), {{0, 4096}});
   });
-  REQUIRE_ERRNO(f.pool->import_image("clash:1", file, 4096, nullptr), EEXIST);
+  REQUIRE_ERRNO(import_image(*f.pool, "clash:1", file, 4096, nullptr), EEXIST);
   REQUIRE(next != 0);
   LayerRecord probe{next, 0, Tier::kSsd, 0, 4096, LayerState::kFrozen, 1, 0};
   const std::string foreign = f.pool->layer_path(probe);
   REQUIRE(std::filesystem::exists(foreign));
   CHECK(test::read_file(foreign) == std::vector<uint8_t>(4096, 0x5a));
   CHECK(intent_layers(*f.pool).empty());
-  CHECK(MUST(f.pool->list_images()).empty());
+  CHECK(MUST(list_images(*f.pool)).empty());
 }
 
 TEST_CASE("an image file changed during import fails the import and leaves nothing",
@@ -118,14 +120,14 @@ TEST_CASE("an image file changed during import fails the import and leaves nothi
     const std::vector<uint8_t> data(4096, 0x33);
     test::pwrite_all(fd.get(), data.data(), data.size(), 2 << 20);
   });
-  auto r = f.pool->import_image("moving:1", file, 4096, nullptr);
+  auto r = import_image(*f.pool, "moving:1", file, 4096, nullptr);
   REQUIRE_FALSE(r.ok());
   INFO(test::describe(r.error()));
   CHECK(r.error().code == EBUSY);
   CHECK_THAT(r.error().message,
              Catch::Contains(file) && Catch::Contains("changed while importing"));
   REQUIRE(layer_id != 0);
-  CHECK(MUST(f.pool->list_images()).empty());
+  CHECK(MUST(list_images(*f.pool)).empty());
   CHECK(intent_layers(*f.pool).empty());
   CHECK(rows_of(*f.pool, Db::kMaps, layer_id) == 0);
   CHECK(rows_of(*f.pool, Db::kSums, layer_id) == 0);
@@ -135,13 +137,13 @@ TEST_CASE("an image file changed during import fails the import and leaves nothi
 
   // Unchanged, the same file imports.
   f.pool->set_test_hook(nullptr);
-  MUST(f.pool->import_image("moving:1", file, 4096, nullptr));
+  MUST(import_image(*f.pool, "moving:1", file, 4096, nullptr));
 }
 
 TEST_CASE("import commits its rows in bounded transactions as the copy goes", "[image][import]") {
   PoolFixture f;
   // 40 GiB with one 4 KiB data block every 4 MiB: 10240 sums rows and 2560 chunk rows, more
-  // than one transaction's worth (10k rows, image.cc kMaxRowsPerTxn).
+  // than one transaction's worth (10k rows, index.h kMaxRowsPerTxn).
   constexpr uint64_t kMaxRowsPerTxn = 10000;
   const uint64_t size = 40ULL << 30, step = 4 << 20;
   const std::string file = f.tmp.sub("scatter.raw");
@@ -165,8 +167,8 @@ TEST_CASE("import commits its rows in bounded transactions as the copy goes", "[
       commits.emplace_back(
           rows_of(*f.pool, Db::kMaps, layer_id) + rows_of(*f.pool, Db::kSums, layer_id), copied);
   });
-  ImageInfo info = MUST(f.pool->import_image("scatter:1", file, 4096,
-                                             [&](uint64_t done, uint64_t) { copied = done; }));
+  ImageInfo info = MUST(import_image(*f.pool, "scatter:1", file, 4096,
+                                     [&](uint64_t done, uint64_t) { copied = done; }));
   CHECK(info.data_blocks == size / step);
   REQUIRE(commits.size() >= 2);
   // The first batch left memory while most of the image was still to copy.
@@ -179,7 +181,7 @@ TEST_CASE("import commits its rows in bounded transactions as the copy goes", "[
     before = rows;
   }
   CHECK(before == static_cast<int>(size / step + size / step / 4));
-  FsckReport rep = MUST(f.pool->fsck(true, false));
+  FsckReport rep = MUST(fsck(*f.pool, true, false));
   CHECK(rep.problems.empty());
   CHECK(rep.groups_verified == size / step);
 }

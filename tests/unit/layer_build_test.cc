@@ -4,6 +4,8 @@
 #include "layer_build.h"
 
 #include "block_map.h"
+#include "fsck.h"
+#include "intents.h"
 #include "test_util.h"
 
 using namespace layer;
@@ -11,7 +13,7 @@ using test::PoolFixture;
 
 namespace {
 
-size_t intents(Pool& pool) { return MUST(pool.intents(IntentRecord::Kind::kMerge)).size(); }
+size_t merge_intents(Pool& pool) { return MUST(intents(pool, IntentRecord::Kind::kMerge)).size(); }
 
 void put_row(Pool& pool, LayerId id) {
   MUST(pool.committer().run([&](WriteTxn& txn) {
@@ -27,14 +29,14 @@ TEST_CASE("a LayerBuild dropped before publishing leaves nothing behind", "[laye
   {
     auto build = MUST(LayerBuild::begin(*f.pool, IntentRecord::Kind::kMerge, "1+2"));
     id = build->id();
-    CHECK(intents(*f.pool) == 1);
+    CHECK(merge_intents(*f.pool) == 1);
     MUST(build->create_file(Tier::kSsd, 1 << 20));
     put_row(*f.pool, id);
     CHECK(MUST(f.pool->store(Tier::kSsd).stat(id)).has_value());
   }
-  CHECK(intents(*f.pool) == 0);
+  CHECK(merge_intents(*f.pool) == 0);
   CHECK_FALSE(MUST(f.pool->store(Tier::kSsd).stat(id)).has_value());
-  auto r = MUST(f.pool->fsck(false, false));
+  auto r = MUST(fsck(*f.pool, false, false));
   CHECK(r.problems.empty());
   CHECK(r.map_rows == 0);
 }
@@ -49,7 +51,7 @@ TEST_CASE("a published LayerBuild stays; fail() rolls back", "[layer_build]") {
     LayerRecord l{id, 0, Tier::kSsd, 4096, 4096, LayerState::kFrozenUnhashed, 1, now_unix()};
     return txn.put(Db::kLayers, key_u64(id), encode(l));
   }));
-  CHECK(intents(*f.pool) == 0);
+  CHECK(merge_intents(*f.pool) == 0);
   build.reset();  // nothing to roll back any more
   CHECK(MUST(f.pool->store(Tier::kSsd).stat(id)).has_value());
 
@@ -57,7 +59,7 @@ TEST_CASE("a published LayerBuild stays; fail() rolls back", "[layer_build]") {
   MUST(other->create_file(Tier::kSsd, 4096));
   Error e = other->fail(Error{ENOSPC, "full"});
   CHECK(e.code == ENOSPC);
-  CHECK(intents(*f.pool) == 0);
+  CHECK(merge_intents(*f.pool) == 0);
   CHECK_FALSE(MUST(f.pool->store(Tier::kSsd).stat(other->id())).has_value());
 }
 
@@ -68,12 +70,12 @@ TEST_CASE("fsck --repair leaves a running LayerBuild alone; one it rolled back c
   MUST(build->create_file(Tier::kSsd, 4096));
   put_row(*f.pool, build->id());
   // Running: locked, so not "interrupted".
-  auto r = MUST(f.pool->fsck(false, true));
+  auto r = MUST(fsck(*f.pool, false, true));
   CHECK(r.repaired.empty());
-  CHECK(intents(*f.pool) == 1);
+  CHECK(merge_intents(*f.pool) == 1);
   // The intent gone (as if a repair rolled back a build whose process died): publish refuses.
   MUST(f.pool->committer().run([&](WriteTxn& txn) -> Status {
-    auto all = MUST(f.pool->intents(IntentRecord::Kind::kMerge));
+    auto all = MUST(intents(*f.pool, IntentRecord::Kind::kMerge));
     for (const auto& [id, intent] : all) LAYER_TRY(txn.del(Db::kIntents, key_u64(id)));
     return {};
   }));

@@ -1,4 +1,4 @@
-// Unit tests for lib/pool.h: create/open and format checks, names and sizes, image import,
+// Unit tests for lib/pool.h: create/open and format checks, image import,
 // clone, removal, listing, and fsck (missing, truncated, orphan and corrupt files).
 #include "pool.h"
 
@@ -7,6 +7,7 @@
 #include <set>
 
 #include "disk.h"
+#include "fsck.h"
 #include "test_util.h"
 
 using namespace layer;
@@ -42,64 +43,14 @@ std::string problems_text(const FsckReport& r) {
   return s;
 }
 
-#define REQUIRE_FSCK_CLEAN(pool, full)                   \
-  do {                                                   \
-    FsckReport rep_ = MUST((pool)->fsck((full), false)); \
-    INFO("fsck problems:" << problems_text(rep_));       \
-    REQUIRE(rep_.problems.empty());                      \
+#define REQUIRE_FSCK_CLEAN(pool, full)                    \
+  do {                                                    \
+    FsckReport rep_ = MUST(fsck(*(pool), (full), false)); \
+    INFO("fsck problems:" << problems_text(rep_));        \
+    REQUIRE(rep_.problems.empty());                       \
   } while (0)
 
 }  // namespace
-
-// ---- names and sizes ----
-
-TEST_CASE("validate_name accepts the documented names only", "[pool][names]") {
-  for (const char* ok :
-       {"a", "0", "web-1", "web_1", "a.b", "debian", "x9", "a-", "a.", "a_b.c-d"}) {
-    INFO("name \"" << ok << "\"");
-    REQUIRE_OK(validate_name(ok, "container name"));
-  }
-  REQUIRE_OK(validate_name(std::string(64, 'a'), "container name"));
-  for (const std::string bad : {"", "A", "Web", "../x", "..", ".", "a..b", "-a", ".a", "_a", "a/b",
-                                "/a", "a b", "a:b", "a\nb", "é", "a\\b", "a*"}) {
-    INFO("name \"" << bad << "\"");
-    auto st = validate_name(bad, "container name");
-    REQUIRE_FALSE(st.ok());
-    CHECK(st.error().code == EINVAL);
-    CHECK_THAT(st.error().message, Catch::Contains("container name"));
-  }
-  REQUIRE_ERRNO(validate_name(std::string(65, 'a'), "container name"), EINVAL);
-  REQUIRE_ERRNO(validate_name(std::string("a\0b", 3), "container name"), EINVAL);
-}
-
-TEST_CASE("validate_image_ref wants name:version", "[pool][names]") {
-  for (const char* ok : {"debian:12.1", "debian:12", "busybox:1", "a:b", "web-1:v2_3"}) {
-    INFO("ref \"" << ok << "\"");
-    REQUIRE_OK(validate_image_ref(ok));
-  }
-  for (const char* bad : {"", "debian", ":12", "debian:", "Debian:12", "debian:A", "a:b:c",
-                          "../x:1", "debian:../x", "debian:1..2", "de bian:1", "debian:1/2"}) {
-    INFO("ref \"" << bad << "\"");
-    REQUIRE_ERRNO(validate_image_ref(bad), EINVAL);
-  }
-}
-
-TEST_CASE("parse_size", "[pool][names]") {
-  CHECK(MUST(parse_size("0")) == 0);
-  CHECK(MUST(parse_size("511")) == 511);
-  CHECK(MUST(parse_size("512")) == 512);
-  CHECK(MUST(parse_size("4096")) == 4096);
-  CHECK(MUST(parse_size("1K")) == 1024);
-  CHECK(MUST(parse_size("512M")) == 512ULL << 20);
-  CHECK(MUST(parse_size("10G")) == 10ULL << 30);
-  CHECK(MUST(parse_size("1T")) == 1ULL << 40);
-  CHECK(MUST(parse_size("16383T")) == 16383ULL << 40);
-  for (const char* bad : {"", "G", "1.5G", "-1", "+1", "10X", "abc", "10 G", " 10G", "10G ", "0x10",
-                          "1e3", "99999999999999999999", "16777216T", "10GG"}) {
-    INFO("size \"" << bad << "\"");
-    REQUIRE_ERRNO(parse_size(bad), EINVAL);
-  }
-}
 
 // ---- create / open ----
 
@@ -116,7 +67,7 @@ TEST_CASE("Pool::create then open", "[pool]") {
   CHECK(std::filesystem::is_directory(pool->paths().tier_dir[0]));
   CHECK(std::filesystem::is_directory(pool->paths().tier_dir[1]));
   CHECK(pool->paths().tier_dir[0] != pool->paths().tier_dir[1]);
-  CHECK(MUST(pool->list_images()).empty());
+  CHECK(MUST(list_images(*pool)).empty());
   CHECK(MUST(pool->list_containers()).empty());
   REQUIRE_FSCK_CLEAN(pool, true);
 }
@@ -298,7 +249,7 @@ TEST_CASE("import of a raw file with holes and zero blocks", "[pool][import]") {
 
   std::vector<std::pair<uint64_t, uint64_t>> progress;
   ImageInfo info =
-      MUST(f.pool->import_image("debian:12.1", file, bs, [&](uint64_t done, uint64_t total) {
+      MUST(import_image(*f.pool, "debian:12.1", file, bs, [&](uint64_t done, uint64_t total) {
         progress.emplace_back(done, total);
       }));
   CHECK(info.image.ref == "debian:12.1");
@@ -321,21 +272,21 @@ TEST_CASE("import of a raw file with holes and zero blocks", "[pool][import]") {
   CHECK(stored == content);
   CHECK(allocated_bytes(path) <= data_blocks * bs + 64 * 1024);
 
-  auto images = MUST(f.pool->list_images());
+  auto images = MUST(list_images(*f.pool));
   REQUIRE(images.size() == 1);
   CHECK(images[0].image.ref == "debian:12.1");
   CHECK(images[0].data_blocks == data_blocks);
   CHECK(images[0].image.size_bytes == size);
 
   REQUIRE_FSCK_CLEAN(f.pool, true);
-  FsckReport rep = MUST(f.pool->fsck(true, false));
+  FsckReport rep = MUST(fsck(*f.pool, true, false));
   CHECK(rep.images == 1);
   CHECK(rep.layers == 1);
   CHECK(rep.groups_verified > 0);
 
   // Everything survives a reopen.
   f.reopen();
-  images = MUST(f.pool->list_images());
+  images = MUST(list_images(*f.pool));
   REQUIRE(images.size() == 1);
   CHECK(images[0].data_blocks == data_blocks);
 }
@@ -347,7 +298,7 @@ TEST_CASE("import with a larger block size counts its blocks", "[pool][import]")
   const std::string file = f.tmp.sub("img.raw");
   const uint64_t size = 40 * uint64_t{bs};
   auto content = test::write_patterned_image(file, size, bs, 2, &data_blocks);
-  ImageInfo info = MUST(f.pool->import_image("big:1", file, bs, nullptr));
+  ImageInfo info = MUST(import_image(*f.pool, "big:1", file, bs, nullptr));
   CHECK(info.data_blocks == data_blocks);
   CHECK(info.image.block_size == bs);
   CHECK(test::read_file(f.pool->layer_path(info.layer)) == content);
@@ -362,7 +313,7 @@ TEST_CASE("import of a 64 GiB sparse file stores no data", "[pool][import]") {
     REQUIRE(fd.get() >= 0);
     REQUIRE(::ftruncate(fd.get(), 64LL << 30) == 0);
   }
-  ImageInfo info = MUST(f.pool->import_image("empty:64g", file, 4096, nullptr));
+  ImageInfo info = MUST(import_image(*f.pool, "empty:64g", file, 4096, nullptr));
   CHECK(info.image.size_bytes == 64ULL << 30);
   CHECK(info.data_blocks == 0);
   CHECK(allocated_bytes(f.pool->layer_path(info.layer)) == 0);
@@ -384,41 +335,41 @@ TEST_CASE("import errors", "[pool][import]") {
   SECTION("file size not a multiple of 512") {
     const std::string odd = f.tmp.sub("odd.raw");
     test::write_raw_image(odd, std::vector<uint8_t>(4096 + 100, 7), {{0, 4196}});
-    REQUIRE_ERRNO(f.pool->import_image("odd:1", odd, 4096, nullptr), EINVAL);
+    REQUIRE_ERRNO(import_image(*f.pool, "odd:1", odd, 4096, nullptr), EINVAL);
   }
   SECTION("empty file") {
     const std::string empty = f.tmp.sub("empty.raw");
     test::write_raw_image(empty, {}, {});
-    REQUIRE_ERRNO(f.pool->import_image("empty:1", empty, 4096, nullptr), EINVAL);
+    REQUIRE_ERRNO(import_image(*f.pool, "empty:1", empty, 4096, nullptr), EINVAL);
   }
   SECTION("duplicate image") {
-    MUST(f.pool->import_image("dup:1", good, 4096, nullptr));
-    REQUIRE_ERRNO(f.pool->import_image("dup:1", good, 4096, nullptr), EEXIST);
-    CHECK(MUST(f.pool->list_images()).size() == 1);
+    MUST(import_image(*f.pool, "dup:1", good, 4096, nullptr));
+    REQUIRE_ERRNO(import_image(*f.pool, "dup:1", good, 4096, nullptr), EEXIST);
+    CHECK(MUST(list_images(*f.pool)).size() == 1);
     // Another version of the same name is a different image.
-    MUST(f.pool->import_image("dup:2", good, 4096, nullptr));
-    CHECK(MUST(f.pool->list_images()).size() == 2);
+    MUST(import_image(*f.pool, "dup:2", good, 4096, nullptr));
+    CHECK(MUST(list_images(*f.pool)).size() == 2);
   }
   SECTION("bad block sizes") {
     for (uint32_t bs : {0u, 512u, 2048u, 4095u, 12288u, 2u << 20, 100000u}) {
       INFO("block size " << bs);
-      REQUIRE_ERRNO(f.pool->import_image("bs:1", good, bs, nullptr), EINVAL);
+      REQUIRE_ERRNO(import_image(*f.pool, "bs:1", good, bs, nullptr), EINVAL);
     }
     for (uint32_t bs : {4096u, 8192u, 1u << 20}) {
       INFO("block size " << bs);
-      MUST(f.pool->import_image("bs:" + std::to_string(bs), good, bs, nullptr));
+      MUST(import_image(*f.pool, "bs:" + std::to_string(bs), good, bs, nullptr));
     }
   }
   SECTION("bad reference") {
-    REQUIRE_ERRNO(f.pool->import_image("nocolon", good, 4096, nullptr), EINVAL);
-    REQUIRE_ERRNO(f.pool->import_image("../x:1", good, 4096, nullptr), EINVAL);
+    REQUIRE_ERRNO(import_image(*f.pool, "nocolon", good, 4096, nullptr), EINVAL);
+    REQUIRE_ERRNO(import_image(*f.pool, "../x:1", good, 4096, nullptr), EINVAL);
   }
   SECTION("missing file") {
-    REQUIRE_ERRNO(f.pool->import_image("m:1", f.tmp.sub("nope.raw"), 4096, nullptr), ENOENT);
+    REQUIRE_ERRNO(import_image(*f.pool, "m:1", f.tmp.sub("nope.raw"), 4096, nullptr), ENOENT);
   }
   // Failed imports leave nothing behind.
   REQUIRE_FSCK_CLEAN(f.pool, true);
-  for (const auto& img : MUST(f.pool->list_images())) {
+  for (const auto& img : MUST(list_images(*f.pool))) {
     CHECK((img.image.ref.rfind("dup:", 0) == 0 || img.image.ref.rfind("bs:", 0) == 0));
   }
 }
@@ -476,7 +427,7 @@ TEST_CASE("clone", "[pool][clone]") {
   CHECK(missing.error().code == ENOENT);
   CHECK_THAT(missing.error().message, Catch::Contains("nope"));
 
-  auto images = MUST(f.pool->list_images());
+  auto images = MUST(list_images(*f.pool));
   REQUIRE(images.size() == 1);
   CHECK(images[0].containers == 2);
 
@@ -531,13 +482,13 @@ TEST_CASE("image rm is refused while a container uses it", "[pool][clone]") {
   PoolFixture f;
   f.import("base:1", 128 * 1024, 4096, 5);
   f.import("other:1", 64 * 1024, 4096, 6);
-  const ImageInfo base = MUST(f.pool->list_images())[0];
+  const ImageInfo base = MUST(list_images(*f.pool))[0];
   REQUIRE(base.image.ref == "base:1");
   const std::string base_path = f.pool->layer_path(base.layer);
   REQUIRE(std::filesystem::exists(base_path));
 
   MUST(f.pool->clone("base:1", "c1", std::nullopt));
-  auto busy = f.pool->remove_image("base:1");
+  auto busy = remove_image(*f.pool, "base:1");
   REQUIRE_FALSE(busy.ok());
   CHECK(busy.error().code == EBUSY);
   CHECK_THAT(busy.error().message, Catch::Contains("c1"));
@@ -545,19 +496,19 @@ TEST_CASE("image rm is refused while a container uses it", "[pool][clone]") {
   REQUIRE_FSCK_CLEAN(f.pool, true);
 
   REQUIRE_ERRNO(f.pool->remove_container("nope"), ENOENT);
-  REQUIRE_ERRNO(f.pool->remove_image("nope:1"), ENOENT);
+  REQUIRE_ERRNO(remove_image(*f.pool, "nope:1"), ENOENT);
   REQUIRE_OK(f.pool->remove_container("c1"));
   REQUIRE_ERRNO(f.pool->inspect("c1"), ENOENT);
   REQUIRE_FSCK_CLEAN(f.pool, true);
-  REQUIRE_OK(f.pool->remove_image("base:1"));
+  REQUIRE_OK(remove_image(*f.pool, "base:1"));
   CHECK_FALSE(std::filesystem::exists(base_path));
-  REQUIRE_ERRNO(f.pool->remove_image("base:1"), ENOENT);
+  REQUIRE_ERRNO(remove_image(*f.pool, "base:1"), ENOENT);
   REQUIRE_ERRNO(f.pool->clone("base:1", "c2", std::nullopt), ENOENT);
-  auto images = MUST(f.pool->list_images());
+  auto images = MUST(list_images(*f.pool));
   REQUIRE(images.size() == 1);
   CHECK(images[0].image.ref == "other:1");
   REQUIRE_FSCK_CLEAN(f.pool, true);
-  FsckReport rep = MUST(f.pool->fsck(true, false));
+  FsckReport rep = MUST(fsck(*f.pool, true, false));
   CHECK(rep.layers == 1);
   CHECK(rep.containers == 0);
 }
@@ -587,13 +538,13 @@ TEST_CASE("a read-only pool refuses changes", "[pool]") {
   ro.read_only = true;
   auto pool = MUST(Pool::open(f.root, ro));
   CHECK(pool->read_only());
-  CHECK(MUST(pool->list_images()).size() == 1);
+  CHECK(MUST(list_images(*pool)).size() == 1);
   CHECK(MUST(pool->list_containers()).size() == 1);
   CHECK_FALSE(pool->clone("base:1", "d", std::nullopt).ok());
   CHECK_FALSE(pool->remove_container("c").ok());
-  CHECK_FALSE(pool->remove_image("base:1").ok());
-  CHECK_FALSE(pool->fsck(false, true).ok());
-  FsckReport rep = MUST(pool->fsck(true, false));
+  CHECK_FALSE(remove_image(*pool, "base:1").ok());
+  CHECK_FALSE(fsck(*pool, false, true).ok());
+  FsckReport rep = MUST(fsck(*pool, true, false));
   CHECK(rep.problems.empty());
 }
 
@@ -603,7 +554,7 @@ TEST_CASE("fsck detects damaged layer files", "[pool][fsck]") {
   PoolFixture f;
   const uint64_t size = 512 * 1024;
   auto content = f.import("base:1", size, 4096, 9);
-  const ImageInfo img = MUST(f.pool->list_images())[0];
+  const ImageInfo img = MUST(list_images(*f.pool))[0];
   const std::string path = f.pool->layer_path(img.layer);
   const std::string id = std::to_string(img.layer.id);
   MUST(f.pool->clone("base:1", "c", std::nullopt));
@@ -611,14 +562,14 @@ TEST_CASE("fsck detects damaged layer files", "[pool][fsck]") {
 
   SECTION("deleted layer file") {
     std::filesystem::remove(path);
-    FsckReport rep = MUST(f.pool->fsck(false, false));
+    FsckReport rep = MUST(fsck(*f.pool, false, false));
     INFO(problems_text(rep));
     REQUIRE_FALSE(rep.problems.empty());
     CHECK(has_problem_containing(rep, id));
   }
   SECTION("truncated layer file") {
     std::filesystem::resize_file(path, size / 2);
-    FsckReport rep = MUST(f.pool->fsck(false, false));
+    FsckReport rep = MUST(fsck(*f.pool, false, false));
     INFO(problems_text(rep));
     REQUIRE_FALSE(rep.problems.empty());
     CHECK(has_problem_containing(rep, id));
@@ -626,13 +577,13 @@ TEST_CASE("fsck detects damaged layer files", "[pool][fsck]") {
   SECTION("orphan file, removed by repair") {
     const std::string orphan = f.pool->paths().tier_dir[0] + "/987654.layer";
     test::write_raw_image(orphan, std::vector<uint8_t>(4096, 1), {{0, 4096}});
-    FsckReport rep = MUST(f.pool->fsck(false, false));
+    FsckReport rep = MUST(fsck(*f.pool, false, false));
     INFO(problems_text(rep));
     REQUIRE(rep.problems.size() == 1);
     CHECK(has_problem_containing(rep, "987654.layer"));
     CHECK(std::filesystem::exists(orphan));  // without repair, nothing changes
 
-    FsckReport fixed = MUST(f.pool->fsck(false, true));
+    FsckReport fixed = MUST(fsck(*f.pool, false, true));
     CHECK_FALSE(std::filesystem::exists(orphan));
     CHECK(std::filesystem::exists(path));
     REQUIRE_FSCK_CLEAN(f.pool, true);
@@ -650,7 +601,7 @@ TEST_CASE("fsck detects damaged layer files", "[pool][fsck]") {
       const uint8_t b = static_cast<uint8_t>(content[off] ^ 0x5A);
       test::pwrite_all(fd.get(), &b, 1, off);
     }
-    FsckReport rep = MUST(f.pool->fsck(true, false));
+    FsckReport rep = MUST(fsck(*f.pool, true, false));
     INFO(problems_text(rep));
     REQUIRE_FALSE(rep.problems.empty());
     CHECK(has_problem_containing(rep, id));
@@ -671,13 +622,13 @@ TEST_CASE("fsck detects damaged layer files", "[pool][fsck]") {
       bits.set(0, BlockState::kData);
       return txn.put(Db::kMaps, key_u64_u32(ghost, 0), encode_chunk(bits));
     }));
-    FsckReport rep = MUST(f.pool->fsck(false, false));
+    FsckReport rep = MUST(fsck(*f.pool, false, false));
     INFO(problems_text(rep));
     REQUIRE_FALSE(rep.problems.empty());
     CHECK(has_problem_containing(rep, "ghost:1"));
     CHECK(std::filesystem::exists(ghost_path));
 
-    MUST(f.pool->fsck(false, true));
+    MUST(fsck(*f.pool, false, true));
     CHECK_FALSE(std::filesystem::exists(ghost_path));
     REQUIRE_FSCK_CLEAN(f.pool, true);
     ReadTxn txn = MUST(f.pool->index().begin_read());

@@ -10,6 +10,8 @@
 #include <thread>
 
 #include "disk_test_util.h"
+#include "fsck.h"
+#include "intents.h"
 #include "snapshots.h"
 
 using namespace layer;
@@ -27,7 +29,7 @@ struct StringMaker<std::pair<uint64_t, uint64_t>> {
 namespace {
 
 void require_fsck_clean(Pool& pool) {
-  auto r = MUST(pool.fsck(true, false));
+  auto r = MUST(fsck(pool, true, false));
   for (const auto& p : r.problems) UNSCOPED_INFO(p);
   REQUIRE(r.problems.empty());
 }
@@ -122,7 +124,7 @@ TEST_CASE("rollback restores a snapshot; later snapshots survive and one rolls f
   write_flush(d, 4096 * 50, 4096, 4);
   MUST(rollback_container(pool, "c", "b", std::nullopt, &drops));
   CHECK(drops.size() == 1);
-  MUST(pool.finish_drops_after_removal(drops, "test"));
+  MUST(finish_drops_after_removal(pool, drops, "test"));
   require_same(read_export(pool, "c"), at_b);
   CHECK(rollback_container(pool, "c", "zz", std::nullopt, &drops).error().code == ENOENT);
   CHECK(rollback_container(pool, "c", "a", std::string("b"), &drops).error().code == EEXIST);
@@ -193,10 +195,10 @@ TEST_CASE("snapshot rm drops a leaf, merges a layer with one child, keeps a shar
   // A leaf snapshot nothing depends on is dropped; removing the container removes the rest.
   std::vector<uint64_t> drops;
   MUST(rollback_container(pool, "c", "s4", std::nullopt, &drops));
-  MUST(pool.finish_drops_after_removal(drops, "test"));
+  MUST(finish_drops_after_removal(pool, drops, "test"));
   MUST(snapshot_container(pool, "c", "leaf"));
   MUST(rollback_container(pool, "c", "s4", std::nullopt, &drops));
-  MUST(pool.finish_drops_after_removal(drops, "test"));
+  MUST(finish_drops_after_removal(pool, drops, "test"));
   // While an export reads it, the leaf's layer cannot go: the removal is refused and the
   // export goes on reading it.
   const auto at_leaf = read_export(pool, "c@leaf");
@@ -215,8 +217,8 @@ TEST_CASE("snapshot rm drops a leaf, merges a layer with one child, keeps a shar
   require_same(read_export(pool, "k"), at_s2);
   require_fsck_clean(pool);
   MUST(pool.remove_container("k"));
-  MUST(pool.remove_image("base:1"));
-  auto layers = MUST(pool.fsck(false, false));
+  MUST(remove_image(pool, "base:1"));
+  auto layers = MUST(fsck(pool, false, false));
   CHECK(layers.layers == 0);
 }
 
@@ -296,7 +298,7 @@ TEST_CASE("commit publishes an image version whose history names its parent", "[
   CHECK(info.container.image_ref == "base:2");
   CHECK(commit_container(pool, "c", "base:2", "").error().code == EEXIST);
   // The old version can go: the new one keeps its layers.
-  MUST(pool.remove_image("base:1"));
+  MUST(remove_image(pool, "base:1"));
   require_same(read_export(pool, "fresh"), d.model.bytes);
   require_fsck_clean(pool);
 }
@@ -387,7 +389,7 @@ TEST_CASE("diff reports exactly the blocks written since the fork", "[snapshots]
   {
     std::vector<uint64_t> drops;
     MUST(flatten_container(pool, "k", &drops));
-    MUST(pool.finish_drops_after_removal(drops, "test"));
+    MUST(finish_drops_after_removal(pool, drops, "test"));
     auto k = MUST(Disk::open(pool, "k", true));
     for (uint64_t b = 100; b < 164; ++b) REQUIRE_OK(k->zero(4096, b * 4096, false, false));
     REQUIRE_OK(k->flush());
@@ -500,13 +502,13 @@ TEST_CASE("a live change switches to a delta whose file was made before the gate
   auto st = MUST(disk->snapshot("a"));
   // The new delta's file is there before any write, and no intent is left.
   CHECK(MUST(pool.store(Tier::kSsd).stat(st.delta.id)).has_value());
-  CHECK(MUST(pool.intents(IntentRecord::Kind::kDelta)).empty());
+  CHECK(MUST(intents(pool, IntentRecord::Kind::kDelta)).empty());
   // A change that fails (the name exists) leaves neither the intent nor the file behind.
   const auto files_before = MUST(pool.store(Tier::kSsd).list()).size();
   CHECK(disk->snapshot("a").error().code == EEXIST);
   CHECK(disk->commit("nope:1/x", "").error().code == EINVAL);
   CHECK(disk->rollback("zz", std::nullopt).error().code == ENOENT);
-  CHECK(MUST(pool.intents(IntentRecord::Kind::kDelta)).empty());
+  CHECK(MUST(intents(pool, IntentRecord::Kind::kDelta)).empty());
   CHECK(MUST(pool.store(Tier::kSsd).list()).size() == files_before);
   do_write(*disk, d.model, 8192, pattern(4096, 2));
   REQUIRE_OK(disk->flush());
@@ -532,7 +534,7 @@ TEST_CASE("flatten copies the chain into one layer; the image can then go", "[sn
   const auto at_a = read_export(pool, "c@a");
   std::vector<uint64_t> drops;
   auto st = MUST(flatten_container(pool, "c", &drops));
-  MUST(pool.finish_drops_after_removal(drops, "test"));
+  MUST(finish_drops_after_removal(pool, drops, "test"));
   REQUIRE(st.chain.size() == 1);
   CHECK(st.chain[0].parent == 0);
   check_disk(*d.open(), d.model);
@@ -541,7 +543,7 @@ TEST_CASE("flatten copies the chain into one layer; the image can then go", "[sn
   MUST(remove_snapshot(pool, "c", "a"));
   MUST(remove_snapshot(pool, "c", "b"));
   CHECK(MUST(pool.inspect("c")).container.image_ref.empty());
-  MUST(pool.remove_image("base:1"));
+  MUST(remove_image(pool, "base:1"));
   check_disk(*d.open(), d.model);
   require_fsck_clean(pool);
   // Flattening again changes nothing.

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "error.h"
+#include "import.h"
 #include "pool.h"
 
 namespace test {
@@ -329,7 +330,7 @@ struct PoolFixture {
                               uint64_t seed) {
     const std::string file = tmp.sub("img-" + std::to_string(seed) + ".raw");
     auto content = write_patterned_image(file, size_bytes, block_size, seed);
-    MUST(pool->import_image(ref, file, block_size, nullptr));
+    MUST(layer::import_image(*pool, ref, file, block_size, nullptr));
     std::filesystem::remove(file);
     return content;
   }

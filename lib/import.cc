@@ -1,4 +1,4 @@
-// image.cc — images: import of raw disk images, listing, removal.
+// import.cc — import of raw disk images.
 //
 // Import reads the data regions SEEK_DATA/SEEK_HOLE report (or the whole file where
 // unsupported) in 1 MiB windows, holes reading as zeroes; stores all-zero blocks as nothing
@@ -9,6 +9,8 @@
 // deleted). Until then nothing names the rows, so a crash leaves invisible rows and a file that
 // fsck --repair rolls back. The new layer's lock is held from before the intent is visible, so
 // fsck leaves a running import alone.
+#include "import.h"
+
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -22,6 +24,7 @@
 #include "block_map.h"
 #include "checksum.h"
 #include "layer_build.h"
+#include "names.h"
 #include "pool.h"
 
 namespace layer {
@@ -101,10 +104,10 @@ struct Fd {
 
 }  // namespace
 
-Result<ImageInfo> Pool::import_image(const std::string& ref, const std::string& file,
-                                     uint32_t block_size, const Progress& progress,
-                                     const std::string& description) {
-  if (read_only_) return make_error(EACCES, "pool {} is open read-only", paths_.root);
+Result<ImageInfo> import_image(Pool& pool, const std::string& ref, const std::string& file,
+                               uint32_t block_size, const ImportProgress& progress,
+                               const std::string& description) {
+  LAYER_TRY(pool.check_writable());
   LAYER_TRY(validate_image_ref(ref));
   if (block_size < kMinBlockSize || block_size > kMaxBlockSize ||
       (block_size & (block_size - 1)) != 0)
@@ -129,9 +132,9 @@ Result<ImageInfo> Pool::import_image(const std::string& ref, const std::string& 
   if (size > kMaxDiskBytes)
     return make_error(EINVAL, "image file {} is {} bytes, larger than the limit of {}", file, size,
                       kMaxDiskBytes);
-  LAYER_TRY(check_tiers_hold(size));
+  LAYER_TRY(pool.check_tiers_hold(size));
   {
-    LAYER_ASSIGN(auto txn, index_->begin_read());
+    LAYER_ASSIGN(auto txn, pool.index().begin_read());
     LAYER_ASSIGN(auto existing, txn.get(Db::kImages, ref));
     if (existing) return make_error(EEXIST, "image {} already exists", ref);
   }
@@ -139,9 +142,9 @@ Result<ImageInfo> Pool::import_image(const std::string& ref, const std::string& 
   // 1. Reserve a layer id under an intent, so a crash leaves something fsck can roll back; its
   // lock is held until the layer is published or rolled back (LayerBuild). Every failure below
   // rolls back through build->fail: rows, intent, and the file only if this import created it.
-  LAYER_ASSIGN(auto build, LayerBuild::begin(*this, IntentRecord::Kind::kImport, ref));
+  LAYER_ASSIGN(auto build, LayerBuild::begin(pool, IntentRecord::Kind::kImport, ref));
   const LayerId layer_id = build->id();
-  test_point("import.intent-committed");
+  pool.test_point("import.intent-committed");
   LayerRecord layer{layer_id, 0, Tier::kSsd, size, block_size, LayerState::kFrozen, 1, now_unix()};
   auto rollback = [&](Error e) -> Error { return build->fail(std::move(e)); };
 
@@ -150,7 +153,7 @@ Result<ImageInfo> Pool::import_image(const std::string& ref, const std::string& 
   auto created = build->create_file(layer.tier, size);
   if (!created) return rollback(std::move(created).error());
   std::shared_ptr<LayerFile> out = *created;
-  test_point("import.data-walked");
+  pool.test_point("import.data-walked");
 
   // 3. Rows in bounded transactions, invisible until published: no layer row names them yet.
   // Windows go in disk order, so a chunk (or a row of checksums) is finished once a window has
@@ -166,12 +169,12 @@ Result<ImageInfo> Pool::import_image(const std::string& ref, const std::string& 
   uint64_t data_blocks = 0;
   auto commit_rows = [&]() -> Status {
     if (rows.empty()) return {};
-    LAYER_TRY(committer_->run([&](WriteTxn& txn) -> Status {
+    LAYER_TRY(pool.committer().run([&](WriteTxn& txn) -> Status {
       for (const auto& [db, kv] : rows) LAYER_TRY(txn.append(db, kv.first, kv.second));
       return {};
     }));
     rows.clear();
-    test_point("import.rows-committed");
+    pool.test_point("import.rows-committed");
     return {};
   };
   // Moves every chunk and sums row that ends at or before `offset` to `rows`, committing
@@ -285,53 +288,6 @@ Result<ImageInfo> Pool::import_image(const std::string& ref, const std::string& 
     return txn.put(Db::kImages, ref, encode(image));
   }));
   return ImageInfo{image, layer, data_blocks, 0};
-}
-
-Result<std::vector<ImageInfo>> Pool::list_images() {
-  LAYER_ASSIGN(auto txn, index_->begin_read());
-  std::map<std::string, uint32_t> users;
-  LAYER_TRY(
-      txn.scan(Db::kContainers, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
-        LAYER_ASSIGN(auto c, decode_container(v, k));
-        ++users[c.image_ref];
-        return true;
-      }));
-  std::vector<ImageInfo> out;
-  LAYER_TRY(txn.scan(Db::kImages, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
-    LAYER_ASSIGN(auto image, decode_image(v, k));
-    LAYER_ASSIGN(auto layer, get_layer(txn, image.top_layer));
-    uint64_t data = 0, zero = 0;
-    LAYER_TRY(count_blocks(txn, layer.id, &data, &zero));
-    out.push_back(ImageInfo{image, layer, data, users[image.ref]});
-    return true;
-  }));
-  return out;
-}
-
-Status Pool::remove_image(const std::string& ref) {
-  if (read_only_) return make_error(EACCES, "pool {} is open read-only", paths_.root);
-  LAYER_TRY(validate_image_ref(ref));
-  std::vector<uint64_t> drops;
-  LAYER_TRY(committer_->run([&](WriteTxn& txn) -> Status {
-    drops.clear();
-    LAYER_ASSIGN(auto v, txn.get(Db::kImages, ref));
-    if (!v) return make_error(ENOENT, "image {} not found in pool {}", ref, paths_.root);
-    LAYER_ASSIGN(auto image, decode_image(*v, ref));
-    std::vector<std::string> users;
-    LAYER_TRY(
-        txn.scan(Db::kContainers, "", [&](std::string_view k, std::string_view cv) -> Result<bool> {
-          LAYER_ASSIGN(auto c, decode_container(cv, k));
-          if (c.image_ref == ref) users.push_back(c.name);
-          return true;
-        }));
-    if (!users.empty())
-      return make_error(EBUSY, "image {} is in use by {} container(s): {}", ref, users.size(),
-                        fmt::join(users, ", "));
-    LAYER_TRY(txn.del(Db::kImages, ref));
-    return drop_layer(txn, image.top_layer, &drops);
-  }));
-  // Files are unlinked only after the transaction that dropped the last reference committed.
-  return finish_drops_after_removal(drops, fmt::format("image {}", ref));
 }
 
 }  // namespace layer
