@@ -1,11 +1,12 @@
 // intents.h — the `intents` rows by kind: what each kind is and how each is recovered.
 //
 // An intent records work that spans transactions on a layer that no `layers` row names, yet or
-// any more: a layer built invisibly (import, merge, flatten: LayerBuild) or a dropped layer
-// whose rows and file are still being removed (layers.h). A crash leaves the row behind. Each
-// kind maps to one recovery (intent_kind_info, one line per kind in intents.cc): a removal is
-// finished, a build is rolled back. Every writable Pool::open finishes removals; fsck --repair
-// recovers every kind. A new kind is one line there, plus its recovery if none of those fits.
+// any more: a layer built invisibly (import, merge, flatten, a live change's new delta: LayerBuild)
+// or a dropped layer whose rows and file are still being removed (layers.h). A crash leaves the row
+// behind. Each kind maps to one recovery (intent_kind_info, one line per kind in intents.cc): a
+// removal is finished, a build is rolled back. Every writable Pool::open finishes removals; fsck
+// --repair recovers every kind. A new kind is one line there, plus its recovery if none of those
+// fits.
 //
 // Thread-safety: safe to call concurrently, also with other processes recovering the same
 // intents (each recovery re-reads its intent in every transaction).
