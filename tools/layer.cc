@@ -26,6 +26,7 @@
 
 #include "control.h"
 #include "error.h"
+#include "hasher.h"
 #include "index.h"
 #include "locks.h"
 #include "output.h"
@@ -602,17 +603,50 @@ int cmd_diff(const Globals& g, const std::string& a, const std::string& b) {
   return 0;
 }
 
-int cmd_gc(const Globals& g) {
+int cmd_gc(const Globals& g, bool hash) {
   auto pool = open_pool(g, true);
-  const auto r = take(layer::gc(*pool));
-  if (g.json) {
-    print_json({{"ok", true}, {"done", r.done}, {"kept", r.kept}});
-    return 0;
+  auto r = take(layer::gc(*pool));
+  // Then checksums for the frozen layers no server reads (a server's hasher does its own), after
+  // the merges, whose new layers need them too.
+  layer::HashPendingReport hashed;
+  if (hash) {
+    layer::HashOptions options;
+    options.skip_held = true;
+    hashed = take(layer::hash_pending(*pool, options));
+    for (const auto& l : hashed.hashed)
+      r.done.push_back(fmt::format("layer {}: hashed ({} of data, {} checksum groups)", l.id,
+                                   human_size(l.bytes), l.groups));
+  } else {
+    hashed.still_unhashed = take(layer::count_unhashed(*pool));
   }
-  for (const auto& line : r.done) std::cout << line << '\n';
-  for (const auto& line : r.kept) std::cout << line << '\n';
-  if (r.done.empty() && r.kept.empty()) std::cout << "nothing to collect\n";
-  return 0;
+  const auto& problems = hashed.failed;
+  if (g.json) {
+    print_json({{"ok", problems.empty()},
+                {"done", r.done},
+                {"kept", r.kept},
+                {"hashed_layers", hashed.hashed.size()},
+                {"hashed_bytes", hashed.bytes},
+                {"unhashed_layers", hashed.still_unhashed},
+                {"problems", problems}});
+  } else {
+    for (const auto& line : r.done) std::cout << line << '\n';
+    for (const auto& line : r.kept) std::cout << line << '\n';
+    for (const auto& line : problems) std::cout << line << '\n';
+    if (hashed.still_unhashed > problems.size())
+      std::cout << fmt::format(
+          "{} frozen layer{} not hashed yet ({})\n", hashed.still_unhashed - problems.size(),
+          hashed.still_unhashed - problems.size() == 1 ? "" : "s",
+          hash ? "a running server reads them; its hasher hashes them" : "--no-hash");
+    if (r.done.empty() && r.kept.empty() && hashed.still_unhashed == 0)
+      std::cout << "nothing to collect\n";
+  }
+  if (problems.empty()) return 0;
+  if (!g.json) {
+    std::cout.flush();
+    std::cerr << fmt::format("layer: error: gc could not hash {} layer{} (see above)\n",
+                             problems.size(), problems.size() == 1 ? "" : "s");
+  }
+  return kExitInternal;
 }
 
 struct ServeArgs {
@@ -844,7 +878,11 @@ int run(int argc, char** argv) {
   diff_cmd->add_option("A", diff_a, "container or container@snapshot")->type_name("")->required();
   diff_cmd->add_option("B", diff_b, "container or container@snapshot")->type_name("")->required();
 
-  auto* gc_cmd = app.add_subcommand("gc", "merge hidden layers and remove unreferenced files");
+  bool gc_no_hash = false;
+  auto* gc_cmd = app.add_subcommand(
+      "gc", "merge hidden layers, remove unreferenced files, checksum frozen layers");
+  gc_cmd->add_flag("--no-hash", gc_no_hash,
+                   "do not checksum the frozen layers that no server reads");
 
   std::string flatten_name;
   auto* flatten_cmd =
@@ -911,7 +949,7 @@ int run(int argc, char** argv) {
   if (*rollback_cmd) return cmd_rollback(g, rollback);
   if (*commit_cmd) return cmd_commit(g, commit);
   if (*diff_cmd) return cmd_diff(g, diff_a, diff_b);
-  if (*gc_cmd) return cmd_gc(g);
+  if (*gc_cmd) return cmd_gc(g, !gc_no_hash);
   if (*flatten_cmd) return cmd_flatten(g, flatten_name);
   if (*ls_cmd) return cmd_ls(g);
   if (*inspect_cmd) return cmd_inspect(g, container);
