@@ -127,8 +127,10 @@ start_server() {  # start_server PEER TARGET LOG  (TARGET: container name or ima
   rm -f "$SOCK" "$PIDFILE"
   local -a cmd
   case $peer in
+    # hasher=off: the background hasher would read snapshot layers beside the measured I/O
+    # and, holding a layer's lock, keep a measured merge from happening.
     layer) cmd=(nbdkit --log=stderr -U "$SOCK" -P "$PIDFILE" --threads "$THREADS" "$PLUGIN"
-                "pool=$POOL") ;;
+                "pool=$POOL" hasher=off) ;;
     file)  cmd=(nbdkit --log=stderr -U "$SOCK" -P "$PIDFILE" --threads "$THREADS" file
                 "file=$target") ;;
     qcow2|qcow2-xl2)

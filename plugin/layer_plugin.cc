@@ -1,11 +1,13 @@
-// layer_plugin.cc — nbdkit callbacks over lib/: `nbdkit layer pool=DIR [default=NAME]`.
+// layer_plugin.cc — nbdkit callbacks over lib/:
+// `nbdkit layer pool=DIR [default=NAME] [hasher=on|off] [hash-rate=BYTES_PER_SEC]`.
 //
 // Life cycle (nbdkit forks after config_complete/get_ready unless -f; with --run the server is
 // the child): config parses and makes paths absolute; get_ready only validates the pool
 // (read-only, no lock file writes, nothing left open); after_fork opens the pool (LMDB env,
-// committer thread, lock file); cleanup flushes every open disk and closes the pool. No global
-// object has a destructor with side effects: the pool and disk table are heap pointers owned
-// from after_fork to cleanup.
+// committer thread, lock file) and starts the hasher thread and the control socket; cleanup
+// stops them, flushes every open disk and closes the pool. No global object has a destructor
+// with side effects: the pool, hasher and disk table are heap pointers owned from after_fork
+// to cleanup.
 //
 // Every callback catches everything (nothing may unwind into nbdkit) and reports failures
 // with nbdkit_error + nbdkit_set_error, mapping errors to the errnos NBD can carry.
@@ -24,6 +26,7 @@
 
 #include "control.h"
 #include "disk.h"
+#include "hasher.h"
 #include "names.h"
 #include "pool.h"
 #include "snapshots.h"
@@ -33,10 +36,13 @@
 
 namespace {
 
-std::string g_pool_path;     // set by config
-std::string g_default_name;  // default=NAME
+std::string g_pool_path;                              // set by config
+std::string g_default_name;                           // default=NAME
+bool g_hasher_on = true;                              // hasher=on|off
+uint64_t g_hash_rate = layer::kDefaultHashRateBytes;  // hash-rate=BYTES_PER_SEC (0: unlimited)
 layer::Pool* g_pool = nullptr;
 layer::DiskTable* g_disks = nullptr;
+layer::BackgroundHasher* g_hasher = nullptr;  // null with hasher=off
 layer::ControlServer* g_control = nullptr;
 
 constexpr uint32_t kMaxRequestBytes = 32 << 20;
@@ -114,7 +120,22 @@ int layer_config(const char* key, const char* value) {
       g_default_name = value;
       return 0;
     }
-    nbdkit_error("unknown parameter '%s' (expected pool=DIR or default=NAME)", key);
+    if (std::strcmp(key, "hasher") == 0) {
+      const int on = nbdkit_parse_bool(value);
+      if (on == -1) return -1;
+      g_hasher_on = on != 0;
+      return 0;
+    }
+    if (std::strcmp(key, "hash-rate") == 0) {
+      const int64_t rate = nbdkit_parse_size(value);
+      if (rate == -1) return -1;
+      g_hash_rate = static_cast<uint64_t>(rate);
+      return 0;
+    }
+    nbdkit_error(
+        "unknown parameter '%s' (expected pool=DIR, default=NAME, hasher=on|off or "
+        "hash-rate=BYTES_PER_SEC)",
+        key);
     return -1;
   });
 }
@@ -165,6 +186,7 @@ nlohmann::json handle_control(const nlohmann::json& request) {
     auto released = g_disks->release(std::move(*disk));
     if (!released) nbdkit_error("flush after %s: %s", op.c_str(), released.error().message.c_str());
     if (!merged) return layer::control_error(merged.error());
+    if (g_hasher && !merged->empty()) g_hasher->nudge();  // merged layers wait to be hashed
     json pairs = json::array();
     for (const auto& [from, to] : *merged) pairs.push_back({from, to});
     return json{{"ok", true}, {"container", container}, {"merged", pairs}};
@@ -179,6 +201,7 @@ nlohmann::json handle_control(const nlohmann::json& request) {
     auto released = g_disks->release(std::move(*disk));
     if (!released) nbdkit_error("flush after %s: %s", op.c_str(), released.error().message.c_str());
     if (!removed) return layer::control_error(removed.error());
+    if (g_hasher) g_hasher->nudge();  // a merged layer waits to be hashed
     if (merged)
       for (const auto& [from, to] : *merged)
         if (from == removed->layer) {
@@ -211,6 +234,7 @@ nlohmann::json handle_control(const nlohmann::json& request) {
   }
   nbdkit_debug("%s of container %s: now delta layer %" PRIu64, op.c_str(), container.c_str(),
                state->delta.id);
+  if (g_hasher) g_hasher->nudge();  // the frozen delta waits to be hashed
   if (!released) nbdkit_error("flush after %s: %s", op.c_str(), released.error().message.c_str());
   return json{{"ok", true},
               {"container", container},
@@ -225,6 +249,20 @@ int layer_after_fork() {
     if (!pool) return fail(pool.error());
     g_pool = pool->release();
     g_disks = new layer::DiskTable(*g_pool);
+    // Before the control socket, whose handler nudges it.
+    if (g_hasher_on) {
+      layer::BackgroundHasher::Options options;
+      options.hash.rate_bytes_per_sec = g_hash_rate;
+      options.log = [](bool error, const std::string& line) {
+        if (error)
+          nbdkit_error("%s", line.c_str());
+        else
+          nbdkit_debug("%s", line.c_str());
+      };
+      auto hasher = layer::BackgroundHasher::start(*g_pool, std::move(options));
+      if (!hasher) return fail(hasher.error());
+      g_hasher = hasher->release();
+    }
     auto control = layer::ControlServer::start(
         layer::control_socket_path(g_pool->paths().run_dir, ::getpid()), [](const auto& request) {
           try {
@@ -244,6 +282,8 @@ void layer_cleanup() {
     // First: no live change may start on a disk that is going away.
     delete g_control;
     g_control = nullptr;
+    delete g_hasher;  // stops a hash between two reads, and joins
+    g_hasher = nullptr;
     if (g_disks) {
       auto s = g_disks->flush_all();
       if (!s) nbdkit_error("flush at shutdown: %s", s.error().message.c_str());
@@ -432,7 +472,9 @@ struct nbdkit_plugin make_plugin() {
   p.config_complete = layer_config_complete;
   p.config_help =
       "pool=<DIR>      (required) The pool directory (made by `layer init`).\n"
-      "default=<NAME>  Container served to clients that give no export name.";
+      "default=<NAME>  Container served to clients that give no export name.\n"
+      "hasher=on|off   Checksum frozen layers in the background (default on).\n"
+      "hash-rate=<BYTES_PER_SEC>  The hasher's read rate (default 64M; 0: unlimited).";
   p.magic_config_key = "pool";
   p.get_ready = layer_get_ready;
   p.after_fork = layer_after_fork;

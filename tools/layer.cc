@@ -27,6 +27,7 @@
 #include "control.h"
 #include "error.h"
 #include "fsck.h"
+#include "hasher.h"
 #include "images.h"
 #include "import.h"
 #include "index.h"
@@ -594,7 +595,7 @@ int cmd_diff(const Globals& g, const std::string& a, const std::string& b) {
   return 0;
 }
 
-int cmd_gc(const Globals& g) {
+int cmd_gc(const Globals& g, bool hash) {
   auto pool = open_pool(g, true);
   auto r = take(layer::gc(*pool));
   // Hidden layers that only a server's disk reads: that server merges them, live.
@@ -623,14 +624,47 @@ int cmd_gc(const Globals& g) {
       if (line.starts_with(d.substr(0, d.find(':') + 1))) return true;
     return false;
   });
-  if (g.json) {
-    print_json({{"ok", true}, {"done", r.done}, {"kept", r.kept}});
-    return 0;
+  // Then checksums for the frozen layers no server reads (a server's hasher does its own), after
+  // the merges, whose new layers need them too.
+  layer::HashPendingReport hashed;
+  if (hash) {
+    layer::HashOptions options;
+    options.skip_held = true;
+    hashed = take(layer::hash_pending(*pool, options));
+    for (const auto& l : hashed.hashed)
+      r.done.push_back(fmt::format("layer {}: hashed ({} of data, {} checksum groups)", l.id,
+                                   human_size(l.bytes), l.groups));
+  } else {
+    hashed.still_unhashed = take(layer::count_unhashed(*pool));
   }
-  for (const auto& line : r.done) std::cout << line << '\n';
-  for (const auto& line : r.kept) std::cout << line << '\n';
-  if (r.done.empty() && r.kept.empty()) std::cout << "nothing to collect\n";
-  return 0;
+  const auto& problems = hashed.failed;
+  if (g.json) {
+    print_json({{"ok", problems.empty()},
+                {"done", r.done},
+                {"kept", r.kept},
+                {"hashed_layers", hashed.hashed.size()},
+                {"hashed_bytes", hashed.bytes},
+                {"unhashed_layers", hashed.still_unhashed},
+                {"problems", problems}});
+  } else {
+    for (const auto& line : r.done) std::cout << line << '\n';
+    for (const auto& line : r.kept) std::cout << line << '\n';
+    for (const auto& line : problems) std::cout << line << '\n';
+    if (hashed.still_unhashed > problems.size())
+      std::cout << fmt::format(
+          "{} frozen layer{} not hashed yet ({})\n", hashed.still_unhashed - problems.size(),
+          hashed.still_unhashed - problems.size() == 1 ? "" : "s",
+          hash ? "a running server reads them; its hasher hashes them" : "--no-hash");
+    if (r.done.empty() && r.kept.empty() && hashed.still_unhashed == 0)
+      std::cout << "nothing to collect\n";
+  }
+  if (problems.empty()) return 0;
+  if (!g.json) {
+    std::cout.flush();
+    std::cerr << fmt::format("layer: error: gc could not hash {} layer{} (see above)\n",
+                             problems.size(), problems.size() == 1 ? "" : "s");
+  }
+  return kExitInternal;
 }
 
 struct ServeArgs {
@@ -862,7 +896,11 @@ int run(int argc, char** argv) {
   diff_cmd->add_option("A", diff_a, "container or container@snapshot")->type_name("")->required();
   diff_cmd->add_option("B", diff_b, "container or container@snapshot")->type_name("")->required();
 
-  auto* gc_cmd = app.add_subcommand("gc", "merge hidden layers and remove unreferenced files");
+  bool gc_no_hash = false;
+  auto* gc_cmd = app.add_subcommand(
+      "gc", "merge hidden layers, remove unreferenced files, checksum frozen layers");
+  gc_cmd->add_flag("--no-hash", gc_no_hash,
+                   "do not checksum the frozen layers that no server reads");
 
   std::string flatten_name;
   auto* flatten_cmd =
@@ -929,7 +967,7 @@ int run(int argc, char** argv) {
   if (*rollback_cmd) return cmd_rollback(g, rollback);
   if (*commit_cmd) return cmd_commit(g, commit);
   if (*diff_cmd) return cmd_diff(g, diff_a, diff_b);
-  if (*gc_cmd) return cmd_gc(g);
+  if (*gc_cmd) return cmd_gc(g, !gc_no_hash);
   if (*flatten_cmd) return cmd_flatten(g, flatten_name);
   if (*ls_cmd) return cmd_ls(g);
   if (*inspect_cmd) return cmd_inspect(g, container);

@@ -172,12 +172,23 @@ check_sanitizer_reports() {
   done
 }
 
-# start_server NAME POOL [NBDKIT_ARGS...]: starts a daemonized nbdkit serving POOL on
-# $tmp/NAME.sock with pidfile $tmp/NAME.pid, waits for the pidfile (written once nbdkit accepts
-# connections) and registers a hook stopping it. Sets server_pid and server_sock.
+# start_server NAME POOL [NBDKIT_ARGS...] [-- PLUGIN_PARAMS...]: starts a daemonized nbdkit
+# serving POOL on $tmp/NAME.sock with pidfile $tmp/NAME.pid (plugin parameters such as
+# hasher=off after pool=POOL), waits for the pidfile (written once nbdkit accepts connections)
+# and registers a hook stopping it. Sets server_pid and server_sock.
 start_server() {
   local name=$1 pool=$2
   shift 2
+  local nbdkit_args=() params=()
+  while (($#)); do
+    if [[ "$1" == -- ]]; then
+      shift
+      params=("$@")
+      break
+    fi
+    nbdkit_args+=("$1")
+    shift
+  done
   local pidfile=$tmp/$name.pid sock=$tmp/$name.sock
   rm -f "$pidfile"
   local verbose=()
@@ -186,8 +197,9 @@ start_server() {
   [[ -z "${LAYER_TEST_VERBOSE:-}${LAYER_NBDKIT_PRELOAD:-}" ]] || verbose=(-v --log=stderr)
   # shellcheck disable=SC2046
   env $(nbdkit_env "$tmp/$name.sanitizer") \
-    nbdkit "${verbose[@]}" -P "$pidfile" -U "$sock" "$@" "$LAYER_PLUGIN" "pool=$pool" \
-    2>>"$tmp/$name.log" || fail "nbdkit $name did not start: $(cat "$tmp/$name.log")"
+    nbdkit "${verbose[@]}" -P "$pidfile" -U "$sock" "${nbdkit_args[@]}" "$LAYER_PLUGIN" \
+    "pool=$pool" "${params[@]}" 2>>"$tmp/$name.log" ||
+    fail "nbdkit $name did not start: $(cat "$tmp/$name.log")"
   wait_until 30 test -s "$pidfile" || fail "nbdkit $name wrote no pidfile"
   wait_until 5 grep -q '^[0-9][0-9]*$' "$pidfile" || fail "bad pidfile $pidfile"
   # shellcheck disable=SC2034 # used by the tests

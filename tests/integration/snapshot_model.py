@@ -37,10 +37,13 @@ def cli(*args, ok=True):
 
 def cli_offline(*args):
     """As cli(), for a container no client uses any more: the server closes a disk just after
-    its last client left, so an EBUSY ("served by") may be seen briefly."""
+    its last client left, so an EBUSY may be seen briefly: "served by" while the server holds
+    the container, or "in use by a running server" in the instant after it removed its holder
+    record (run/holders) and before it unlocked the container."""
     for _ in range(100):
         r = cli(*args, ok=False)
-        if r.returncode == 0 or "is served by" not in r.stderr:
+        busy = "is served by" in r.stderr or "is in use by a running server" in r.stderr
+        if r.returncode == 0 or not busy:
             break
         time.sleep(0.05)
     if r.returncode != 0:

@@ -68,6 +68,7 @@ expect "layer " clone commit diff flatten fsck gc image init inspect ls rm rollb
 expect "layer i" image init inspect
 expect "layer image " history import ls rm
 expect "layer --json fsck --" --full --repair --pool --json --help
+expect "layer gc --" --no-hash --pool --json --help
 expect "layer --pool $tmp/dirs/pool-" "$tmp/dirs/pool-a" "$tmp/dirs/pool-b"
 expect "layer --pool $pool inspect " db1 web1 web2
 expect "layer rm --pool $pool w" web1 web2

@@ -52,7 +52,7 @@ log "layer(1): ${#commands[@]} commands and ${#image_commands[@]} image commands
 # shellcheck disable=SC2046 # NAME=VALUE words
 env $(nbdkit_env "$tmp/help.sanitizer") nbdkit "$LAYER_PLUGIN" --help >"$tmp/plugin-help" 2>&1 ||
   fail "nbdkit $LAYER_PLUGIN --help"
-mapfile -t params < <(grep -oE '^[a-z_]+=' "$tmp/plugin-help" | sort -u)
+mapfile -t params < <(grep -oE '^[a-z_-]+=' "$tmp/plugin-help" | sort -u)
 ((${#params[@]} >= 2)) || fail "no parameters in the plugin's help: $(cat "$tmp/plugin-help")"
 params_section=$(sed -n '/^PARAMETERS$/,/^EXPORTS$/p' "$tmp/nbdkit-layer-plugin.1.txt")
 for p in "${params[@]}"; do

@@ -1,7 +1,8 @@
 #!/bin/bash
 # test_snapshots.sh — snapshots through a real server and the CLI (tests/integration/
-# snapshot_model.py): a seeded model-based sequence of I/O and snapshot operations, live
-# snapshots under four writers, merges checked with `qemu-img compare`, and the CLI's errors.
+# snapshot_model.py): a seeded model-based sequence of I/O and snapshot operations and live
+# snapshots under four writers (beside the server's background hasher), merges checked with
+# `qemu-img compare`, and the CLI's errors.
 # LAYER_TEST_SEED=N replays the model run; LAYER_SNAPSHOT_STEPS sets its length.
 source "$(dirname "${BASH_SOURCE[0]}")/functions.sh"
 requires /usr/bin/python3 -c 'import nbd'
@@ -29,7 +30,8 @@ seed=${LAYER_TEST_SEED:-$RANDOM}
   "${LAYER_SNAPSHOT_STEPS:-400}"
 /usr/bin/python3 "$LAYER_SRC/tests/integration/snapshot_model.py" live "$server_sock"
 
-# Merge on snapshot rm: every other point reads the same, byte for byte, per qemu-img.
+# Merge on snapshot rm: every other point reads the same, byte for byte, per qemu-img, beside
+# the server's hasher (which takes no lock, so it never keeps a merge from happening).
 "$LAYER_BIN" clone base:1 m >/dev/null
 uri() { echo "nbd+unix:///$1?socket=$server_sock"; }
 qemu-io -f raw -c 'write -P 0x11 0 1M' "$(uri m)" >/dev/null

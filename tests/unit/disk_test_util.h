@@ -188,6 +188,20 @@ inline std::vector<uint8_t> pattern(uint64_t len, uint64_t seed) {
   return v;
 }
 
+// Opens the fixture's container, writes (or zeroes) and flushes it, keeping the model in step,
+// and closes it again.
+inline void write_flush(DiskFixture& d, uint64_t off, uint64_t len, uint64_t seed) {
+  auto disk = d.open();
+  do_write(*disk, d.model, off, pattern(len, seed));
+  REQUIRE_OK(disk->flush());
+}
+
+inline void zero_flush(DiskFixture& d, uint64_t off, uint64_t len) {
+  auto disk = d.open();
+  do_zero(*disk, d.model, off, len);
+  REQUIRE_OK(disk->flush());
+}
+
 // A LayerStore that records which blocks of each file have had a write covering them
 // completed before a sync() that then succeeded: the data the index may name. Files are
 // created without fsync (only the bookkeeping matters here), so creation is fast.
