@@ -13,6 +13,7 @@
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
@@ -22,6 +23,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "control.h"
@@ -346,7 +348,15 @@ json route_change(layer::Pool& pool, const std::string& name, const json& reques
     }
     if (lock.error().code != EBUSY) throw CliError{lock.error()};
     const pid_t pid = pool.serving_pid(info.container.id);
-    if (pid == 0) throw CliError{lock.error()};
+    if (pid == 0) {
+      // No holder recorded: a server between removing its record and unlocking (it is letting
+      // go), or a CLI command of another process. Try again shortly, then give up.
+      if (attempt < 5) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(20 << attempt));
+        continue;
+      }
+      throw CliError{lock.error()};
+    }
     if (!allow_live)
       fail(EBUSY, fmt::format("container \"{}\" is served by pid {}: {}", name, pid, refusal));
     auto response =
