@@ -83,7 +83,8 @@ class LayerStore {
   // Every layer file and unfinished create in the store. Errors: EIO, EACCES.
   virtual Result<std::vector<Entry>> list() = 0;
   // Copies the layer's file into `dst` as a new file of the same id and size, only its data
-  // ranges, synced. Errors: EEXIST (dst has it), ENOENT, ENOSPC, EIO.
+  // ranges, synced (a failed copy removes what it wrote). Errors: EEXIST (dst has it), ENOENT,
+  // ENOSPC, EIO.
   virtual Status copy_to(LayerId id, LayerStore& dst) = 0;
   // Whether this store can hold one file of size_bytes. Errors: EINVAL naming the limit.
   virtual Status check_can_hold(uint64_t size_bytes) = 0;
