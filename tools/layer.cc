@@ -507,6 +507,32 @@ std::vector<LayerId> layers_to_move(layer::Pool& pool, const std::string& target
   return out;
 }
 
+// Asks every running server (each control socket under run/) to let go of a moved frozen
+// layer's old file. Best effort: a server that does not answer reads the same content from the
+// unlinked file until its disks close. Returns the pids that reloaded.
+std::vector<pid_t> tell_servers_moved(layer::Pool& pool, LayerId id) {
+  std::vector<pid_t> reloaded;
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator(pool.paths().run_dir, ec)) {
+    const std::string name = entry.path().filename().string();
+    if (!name.starts_with("srv-") || !name.ends_with(".sock")) continue;
+    const std::string digits = name.substr(4, name.size() - 9);
+    if (digits.empty() || digits.size() > 9 ||
+        digits.find_first_not_of("0123456789") != std::string::npos)
+      continue;
+    auto reply = layer::control_request(entry.path().string(), {{"op", "moved"}, {"layer", id}},
+                                        std::chrono::seconds(10));
+    if (!reply.ok()) continue;  // a stale socket, or a server going away
+    if (auto s = layer::control_status(*reply); !s.ok()) {
+      std::cerr << fmt::format("layer: note: the server of {} did not reload layer {}: {}\n", name,
+                               id, s.error().message);
+      continue;
+    }
+    reloaded.push_back(static_cast<pid_t>(std::stol(digits)));
+  }
+  return reloaded;
+}
+
 int cmd_tier_move(const Globals& g, const TierMoveArgs& a) {
   const layer::Tier to = take(layer::parse_tier(a.tier));
   auto pool = open_pool(g, true);
@@ -514,7 +540,11 @@ int cmd_tier_move(const Globals& g, const TierMoveArgs& a) {
   std::string text;
   for (const LayerId id : layers_to_move(*pool, a.target)) {
     const auto r = take(layer::move_layer(*pool, id, to));
+    std::vector<pid_t> reloaded;
+    if (r.moved && r.state != layer::LayerState::kWritable)
+      reloaded = tell_servers_moved(*pool, r.layer);
     moves.push_back({{"layer", r.layer},
+                     {"reloaded_by", reloaded},
                      {"from", layer::to_string(r.from)},
                      {"to", layer::to_string(r.to)},
                      {"moved", r.moved},

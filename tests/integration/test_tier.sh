@@ -1,10 +1,10 @@
 #!/bin/bash
 # test_tier.sh — `layer tier move` with a real server: a served container's frozen layers (its
 # image layer and a snapshot layer) moved both ways while clients read and write, every read
-# checked against digests taken before; the delta of a served container refused; an offline
-# container's delta and snapshot layers moved; a crash (SIGKILL, LAYER_FAILPOINT) at each step
-# of a move, then a restart: data intact, exactly one file per layer, `layer fsck` clean (after
-# --repair where needed) and no orphan file.
+# checked against digests taken before, and the server told to let go of the old files; the
+# delta of a served container refused; an offline container's delta and snapshot layers moved;
+# a crash (SIGKILL, LAYER_FAILPOINT) at each step of a move, then a restart: data intact,
+# exactly one file per layer, `layer fsck` clean (after --repair where needed), no orphan file.
 source "$(dirname "${BASH_SOURCE[0]}")/functions.sh"
 requires nbdcopy
 requires qemu-io
@@ -66,6 +66,8 @@ writer() {
   done
   echo "$i" >"$tmp/writes"
 }
+# A connection held open on c keeps its disk (reading both frozen layers) open throughout.
+hold_connection "$(nbd c)"
 background reader reader
 reader_pid=$bg_pid
 background writer writer
@@ -91,9 +93,18 @@ for r in 0 1 2 3; do
     fail "region $r does not hold write $last"
 done
 [[ "$(digest c@s1)" == "$h_s1" ]] || fail "c@s1 changed"
+# The server let go of the old files (its open disk switched to the new ones, told by the CLI;
+# the others closed): none of its descriptors is a removed layer file.
+deleted_layer_fds() { ls -l "/proc/$server_pid/fd" | grep -c '\.layer (deleted)' || true; }
+wait_until 30 eval '[[ $(deleted_layer_fds) == 0 ]]' ||
+  fail "nbdkit still holds removed layer files: $(ls -l "/proc/$server_pid/fd" | grep deleted)"
+out=$(layer tier move "$base" ssd --json)
+[[ "$(json_get 'j["layers"][0]["reloaded_by"]' <<<"$out")" == "[$server_pid]" ]] ||
+  fail "the server did not reload layer $base: $out"
+[[ "$(deleted_layer_fds)" == 0 ]] || fail "nbdkit holds the old file of layer $base right after"
+layer tier move "$base" hdd >/dev/null
 
 # A served container's delta is its server's to move: refused, nothing moved.
-hold_connection "$(nbd c)"
 expect_user_error "move a served container" layer tier move c ssd
 expect_user_error "move a served delta" layer tier move "$delta" hdd
 expect_user_error "move to no tier" layer tier move "$base" tape

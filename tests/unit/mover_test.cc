@@ -4,6 +4,7 @@
 // by the next open — each read checked against the byte-vector model, fsck clean afterwards.
 #include <atomic>
 #include <cstdlib>
+#include <filesystem>
 #include <random>
 #include <thread>
 
@@ -88,6 +89,17 @@ class BadStore : public ForwardingStore {
   bool enospc_;
 };
 
+// Descriptors of this process open on removed layer files.
+int deleted_layer_fds() {
+  int n = 0;
+  for (const auto& e : std::filesystem::directory_iterator("/proc/self/fd")) {
+    std::error_code ec;
+    const auto target = std::filesystem::read_symlink(e.path(), ec).string();
+    if (!ec && target.find(".layer (deleted)") != std::string::npos) n++;
+  }
+  return n;
+}
+
 }  // namespace
 
 TEST_CASE("a frozen layer moves both ways while disks read it", "[mover]") {
@@ -115,6 +127,12 @@ TEST_CASE("a frozen layer moves both ways while disks read it", "[mover]") {
   for (Tier to : {Tier::kHdd, Tier::kSsd, Tier::kHdd}) {
     auto r = MUST(move_layer(pool, base, to));
     CHECK(r.moved);
+    // The open disk lets go of the old file once told (its reads go on meanwhile).
+    REQUIRE_OK(disk->reload_moved(base));
+    // A read already in flight holds the old view (and file) until it returns.
+    for (int i = 0; i < 5000 && deleted_layer_fds() > 0; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    CHECK(deleted_layer_fds() == 0);
     CHECK(r.to == to);
     CHECK(r.data_bytes > 0);
     require_only_in(pool, base, to);
