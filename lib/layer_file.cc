@@ -325,14 +325,11 @@ class FaultInjectingStore::Local : public LocalStore {
   FaultInjectingStore* store_;
 };
 
-class FaultInjectingStore::File : public LayerFile {
+class FaultInjectingStore::File : public ForwardingFile {
  public:
   File(std::shared_ptr<LayerFile> inner, FaultInjectingStore* store)
-      : inner_(std::move(inner)), store_(store) {}
+      : ForwardingFile(std::move(inner)), store_(store) {}
 
-  Status read(void* buf, uint64_t len, uint64_t offset) override {
-    return inner_->read(buf, len, offset);
-  }
   Status write(const void* buf, uint64_t len, uint64_t offset) override {
     LAYER_ASSIGN(uint64_t id, save(offset, len));
     if (store_->on_write_saved) store_->on_write_saved();
@@ -375,14 +372,6 @@ class FaultInjectingStore::File : public LayerFile {
     LAYER_TRY(store_->dir_sync_gate(dir_of(inner_->path())));
     return inner_->sync_entry();
   }
-  Status data_extents(uint64_t offset, uint64_t len,
-                      const std::function<void(uint64_t, uint64_t)>& fn) override {
-    return inner_->data_extents(offset, len, fn);
-  }
-  void prefetch(uint64_t offset, uint64_t len) override { inner_->prefetch(offset, len); }
-  void hint_random_access() override { inner_->hint_random_access(); }
-  Result<uint64_t> size() override { return inner_->size(); }
-  const std::string& path() const override { return inner_->path(); }
 
   // Puts back what unsynced writes replaced, newest first; with tear, a random subset.
   void power_loss(bool tear, std::mt19937_64& rng) {
@@ -414,7 +403,6 @@ class FaultInjectingStore::File : public LayerFile {
     for (auto& u : undo_)
       if (u.id == id) u.completed = true;
   }
-  std::shared_ptr<LayerFile> inner_;
   FaultInjectingStore* store_;
   std::mutex mu_;
   std::vector<Undo> undo_;  // GUARDED_BY(mu_)

@@ -45,13 +45,10 @@ void require_only_in(Pool& pool, LayerId id, Tier tier) {
 }
 
 // A file whose writes go wrong: one byte flipped (corrupt) or ENOSPC.
-class BadFile : public LayerFile {
+class BadFile : public ForwardingFile {
  public:
   BadFile(std::shared_ptr<LayerFile> inner, bool enospc)
-      : inner_(std::move(inner)), enospc_(enospc) {}
-  Status read(void* buf, uint64_t len, uint64_t offset) override {
-    return inner_->read(buf, len, offset);
-  }
+      : ForwardingFile(std::move(inner)), enospc_(enospc) {}
   Status write(const void* buf, uint64_t len, uint64_t offset) override {
     if (enospc_) return make_error(ENOSPC, "write {}: no space (injected)", inner_->path());
     std::vector<uint8_t> copy(static_cast<const uint8_t*>(buf),
@@ -59,19 +56,8 @@ class BadFile : public LayerFile {
     copy[len / 2] ^= 0x40;
     return inner_->write(copy.data(), len, offset);
   }
-  Status punch(uint64_t offset, uint64_t len) override { return inner_->punch(offset, len); }
-  Status sync() override { return inner_->sync(); }
-  Status sync_entry() override { return inner_->sync_entry(); }
-  Status data_extents(uint64_t offset, uint64_t len,
-                      const std::function<void(uint64_t, uint64_t)>& fn) override {
-    return inner_->data_extents(offset, len, fn);
-  }
-  void prefetch(uint64_t offset, uint64_t len) override { inner_->prefetch(offset, len); }
-  Result<uint64_t> size() override { return inner_->size(); }
-  const std::string& path() const override { return inner_->path(); }
 
  private:
-  std::shared_ptr<LayerFile> inner_;
   bool enospc_;
 };
 
@@ -158,17 +144,9 @@ TEST_CASE("an unhashed snapshot layer and an offline delta move; a served delta 
           "[mover]") {
   DiskFixture d(kImage, kDisk);
   Pool& pool = *d.f.pool;
-  {
-    auto disk = d.open();
-    do_write(*disk, d.model, 4096 * 3 + 7, pattern(9000, 1));
-    REQUIRE_OK(disk->flush());
-  }
+  write_flush(d, 4096 * 3 + 7, 9000, 1);
   MUST(snapshot_container(pool, "c", "s1"));
-  {
-    auto disk = d.open();
-    do_write(*disk, d.model, 4096 * 40, pattern(4096 * 3, 2));
-    REQUIRE_OK(disk->flush());
-  }
+  write_flush(d, 4096 * 40, 4096 * 3, 2);
   auto info = MUST(pool.inspect("c"));
   REQUIRE(info.chain.size() == 3);
   const LayerId delta = info.chain[0].id, snap = info.chain[1].id;
@@ -200,11 +178,7 @@ TEST_CASE("an unhashed snapshot layer and an offline delta move; a served delta 
 TEST_CASE("a corrupted or failing copy is refused; the layer stays in its source tier", "[mover]") {
   DiskFixture d(kImage, kDisk);
   Pool& pool = *d.f.pool;
-  {
-    auto disk = d.open();
-    do_write(*disk, d.model, 4096 * 3, pattern(4096 * 4, 1));
-    REQUIRE_OK(disk->flush());
-  }
+  write_flush(d, 4096 * 3, 4096 * 4, 1);
   MUST(snapshot_container(pool, "c", "s1"));
   const auto info = MUST(pool.inspect("c"));
   const LayerId snap = info.chain[1].id, base = info.chain[2].id;

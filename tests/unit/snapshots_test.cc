@@ -39,14 +39,6 @@ std::vector<uint8_t> read_export(Pool& pool, const std::string& name) {
   return read_all(*disk);
 }
 
-// Opens the container, writes (or zeroes) and flushes it, keeping the model in step, and
-// closes it again.
-void write_flush(DiskFixture& d, uint64_t off, uint64_t len, uint64_t seed) {
-  auto disk = d.open();
-  do_write(*disk, d.model, off, pattern(len, seed));
-  REQUIRE_OK(disk->flush());
-}
-
 void zero_flush(DiskFixture& d, uint64_t off, uint64_t len) {
   auto disk = d.open();
   do_zero(*disk, d.model, off, len);
