@@ -753,6 +753,27 @@ Result<ContainerState> Disk::change(const std::function<Result<ContainerState>()
   return state;
 }
 
+Status Disk::reload_moved(LayerId id) {
+  if (!writable_) return {};
+  {
+    std::lock_guard<std::mutex> lk(load_mu_);
+    if (std::none_of(chain_.begin(), chain_.end(), [&](const auto& l) { return l.id == id; }))
+      return {};
+  }
+  // The same state, the moved layer's row read afresh (its new tier).
+  auto reloaded = change([&]() -> Result<ContainerState> {
+    LAYER_ASSIGN(auto txn, pool_.index().begin_read());
+    LAYER_ASSIGN(const LayerRecord moved, get_layer(txn, id));
+    std::lock_guard<std::mutex> lk(load_mu_);
+    ContainerState state{container_, delta_layer_, chain_};
+    for (auto& l : state.chain)
+      if (l.id == id) l = moved;
+    return state;
+  });
+  if (!reloaded) return std::move(reloaded).error();
+  return {};
+}
+
 Status Disk::adopt(const ContainerState& state) {
   std::lock_guard<std::mutex> lk(load_mu_);
   // Locks: the new delta's exclusive; the new chain's shared, reusing those held (the old
@@ -998,6 +1019,26 @@ Status DiskTable::release(std::shared_ptr<Disk> disk) {
   // erasing the entry destroys the Disk (closing files, dropping its locks) under mu_.
   if (--it->second.closers == 0 && it->second.users == 0) disks_.erase(it);
   return s;
+}
+
+Status DiskTable::reload_moved(LayerId id) {
+  // Each held as a user meanwhile (as acquire does), so that it stays open until released.
+  std::vector<std::shared_ptr<Disk>> open;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    for (auto& [name, e] : disks_) {
+      ++e.users;
+      open.push_back(e.disk);
+    }
+  }
+  Status result;
+  for (auto& disk : open) {
+    auto s = disk->reload_moved(id);
+    auto released = release(std::move(disk));
+    if (!s && result.ok()) result = s;
+    if (!released && result.ok()) result = released;
+  }
+  return result;
 }
 
 Status DiskTable::flush_all() {

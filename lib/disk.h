@@ -159,6 +159,12 @@ class Disk {
   // The old delta's file is removed after the switch (unless keep_as keeps it as a snapshot).
   Result<ContainerState> rollback(const std::string& snap,
                                   const std::optional<std::string>& keep_as);
+  // After the mover moved frozen layer `id` (mover.h): a writable disk whose chain holds it
+  // re-reads its row and switches to a view on the new file (with the gate closed, as a live
+  // change), so the old file's space is freed once no request reads it any more. A read-only
+  // disk, or one whose chain does not hold it, is left alone (its reads go on from the old,
+  // unlinked file, whose content is the same). Errors: as change().
+  Status reload_moved(LayerId id);
 
   // Test seam: hook(point) runs at named points of the I/O paths ("write.stripes_chosen",
   // "write.copy_up_read", "flush.wait", "flush.rows_taken"), on the thread that reaches them.
@@ -319,6 +325,8 @@ class DiskTable {
   // table's hold on it). Errors: the final flush's.
   Status release(std::shared_ptr<Disk> disk);
   Status flush_all();
+  // Disk::reload_moved(id) on every open disk; the first error is returned after all ran.
+  Status reload_moved(LayerId id);
 
  private:
   Pool& pool_;

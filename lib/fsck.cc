@@ -246,6 +246,11 @@ Status read_intents(FsckState& st, ReadTxn& txn) {
     }
     st.intent_files[intent->layer] = *tier;
     if (recovery.direction == IntentRecovery::Direction::kFinish) {
+      if (recovery.running_lock) {  // running (a move), not interrupted: leave it alone
+        LAYER_ASSIGN(const bool running,
+                     st.pool.locks().is_locked(*recovery.running_lock, intent->layer));
+        if (running) return true;
+      }
       if (!st.repair)
         st.problem(fmt::format(
             "unfinished {} (intent {}): run `layer fsck --repair` or any command that opens the "

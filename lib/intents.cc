@@ -3,6 +3,7 @@
 
 #include "layer_build.h"
 #include "layers.h"
+#include "mover.h"
 
 namespace layer {
 namespace {
@@ -20,6 +21,9 @@ const IntentRecovery kFinishDrop{IntentRecovery::Direction::kFinish, drop_file_t
 // Builds: under the layer's lock, rows, then the intent, then the file (roll_back_build).
 const IntentRecovery kRollBackBuild{IntentRecovery::Direction::kRollBack, build_file_tier,
                                     roll_back_build};
+// Moves: under the layer's move lock, keep the copy the layer's row names (recover_move).
+const IntentRecovery kFinishMove{IntentRecovery::Direction::kFinish, move_file_tier, recover_move,
+                                 LockKind::kMove};
 
 }  // namespace
 
@@ -40,6 +44,9 @@ Result<IntentKindInfo> intent_kind_info(uint64_t intent_id, const IntentRecord& 
       return IntentKindInfo{
           "delta", fmt::format("new delta for a live change of container \"{}\"", intent.target),
           &kRollBackBuild};
+    case Kind::kMove:
+      return IntentKindInfo{
+          "move", fmt::format("move of layer {} to {}", intent.layer, intent.target), &kFinishMove};
   }
   return make_error(EIO, "intent {}: unknown kind {}", intent_id, static_cast<int>(intent.kind));
 }

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "error.h"
+#include "locks.h"
 #include "pool.h"
 #include "records.h"
 
@@ -39,6 +40,9 @@ struct IntentRecovery {
   // running, or was finished or rolled back meanwhile). REQUIRES: the pool open writable.
   // Errors: those of the transactions, the locks and the store.
   Result<bool> (*recover)(Pool& pool, uint64_t intent_id, const IntentRecord& intent);
+  // For a kFinish kind whose work holds this lock of its layer while it runs (a move): fsck
+  // does not call such an intent unfinished while the lock is held.
+  std::optional<LockKind> running_lock = std::nullopt;
 };
 
 // What an intent is, for messages, and its kind's recovery.

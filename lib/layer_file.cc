@@ -134,6 +134,7 @@ class LocalFile : public LayerFile {
   }
 
   const std::string& path() const override { return path_; }
+  int fd() const { return fd_; }
 
  private:
   int fd_;
@@ -242,18 +243,44 @@ Status LocalStore::copy_to(LayerId id, LayerStore& dst) {
   LAYER_ASSIGN(auto src, open(id, false));
   LAYER_ASSIGN(uint64_t size, src->size());
   LAYER_ASSIGN(auto out, dst.create(id, size));
-  std::vector<uint8_t> buf(1 << 20);
+  // Between two local files the kernel copies (copy_file_range: no user-space round trip, a
+  // reflink where the filesystem shares extents); it refuses across filesystems (EXDEV) and on
+  // some filesystems, and then read/write does it. Any other store gets read/write.
+  const auto* in_local = dynamic_cast<const LocalFile*>(src.get());
+  const auto* out_local = dynamic_cast<const LocalFile*>(out.get());
+  bool kernel_copy = in_local && out_local;
+  std::vector<uint8_t> buf;
   Status status;
   LAYER_TRY(src->data_extents(0, size, [&](uint64_t offset, uint64_t len) {
     for (uint64_t done = 0; status.ok() && done < len;) {
+      if (kernel_copy) {
+        loff_t in_off = static_cast<loff_t>(offset + done), out_off = in_off;
+        const ssize_t n = ::copy_file_range(in_local->fd(), &in_off, out_local->fd(), &out_off,
+                                            std::min<uint64_t>(len - done, 1 << 30), 0);
+        if (n > 0) {
+          done += static_cast<uint64_t>(n);
+          continue;
+        }
+        // 0 before the extent's end: the kernel would not copy it here; read/write will.
+        const int err = n == 0 ? ENOSYS : errno;
+        if (err == EINTR) continue;
+        if (err != EXDEV && err != EINVAL && err != EOPNOTSUPP && err != ENOSYS) {
+          status = sys_error(err, fmt::format("copy {} to {}", src->path(), out->path()));
+          return;
+        }
+        kernel_copy = false;
+      }
+      if (buf.empty()) buf.resize(1 << 20);
       const uint64_t n = std::min<uint64_t>(buf.size(), len - done);
       status = src->read(buf.data(), n, offset + done);
       if (status.ok()) status = out->write(buf.data(), n, offset + done);
       done += n;
     }
   }));
-  LAYER_TRY(status);
-  return out->sync();
+  // create() made the name durable (directory fsync); this makes the data durable.
+  if (status.ok()) status = out->sync();
+  if (!status.ok()) (void)dst.remove(id);  // no partial copy stays behind
+  return status;
 }
 
 Status LocalStore::check_can_hold(uint64_t size_bytes) {
@@ -298,14 +325,11 @@ class FaultInjectingStore::Local : public LocalStore {
   FaultInjectingStore* store_;
 };
 
-class FaultInjectingStore::File : public LayerFile {
+class FaultInjectingStore::File : public ForwardingFile {
  public:
   File(std::shared_ptr<LayerFile> inner, FaultInjectingStore* store)
-      : inner_(std::move(inner)), store_(store) {}
+      : ForwardingFile(std::move(inner)), store_(store) {}
 
-  Status read(void* buf, uint64_t len, uint64_t offset) override {
-    return inner_->read(buf, len, offset);
-  }
   Status write(const void* buf, uint64_t len, uint64_t offset) override {
     LAYER_ASSIGN(uint64_t id, save(offset, len));
     if (store_->on_write_saved) store_->on_write_saved();
@@ -348,14 +372,6 @@ class FaultInjectingStore::File : public LayerFile {
     LAYER_TRY(store_->dir_sync_gate(dir_of(inner_->path())));
     return inner_->sync_entry();
   }
-  Status data_extents(uint64_t offset, uint64_t len,
-                      const std::function<void(uint64_t, uint64_t)>& fn) override {
-    return inner_->data_extents(offset, len, fn);
-  }
-  void prefetch(uint64_t offset, uint64_t len) override { inner_->prefetch(offset, len); }
-  void hint_random_access() override { inner_->hint_random_access(); }
-  Result<uint64_t> size() override { return inner_->size(); }
-  const std::string& path() const override { return inner_->path(); }
 
   // Puts back what unsynced writes replaced, newest first; with tear, a random subset.
   void power_loss(bool tear, std::mt19937_64& rng) {
@@ -387,7 +403,6 @@ class FaultInjectingStore::File : public LayerFile {
     for (auto& u : undo_)
       if (u.id == id) u.completed = true;
   }
-  std::shared_ptr<LayerFile> inner_;
   FaultInjectingStore* store_;
   std::mutex mu_;
   std::vector<Undo> undo_;  // GUARDED_BY(mu_)

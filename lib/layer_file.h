@@ -56,6 +56,33 @@ class LayerFile {
   virtual const std::string& path() const = 0;
 };
 
+// Forwards every call to an inner file: the base of files that wrap another (the fault store's,
+// the test files), so a new LayerFile method is forwarded in one place.
+class ForwardingFile : public LayerFile {
+ public:
+  explicit ForwardingFile(std::shared_ptr<LayerFile> inner) : inner_(std::move(inner)) {}
+  Status read(void* buf, uint64_t len, uint64_t offset) override {
+    return inner_->read(buf, len, offset);
+  }
+  Status write(const void* buf, uint64_t len, uint64_t offset) override {
+    return inner_->write(buf, len, offset);
+  }
+  Status punch(uint64_t offset, uint64_t len) override { return inner_->punch(offset, len); }
+  Status sync() override { return inner_->sync(); }
+  Status sync_entry() override { return inner_->sync_entry(); }
+  Status data_extents(uint64_t offset, uint64_t len,
+                      const std::function<void(uint64_t, uint64_t)>& fn) override {
+    return inner_->data_extents(offset, len, fn);
+  }
+  void prefetch(uint64_t offset, uint64_t len) override { inner_->prefetch(offset, len); }
+  void hint_random_access() override { inner_->hint_random_access(); }
+  Result<uint64_t> size() override { return inner_->size(); }
+  const std::string& path() const override { return inner_->path(); }
+
+ protected:
+  std::shared_ptr<LayerFile> inner_;
+};
+
 // Layer files of one tier, addressed by layer id (DESIGN.md "Beyond one host": the seam a
 // remote tier plugs into). Nothing outside a store knows how it names or keeps its files.
 // Thread-safety: every method may be called concurrently.
@@ -83,7 +110,8 @@ class LayerStore {
   // Every layer file and unfinished create in the store. Errors: EIO, EACCES.
   virtual Result<std::vector<Entry>> list() = 0;
   // Copies the layer's file into `dst` as a new file of the same id and size, only its data
-  // ranges, synced. Errors: EEXIST (dst has it), ENOENT, ENOSPC, EIO.
+  // ranges, synced (a failed copy removes what it wrote). Errors: EEXIST (dst has it), ENOENT,
+  // ENOSPC, EIO.
   virtual Status copy_to(LayerId id, LayerStore& dst) = 0;
   // Whether this store can hold one file of size_bytes. Errors: EINVAL naming the limit.
   virtual Status check_can_hold(uint64_t size_bytes) = 0;

@@ -17,7 +17,10 @@
 namespace layer {
 namespace {
 
-uint64_t lock_offset(LockKind kind, uint64_t id) { return 2 * id + static_cast<uint64_t>(kind); }
+uint64_t lock_offset(LockKind kind, uint64_t id) {
+  if (kind == LockKind::kMove) return (uint64_t{1} << 62) + id;
+  return 2 * id + static_cast<uint64_t>(kind);
+}
 
 // The content of this process's holder records.
 std::string holder_note() { return fmt::format("pid {}\n", ::getpid()); }

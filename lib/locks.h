@@ -23,7 +23,9 @@
 
 namespace layer {
 
-enum class LockKind : uint8_t { kContainer = 0, kLayer = 1 };
+// kMove: held exclusively by the one mover of a layer (mover.h), on its own byte range above
+// the container and layer bytes (a crashed move's intent is recovered only while it is free).
+enum class LockKind : uint8_t { kContainer = 0, kLayer = 1, kMove = 2 };
 
 class LockTable;
 

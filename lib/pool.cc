@@ -308,14 +308,31 @@ void Pool::set_store(Tier tier, std::unique_ptr<LayerStore> store) {
 }
 
 Result<std::shared_ptr<LayerFile>> Pool::open_frozen(const LayerRecord& layer) {
-  const auto key = std::make_pair(static_cast<int>(layer.tier), layer.id);
-  std::lock_guard<std::mutex> lk(frozen_mu_);
-  std::erase_if(frozen_files_, [](const auto& kv) { return kv.second.expired(); });
-  if (auto it = frozen_files_.find(key); it != frozen_files_.end())
-    if (auto file = it->second.lock()) return file;
-  LAYER_ASSIGN(auto file, store(layer.tier).open(layer.id, false));
-  frozen_files_[key] = file;
-  return file;
+  Tier tier = layer.tier;
+  for (;;) {
+    {
+      const auto key = std::make_pair(static_cast<int>(tier), layer.id);
+      std::lock_guard<std::mutex> lk(frozen_mu_);
+      std::erase_if(frozen_files_, [](const auto& kv) { return kv.second.expired(); });
+      if (auto it = frozen_files_.find(key); it != frozen_files_.end())
+        if (auto file = it->second.lock()) return file;
+      auto file = store(tier).open(layer.id, false);
+      if (file) {
+        frozen_files_[key] = *file;
+        return file;
+      }
+      if (file.error().code != ENOENT) return file;
+    }
+    // The mover may have switched the layer's tier and removed this file since `layer` was
+    // read: the row names where it is now.
+    LAYER_ASSIGN(auto txn, index_->begin_read());
+    LAYER_ASSIGN(auto v, txn.get(Db::kLayers, key_u64(layer.id)));
+    if (!v) return make_error(ENOENT, "layer {}: no file, and no row any more", layer.id);
+    LAYER_ASSIGN(auto now, decode_layer(*v, layer.id));
+    if (now.tier == tier)
+      return make_error(ENOENT, "layer {}: no file {}", layer.id, layer_path(layer.id, tier));
+    tier = now.tier;
+  }
 }
 
 std::string Pool::layer_path(const LayerRecord& layer) const {

@@ -105,7 +105,9 @@ class Pool {
   // Replaces a tier's store (tests: FaultInjectingStore). REQUIRES: no disk open.
   void set_store(Tier tier, std::unique_ptr<LayerStore> store);
   // A frozen layer's file opened read-only, one handle shared by every disk of this process
-  // that reads the layer (beside the chain-map cache). Errors: as LayerStore::open.
+  // that reads the layer (beside the chain-map cache). When the file is gone from layer.tier,
+  // the layer's row is read again and the tier it names now is tried (the mover switched it
+  // and removed the old file since `layer` was read). Errors: as LayerStore::open.
   Result<std::shared_ptr<LayerFile>> open_frozen(const LayerRecord& layer);
   // Test seam for interleavings: when set, long operations call it with a named point on
   // their own thread, and it may block (pause the operation) or change the world meanwhile.
@@ -117,9 +119,8 @@ class Pool {
   // "merge.intent-committed", "merge.built" (the merged layer's rows committed, not switched),
   // "snapshot.committed", "commit.committed", "rollback.committed" (before the old delta's
   // rows and file go), "snapshot-rm.committed", "change.committed" (a live change committed,
-  // the disk not yet switched), "flatten.built" (the flat layer built, not switched).
-  // Unset in production.
-  // REQUIRES: set before the operations it observes start.
+  // the disk not yet switched), "flatten.built" (the flat layer built, not switched), and the
+  // mover's (mover.h). Unset in production. REQUIRES: set before the operations it observes start.
   using TestHook = std::function<void(std::string_view point)>;
   void set_test_hook(TestHook hook) { test_hook_ = std::move(hook); }
   // Calls the test hook, if any (lib/ modules mark their points with it). A process started

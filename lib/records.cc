@@ -240,7 +240,8 @@ Result<IntentRecord> decode_intent(std::string_view bytes, uint64_t id) {
   if (kind != static_cast<uint8_t>(IntentRecord::Kind::kImport) &&
       kind != static_cast<uint8_t>(IntentRecord::Kind::kDrop) &&
       kind != static_cast<uint8_t>(IntentRecord::Kind::kMerge) &&
-      kind != static_cast<uint8_t>(IntentRecord::Kind::kDelta))
+      kind != static_cast<uint8_t>(IntentRecord::Kind::kDelta) &&
+      kind != static_cast<uint8_t>(IntentRecord::Kind::kMove))
     return make_error(EIO, "intent {}: unknown kind {}", id, kind);
   r.kind = static_cast<IntentRecord::Kind>(kind);
   return r;

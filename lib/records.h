@@ -94,14 +94,17 @@ std::string snapshot_key(uint64_t container_id, std::string_view name);
 //   back like an import (`target` names the two layers, "PARENT+CHILD").
 // - kDelta: `layer` is a new delta made before a live snapshot, commit or rollback switches to
 //   it (no `layers` row yet; its file exists, on ssd); rolled back like an import.
+// - kMove: `layer`'s file is being copied to the tier named by `target` ("ssd", "hdd") by the
+//   mover (mover.h); recovered by removing whichever copy the layer's row does not name.
 // - kDrop: `layer` lost its last reference (its `layers` row is gone); its `maps`/`sums` rows
 //   are deleted in bounded transactions, then its file, then the intent.
 struct IntentRecord {
-  enum class Kind : uint8_t { kImport = 1, kDrop = 2, kMerge = 3, kDelta = 4 };
+  enum class Kind : uint8_t { kImport = 1, kDrop = 2, kMerge = 3, kDelta = 4, kMove = 5 };
   Kind kind = Kind::kImport;
   LayerId layer = 0;
   // kImport: the image ref being imported; kDrop: the tier of the layer's file ("ssd", "hdd");
-  // kMerge: "PARENT+CHILD", the layer ids being merged; kDelta: the container's name.
+  // kMerge: "PARENT+CHILD", the layer ids being merged; kDelta: the container's name; kMove:
+  // the destination tier.
   std::string target;
   uint64_t created_unix = 0;
 };

@@ -165,6 +165,18 @@ nlohmann::json handle_control(const nlohmann::json& request) {
   auto error = [](int code, std::string message) {
     return layer::control_error(layer::Error{code, std::move(message)});
   };
+  if (request.is_object() && request.value("op", "") == "moved") {
+    // The mover moved a frozen layer: disks reading it switch to the new file (mover.h).
+    if (!request.contains("layer") || !request["layer"].is_number_unsigned())
+      return error(EINVAL, "a \"moved\" request needs a \"layer\" number");
+    const layer::LayerId id = request["layer"];
+    auto s = g_disks->reload_moved(id);
+    if (!s) {
+      nbdkit_error("reload after the move of layer %" PRIu64 ": %s", id, s.error().message.c_str());
+      return layer::control_error(s.error());
+    }
+    return json{{"ok", true}, {"layer", id}};
+  }
   if (!request.is_object() || !request.contains("op") || !request["op"].is_string() ||
       !request.contains("container") || !request["container"].is_string())
     return error(EINVAL, "a control request needs \"op\" and \"container\" strings");

@@ -35,6 +35,7 @@
 #include "index.h"
 #include "layers.h"
 #include "locks.h"
+#include "mover.h"
 #include "names.h"
 #include "output.h"
 #include "pool.h"
@@ -471,6 +472,101 @@ int cmd_snapshot_rm(const Globals& g, const SnapshotArgs& a) {
   if (r.fate == layer::RemovedSnapshot::Fate::kHidden)
     text += fmt::format("; layer {} stays hidden ({})", r.layer, r.why);
   print_result(g, j, text);
+  return 0;
+}
+
+struct TierMoveArgs {
+  std::string target, tier;
+};
+
+// The layers `layer tier move` moves for TARGET: a layer id; NAME:VER, the image's chain; a
+// container, its own snapshot layers and its delta (refused while a server serves it: moving a
+// served delta is its server's work, not built yet).
+std::vector<LayerId> layers_to_move(layer::Pool& pool, const std::string& target) {
+  if (!target.empty() && target.find_first_not_of("0123456789") == std::string::npos) {
+    if (target.size() > 19) fail(ENOENT, fmt::format("layer {} not found", target));
+    return {std::stoull(target)};
+  }
+  auto txn = take(pool.index().begin_read());
+  std::vector<LayerId> out;
+  if (target.find(':') != std::string::npos) {
+    check(layer::validate_image_ref(target));
+    const auto v = take(txn.get(layer::Db::kImages, target));
+    if (!v) fail(ENOENT, fmt::format("image {} not found in pool {}", target, pool.paths().root));
+    const auto image = take(layer::decode_image(*v, target));
+    for (const auto& l : take(layer::chain_of(txn, image.top_layer))) out.push_back(l.id);
+    return out;
+  }
+  check(layer::validate_name(target, "container name"));
+  const auto c = take(pool.get_container(txn, target));
+  if (take(pool.locks().is_locked(layer::LockKind::kContainer, c.id))) {
+    const pid_t pid = pool.serving_pid(c.id);
+    fail(EBUSY, fmt::format("container \"{}\" is in use by {}: moving a served container's "
+                            "delta is not supported yet; stop the server, or move its snapshot "
+                            "and image layers by id",
+                            target, pid == 0 ? "another process" : fmt::format("pid {}", pid)));
+  }
+  const std::string prefix = layer::key_u64(c.id);
+  check(txn.scan(layer::Db::kSnapshots, prefix,
+                 [&](std::string_view k, std::string_view v) -> Result<bool> {
+                   LAYER_ASSIGN(auto snap, layer::decode_snapshot(v, k));
+                   if (std::find(out.begin(), out.end(), snap.layer) == out.end())
+                     out.push_back(snap.layer);
+                   return true;
+                 }));
+  out.push_back(c.delta_layer);
+  return out;
+}
+
+// Asks every running server (each control socket under run/) to let go of a moved frozen
+// layer's old file. Best effort: a server that does not answer reads the same content from the
+// unlinked file until its disks close. Returns the pids that reloaded.
+std::vector<pid_t> tell_servers_moved(layer::Pool& pool, LayerId id) {
+  std::vector<pid_t> reloaded;
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator(pool.paths().run_dir, ec)) {
+    const std::string name = entry.path().filename().string();
+    if (!name.starts_with("srv-") || !name.ends_with(".sock")) continue;
+    const std::string digits = name.substr(4, name.size() - 9);
+    if (digits.empty() || digits.size() > 9 ||
+        digits.find_first_not_of("0123456789") != std::string::npos)
+      continue;
+    auto reply = layer::control_request(entry.path().string(), {{"op", "moved"}, {"layer", id}},
+                                        std::chrono::seconds(10));
+    if (!reply.ok()) continue;  // a stale socket, or a server going away
+    if (auto s = layer::control_status(*reply); !s.ok()) {
+      std::cerr << fmt::format("layer: note: the server of {} did not reload layer {}: {}\n", name,
+                               id, s.error().message);
+      continue;
+    }
+    reloaded.push_back(static_cast<pid_t>(std::stol(digits)));
+  }
+  return reloaded;
+}
+
+int cmd_tier_move(const Globals& g, const TierMoveArgs& a) {
+  const layer::Tier to = take(layer::parse_tier(a.tier));
+  auto pool = open_pool(g, true);
+  json moves = json::array();
+  std::string text;
+  for (const LayerId id : layers_to_move(*pool, a.target)) {
+    const auto r = take(layer::move_layer(*pool, id, to));
+    std::vector<pid_t> reloaded;
+    if (r.moved && r.state != layer::LayerState::kWritable)
+      reloaded = tell_servers_moved(*pool, r.layer);
+    moves.push_back({{"layer", r.layer},
+                     {"reloaded_by", reloaded},
+                     {"from", layer::to_string(r.from)},
+                     {"to", layer::to_string(r.to)},
+                     {"moved", r.moved},
+                     {"data_bytes", r.data_bytes}});
+    if (!text.empty()) text += '\n';
+    text += r.moved ? fmt::format("moved layer {} from {} to {} ({} of data)", r.layer,
+                                  layer::to_string(r.from), layer::to_string(r.to),
+                                  human_size(r.data_bytes))
+                    : fmt::format("layer {} is on {} already", r.layer, layer::to_string(r.to));
+  }
+  print_result(g, {{"ok", true}, {"target", a.target}, {"tier", a.tier}, {"layers", moves}}, text);
   return 0;
 }
 
@@ -936,6 +1032,16 @@ int run(int argc, char** argv) {
       ->add_option("--default", serve.default_name, "container served as the empty export name")
       ->type_name("NAME");
 
+  auto* tier_cmd = app.add_subcommand("tier", "move layers between the ssd and hdd tiers");
+  tier_cmd->require_subcommand(1);
+  TierMoveArgs tier_move;
+  auto* tier_move_cmd =
+      tier_cmd->add_subcommand("move", "move a layer, a container's layers or an image's layers");
+  tier_move_cmd->add_option("TARGET", tier_move.target, "LAYER id, CONTAINER or NAME:VER")
+      ->type_name("")
+      ->required();
+  tier_move_cmd->add_option("TIER", tier_move.tier, "ssd or hdd")->type_name("")->required();
+
   FsckArgs fsck;
   auto* fsck_cmd = app.add_subcommand("fsck", "check the index against the layer files");
   fsck_cmd->add_flag("--full", fsck.full, "also verify every checksum");
@@ -983,6 +1089,7 @@ int run(int argc, char** argv) {
   if (*inspect_cmd) return cmd_inspect(g, container);
   if (*rm_cmd) return cmd_rm(g, container);
   if (*serve_cmd) return cmd_serve(g, serve);
+  if (*tier_move_cmd) return cmd_tier_move(g, tier_move);
   if (*fsck_cmd) return cmd_fsck(g, fsck);
   if (*version_cmd) return cmd_version(g);
   fail(EINVAL, "no command given");

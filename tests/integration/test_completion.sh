@@ -64,7 +64,7 @@ expect() {
   log "'$line' -> ${got//$'\n'/ }"
 }
 
-expect "layer " clone commit diff flatten fsck gc image init inspect ls rm rollback serve snapshot version
+expect "layer " clone commit diff flatten fsck gc image init inspect ls rm rollback serve snapshot tier version
 expect "layer i" image init inspect
 expect "layer image " history import ls rm
 expect "layer --json fsck --" --full --repair --pool --json --help
@@ -89,6 +89,9 @@ expect "layer --pool $pool snapshot web1 "
 expect "layer --pool $pool rollback web1 t" tuesday
 expect "layer --pool $pool rollback web1 monday --" --keep-as --force --pool --json --help
 expect "layer --pool $pool commit w" web1 web2
+expect "layer --pool $pool tier " move
+expect "layer --pool $pool tier move w" web1 web2
+expect "layer --pool $pool tier move web1 " hdd ssd
 expect "layer --pool $pool commit web1 "
 expect "layer --pool $pool diff " db1 web1 web2
 expect "layer --pool $pool diff web1 w" web1 web2

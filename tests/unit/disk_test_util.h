@@ -214,21 +214,16 @@ class TrackingStore : public ForwardingStore {
   // REQUIRES: set before any I/O.
   std::function<void()> on_sync;
 
-  class File : public LayerFile {
+  class File : public ForwardingFile {
    public:
     File(std::shared_ptr<LayerFile> inner, uint32_t block_size, TrackingStore* store)
-        : inner_(std::move(inner)), block_size_(block_size), store_(store) {}
-    Status read(void* buf, uint64_t len, uint64_t offset) override {
-      return inner_->read(buf, len, offset);
-    }
+        : ForwardingFile(std::move(inner)), block_size_(block_size), store_(store) {}
     Status write(const void* buf, uint64_t len, uint64_t offset) override {
       LAYER_TRY(inner_->write(buf, len, offset));
       std::lock_guard<std::mutex> lk(mu_);
       completed_.emplace_back(offset, len);
       return {};
     }
-    Status punch(uint64_t offset, uint64_t len) override { return inner_->punch(offset, len); }
-    Status sync_entry() override { return inner_->sync_entry(); }
     Status sync() override {
       if (store_->on_sync) store_->on_sync();
       size_t covered;
@@ -247,21 +242,12 @@ class TrackingStore : public ForwardingStore {
       completed_.erase(completed_.begin(), completed_.begin() + static_cast<long>(covered));
       return {};
     }
-    Status data_extents(uint64_t offset, uint64_t len,
-                        const std::function<void(uint64_t, uint64_t)>& fn) override {
-      return inner_->data_extents(offset, len, fn);
-    }
-    void prefetch(uint64_t offset, uint64_t len) override { inner_->prefetch(offset, len); }
-    Result<uint64_t> size() override { return inner_->size(); }
-    const std::string& path() const override { return inner_->path(); }
-
     bool durable(uint64_t block_no) {
       std::lock_guard<std::mutex> lk(mu_);
       return durable_.count(block_no) > 0;
     }
 
    private:
-    std::shared_ptr<LayerFile> inner_;
     const uint32_t block_size_;
     TrackingStore* store_;
     std::mutex mu_;

@@ -1,0 +1,222 @@
+// mover.cc — move_layer and the recovery of an interrupted move.
+#include "mover.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "checksum.h"
+#include "intents.h"
+#include "layers.h"
+#include "locks.h"
+
+namespace layer {
+namespace {
+
+Tier other_tier(Tier t) { return t == Tier::kSsd ? Tier::kHdd : Tier::kSsd; }
+
+// The layer's row, or std::nullopt when it has none.
+Result<std::optional<LayerRecord>> read_layer(Pool& pool, LayerId id) {
+  LAYER_ASSIGN(auto txn, pool.index().begin_read());
+  LAYER_ASSIGN(auto v, txn.get(Db::kLayers, key_u64(id)));
+  if (!v) return std::optional<LayerRecord>();
+  LAYER_ASSIGN(auto rec, decode_layer(*v, id));
+  return std::optional<LayerRecord>(rec);
+}
+
+// The container whose delta is `id`. Errors: EIO when none is (a writable layer is always one).
+Result<ContainerRecord> container_of_delta(Pool& pool, LayerId id) {
+  LAYER_ASSIGN(auto txn, pool.index().begin_read());
+  std::optional<ContainerRecord> found;
+  LAYER_TRY(
+      txn.scan(Db::kContainers, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
+        LAYER_ASSIGN(auto c, decode_container(v, k));
+        if (c.delta_layer == id) found = std::move(c);
+        return !found;
+      }));
+  if (!found) return make_error(EIO, "layer {}: writable, but no container's delta", id);
+  return *found;
+}
+
+// Removes the copy the layer's row does not name and deletes the intent.
+// REQUIRES: the layer's move lock held.
+Status recover_locked(Pool& pool, uint64_t intent_id, const IntentRecord& intent) {
+  LAYER_ASSIGN(const Tier to, move_file_tier(intent_id, intent));
+  LAYER_ASSIGN(auto row, read_layer(pool, intent.layer));
+  if (!row || row->tier != to) LAYER_TRY(pool.store(to).remove(intent.layer));
+  if (!row || row->tier == to) LAYER_TRY(pool.store(other_tier(to)).remove(intent.layer));
+  return pool.committer().run([&](WriteTxn& txn) -> Status {
+    LAYER_ASSIGN(auto current, txn.get(Db::kIntents, key_u64(intent_id)));
+    if (!current) return {};
+    return txn.del(Db::kIntents, key_u64(intent_id));
+  });
+}
+
+// Compares the two files' bytes over every data range of either. Errors: EIO naming the first
+// offset that differs, those of the reads.
+Status compare_files(LayerFile& src, LayerFile& copy, uint64_t size, LayerId id) {
+  std::vector<uint8_t> a(1 << 20), b(1 << 20);
+  Status status;
+  auto compare = [&](uint64_t offset, uint64_t len) {
+    for (uint64_t done = 0; status.ok() && done < len;) {
+      const uint64_t n = std::min<uint64_t>(a.size(), len - done);
+      status = src.read(a.data(), n, offset + done);
+      if (status.ok()) status = copy.read(b.data(), n, offset + done);
+      if (status.ok() && std::memcmp(a.data(), b.data(), n) != 0)
+        status = make_error(EIO, "layer {}: the copy in {} differs from {} in [{}, {})", id,
+                            copy.path(), src.path(), offset + done, offset + done + n);
+      done += n;
+    }
+  };
+  LAYER_TRY(src.data_extents(0, size, compare));
+  LAYER_TRY(status);
+  LAYER_TRY(copy.data_extents(0, size, compare));
+  return status;
+}
+
+// Checks every 64 KiB group that the layer's `sums` hash in the copy. Errors: EIO naming the
+// offset and both hashes, those of the reads and of the index.
+Status verify_sums(Pool& pool, LayerFile& copy, const LayerRecord& layer) {
+  LAYER_ASSIGN(auto txn, pool.index().begin_read());
+  std::vector<uint8_t> buf(kSumGroupBytes);
+  return txn.scan(
+      Db::kSums, key_u64(layer.id), [&](std::string_view k, std::string_view v) -> Result<bool> {
+        auto key = decode_key_u64_u32(k);
+        if (!key) return make_error(EIO, "layer {}: sums key of {} bytes", layer.id, k.size());
+        LAYER_ASSIGN(auto sums, decode_sums(v));
+        for (size_t i = 0; i < sums.size(); ++i) {
+          if (sums[i] == 0) continue;
+          const uint64_t off = (uint64_t{key->second} * kSumsPerRow + i) * kSumGroupBytes;
+          if (off >= layer.size_bytes) continue;  // fsck reports it
+          const uint64_t len = std::min<uint64_t>(kSumGroupBytes, layer.size_bytes - off);
+          LAYER_TRY(copy.read(buf.data(), len, off));
+          const uint64_t got = group_checksum(buf.data(), len);
+          if (got != sums[i])
+            return make_error(EIO,
+                              "layer {}: the copy in {} at offset {} hashes to {:016x}, "
+                              "its checksum is {:016x}",
+                              layer.id, copy.path(), off, got, sums[i]);
+        }
+        return true;
+      });
+}
+
+// Steps 2 and 3: the copy, synced and verified. Returns the source's data bytes.
+Result<uint64_t> copy_and_verify(Pool& pool, const LayerRecord& layer, Tier to) {
+  LayerStore& src_store = pool.store(layer.tier);
+  LAYER_ASSIGN(auto src_size, src_store.stat(layer.id));
+  if (!src_size) return uint64_t{0};  // no file (no data written): nothing to copy
+  LAYER_ASSIGN(auto src, src_store.open(layer.id, false));
+  uint64_t data_bytes = 0;
+  LAYER_TRY(src->data_extents(0, *src_size, [&](uint64_t, uint64_t len) { data_bytes += len; }));
+  LAYER_TRY(src_store.copy_to(layer.id, pool.store(to)));
+  pool.test_point("move.copied");
+  LAYER_ASSIGN(auto copy, pool.store(to).open(layer.id, false));
+  LAYER_ASSIGN(uint64_t copy_size, copy->size());
+  if (copy_size != *src_size)
+    return make_error(EIO, "layer {}: the copy in {} is {} bytes, the source {}", layer.id,
+                      copy->path(), copy_size, *src_size);
+  if (layer.state == LayerState::kFrozen)
+    LAYER_TRY(verify_sums(pool, *copy, layer));
+  else
+    LAYER_TRY(compare_files(*src, *copy, *src_size, layer.id));
+  pool.test_point("move.verified");
+  return data_bytes;
+}
+
+}  // namespace
+
+Result<Tier> move_file_tier(uint64_t intent_id, const IntentRecord& intent) {
+  auto tier = parse_tier(intent.target);
+  if (!tier)
+    return make_error(EIO, "intent {}: move to \"{}\", not a tier", intent_id, intent.target);
+  return *tier;
+}
+
+Result<bool> recover_move(Pool& pool, uint64_t intent_id, const IntentRecord& intent) {
+  auto lock = pool.locks().try_lock(LockKind::kMove, intent.layer, true,
+                                    fmt::format("the move of layer {}", intent.layer));
+  if (!lock) {
+    if (lock.error().code == EBUSY) return false;  // a mover runs
+    return std::move(lock).error();
+  }
+  LAYER_TRY(recover_locked(pool, intent_id, intent));
+  return true;
+}
+
+Result<MoveResult> move_layer(Pool& pool, LayerId id, Tier to) {
+  LAYER_TRY(pool.check_writable());
+  LAYER_ASSIGN(Lock move_lock, pool.locks().try_lock(LockKind::kMove, id, true,
+                                                     fmt::format("layer {} (being moved)", id)));
+  LAYER_ASSIGN(auto first, read_layer(pool, id));
+  if (!first) return make_error(ENOENT, "layer {} not found in pool {}", id, pool.paths().root);
+  Lock container_lock;
+  if (first->state == LayerState::kWritable) {
+    // A delta changes under its server: only an offline one moves here.
+    LAYER_ASSIGN(auto c, container_of_delta(pool, id));
+    LAYER_ASSIGN(container_lock, pool.locks().try_lock(LockKind::kContainer, c.id, true,
+                                                       fmt::format("container \"{}\"", c.name)));
+  }
+  // Shared: readers go on; merges and drops, which need it exclusively, wait for the move.
+  LAYER_ASSIGN(Lock layer_lock,
+               pool.locks().try_lock(LockKind::kLayer, id, false, fmt::format("layer {}", id)));
+  // Read again under the locks: a merge or a snapshot may have changed it before.
+  LAYER_ASSIGN(auto row, read_layer(pool, id));
+  if (!row) return make_error(ENOENT, "layer {} not found in pool {}", id, pool.paths().root);
+  const LayerRecord layer = *row;
+  MoveResult result{id, layer.tier, to, false, 0, layer.state};
+  if (layer.state != first->state)
+    return make_error(EBUSY, "layer {} changed meanwhile (it was frozen); try again", id);
+  // A move of this layer that a crash interrupted: finish it first (we hold its move lock).
+  LAYER_ASSIGN(auto moves, intents(pool, IntentRecord::Kind::kMove));
+  for (const auto& [intent_id, intent] : moves)
+    if (intent.layer == id) LAYER_TRY(recover_locked(pool, intent_id, intent));
+  if (layer.tier == to) return result;
+  // Any file of this layer in `to` is a leftover: the row names the other tier and no mover
+  // (the move lock) writes there.
+  LAYER_TRY(pool.store(to).remove(id));
+
+  uint64_t intent_id = 0;
+  LAYER_TRY(pool.committer().run([&](WriteTxn& txn) -> Status {
+    LAYER_ASSIGN(intent_id, txn.next_id("intent"));
+    IntentRecord intent{IntentRecord::Kind::kMove, id, to_string(to), now_unix()};
+    return txn.put(Db::kIntents, key_u64(intent_id), encode(intent));
+  }));
+  pool.test_point("move.intent-committed");
+  // Until the switch commits, a failure removes the copy, then the intent (a failure of that
+  // leaves the intent for recover_move).
+  const IntentRecord intent{IntentRecord::Kind::kMove, id, to_string(to), 0};
+  auto fail = [&](Error e) -> Error {
+    (void)recover_locked(pool, intent_id, intent);
+    return e;
+  };
+  auto copied = copy_and_verify(pool, layer, to);
+  if (!copied) return fail(std::move(copied).error());
+  result.data_bytes = *copied;
+
+  auto switched = pool.committer().run([&](WriteTxn& txn) -> Status {
+    LAYER_ASSIGN(auto v, txn.get(Db::kLayers, key_u64(id)));
+    if (!v) return make_error(ENOENT, "layer {} was removed during its move", id);
+    LAYER_ASSIGN(auto rec, decode_layer(*v, id));
+    if (rec.tier != layer.tier)
+      return make_error(EBUSY, "layer {} changed tier during its move", id);
+    LAYER_ASSIGN(auto current, txn.get(Db::kIntents, key_u64(intent_id)));
+    if (!current) return make_error(EIO, "layer {}: its move intent was recovered meanwhile", id);
+    rec.tier = to;
+    return txn.put(Db::kLayers, key_u64(id), encode(rec));
+  });
+  if (!switched) return fail(std::move(switched).error());
+  pool.test_point("move.switched");
+  // Readers holding the old file keep reading it (same content) until they let it go. The
+  // intent stays until the old file is gone, so a crash here leaves no orphan.
+  auto removed = recover_locked(pool, intent_id, intent);
+  if (!removed)
+    return make_error(removed.error().code,
+                      "layer {} moved to {}, but its old file stays: {} (`layer fsck --repair` "
+                      "removes it)",
+                      id, to_string(to), removed.error().message);
+  result.moved = true;
+  return result;
+}
+
+}  // namespace layer

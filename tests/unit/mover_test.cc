@@ -1,0 +1,239 @@
+// Unit tests for lib/mover.h: frozen layers (hashed and unhashed) moved both ways while a disk
+// reads them, an offline delta moved, corrupted and failing copies refused with the layer left
+// readable in its source tier and no file behind, and a crash at each step of a move recovered
+// by the next open — each read checked against the byte-vector model, fsck clean afterwards.
+#include <atomic>
+#include <cstdlib>
+#include <filesystem>
+#include <random>
+#include <thread>
+
+#include "disk_test_util.h"
+#include "fsck.h"
+#include "intents.h"
+#include "mover.h"
+#include "snapshots.h"
+
+using namespace layer;
+using namespace disktest;
+
+namespace {
+
+constexpr uint64_t kImage = 256 * 4096;
+constexpr uint64_t kDisk = kImage + 64 * 4096;
+
+void require_fsck_clean(Pool& pool) {
+  auto r = MUST(fsck(pool, true, false));
+  for (const auto& p : r.problems) UNSCOPED_INFO(p);
+  REQUIRE(r.problems.empty());
+}
+
+LayerRecord layer_row(Pool& pool, LayerId id) {
+  auto txn = MUST(pool.index().begin_read());
+  auto v = MUST(txn.get(Db::kLayers, key_u64(id)));
+  REQUIRE(v);
+  return MUST(decode_layer(*v, id));
+}
+
+// The layer's file is in `tier` and nowhere else, and no move intent is left.
+void require_only_in(Pool& pool, LayerId id, Tier tier) {
+  CHECK(layer_row(pool, id).tier == tier);
+  CHECK(MUST(pool.store(tier).stat(id)).has_value());
+  const Tier other = tier == Tier::kSsd ? Tier::kHdd : Tier::kSsd;
+  CHECK_FALSE(MUST(pool.store(other).stat(id)).has_value());
+  CHECK(MUST(intents(pool, IntentRecord::Kind::kMove)).empty());
+}
+
+// A file whose writes go wrong: one byte flipped (corrupt) or ENOSPC.
+class BadFile : public ForwardingFile {
+ public:
+  BadFile(std::shared_ptr<LayerFile> inner, bool enospc)
+      : ForwardingFile(std::move(inner)), enospc_(enospc) {}
+  Status write(const void* buf, uint64_t len, uint64_t offset) override {
+    if (enospc_) return make_error(ENOSPC, "write {}: no space (injected)", inner_->path());
+    std::vector<uint8_t> copy(static_cast<const uint8_t*>(buf),
+                              static_cast<const uint8_t*>(buf) + len);
+    copy[len / 2] ^= 0x40;
+    return inner_->write(copy.data(), len, offset);
+  }
+
+ private:
+  bool enospc_;
+};
+
+// A tier whose new files (the mover's copies) are BadFiles.
+class BadStore : public ForwardingStore {
+ public:
+  BadStore(const std::string& dir, bool enospc)
+      : ForwardingStore(std::make_unique<LocalStore>(dir)), enospc_(enospc) {}
+  Result<std::shared_ptr<LayerFile>> create(LayerId id, uint64_t size_bytes) override {
+    LAYER_ASSIGN(auto f, ForwardingStore::create(id, size_bytes));
+    return std::shared_ptr<LayerFile>(std::make_shared<BadFile>(f, enospc_));
+  }
+
+ private:
+  bool enospc_;
+};
+
+// Descriptors of this process open on removed layer files.
+int deleted_layer_fds() {
+  int n = 0;
+  for (const auto& e : std::filesystem::directory_iterator("/proc/self/fd")) {
+    std::error_code ec;
+    const auto target = std::filesystem::read_symlink(e.path(), ec).string();
+    if (!ec && target.find(".layer (deleted)") != std::string::npos) n++;
+  }
+  return n;
+}
+
+}  // namespace
+
+TEST_CASE("a frozen layer moves both ways while disks read it", "[mover]") {
+  DiskFixture d(kImage, kDisk);
+  Pool& pool = *d.f.pool;
+  auto disk = d.open();
+  do_write(*disk, d.model, 4096 * 10, pattern(4096 * 5, 3));
+  REQUIRE_OK(disk->flush());
+  const auto info = MUST(pool.inspect("c"));
+  REQUIRE(info.chain.size() == 2);
+  const LayerId base = info.chain[1].id;
+  REQUIRE(info.chain[1].state == LayerState::kFrozen);
+
+  std::atomic<bool> stop{false};
+  std::atomic<uint64_t> reads{0};
+  std::thread reader([&] {
+    std::mt19937_64 rng(test::test_seed("mover-reader"));
+    while (!stop.load()) {
+      const uint64_t off = rng() % (kDisk / 512) * 512;
+      const uint64_t len = std::min<uint64_t>(kDisk - off, (rng() % 64 + 1) * 512);
+      check_read(*disk, d.model, off, len);
+      reads++;
+    }
+  });
+  for (Tier to : {Tier::kHdd, Tier::kSsd, Tier::kHdd}) {
+    auto r = MUST(move_layer(pool, base, to));
+    CHECK(r.moved);
+    // The open disk lets go of the old file once told (its reads go on meanwhile).
+    REQUIRE_OK(disk->reload_moved(base));
+    // A read already in flight holds the old view (and file) until it returns.
+    for (int i = 0; i < 5000 && deleted_layer_fds() > 0; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    CHECK(deleted_layer_fds() == 0);
+    CHECK(r.to == to);
+    CHECK(r.data_bytes > 0);
+    require_only_in(pool, base, to);
+    // A disk opened now on the same image reads the same bytes.
+    MUST(pool.clone("base:1", "c2", kDisk));
+    {
+      auto other = d.open("c2");
+      check_disk(*other, d.initial_model(kDisk));
+    }
+    REQUIRE_OK(pool.remove_container("c2"));
+  }
+  while (reads.load() < 50) std::this_thread::yield();
+  stop = true;
+  reader.join();
+  CHECK_FALSE(MUST(move_layer(pool, base, Tier::kHdd)).moved);  // there already
+  check_disk(*disk, d.model);
+  disk.reset();
+  require_fsck_clean(pool);
+  CHECK(move_layer(pool, 999999, Tier::kSsd).error().code == ENOENT);
+}
+
+TEST_CASE("an unhashed snapshot layer and an offline delta move; a served delta does not",
+          "[mover]") {
+  DiskFixture d(kImage, kDisk);
+  Pool& pool = *d.f.pool;
+  write_flush(d, 4096 * 3 + 7, 9000, 1);
+  MUST(snapshot_container(pool, "c", "s1"));
+  write_flush(d, 4096 * 40, 4096 * 3, 2);
+  auto info = MUST(pool.inspect("c"));
+  REQUIRE(info.chain.size() == 3);
+  const LayerId delta = info.chain[0].id, snap = info.chain[1].id;
+  REQUIRE(info.chain[1].state == LayerState::kFrozenUnhashed);
+  CHECK(MUST(move_layer(pool, snap, Tier::kHdd)).moved);
+  require_only_in(pool, snap, Tier::kHdd);
+  {
+    auto disk = d.open();
+    // The served container's delta is its server's to move.
+    CHECK(move_layer(pool, delta, Tier::kHdd).error().code == EBUSY);
+    check_disk(*disk, d.model);
+  }
+  CHECK(MUST(move_layer(pool, delta, Tier::kHdd)).moved);
+  require_only_in(pool, delta, Tier::kHdd);
+  {
+    auto disk = d.open();
+    check_disk(*disk, d.model);
+    do_write(*disk, d.model, 4096 * 100, pattern(4096 * 2, 5));
+    REQUIRE_OK(disk->flush());
+  }
+  CHECK(MUST(move_layer(pool, delta, Tier::kSsd)).moved);
+  require_only_in(pool, delta, Tier::kSsd);
+  auto disk = d.open();
+  check_disk(*disk, d.model);
+  disk.reset();
+  require_fsck_clean(pool);
+}
+
+TEST_CASE("a corrupted or failing copy is refused; the layer stays in its source tier", "[mover]") {
+  DiskFixture d(kImage, kDisk);
+  Pool& pool = *d.f.pool;
+  write_flush(d, 4096 * 3, 4096 * 4, 1);
+  MUST(snapshot_container(pool, "c", "s1"));
+  const auto info = MUST(pool.inspect("c"));
+  const LayerId snap = info.chain[1].id, base = info.chain[2].id;
+  struct Case {
+    LayerId layer;
+    bool enospc;
+    int code;
+  };
+  for (const Case& c : {Case{base, false, EIO}, Case{snap, false, EIO}, Case{base, true, ENOSPC},
+                        Case{snap, true, ENOSPC}}) {
+    INFO("layer " << c.layer << (c.enospc ? " ENOSPC" : " corrupt"));
+    pool.set_store(Tier::kHdd, std::make_unique<BadStore>(pool.paths().tier_dir[1], c.enospc));
+    auto r = move_layer(pool, c.layer, Tier::kHdd);
+    REQUIRE_FALSE(r);
+    CHECK(r.error().code == c.code);
+    pool.set_store(Tier::kHdd, std::make_unique<LocalStore>(pool.paths().tier_dir[1]));
+    require_only_in(pool, c.layer, Tier::kSsd);
+    auto disk = d.open("c", false);
+    check_disk(*disk, d.model);
+  }
+  require_fsck_clean(pool);
+}
+
+TEST_CASE("a crash at each step of a move leaves the layer in one place once reopened", "[mover]") {
+  for (const char* point :
+       {"move.intent-committed", "move.copied", "move.verified", "move.switched"}) {
+    INFO(point);
+    DiskFixture d(kImage, kDisk);
+    const LayerId base = MUST(d.f.pool->inspect("c")).chain[1].id;
+    d.f.pool.reset();
+    test::Child child([&] {
+      ::setenv("LAYER_FAILPOINT", point, 1);
+      auto pool = Pool::open(d.f.root, Pool::OpenOptions{});
+      if (!pool) return 3;
+      return move_layer(**pool, base, Tier::kHdd) ? 0 : 4;
+    });
+    REQUIRE(child.wait() == 128 + SIGKILL);
+    {
+      // What the crash left, before any recovery: one move intent.
+      auto ro = MUST(Pool::open(d.f.root, Pool::OpenOptions{true}));
+      CHECK(MUST(intents(*ro, IntentRecord::Kind::kMove)).size() == 1);
+      auto r = MUST(fsck(*ro, false, false));
+      CHECK_FALSE(r.problems.empty());
+    }
+    d.f.reopen();  // a writable open finishes the move's recovery
+    Pool& pool = *d.f.pool;
+    const Tier expect = std::string(point) == "move.switched" ? Tier::kHdd : Tier::kSsd;
+    require_only_in(pool, base, expect);
+    auto disk = d.open();
+    check_disk(*disk, d.model);
+    disk.reset();
+    require_fsck_clean(pool);
+    // And it moves again.
+    const Tier back = expect == Tier::kSsd ? Tier::kHdd : Tier::kSsd;
+    CHECK(MUST(move_layer(pool, base, back)).moved);
+    require_only_in(pool, base, back);
+  }
+}
