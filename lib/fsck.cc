@@ -454,12 +454,12 @@ Status run_repairs(FsckState& st) {
   // or the orphan cleanup: it is reported and stays for a later run.
   for (const auto& p : st.to_finish) {
     auto done = p.info.recovery->recover(st.pool, p.id, p.intent);
-    if (done)
-      st.report.repaired.push_back(
-          fmt::format("unfinished {} (intent {}): finished", p.info.name, p.id));
-    else
+    if (!done)
       st.problem(fmt::format("unfinished {} (intent {}) could not be finished: {}", p.info.name,
                              p.id, done.error().message));
+    else if (*done)  // false: left alone (a mover took it up again, or another process did it)
+      st.report.repaired.push_back(
+          fmt::format("unfinished {} (intent {}): finished", p.info.name, p.id));
   }
   // Confirmed once more just before: a file made before the first confirmation has its row
   // or intent committed by then, so what is still an orphan stays one.

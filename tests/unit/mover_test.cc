@@ -237,3 +237,36 @@ TEST_CASE("a crash at each step of a move leaves the layer in one place once reo
     require_only_in(pool, base, back);
   }
 }
+
+TEST_CASE("fsck --repair reports only the move recoveries it did", "[mover]") {
+  DiskFixture d(kImage, kDisk);
+  Pool& pool = *d.f.pool;
+  const LayerId base = MUST(pool.inspect("c")).chain[1].id;
+  // What a move killed after its intent leaves: the intent, no copy yet.
+  MUST(pool.committer().run([&](WriteTxn& txn) -> Status {
+    LAYER_ASSIGN(uint64_t id, txn.next_id("intent"));
+    IntentRecord intent{IntentRecord::Kind::kMove, base, "hdd", now_unix()};
+    return txn.put(Db::kIntents, key_u64(id), encode(intent));
+  }));
+  // A mover takes the layer up again between fsck's scan and its repairs: fsck leaves the
+  // intent to it and does not say it finished it.
+  Lock mover;
+  pool.set_test_hook([&](std::string_view point) {
+    if (point == "fsck.scanned")
+      mover = MUST(pool.locks().try_lock(LockKind::kMove, base, true, "test mover"));
+  });
+  auto r = MUST(fsck(pool, false, true));
+  pool.set_test_hook(nullptr);
+  for (const auto& line : r.repaired) INFO(line);
+  CHECK(r.repaired.empty());
+  CHECK(r.problems.empty());
+  CHECK(MUST(intents(pool, IntentRecord::Kind::kMove)).size() == 1);
+  // Once it lets go, the next repair finishes it and says so.
+  mover.release();
+  r = MUST(fsck(pool, false, true));
+  REQUIRE(r.repaired.size() == 1);
+  CHECK(r.repaired[0].find("finished") != std::string::npos);
+  CHECK(MUST(intents(pool, IntentRecord::Kind::kMove)).empty());
+  require_only_in(pool, base, Tier::kSsd);
+  require_fsck_clean(pool);
+}
