@@ -47,6 +47,54 @@ constexpr auto kQuiesceQuickFlush = std::chrono::milliseconds(5);
 
 // ---- open ----
 
+namespace {
+
+// Shared locks ("I read this") on each layer of chain, in order. Errors: EBUSY (one held
+// exclusively: a merge or a build at work), EIO.
+Result<std::vector<Lock>> lock_layers_shared(Pool& pool, const std::vector<LayerRecord>& chain) {
+  std::vector<Lock> locks;
+  for (const auto& layer : chain) {
+    LAYER_ASSIGN(Lock l, pool.locks().try_lock(LockKind::kLayer, layer.id, false,
+                                               fmt::format("layer {}", layer.id)));
+    locks.push_back(std::move(l));
+  }
+  return locks;
+}
+
+struct LockedChain {
+  ContainerRecord container;
+  SnapshotRecord snapshot;
+  std::vector<LayerRecord> chain;  // the snapshot's layer first
+  std::vector<Lock> locks;         // shared, parallel to chain
+};
+
+// A snapshot's chain as read, then locked shared, then read again: the locks come before the
+// rows we trust, so a `snapshot rm` (which drops a layer only under its exclusive lock) or a
+// merge (exclusive locks on both layers) cannot take a layer away while the holder reads it.
+// Errors: ENOENT (container or snapshot), EBUSY (a layer locked exclusively, or the chain
+// changed between the two reads), EIO.
+Result<LockedChain> locked_snapshot_chain(Pool& pool, const std::string& container,
+                                          const std::string& snap) {
+  LockedChain out;
+  auto read = [&]() -> Result<std::vector<LayerRecord>> {
+    LAYER_ASSIGN(auto txn, pool.index().begin_read());
+    LAYER_ASSIGN(out.container, pool.get_container(txn, container));
+    LAYER_ASSIGN(out.snapshot, get_snapshot(txn, out.container, snap));
+    return chain_of(txn, out.snapshot.layer);
+  };
+  LAYER_ASSIGN(out.chain, read());
+  LAYER_ASSIGN(out.locks, lock_layers_shared(pool, out.chain));
+  LAYER_ASSIGN(auto again, read());
+  if (!std::equal(out.chain.begin(), out.chain.end(), again.begin(), again.end(),
+                  [](const LayerRecord& a, const LayerRecord& b) { return a.id == b.id; }))
+    return make_error(EBUSY, "snapshot \"{}\" of container \"{}\" changed meanwhile", snap,
+                      container);
+  out.chain = std::move(again);
+  return out;
+}
+
+}  // namespace
+
 Result<ExportName> parse_export_name(std::string_view name) {
   ExportName out;
   const auto at = name.find('@');
@@ -71,11 +119,7 @@ Result<std::shared_ptr<Disk>> Disk::open(Pool& pool, const std::string& name, bo
     LAYER_ASSIGN(auto disk, open_snapshot(pool, name, parsed.container, parsed.snapshot));
     if (!parsed.since.empty()) {
       LAYER_ASSIGN(auto txn, pool.index().begin_read());
-      LAYER_ASSIGN(auto c, pool.get_container(txn, parsed.container));
-      LAYER_ASSIGN(auto since, txn.get(Db::kSnapshots, snapshot_key(c.id, parsed.since)));
-      if (!since)
-        return make_error(ENOENT, "snapshot \"{}\" of container \"{}\" not found", parsed.since,
-                          parsed.container);
+      LAYER_TRY(get_snapshot(txn, disk->container_, parsed.since));  // A exists
       disk->diff_since_ = parsed.container + "@" + parsed.since;
       disk->diff_of_ = parsed.container + "@" + parsed.snapshot;
     }
@@ -109,54 +153,10 @@ Result<std::shared_ptr<Disk>> Disk::open(Pool& pool, const std::string& name, bo
   LAYER_ASSIGN(disk->delta_lock_,
                pool.locks().try_lock(LockKind::kLayer, disk->delta_layer_.id, writable,
                                      fmt::format("layer {}", disk->delta_layer_.id)));
-  LAYER_TRY(disk->lock_chain());
+  LAYER_ASSIGN(disk->layer_locks_, lock_layers_shared(pool, disk->chain_));
   LAYER_TRY(disk->take_sizes());
   return disk;
 }
-
-namespace {
-
-struct LockedChain {
-  ContainerRecord container;
-  SnapshotRecord snapshot;
-  std::vector<LayerRecord> chain;  // the snapshot's layer first
-  std::vector<Lock> locks;         // shared, parallel to chain
-};
-
-// A snapshot's chain as read, then locked shared, then read again: the locks come before the
-// rows we trust, so a `snapshot rm` (which drops a layer only under its exclusive lock) or a
-// merge (exclusive locks on both layers) cannot take a layer away while the holder reads it.
-// Errors: ENOENT (container or snapshot), EBUSY (a layer locked exclusively, or the chain
-// changed between the two reads), EIO.
-Result<LockedChain> locked_snapshot_chain(Pool& pool, const std::string& container,
-                                          const std::string& snap) {
-  LockedChain out;
-  auto read = [&]() -> Result<std::vector<LayerRecord>> {
-    LAYER_ASSIGN(auto txn, pool.index().begin_read());
-    LAYER_ASSIGN(out.container, pool.get_container(txn, container));
-    const std::string key = snapshot_key(out.container.id, snap);
-    LAYER_ASSIGN(auto row, txn.get(Db::kSnapshots, key));
-    if (!row)
-      return make_error(ENOENT, "snapshot \"{}\" of container \"{}\" not found", snap, container);
-    LAYER_ASSIGN(out.snapshot, decode_snapshot(*row, key));
-    return chain_of(txn, out.snapshot.layer);
-  };
-  LAYER_ASSIGN(out.chain, read());
-  for (const auto& layer : out.chain) {
-    LAYER_ASSIGN(Lock l, pool.locks().try_lock(LockKind::kLayer, layer.id, false,
-                                               fmt::format("layer {}", layer.id)));
-    out.locks.push_back(std::move(l));
-  }
-  LAYER_ASSIGN(auto again, read());
-  if (!std::equal(out.chain.begin(), out.chain.end(), again.begin(), again.end(),
-                  [](const LayerRecord& a, const LayerRecord& b) { return a.id == b.id; }))
-    return make_error(EBUSY, "snapshot \"{}\" of container \"{}\" changed meanwhile", snap,
-                      container);
-  out.chain = std::move(again);
-  return out;
-}
-
-}  // namespace
 
 Result<std::shared_ptr<Disk>> Disk::open_snapshot(Pool& pool, const std::string& name,
                                                   const std::string& container,
@@ -189,15 +189,6 @@ Status Disk::take_sizes() {
   block_size_ = container_.block_size;
   LAYER_TRY(validate_records());
   size_blocks_ = (size_bytes_ + block_size_ - 1) / block_size_;
-  return {};
-}
-
-Status Disk::lock_chain() {
-  for (const auto& layer : chain_) {
-    LAYER_ASSIGN(Lock l, pool_.locks().try_lock(LockKind::kLayer, layer.id, false,
-                                                fmt::format("layer {}", layer.id)));
-    layer_locks_.push_back(std::move(l));
-  }
   return {};
 }
 

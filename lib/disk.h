@@ -227,7 +227,6 @@ class Disk {
   static Result<std::shared_ptr<Disk>> open_snapshot(Pool& pool, const std::string& name,
                                                      const std::string& container,
                                                      const std::string& snap);
-  Status lock_chain();
   // The disk's size and block size from its container row, checked (validate_records).
   Status take_sizes();
   // A new delta's id, intent and file (on ssd), made before a live snapshot, commit or

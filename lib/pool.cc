@@ -29,6 +29,7 @@
 #include "intents.h"
 #include "layers.h"
 #include "names.h"
+#include "snapshots.h"
 
 namespace layer {
 namespace {
@@ -402,11 +403,7 @@ Result<ContainerInfo> Pool::clone(const std::string& source, const std::string& 
     std::string image_ref = source;
     if (snap) {
       LAYER_ASSIGN(auto from, get_container(txn, snap->first));
-      LAYER_ASSIGN(auto sv, txn.get(Db::kSnapshots, snapshot_key(from.id, snap->second)));
-      if (!sv)
-        return make_error(ENOENT, "snapshot \"{}\" of container \"{}\" not found", snap->second,
-                          snap->first);
-      LAYER_ASSIGN(auto s, decode_snapshot(*sv, snapshot_key(from.id, snap->second)));
+      LAYER_ASSIGN(auto s, get_snapshot(txn, from, snap->second));
       base_id = s.layer;
       base_size = from.size_bytes;
       block_size = from.block_size;

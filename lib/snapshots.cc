@@ -27,13 +27,14 @@
 #include "names.h"
 
 namespace layer {
-namespace {
 
 Result<SnapshotRecord> get_snapshot(ReadTxn& txn, const ContainerRecord& c, std::string_view name) {
   LAYER_ASSIGN(auto v, txn.get(Db::kSnapshots, snapshot_key(c.id, name)));
   if (!v) return make_error(ENOENT, "snapshot \"{}\" of container \"{}\" not found", name, c.name);
   return decode_snapshot(*v, snapshot_key(c.id, name));
 }
+
+namespace {
 
 Status put_layer(WriteTxn& txn, const LayerRecord& layer) {
   return txn.put(Db::kLayers, key_u64(layer.id), encode(layer));

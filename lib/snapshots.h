@@ -43,6 +43,9 @@ struct ContainerState {
   std::vector<LayerRecord> chain;
 };
 
+// Snapshot `name` of container c. Errors: ENOENT `snapshot "S" of container "C" not found`, EIO.
+Result<SnapshotRecord> get_snapshot(ReadTxn& txn, const ContainerRecord& c, std::string_view name);
+
 // Freezes the container's delta as snapshot `snap` and starts a new empty delta on it.
 // expected_delta (if not 0) must still be the container's delta (EBUSY otherwise). The new
 // delta is `premade` when given (a live change: its file made before the write gate closed;
