@@ -261,10 +261,11 @@ Status LocalStore::copy_to(LayerId id, LayerStore& dst) {
           done += static_cast<uint64_t>(n);
           continue;
         }
-        // 0 before the extent's end: the kernel would not copy it here; read/write will.
-        const int err = n == 0 ? ENOSYS : errno;
+        // A refusal (another filesystem, a filesystem or kernel without it), or 0 before the
+        // extent's end: read/write copies the rest. Any other error is the copy's.
+        const int err = n < 0 ? errno : 0;
         if (err == EINTR) continue;
-        if (err != EXDEV && err != EINVAL && err != EOPNOTSUPP && err != ENOSYS) {
+        if (err != 0 && err != EXDEV && err != EINVAL && err != EOPNOTSUPP && err != ENOSYS) {
           status = sys_error(err, fmt::format("copy {} to {}", src->path(), out->path()));
           return;
         }
