@@ -718,18 +718,18 @@ int cmd_gc(const Globals& g, bool hash) {
                                    info.container.name, pid, status.error().message));
       continue;
     }
-    for (const auto& pair : reply->value("merged", nlohmann::json::array()))
-      r.done.push_back(fmt::format(
-          "layer {}: merged with its child into layer {} by the server "
-          "of container \"{}\" (pid {})",
-          pair.at(0).get<LayerId>(), pair.at(1).get<LayerId>(), info.container.name, pid));
+    for (const auto& pair : reply->value("merged", nlohmann::json::array())) {
+      const auto from = pair.at(0).get<LayerId>();
+      r.done.push_back(
+          fmt::format("layer {}: merged with its child into layer {} by the server "
+                      "of container \"{}\" (pid {})",
+                      from, pair.at(1).get<LayerId>(), info.container.name, pid));
+      // No longer kept: gc's line for it ("layer N: kept (...)") goes.
+      std::erase_if(r.kept, [&](const std::string& line) {
+        return line.starts_with(fmt::format("layer {}:", from));
+      });
+    }
   }
-  // What a server merged is no longer kept.
-  std::erase_if(r.kept, [&](const std::string& line) {
-    for (const auto& d : r.done)
-      if (line.starts_with(d.substr(0, d.find(':') + 1))) return true;
-    return false;
-  });
   // Then checksums for the frozen layers no server reads (a server's hasher does its own), after
   // the merges, whose new layers need them too.
   layer::HashPendingReport hashed;
