@@ -18,8 +18,9 @@
 //   (through the Committer, group-committed with other disks); (4) wake the flushes that joined
 //   before (1). A failed transaction puts the chunks back; a failed fdatasync breaks the disk
 //   (Linux may have dropped the dirty pages, so a retry could lie).
-// - Not done here (later issues): snapshots' write gate, heat counters, checksum verification
-//   of frozen reads (verify=on).
+// - Heat (heat.h): each run read from a layer adds an op and its bytes to that layer's counter;
+//   each write and punch of the delta one to the delta's. Relaxed atomics, nothing else.
+// - Not done here (later issues): checksum verification of frozen reads (verify=on).
 #include "disk.h"
 
 #include <algorithm>
@@ -269,9 +270,11 @@ Result<std::shared_ptr<Disk::View>> Disk::load_view(const View* previous) {
     if (!f && f.error().code != ENOENT) return std::move(f).error();
     if (f) LAYER_TRY(check_file_size(**f, layer));
     v->chain_files.push_back(f ? *f : nullptr);  // missing: an error only if a read needs it
+    v->chain_heat.push_back(pool_.heat().counter(layer.id));
   }
   v->delta = std::make_unique<DeltaMap>(size_blocks_);
   if (snapshot_) return v;  // no delta: the map stays all absent, no file
+  v->delta_heat = pool_.heat().counter(v->delta_layer.id);
   const LayerId delta_id = v->delta_layer.id;
   const uint64_t nchunks = (size_blocks_ + kBlocksPerChunk - 1) / kBlocksPerChunk;
   bool delta_has_data = false;
@@ -430,6 +433,9 @@ Status Disk::read_range(const View& v, uint8_t* buf, uint64_t len, uint64_t offs
       return make_error(EIO, "layer {}: file {} is missing but holds block {}", l.id,
                         pool_.layer_path(l), from / block_size_);
     }
+    HeatCounter* heat =
+        source == kFromDelta ? v.delta_heat.get() : v.chain_heat[static_cast<size_t>(source)].get();
+    if (heat) heat->add_read(to - from);
     return file->read(dst, to - from, from);
   });
 }
@@ -484,6 +490,7 @@ Status Disk::write_range(View& v, const uint8_t* buf, uint64_t len, uint64_t off
                         v.delta_layer.id, pool_.layer_path(v.delta_layer));
     LAYER_TRY(f->write(buf, len, offset));
     v.write_seq.fetch_add(1, std::memory_order_release);
+    if (v.delta_heat) v.delta_heat->add_write(len);
     return {};
   }
 
@@ -521,6 +528,7 @@ Status Disk::write_range(View& v, const uint8_t* buf, uint64_t len, uint64_t off
   if (direct_from < direct_to)
     LAYER_TRY(file->write(buf + (direct_from - offset), direct_to - direct_from, direct_from));
   v.write_seq.fetch_add(1, std::memory_order_release);
+  if (v.delta_heat) v.delta_heat->add_write(len);
   // Marked only now that every write above returned.
   v.delta->set_range(first, count, BlockState::kData);
   return {};
@@ -573,6 +581,7 @@ Status Disk::zero_whole_blocks(View& v, uint64_t first, uint64_t count) {
     const uint64_t to = std::min(size_bytes_, (first + count) * block_size_);
     LAYER_TRY(f->punch(from, to - from));
     v.write_seq.fetch_add(1, std::memory_order_release);
+    if (v.delta_heat) v.delta_heat->add_write(0);  // an op, no data
   }
   // Mark after the punch returned. Blocks whose content is something (the delta's data, or a
   // lower layer's) get a tombstone; blocks that already read as zeroes (a tombstone, or absent

@@ -27,6 +27,7 @@
 #include "chain.h"
 #include "delta_map.h"
 #include "error.h"
+#include "heat.h"
 #include "layer_build.h"
 #include "layer_file.h"
 #include "locks.h"
@@ -183,6 +184,9 @@ class Disk {
     std::vector<LayerRecord> chain;  // frozen layers below the delta, top first
     std::shared_ptr<const ChainMap> chain_map;
     std::vector<std::shared_ptr<LayerFile>> chain_files;  // parallel to chain; null: no file
+    // Heat counters (heat.h), parallel to chain, and the delta's (null for a snapshot disk).
+    std::vector<std::shared_ptr<HeatCounter>> chain_heat;
+    std::shared_ptr<HeatCounter> delta_heat;
     LayerRecord delta_layer;
     std::unique_ptr<DeltaMap> delta;
     // The delta's file, created on the first write: set once under file_mu, read lock-free

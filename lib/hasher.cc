@@ -126,26 +126,6 @@ class Pacer {
 
 }  // namespace
 
-void StopSignal::request_stop() {
-  std::lock_guard<std::mutex> lk(mu_);
-  stop_ = true;
-  cv_.notify_all();
-}
-
-void StopSignal::wake() const {
-  // Under the mutex: a waiter checks its condition under it, so it is either before the check
-  // (and sees the change) or waiting (and is woken).
-  std::lock_guard<std::mutex> lk(mu_);
-  cv_.notify_all();
-}
-
-bool StopSignal::wait_until(std::chrono::steady_clock::time_point deadline,
-                            const std::function<bool()>& until) const {
-  std::unique_lock<std::mutex> lk(mu_);
-  cv_.wait_until(lk, deadline, [&] { return stop_.load() || (until && until()); });
-  return !stop_.load();
-}
-
 Result<HashResult> hash_layer(Pool& pool, LayerId id, const HashOptions& options) {
   if (pool.read_only()) return make_error(EACCES, "pool {} is open read-only", pool.paths().root);
   const size_t rows_per_txn = std::clamp<size_t>(options.rows_per_txn, 1, kMaxRowsPerTxn);

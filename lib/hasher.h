@@ -38,6 +38,7 @@
 #include "error.h"
 #include "pool.h"
 #include "records.h"
+#include "stop_signal.h"
 
 namespace layer {
 
@@ -46,26 +47,6 @@ namespace layer {
 constexpr size_t kHashRowsPerTxn = 256;
 // The server's default rate (plugin parameter hash-rate).
 constexpr uint64_t kDefaultHashRateBytes = 64ULL << 20;
-
-// A stop request that sleepers notice at once: request_stop() wakes every wait_until. (Not
-// std::stop_token: g++ 12 reports a false use-after-free inside it when built with TSan.)
-// Thread-safety: safe for concurrent use.
-class StopSignal {
- public:
-  void request_stop();
-  bool stop_requested() const { return stop_.load(); }
-  // Wakes the waits so that they check their condition again.
-  void wake() const;
-  // Waits until `deadline`, a stop request, or `until()` (checked at the start and after each
-  // wake()) returns true. Returns !stop_requested().
-  bool wait_until(std::chrono::steady_clock::time_point deadline,
-                  const std::function<bool()>& until = nullptr) const;
-
- private:
-  mutable std::mutex mu_;
-  mutable std::condition_variable cv_;
-  std::atomic<bool> stop_{false};
-};
 
 struct HashOptions {
   // Bytes read per second at most; 0: unlimited.

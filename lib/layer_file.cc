@@ -16,6 +16,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -215,6 +216,26 @@ Result<std::optional<uint64_t>> LocalStore::stat(LayerId id) {
     return sys_error(err, "stat {}", path);
   }
   return std::optional<uint64_t>(static_cast<uint64_t>(st.st_size));
+}
+
+Result<std::optional<uint64_t>> LocalStore::allocated(LayerId id) {
+  const std::string path = describe(id);
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0) {
+    const int err = errno;
+    if (err == ENOENT) return std::optional<uint64_t>();
+    return sys_error(err, "stat {}", path);
+  }
+  return std::optional<uint64_t>(static_cast<uint64_t>(st.st_blocks) * 512);
+}
+
+Result<LayerStore::Space> LocalStore::space() {
+  struct statvfs st;
+  if (::statvfs(dir_.c_str(), &st) != 0) return sys_error(errno, "statvfs {}", dir_);
+  Space s;
+  s.total = static_cast<uint64_t>(st.f_blocks) * st.f_frsize;
+  s.used = static_cast<uint64_t>(st.f_blocks - st.f_bfree) * st.f_frsize;
+  return s;
 }
 
 Result<std::vector<LayerStore::Entry>> LocalStore::list() {

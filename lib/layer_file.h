@@ -102,6 +102,15 @@ class LayerStore {
   virtual Status remove(LayerId id) = 0;
   // The size of the layer's file; std::nullopt when it has none. Errors: EIO, EACCES.
   virtual Result<std::optional<uint64_t>> stat(LayerId id) = 0;
+  // The bytes the layer's file takes in the store (allocated blocks: a sparse file takes less
+  // than its size); std::nullopt when it has none. Errors: EIO, EACCES.
+  virtual Result<std::optional<uint64_t>> allocated(LayerId id) = 0;
+  struct Space {
+    uint64_t total = 0;  // bytes the store can hold in all
+    uint64_t used = 0;   // bytes in use (by anything)
+  };
+  // How full what holds the store is (a directory: its filesystem). Errors: EIO, EACCES.
+  virtual Result<Space> space() = 0;
   struct Entry {
     LayerId id = 0;
     bool unfinished = false;  // the leftover of a create that did not finish
@@ -128,6 +137,8 @@ class LocalStore : public LayerStore {
   Result<std::shared_ptr<LayerFile>> create(LayerId id, uint64_t size_bytes) override;
   Status remove(LayerId id) override;
   Result<std::optional<uint64_t>> stat(LayerId id) override;
+  Result<std::optional<uint64_t>> allocated(LayerId id) override;
+  Result<Space> space() override;
   Result<std::vector<Entry>> list() override;
   Status copy_to(LayerId id, LayerStore& dst) override;
   Status check_can_hold(uint64_t size_bytes) override;
@@ -155,6 +166,8 @@ class ForwardingStore : public LayerStore {
   }
   Status remove(LayerId id) override { return inner_->remove(id); }
   Result<std::optional<uint64_t>> stat(LayerId id) override { return inner_->stat(id); }
+  Result<std::optional<uint64_t>> allocated(LayerId id) override { return inner_->allocated(id); }
+  Result<Space> space() override { return inner_->space(); }
   Result<std::vector<Entry>> list() override { return inner_->list(); }
   Status copy_to(LayerId id, LayerStore& dst) override { return inner_->copy_to(id, dst); }
   Status check_can_hold(uint64_t size_bytes) override { return inner_->check_can_hold(size_bytes); }

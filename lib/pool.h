@@ -29,6 +29,7 @@
 
 #include "chain.h"
 #include "error.h"
+#include "heat.h"
 #include "index.h"
 #include "layer_file.h"
 #include "locks.h"
@@ -92,6 +93,8 @@ class Pool {
   LayerStore& store(Tier tier) { return *stores_[static_cast<int>(tier)]; }
   LockTable& locks() { return *locks_; }
   ChainCache& chains() { return chains_; }
+  // The heat counters of the layers this process reads and writes (heat.h).
+  HeatTable& heat() { return heat_; }
   bool read_only() const { return read_only_; }
   // Errors: EACCES `pool P is open read-only` when it is.
   Status check_writable() const;
@@ -165,6 +168,7 @@ class Pool {
   std::map<std::pair<int, LayerId>, std::weak_ptr<LayerFile>>
       frozen_files_;  // GUARDED_BY(frozen_mu_)
   ChainCache chains_;
+  HeatTable heat_;
   TestHook test_hook_;
   std::string failpoint_;  // LAYER_FAILPOINT at open
 };

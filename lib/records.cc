@@ -5,6 +5,8 @@
 // Decoding reads untrusted bytes: every read is bounds-checked and trailing bytes are an error.
 #include "records.h"
 
+#include <bit>
+#include <cmath>
 #include <cstring>
 
 namespace layer {
@@ -22,6 +24,8 @@ class Encoder {
   void u64(uint64_t v) {
     for (int i = 7; i >= 0; --i) out_.push_back(static_cast<char>(v >> (i * 8)));
   }
+  // A double as the big-endian bits of its IEEE 754 binary64.
+  void f64(double v) { u64(std::bit_cast<uint64_t>(v)); }
   void str(std::string_view s) {
     u32(static_cast<uint32_t>(s.size()));
     out_.append(s);
@@ -62,6 +66,13 @@ class Decoder {
     for (int i = 0; i < 8; ++i) r = r << 8 | static_cast<uint8_t>(in_[pos_++]);
     *v = r;
     return true;
+  }
+  bool f64(double* v) {
+    uint64_t bits = 0;
+    if (!u64(&bits)) return false;
+    *v = std::bit_cast<double>(bits);
+    if (!std::isfinite(*v)) bad_ = "a number that is not finite";
+    return std::isfinite(*v);
   }
   bool str(std::string* s) {
     uint32_t n = 0;
@@ -219,6 +230,58 @@ std::string snapshot_key(uint64_t container_id, std::string_view name) {
   for (int i = 0; i < 8; ++i) key[i] = static_cast<char>(container_id >> (56 - 8 * i));
   key.append(name);
   return key;
+}
+
+std::string encode(const HeatRecord& r) {
+  Encoder e;
+  e.u64(r.read_ops);
+  e.u64(r.read_bytes);
+  e.u64(r.write_ops);
+  e.u64(r.write_bytes);
+  e.u64(r.last_access_unix);
+  e.f64(r.read_rate);
+  e.f64(r.write_rate);
+  e.f64(r.read_bps);
+  e.f64(r.write_bps);
+  e.u64(r.rate_unix);
+  e.u64(r.moved_unix);
+  return e.take();
+}
+
+Result<HeatRecord> decode_heat(std::string_view bytes, uint64_t id) {
+  Decoder d(bytes, fmt::format("heat {}", id));
+  HeatRecord r;
+  const bool ok = d.version() && d.u64(&r.read_ops) && d.u64(&r.read_bytes) &&
+                  d.u64(&r.write_ops) && d.u64(&r.write_bytes) && d.u64(&r.last_access_unix) &&
+                  d.f64(&r.read_rate) && d.f64(&r.write_rate) && d.f64(&r.read_bps) &&
+                  d.f64(&r.write_bps) && d.u64(&r.rate_unix) && d.u64(&r.moved_unix);
+  LAYER_TRY(d.finish(ok));
+  return r;
+}
+
+std::string encode(const TierPolicy& p) {
+  Encoder e;
+  e.u64(p.cold_after_s);
+  e.f64(p.cold_rate);
+  e.f64(p.hot_rate);
+  e.u64(p.half_life_s);
+  e.u8(static_cast<uint8_t>(p.high_water));
+  e.u64(p.high_water_value);
+  return e.take();
+}
+
+Result<TierPolicy> decode_tier_policy(std::string_view bytes) {
+  Decoder d(bytes, "meta tier.policy");
+  TierPolicy p;
+  uint8_t hw = 0;
+  const bool ok = d.version() && d.u64(&p.cold_after_s) && d.f64(&p.cold_rate) &&
+                  d.f64(&p.hot_rate) && d.u64(&p.half_life_s) && d.u8(&hw) &&
+                  d.u64(&p.high_water_value);
+  LAYER_TRY(d.finish(ok));
+  if (hw > static_cast<uint8_t>(TierPolicy::HighWater::kPercent))
+    return make_error(EIO, "meta tier.policy: corrupt record (high-water kind {})", hw);
+  p.high_water = static_cast<TierPolicy::HighWater>(hw);
+  return p;
 }
 
 std::string encode(const IntentRecord& r) {

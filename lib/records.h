@@ -111,6 +111,38 @@ struct IntentRecord {
 std::string encode(const IntentRecord& r);
 Result<IntentRecord> decode_intent(std::string_view bytes, uint64_t id);
 
+// `heat` db, key key_u64(layer id): how much the layer is read and written (heat.h). Totals
+// since counting began; rates in ops/s and bytes/s, exponentially decayed (half-life: the tier
+// policy's) as of rate_unix.
+struct HeatRecord {
+  uint64_t read_ops = 0;
+  uint64_t read_bytes = 0;
+  uint64_t write_ops = 0;
+  uint64_t write_bytes = 0;
+  uint64_t last_access_unix = 0;  // 0: never counted
+  double read_rate = 0;           // ops/s
+  double write_rate = 0;          // ops/s
+  double read_bps = 0;            // bytes/s
+  double write_bps = 0;           // bytes/s
+  uint64_t rate_unix = 0;         // when the rates were last decayed
+  uint64_t moved_unix = 0;        // the layer's last tier move; 0: never moved
+};
+std::string encode(const HeatRecord& r);
+Result<HeatRecord> decode_heat(std::string_view bytes, uint64_t id);
+
+// `meta` key "tier.policy": the tiering policy (tier.h). Absent: the defaults.
+struct TierPolicy {
+  enum class HighWater : uint8_t { kNone = 0, kBytes = 1, kPercent = 2 };
+  uint64_t cold_after_s = 600;  // demote only after this long without an access or a move
+  double cold_rate = 0.05;      // ... and with read+write ops/s at or below this
+  double hot_rate = 1.0;        // promote at read+write ops/s at or above this (> cold_rate)
+  uint64_t half_life_s = 300;   // of the heat rates
+  HighWater high_water = HighWater::kNone;
+  uint64_t high_water_value = 0;  // bytes of layer files on ssd, or % of the ssd filesystem
+};
+std::string encode(const TierPolicy& p);
+Result<TierPolicy> decode_tier_policy(std::string_view bytes);
+
 // `sums` db, key key_u64_u32(layer, row): xxh3-64 of groups row*64 .. row*64+63 of 64 KiB.
 // A zero entry means "no data in that group" (nothing to verify).
 constexpr uint32_t kSumGroupBytes = 64 * 1024;

@@ -1,13 +1,14 @@
 // layer_plugin.cc — nbdkit callbacks over lib/:
-// `nbdkit layer pool=DIR [default=NAME] [hasher=on|off] [hash-rate=BYTES_PER_SEC]`.
+// `nbdkit layer pool=DIR [default=NAME] [hasher=on|off] [hash-rate=BYTES_PER_SEC]
+// [heat-interval=DURATION] [tier-interval=DURATION]`.
 //
 // Life cycle (nbdkit forks after config_complete/get_ready unless -f; with --run the server is
 // the child): config parses and makes paths absolute; get_ready only validates the pool
 // (read-only, no lock file writes, nothing left open); after_fork opens the pool (LMDB env,
-// committer thread, lock file) and starts the hasher thread and the control socket; cleanup
-// stops them, flushes every open disk and closes the pool. No global object has a destructor
-// with side effects: the pool, hasher and disk table are heap pointers owned from after_fork
-// to cleanup.
+// committer thread, lock file) and starts the hasher, heat writer and tiering threads and the
+// control socket; cleanup stops them, flushes every open disk and closes the pool. No global object
+// has a destructor with side effects: the pool, hasher and disk table are heap pointers owned from
+// after_fork to cleanup.
 //
 // Every callback catches everything (nothing may unwind into nbdkit) and reports failures
 // with nbdkit_error + nbdkit_set_error, mapping errors to the errnos NBD can carry.
@@ -30,6 +31,7 @@
 #include "names.h"
 #include "pool.h"
 #include "snapshots.h"
+#include "tier.h"
 #include "version.h"
 
 #define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
@@ -42,7 +44,11 @@ bool g_hasher_on = true;                              // hasher=on|off
 uint64_t g_hash_rate = layer::kDefaultHashRateBytes;  // hash-rate=BYTES_PER_SEC (0: unlimited)
 layer::Pool* g_pool = nullptr;
 layer::DiskTable* g_disks = nullptr;
-layer::BackgroundHasher* g_hasher = nullptr;  // null with hasher=off
+layer::BackgroundHasher* g_hasher = nullptr;    // null with hasher=off
+uint64_t g_heat_interval_s = 5;                 // heat-interval= (0: heat is not written)
+uint64_t g_tier_interval_s = 0;                 // tier-interval= (0: no policy passes)
+layer::HeatPersister* g_heat = nullptr;         // null with heat-interval=0
+layer::BackgroundTiering* g_tiering = nullptr;  // null without tier-interval
 layer::ControlServer* g_control = nullptr;
 
 constexpr uint32_t kMaxRequestBytes = 32 << 20;
@@ -132,9 +138,15 @@ int layer_config(const char* key, const char* value) {
       g_hash_rate = static_cast<uint64_t>(rate);
       return 0;
     }
+    if (std::strcmp(key, "heat-interval") == 0 || std::strcmp(key, "tier-interval") == 0) {
+      auto seconds = layer::parse_duration(value);
+      if (!seconds) return fail(seconds.error());
+      (key[0] == 'h' ? g_heat_interval_s : g_tier_interval_s) = *seconds;
+      return 0;
+    }
     nbdkit_error(
-        "unknown parameter '%s' (expected pool=DIR, default=NAME, hasher=on|off or "
-        "hash-rate=BYTES_PER_SEC)",
+        "unknown parameter '%s' (expected pool=DIR, default=NAME, hasher=on|off, "
+        "hash-rate=BYTES_PER_SEC, heat-interval=DURATION or tier-interval=DURATION)",
         key);
     return -1;
   });
@@ -255,6 +267,14 @@ nlohmann::json handle_control(const nlohmann::json& request) {
               {"generation", state->container.generation}};
 }
 
+// This server as the tiering code sees it: its disks reload a moved frozen layer.
+layer::LocalServer local_server() {
+  layer::LocalServer local;
+  local.pid = ::getpid();
+  local.reload_moved = [](layer::LayerId id) { return g_disks->reload_moved(id); };
+  return local;
+}
+
 int layer_after_fork() {
   return guarded("after_fork", [] {
     auto pool = layer::Pool::open(g_pool_path, layer::Pool::OpenOptions{});
@@ -285,13 +305,37 @@ int layer_after_fork() {
         });
     if (!control) return fail(control.error());
     g_control = control->release();
+    if (g_heat_interval_s != 0) {
+      layer::HeatPersister::Options options;
+      options.interval = std::chrono::seconds(g_heat_interval_s);
+      options.log_error = [](const std::string& line) { nbdkit_error("%s", line.c_str()); };
+      auto heat = layer::HeatPersister::start(*g_pool, std::move(options));
+      if (!heat) return fail(heat.error());
+      g_heat = heat->release();
+    }
+    if (g_tier_interval_s != 0) {
+      layer::BackgroundTiering::Options options;
+      options.interval = std::chrono::seconds(g_tier_interval_s);
+      options.local = local_server();
+      options.log = [](bool error, const std::string& line) {
+        if (error)
+          nbdkit_error("%s", line.c_str());
+        else
+          nbdkit_debug("%s", line.c_str());
+      };
+      auto tiering = layer::BackgroundTiering::start(*g_pool, std::move(options));
+      if (!tiering) return fail(tiering.error());
+      g_tiering = tiering->release();
+    }
     return 0;
   });
 }
 
 void layer_cleanup() {
   guarded("cleanup", [] {
-    // First: no live change may start on a disk that is going away.
+    // First: no move or live change may start on a disk that is going away.
+    delete g_tiering;  // a move in progress finishes first
+    g_tiering = nullptr;
     delete g_control;
     g_control = nullptr;
     delete g_hasher;  // stops a hash between two reads, and joins
@@ -300,6 +344,8 @@ void layer_cleanup() {
       auto s = g_disks->flush_all();
       if (!s) nbdkit_error("flush at shutdown: %s", s.error().message.c_str());
     }
+    delete g_heat;  // writes the last counts
+    g_heat = nullptr;
     delete g_disks;
     g_disks = nullptr;
     delete g_pool;

@@ -41,6 +41,7 @@
 #include "pool.h"
 #include "records.h"
 #include "snapshots.h"
+#include "tier.h"
 #include "version.h"
 
 namespace {
@@ -518,30 +519,26 @@ std::vector<LayerId> layers_to_move(layer::Pool& pool, const std::string& target
   return out;
 }
 
-// Asks every running server (each control socket under run/) to let go of a moved frozen
-// layer's old file. Best effort: a server that does not answer reads the same content from the
-// unlinked file until its disks close. Returns the pids that reloaded.
-std::vector<pid_t> tell_servers_moved(layer::Pool& pool, LayerId id) {
-  std::vector<pid_t> reloaded;
-  std::error_code ec;
-  for (const auto& entry : std::filesystem::directory_iterator(pool.paths().run_dir, ec)) {
-    const std::string name = entry.path().filename().string();
-    if (!name.starts_with("srv-") || !name.ends_with(".sock")) continue;
-    const std::string digits = name.substr(4, name.size() - 9);
-    if (digits.empty() || digits.size() > 9 ||
-        digits.find_first_not_of("0123456789") != std::string::npos)
-      continue;
-    auto reply = layer::control_request(entry.path().string(), {{"op", "moved"}, {"layer", id}},
-                                        std::chrono::seconds(10));
-    if (!reply.ok()) continue;  // a stale socket, or a server going away
-    if (auto s = layer::control_status(*reply); !s.ok()) {
-      std::cerr << fmt::format("layer: note: the server of {} did not reload layer {}: {}\n", name,
-                               id, s.error().message);
-      continue;
-    }
-    reloaded.push_back(static_cast<pid_t>(std::stol(digits)));
-  }
-  return reloaded;
+json move_json(const layer::TierMoveReport& r) {
+  json j{{"layer", r.layer},
+         {"from", layer::to_string(r.from)},
+         {"to", layer::to_string(r.to)},
+         {"moved", r.moved},
+         {"data_bytes", r.data_bytes},
+         {"by", r.by.empty() ? "this command" : r.by},
+         {"reloaded_by", r.reloaded_by}};
+  if (r.pause_ms >= 0) j["pause_ms"] = r.pause_ms;
+  return j;
+}
+
+std::string move_text(const layer::TierMoveReport& r) {
+  if (!r.moved) return fmt::format("layer {} is on {} already", r.layer, layer::to_string(r.to));
+  std::string text =
+      fmt::format("moved layer {} from {} to {} ({} of data)", r.layer, layer::to_string(r.from),
+                  layer::to_string(r.to), human_size(r.data_bytes));
+  if (!r.by.empty()) text += fmt::format(", by its {}", r.by);
+  if (r.pause_ms >= 0) text += fmt::format(", writes paused {:.1f} ms", r.pause_ms);
+  return text;
 }
 
 int cmd_tier_move(const Globals& g, const TierMoveArgs& a) {
@@ -550,23 +547,201 @@ int cmd_tier_move(const Globals& g, const TierMoveArgs& a) {
   json moves = json::array();
   std::string text;
   for (const LayerId id : layers_to_move(*pool, a.target)) {
-    const auto r = take(layer::move_layer(*pool, id, to));
-    std::vector<pid_t> reloaded;
-    if (r.moved && r.state != layer::LayerState::kWritable)
-      reloaded = tell_servers_moved(*pool, r.layer);
-    moves.push_back({{"layer", r.layer},
-                     {"reloaded_by", reloaded},
-                     {"from", layer::to_string(r.from)},
-                     {"to", layer::to_string(r.to)},
-                     {"moved", r.moved},
-                     {"data_bytes", r.data_bytes}});
+    const auto r = take(layer::move_layer_anywhere(*pool, id, to));
+    moves.push_back(move_json(r));
     if (!text.empty()) text += '\n';
-    text += r.moved ? fmt::format("moved layer {} from {} to {} ({} of data)", r.layer,
-                                  layer::to_string(r.from), layer::to_string(r.to),
-                                  human_size(r.data_bytes))
-                    : fmt::format("layer {} is on {} already", r.layer, layer::to_string(r.to));
+    text += move_text(r);
   }
   print_result(g, {{"ok", true}, {"target", a.target}, {"tier", a.tier}, {"layers", moves}}, text);
+  return 0;
+}
+
+// "12.5 ops/s" with three significant digits.
+std::string rate(double ops) { return fmt::format("{:.3g}", ops); }
+
+std::string ago(uint64_t now, uint64_t then) {
+  if (then == 0) return "never";
+  return layer::format_duration(now > then ? now - then : 0) + " ago";
+}
+
+json policy_json(const layer::TierPolicy& p) {
+  json j{{"cold_after_s", p.cold_after_s},
+         {"cold_rate", p.cold_rate},
+         {"hot_rate", p.hot_rate},
+         {"half_life_s", p.half_life_s}};
+  switch (p.high_water) {
+    case layer::TierPolicy::HighWater::kNone:
+      j["ssd_high_water"] = nullptr;
+      break;
+    case layer::TierPolicy::HighWater::kBytes:
+      j["ssd_high_water"] = {{"bytes", p.high_water_value}};
+      break;
+    case layer::TierPolicy::HighWater::kPercent:
+      j["ssd_high_water"] = {{"percent", p.high_water_value}};
+      break;
+  }
+  return j;
+}
+
+std::string policy_text(const layer::TierPolicy& p) {
+  std::string hw = "none";
+  if (p.high_water == layer::TierPolicy::HighWater::kBytes) hw = human_size(p.high_water_value);
+  if (p.high_water == layer::TierPolicy::HighWater::kPercent)
+    hw = fmt::format("{}%", p.high_water_value);
+  return fmt::format(
+      "cold after {} at or below {} ops/s; hot at or above {} ops/s; heat half-life {}; ssd "
+      "high-water mark {}",
+      layer::format_duration(p.cold_after_s), rate(p.cold_rate), rate(p.hot_rate),
+      layer::format_duration(p.half_life_s), hw);
+}
+
+json tier_layer_json(const layer::LayerTierStatus& l, uint64_t now) {
+  json j{
+      {"layer", l.layer.id},
+      {"tier", layer::to_string(l.layer.tier)},
+      {"state", layer::to_string(l.layer.state)},
+      {"size_bytes", l.layer.size_bytes},
+      {"disk_bytes", l.disk_bytes},
+      {"last_access", l.heat.last_access_unix == 0 ? json(nullptr) : json(l.heat.last_access_unix)},
+      {"idle_s", l.heat.last_access_unix == 0 ? json(nullptr)
+                                              : json(now - std::min(now, l.heat.last_access_unix))},
+      {"moved", l.heat.moved_unix == 0 ? json(nullptr) : json(l.heat.moved_unix)},
+      {"read_ops", l.heat.read_ops},
+      {"read_bytes", l.heat.read_bytes},
+      {"write_ops", l.heat.write_ops},
+      {"write_bytes", l.heat.write_bytes},
+      {"read_rate", l.heat.read_rate},
+      {"write_rate", l.heat.write_rate},
+      {"read_bps", l.heat.read_bps},
+      {"write_bps", l.heat.write_bps},
+      {"users", l.users},
+      {"action",
+       l.verdict.to ? (*l.verdict.to == layer::Tier::kHdd ? "demote" : "promote") : "stay"},
+      {"reason", l.verdict.reason}};
+  return j;
+}
+
+json ssd_json(const layer::SsdSpace& s) {
+  return {{"used_bytes", s.used},
+          {"high_water_bytes", s.limit == 0 ? json(nullptr) : json(s.limit)}};
+}
+
+std::string users_text(const std::vector<std::string>& users) {
+  if (users.empty()) return "-";
+  std::string out = users[0];
+  if (users.size() > 1) out += fmt::format(" +{}", users.size() - 1);
+  return out;
+}
+
+void print_tier_table(const layer::TierStatus& st) {
+  std::vector<std::vector<std::string>> rows{{"LAYER", "TIER", "STATE", "ON DISK", "LAST ACCESS",
+                                              "READ/S", "WRITE/S", "USED BY", "POLICY"}};
+  for (const auto& l : st.layers) {
+    std::string policy =
+        l.verdict.to ? fmt::format("→ {}: {}", layer::to_string(*l.verdict.to), l.verdict.reason)
+                     : "stay: " + l.verdict.reason;
+    rows.push_back({std::to_string(l.layer.id), layer::to_string(l.layer.tier),
+                    layer::to_string(l.layer.state), human_size(l.disk_bytes),
+                    ago(st.now, l.heat.last_access_unix), rate(l.heat.read_rate),
+                    rate(l.heat.write_rate), users_text(l.users), policy});
+  }
+  print_table(rows);
+}
+
+int cmd_tier_status(const Globals& g) {
+  auto pool = open_pool(g, false);
+  const auto st = take(layer::tier_status(*pool, layer::now_unix()));
+  if (g.json) {
+    json layers = json::array();
+    for (const auto& l : st.layers) layers.push_back(tier_layer_json(l, st.now));
+    print_json({{"ok", true},
+                {"now", st.now},
+                {"policy", policy_json(st.policy)},
+                {"ssd", ssd_json(st.ssd)},
+                {"ssd_after", ssd_json(st.ssd_after)},
+                {"layers", layers}});
+    return 0;
+  }
+  std::cout << "policy: " << policy_text(st.policy) << '\n';
+  std::cout << fmt::format("ssd: {} of layer data{}", human_size(st.ssd.used),
+                           st.ssd.limit == 0
+                               ? std::string()
+                               : fmt::format(" (high-water {})", human_size(st.ssd.limit)))
+            << "\n\n";
+  print_tier_table(st);
+  return 0;
+}
+
+struct TierPolicyArgs {
+  std::optional<std::string> cold_after, half_life, high_water;
+  std::optional<double> cold_rate, hot_rate;
+};
+
+int cmd_tier_policy(const Globals& g, const TierPolicyArgs& a) {
+  const bool change = a.cold_after || a.half_life || a.high_water || a.cold_rate || a.hot_rate;
+  auto pool = open_pool(g, change);
+  layer::TierPolicy p = take(layer::load_tier_policy(*pool));
+  if (a.cold_after) p.cold_after_s = take(layer::parse_duration(*a.cold_after));
+  if (a.half_life) p.half_life_s = take(layer::parse_duration(*a.half_life));
+  if (a.cold_rate) p.cold_rate = *a.cold_rate;
+  if (a.hot_rate) p.hot_rate = *a.hot_rate;
+  if (a.high_water) {
+    const std::string& hw = *a.high_water;
+    if (hw == "none") {
+      p.high_water = layer::TierPolicy::HighWater::kNone;
+      p.high_water_value = 0;
+    } else if (!hw.empty() && hw.back() == '%') {
+      const std::string digits = hw.substr(0, hw.size() - 1);
+      if (digits.empty() || digits.size() > 3 ||
+          digits.find_first_not_of("0123456789") != std::string::npos)
+        fail(EINVAL, fmt::format("--ssd-high-water {}: not a percentage (e.g. 80%)", hw));
+      p.high_water = layer::TierPolicy::HighWater::kPercent;
+      p.high_water_value = std::stoull(digits);
+    } else {
+      p.high_water = layer::TierPolicy::HighWater::kBytes;
+      p.high_water_value = take(layer::parse_size(hw));
+    }
+  }
+  if (change) check(layer::save_tier_policy(*pool, p));
+  print_result(g, {{"ok", true}, {"changed", change}, {"policy", policy_json(p)}}, policy_text(p));
+  return 0;
+}
+
+int cmd_tier_run(const Globals& g, bool dry_run) {
+  auto pool = open_pool(g, !dry_run);
+  const auto r = take(layer::run_tier_policy(*pool, layer::now_unix(), dry_run));
+  json planned = json::array();
+  for (size_t i : r.status.order)
+    planned.push_back(tier_layer_json(r.status.layers[i], r.status.now));
+  json moved = json::array();
+  for (const auto& m : r.moved) moved.push_back(move_json(m));
+  std::string text;
+  if (r.status.order.empty()) text = "nothing to move";
+  for (size_t i : r.status.order) {
+    const auto& v = r.status.layers[i].verdict;
+    if (!text.empty()) text += '\n';
+    text += fmt::format("{}layer {} {} → {}: {}", dry_run ? "would move " : "", v.id,
+                        layer::to_string(v.from), layer::to_string(*v.to), v.reason);
+  }
+  for (const auto& m : r.moved) text += '\n' + move_text(m);
+  for (const auto& f : r.failed) text += "\nfailed: " + f;
+  const bool ok = r.failed.empty();
+  if (g.json) {
+    print_json({{"ok", ok},
+                {"dry_run", dry_run},
+                {"planned", planned},
+                {"moved", moved},
+                {"failed", r.failed},
+                {"ssd", ssd_json(r.status.ssd)},
+                {"ssd_after", ssd_json(r.status.ssd_after)}});
+  } else {
+    std::cout << text << '\n';
+  }
+  if (!ok) {
+    std::cerr << fmt::format("layer: error: {} of {} moves failed\n", r.failed.size(),
+                             r.status.order.size());
+    return kExitInternal;
+  }
   return 0;
 }
 
@@ -1041,6 +1216,33 @@ int run(int argc, char** argv) {
       ->type_name("")
       ->required();
   tier_move_cmd->add_option("TIER", tier_move.tier, "ssd or hdd")->type_name("")->required();
+  auto* tier_status_cmd =
+      tier_cmd->add_subcommand("status", "each layer's tier, heat, users and the policy's verdict");
+  TierPolicyArgs tier_policy;
+  auto* tier_policy_cmd =
+      tier_cmd->add_subcommand("policy", "show or change the pool's tiering policy");
+  tier_policy_cmd
+      ->add_option("--cold-after", tier_policy.cold_after,
+                   "demote after this long without access (e.g. 10m)")
+      ->type_name("DURATION");
+  tier_policy_cmd
+      ->add_option("--cold-rate", tier_policy.cold_rate,
+                   "... and at or below this many read+write ops/s")
+      ->type_name("OPS");
+  tier_policy_cmd
+      ->add_option("--hot-rate", tier_policy.hot_rate,
+                   "promote at or above this many ops/s (above --cold-rate)")
+      ->type_name("OPS");
+  tier_policy_cmd
+      ->add_option("--half-life", tier_policy.half_life, "half-life of the heat rates (e.g. 5m)")
+      ->type_name("DURATION");
+  tier_policy_cmd
+      ->add_option("--ssd-high-water", tier_policy.high_water,
+                   "demote the coldest while ssd holds more (SIZE, N% of its filesystem, none)")
+      ->type_name("SIZE|N%");
+  bool tier_dry_run = false;
+  auto* tier_run_cmd = tier_cmd->add_subcommand("run", "one pass of the policy: move what it says");
+  tier_run_cmd->add_flag("--dry-run", tier_dry_run, "only say what would move");
 
   FsckArgs fsck;
   auto* fsck_cmd = app.add_subcommand("fsck", "check the index against the layer files");
@@ -1090,6 +1292,9 @@ int run(int argc, char** argv) {
   if (*rm_cmd) return cmd_rm(g, container);
   if (*serve_cmd) return cmd_serve(g, serve);
   if (*tier_move_cmd) return cmd_tier_move(g, tier_move);
+  if (*tier_status_cmd) return cmd_tier_status(g);
+  if (*tier_policy_cmd) return cmd_tier_policy(g, tier_policy);
+  if (*tier_run_cmd) return cmd_tier_run(g, tier_dry_run);
   if (*fsck_cmd) return cmd_fsck(g, fsck);
   if (*version_cmd) return cmd_version(g);
   fail(EINVAL, "no command given");
