@@ -949,7 +949,7 @@ int cmd_gc(const Globals& g, bool hash) {
 }
 
 struct ServeArgs {
-  std::string socket, listen, default_name;
+  std::string socket, listen, default_name, tier_interval;
   int port = 0;
   unsigned threads = kDefaultThreads;
 };
@@ -1030,6 +1030,10 @@ int cmd_serve(const Globals& g, const ServeArgs& a) {
   args.push_back(plugin_path());
   args.push_back("pool=" + root);
   if (!a.default_name.empty()) args.push_back("default=" + a.default_name);
+  if (!a.tier_interval.empty()) {
+    take(layer::parse_duration(a.tier_interval));
+    args.push_back("tier-interval=" + a.tier_interval);
+  }
 
   if (g.json) {
     print_json({{"pool", root}, {"uri", uri}, {"argv", args}});
@@ -1206,6 +1210,10 @@ int run(int argc, char** argv) {
   serve_cmd
       ->add_option("--default", serve.default_name, "container served as the empty export name")
       ->type_name("NAME");
+  serve_cmd
+      ->add_option("--tier-interval", serve.tier_interval,
+                   "run the tiering policy every DURATION (e.g. 1m; default: never)")
+      ->type_name("DURATION");
 
   auto* tier_cmd = app.add_subcommand("tier", "move layers between the ssd and hdd tiers");
   tier_cmd->require_subcommand(1);
