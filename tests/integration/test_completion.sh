@@ -89,7 +89,8 @@ expect "layer --pool $pool snapshot web1 "
 expect "layer --pool $pool rollback web1 t" tuesday
 expect "layer --pool $pool rollback web1 monday --" --keep-as --force --pool --json --help
 expect "layer --pool $pool commit w" web1 web2
-expect "layer --pool $pool tier " move
+expect "layer --pool $pool tier " move policy run status
+expect "layer --pool $pool tier run --d" --dry-run
 expect "layer --pool $pool tier move w" web1 web2
 expect "layer --pool $pool tier move web1 " hdd ssd
 expect "layer --pool $pool commit web1 "
