@@ -3,7 +3,8 @@
 // Checks, each problem one line naming the object:
 // - every record decodes; every parent, image top and container delta exists; chains end;
 // - refcounts equal the references found (child layers, images, containers, snapshots);
-// - every map row belongs to a known layer, decodes and lies within the layer's size;
+// - every map row belongs to a known layer, decodes and lies within the layer's size; every
+//   sums and heat row belongs to a known layer; heat rows and the tier policy decode;
 // - every layer with data rows has its file, and every existing file has the layer's size;
 // - files in the tier directories that no layer names (orphans; --repair removes them);
 // - interrupted imports and merges left in `intents` (--repair rolls them back);
@@ -25,6 +26,7 @@
 #include "checksum.h"
 #include "intents.h"
 #include "layers.h"
+#include "tier.h"
 
 namespace layer {
 
@@ -281,6 +283,28 @@ Status find_leaked_rows(FsckState& st, ReadTxn& txn) {
     return true;
   }));
   for (LayerId id : leaked) st.problem(fmt::format("maps: rows of unknown layer {}", id));
+  leaked.clear();
+  LAYER_TRY(txn.scan(Db::kSums, "", [&](std::string_view k, std::string_view) -> Result<bool> {
+    auto key = decode_key_u64_u32(k);
+    if (key && !st.layers.count(key->first) && !st.intent_layers.count(key->first))
+      leaked.insert(key->first);
+    return true;
+  }));
+  for (LayerId id : leaked) st.problem(fmt::format("sums: rows of unknown layer {}", id));
+  // Heat rows go in the transaction that takes their layer's row (and are written only where
+  // the layer's row is): one without its layer, or one that does not decode, is a problem.
+  LAYER_TRY(txn.scan(Db::kHeat, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
+    auto id = decode_key_u64(k);
+    if (!id) {
+      st.problem(fmt::format("heat: a key of {} bytes", k.size()));
+    } else if (!st.layers.count(*id)) {
+      st.problem(fmt::format("heat: row of unknown layer {}", *id));
+    } else if (auto h = decode_heat(v, *id); !h) {
+      st.problem(h.error().message);
+    }
+    return true;
+  }));
+  if (auto policy = load_tier_policy(txn); !policy) st.problem(policy.error().message);
   return {};
 }
 

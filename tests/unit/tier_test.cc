@@ -364,3 +364,28 @@ TEST_CASE("a policy pass demotes cold layers and promotes hot ones; the data sta
   for (const auto& p : r.problems) UNSCOPED_INFO(p);
   CHECK(r.problems.empty());
 }
+
+TEST_CASE("fsck reports heat rows without a layer, corrupt heat rows and a corrupt policy") {
+  PoolFixture f;
+  f.import("base:1", 16 * 4096, 4096, 5);
+  const LayerId base = base_layer(*f.pool, "base:1");
+  auto problems = [&] {
+    auto r = MUST(fsck(*f.pool, false, false));
+    std::string all;
+    for (const auto& p : r.problems) all += p + "\n";
+    return all;
+  };
+  CHECK(problems().empty());
+  MUST(f.pool->committer().run([&](WriteTxn& txn) -> Status {
+    LAYER_TRY(txn.put(Db::kHeat, key_u64(999), encode(HeatRecord{})));
+    LAYER_TRY(txn.put(Db::kHeat, key_u64(base), "\x01short"));
+    return txn.put(Db::kSums, key_u64_u32(998, 0), encode_sums({1}));
+  }));
+  const std::string found = problems();
+  CHECK(found.find("heat: row of unknown layer 999") != std::string::npos);
+  CHECK(found.find(fmt::format("heat {}: corrupt record", base)) != std::string::npos);
+  CHECK(found.find("sums: rows of unknown layer 998") != std::string::npos);
+  MUST(f.pool->committer().run(
+      [&](WriteTxn& txn) -> Status { return txn.put(Db::kMeta, "tier.policy", "\x01"); }));
+  CHECK(problems().find("tier.policy: corrupt record") != std::string::npos);
+}
