@@ -401,7 +401,8 @@ Result<TierRunReport> run_tier_policy(Pool& pool, uint64_t now, bool dry_run,
     const Verdict& v = report.status.layers[i].verdict;
     auto moved = move_layer_anywhere(pool, v.id, *v.to, local);
     if (!moved) {
-      report.failed.push_back(fmt::format("layer {}: {}", v.id, moved.error().message));
+      (moved.error().code == EBUSY ? report.busy : report.failed)
+          .push_back(fmt::format("layer {}: {}", v.id, moved.error().message));
       continue;
     }
     report.moved.push_back(*moved);
@@ -443,6 +444,7 @@ void BackgroundTiering::run() {
       if (m.moved)
         log(false, fmt::format("tiering: moved layer {} from {} to {} ({} bytes of data)", m.layer,
                                to_string(m.from), to_string(m.to), m.data_bytes));
+    for (const auto& b : r->busy) log(false, "tiering: skipped (busy) " + b);
     for (const auto& f : r->failed) log(true, "tiering: " + f);
   }
 }

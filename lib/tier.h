@@ -136,10 +136,13 @@ Result<TierMoveReport> move_layer_anywhere(Pool& pool, LayerId id, Tier to,
 std::vector<pid_t> tell_servers_moved(Pool& pool, LayerId id, pid_t skip = 0);
 
 // One policy pass: plans (as tier_status) and, unless dry_run, moves in plan order, recording
-// each move in the layer's heat row. A failed move does not stop the pass: it is in `failed`.
+// each move in the layer's heat row. A failed move does not stop the pass: it is in `failed`;
+// one refused with EBUSY (another move of it, a merge, a drop running) is in `busy`, for the
+// next pass.
 struct TierRunReport {
   TierStatus status;
   std::vector<TierMoveReport> moved;
+  std::vector<std::string> busy;    // "layer N: why"
   std::vector<std::string> failed;  // "layer N: why"
 };
 Result<TierRunReport> run_tier_policy(Pool& pool, uint64_t now, bool dry_run,

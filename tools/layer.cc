@@ -724,6 +724,7 @@ int cmd_tier_run(const Globals& g, bool dry_run) {
                         layer::to_string(v.from), layer::to_string(*v.to), v.reason);
   }
   for (const auto& m : r.moved) text += '\n' + move_text(m);
+  for (const auto& b : r.busy) text += "\nbusy, left for the next run: " + b;
   for (const auto& f : r.failed) text += "\nfailed: " + f;
   const bool ok = r.failed.empty();
   if (g.json) {
@@ -731,6 +732,7 @@ int cmd_tier_run(const Globals& g, bool dry_run) {
                 {"dry_run", dry_run},
                 {"planned", planned},
                 {"moved", moved},
+                {"busy", r.busy},
                 {"failed", r.failed},
                 {"ssd", ssd_json(r.status.ssd)},
                 {"ssd_after", ssd_json(r.status.ssd_after)}});
