@@ -26,8 +26,6 @@ namespace {
 
 // The longest read: 16 groups.
 constexpr uint32_t kGroupsPerRead = 16;
-// Time the rate limiter lets a hasher catch up after idling (between layers, during commits).
-constexpr std::chrono::milliseconds kRateBurst{100};
 
 using Clock = std::chrono::steady_clock;
 
@@ -97,33 +95,6 @@ bool stop_requested(const HashOptions& options) {
   return options.stop != nullptr && options.stop->stop_requested();
 }
 
-// Paces reads to a rate in bytes per second, sleeping until each read is due; a stop request
-// ends a sleep at once.
-class Pacer {
- public:
-  explicit Pacer(const HashOptions& options)
-      : rate_(options.rate_bytes_per_sec), stop_(options.stop), next_(Clock::now()) {}
-
-  // Waits until `bytes` more may be read. False: stop was requested.
-  bool admit(uint64_t bytes) {
-    if (stop_ != nullptr && stop_->stop_requested()) return false;
-    if (rate_ == 0) return true;
-    const auto now = Clock::now();
-    next_ = std::max(next_, now - kRateBurst);  // idle time earns no more than the burst
-    const auto due = next_;
-    next_ += std::chrono::nanoseconds(bytes * 1'000'000'000ULL / rate_);
-    if (due <= now) return true;
-    if (stop_ != nullptr) return stop_->wait_until(due);
-    std::this_thread::sleep_until(due);
-    return true;
-  }
-
- private:
-  const uint64_t rate_;
-  const StopSignal* stop_;
-  Clock::time_point next_;  // when the bytes admitted so far are paid for
-};
-
 }  // namespace
 
 Result<HashResult> hash_layer(Pool& pool, LayerId id, const HashOptions& options) {
@@ -184,7 +155,7 @@ Result<HashResult> hash_layer(Pool& pool, LayerId id, const HashOptions& options
     return {};
   };
 
-  Pacer pacer(options);
+  Pacer pacer(options.rate_bytes_per_sec, options.stop);
   std::vector<uint8_t> buf(uint64_t{kGroupsPerRead} * kSumGroupBytes);
   for (const auto& [row, mask] : masks) {
     std::vector<uint64_t> sums(kSumsPerRow, 0);

@@ -123,4 +123,32 @@ Status finish_drops_after_removal(Pool& pool, const std::vector<uint64_t>& drops
   return {};
 }
 
+Result<std::map<LayerId, std::vector<std::string>>> layer_users(ReadTxn& txn) {
+  std::map<LayerId, std::vector<std::string>> users;
+  std::map<uint64_t, std::string> container_names;
+  LAYER_TRY(
+      txn.scan(Db::kContainers, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
+        LAYER_ASSIGN(auto c, decode_container(v, k));
+        container_names[c.id] = c.name;
+        LAYER_ASSIGN(auto chain, chain_of(txn, c.delta_layer));
+        for (const auto& l : chain) users[l.id].push_back(c.name);
+        return true;
+      }));
+  LAYER_TRY(
+      txn.scan(Db::kSnapshots, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
+        LAYER_ASSIGN(auto s, decode_snapshot(v, k));
+        auto it = container_names.find(s.container_id);
+        users[s.layer].push_back(
+            fmt::format("{}@{}", it == container_names.end() ? "?" : it->second, s.name));
+        return true;
+      }));
+  LAYER_TRY(txn.scan(Db::kImages, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
+    LAYER_ASSIGN(auto image, decode_image(v, k));
+    LAYER_ASSIGN(auto chain, chain_of(txn, image.top_layer));
+    for (const auto& l : chain) users[l.id].push_back(image.ref);
+    return true;
+  }));
+  return users;
+}
+
 }  // namespace layer

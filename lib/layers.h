@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -31,6 +32,10 @@ Result<LayerRecord> get_layer(ReadTxn& txn, LayerId id);
 // The chain of `top` following parents, top first. Errors: EIO on a missing or cyclic
 // parent (the index is corrupt).
 Result<std::vector<LayerRecord>> chain_of(ReadTxn& txn, LayerId top);
+// Who reads each layer: the containers whose chain holds it ("NAME"), the snapshots that are
+// it ("C@SNAP"), the image versions whose chain holds it ("NAME:VER"), in that order, each in
+// key order. Layers no one reads are absent. Errors: EIO (corrupt records, a broken chain).
+Result<std::map<LayerId, std::vector<std::string>>> layer_users(ReadTxn& txn);
 // Counts a layer's data and zero blocks from its `maps` rows. Errors: EIO (corrupt row).
 Status count_blocks(ReadTxn& txn, LayerId id, uint64_t* data, uint64_t* zero);
 

@@ -240,34 +240,11 @@ Result<TierStatus> tier_status(Pool& pool, uint64_t now) {
       it->second.heat = decayed(heat, now, st.policy.half_life_s);
       return true;
     }));
-    auto add_user = [&](LayerId id, const std::string& user) {
+    LAYER_ASSIGN(auto users, layer_users(txn));
+    for (auto& [id, list] : users) {
       auto it = by_id.find(id);
-      if (it != by_id.end()) it->second.users.push_back(user);
-    };
-    std::map<uint64_t, std::string> container_names;
-    LAYER_TRY(
-        txn.scan(Db::kContainers, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
-          LAYER_ASSIGN(auto c, decode_container(v, k));
-          container_names[c.id] = c.name;
-          LAYER_ASSIGN(auto chain, chain_of(txn, c.delta_layer));
-          for (const auto& l : chain) add_user(l.id, c.name);
-          return true;
-        }));
-    LAYER_TRY(
-        txn.scan(Db::kSnapshots, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
-          LAYER_ASSIGN(auto s, decode_snapshot(v, k));
-          auto it = container_names.find(s.container_id);
-          add_user(s.layer,
-                   fmt::format("{}@{}", it == container_names.end() ? "?" : it->second, s.name));
-          return true;
-        }));
-    LAYER_TRY(
-        txn.scan(Db::kImages, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
-          LAYER_ASSIGN(auto image, decode_image(v, k));
-          LAYER_ASSIGN(auto chain, chain_of(txn, image.top_layer));
-          for (const auto& l : chain) add_user(l.id, image.ref);
-          return true;
-        }));
+      if (it != by_id.end()) it->second.users = std::move(list);
+    }
   }
   uint64_t ssd_layer_bytes = 0;
   std::vector<PolicyLayer> input;
@@ -342,7 +319,9 @@ Result<TierMoveReport> move_one(Pool& pool, LayerId id, Tier to, const LocalServ
   LayerRecord layer;
   {
     LAYER_ASSIGN(auto txn, pool.index().begin_read());
-    LAYER_ASSIGN(layer, get_layer(txn, id));
+    LAYER_ASSIGN(auto row, txn.get(Db::kLayers, key_u64(id)));
+    if (!row) return make_error(ENOENT, "layer {} not found in pool {}", id, pool.paths().root);
+    LAYER_ASSIGN(layer, decode_layer(*row, id));
   }
   if (layer.state != LayerState::kWritable) {
     LAYER_ASSIGN(auto r, move_layer(pool, id, to));
