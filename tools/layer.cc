@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "control.h"
+#include "disk.h"
 #include "error.h"
 #include "fsck.h"
 #include "hasher.h"
@@ -40,6 +41,7 @@
 #include "output.h"
 #include "pool.h"
 #include "records.h"
+#include "scrub.h"
 #include "snapshots.h"
 #include "tier.h"
 #include "version.h"
@@ -1088,6 +1090,107 @@ int cmd_fsck(const Globals& g, const FsckArgs& a) {
   return kExitUser;
 }
 
+struct ScrubArgs {
+  std::vector<std::string> targets;
+  std::string rate;
+};
+
+// The layers `layer scrub` reads for TARGET: a layer id; NAME:VER, the image's chain; a
+// CONTAINER or CONTAINER@SNAP, the chain it reads.
+std::vector<LayerId> layers_to_scrub(layer::Pool& pool, const std::string& target) {
+  if (!target.empty() && target.find_first_not_of("0123456789") == std::string::npos) {
+    if (target.size() > 19) fail(ENOENT, fmt::format("layer {} not found", target));
+    return {std::stoull(target)};
+  }
+  auto txn = take(pool.index().begin_read());
+  LayerId top = 0;
+  if (target.find(':') != std::string::npos) {
+    check(layer::validate_image_ref(target));
+    const auto v = take(txn.get(layer::Db::kImages, target));
+    if (!v) fail(ENOENT, fmt::format("image {} not found in pool {}", target, pool.paths().root));
+    top = take(layer::decode_image(*v, target)).top_layer;
+  } else {
+    const auto name = take(layer::parse_export_name(target));
+    if (!name.since.empty()) fail(EINVAL, "scrub takes CONTAINER or CONTAINER@SNAP, not A..B");
+    const auto c = take(pool.get_container(txn, name.container));
+    top = name.snapshot.empty() ? c.delta_layer
+                                : take(layer::get_snapshot(txn, c, name.snapshot)).layer;
+  }
+  std::vector<LayerId> out;
+  for (const auto& l : take(layer::chain_of(txn, top))) out.push_back(l.id);
+  return out;
+}
+
+int cmd_scrub(const Globals& g, const ScrubArgs& a) {
+  auto pool = open_pool(g, false);
+  std::vector<LayerId> ids;
+  for (const auto& t : a.targets)
+    for (LayerId id : layers_to_scrub(*pool, t))
+      if (std::find(ids.begin(), ids.end(), id) == ids.end()) ids.push_back(id);
+  layer::ScrubOptions options;
+  if (!a.rate.empty()) options.rate_bytes_per_sec = take(layer::parse_size(a.rate));
+  const auto r = take(layer::scrub(*pool, ids, options));
+  size_t damaged = 0;
+  json layers = json::array();
+  for (const auto& l : r.layers) {
+    if (l.bad()) ++damaged;
+    json mismatches = json::array();
+    for (const auto& m : l.mismatches)
+      mismatches.push_back({{"offset", m.offset},
+                            {"want", fmt::format("{:016x}", m.want)},
+                            {"got", fmt::format("{:016x}", m.got)}});
+    layers.push_back({{"layer", l.layer.id},
+                      {"tier", layer::to_string(l.layer.tier)},
+                      {"state", layer::to_string(l.layer.state)},
+                      {"ok", !l.bad()},
+                      {"skipped", l.skipped.empty() ? json(nullptr) : json(l.skipped)},
+                      {"groups", l.groups},
+                      {"bytes", l.bytes},
+                      {"mismatches", mismatches},
+                      {"errors", l.errors},
+                      {"users", l.users}});
+  }
+  if (g.json) {
+    print_json({{"ok", damaged == 0},
+                {"layers", layers},
+                {"groups", r.groups},
+                {"bytes", r.bytes},
+                {"damaged", damaged}});
+  } else {
+    for (const auto& l : r.layers) {
+      std::string users = l.users.empty() ? std::string("no users") : fmt::format("{}", l.users[0]);
+      for (size_t i = 1; i < l.users.size(); ++i) users += ", " + l.users[i];
+      if (!l.skipped.empty()) {
+        std::cout << fmt::format("layer {}: skipped: {}\n", l.layer.id, l.skipped);
+        continue;
+      }
+      if (!l.bad()) {
+        std::cout << fmt::format("layer {}: ok ({} verified; {})\n", l.layer.id,
+                                 human_size(l.bytes), users);
+        continue;
+      }
+      for (const auto& m : l.mismatches)
+        std::cout << fmt::format(
+            "layer {}: DAMAGED at offset {}: data hashes to {:016x}, its checksum is {:016x} "
+            "(affects {})\n",
+            l.layer.id, m.offset, m.got, m.want, users);
+      for (const auto& e : l.errors)
+        std::cout << fmt::format("layer {}: cannot verify: {} (affects {})\n", l.layer.id, e,
+                                 users);
+    }
+    std::cout << fmt::format("scrubbed {} layer{}: {} in {} checksum groups verified, {} damaged\n",
+                             r.layers.size(), r.layers.size() == 1 ? "" : "s", human_size(r.bytes),
+                             r.groups, damaged);
+  }
+  if (damaged == 0) return 0;
+  if (!g.json) {
+    std::cout.flush();
+    std::cerr << fmt::format("layer: error: scrub found damage in {} layer{}\n", damaged,
+                             damaged == 1 ? "" : "s");
+  }
+  return kExitUser;
+}
+
 int cmd_version(const Globals& g) {
   print_result(g, {{"version", LAYER_VERSION}, {"format", layer::kFormatVersion}},
                fmt::format("layer {} (pool format {})", LAYER_VERSION, layer::kFormatVersion));
@@ -1259,6 +1362,14 @@ int run(int argc, char** argv) {
   fsck_cmd->add_flag("--full", fsck.full, "also verify every checksum");
   fsck_cmd->add_flag("--repair", fsck.repair, "roll back interrupted imports, remove orphan files");
 
+  ScrubArgs scrub;
+  auto* scrub_cmd = app.add_subcommand(
+      "scrub", "read frozen layers back and verify them against their checksums");
+  scrub_cmd
+      ->add_option("TARGET", scrub.targets, "LAYER id, CONTAINER[@SNAP] or NAME:VER (default: all)")
+      ->type_name("");
+  scrub_cmd->add_option("--rate", scrub.rate, "read at most SIZE per second")->type_name("SIZE");
+
   auto* version_cmd = app.add_subcommand("version", "print the version");
 
   try {
@@ -1306,6 +1417,7 @@ int run(int argc, char** argv) {
   if (*tier_policy_cmd) return cmd_tier_policy(g, tier_policy);
   if (*tier_run_cmd) return cmd_tier_run(g, tier_dry_run);
   if (*fsck_cmd) return cmd_fsck(g, fsck);
+  if (*scrub_cmd) return cmd_scrub(g, scrub);
   if (*version_cmd) return cmd_version(g);
   fail(EINVAL, "no command given");
 }

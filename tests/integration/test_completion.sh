@@ -64,7 +64,7 @@ expect() {
   log "'$line' -> ${got//$'\n'/ }"
 }
 
-expect "layer " clone commit diff flatten fsck gc image init inspect ls rm rollback serve snapshot tier version
+expect "layer " clone commit diff flatten fsck gc image init inspect ls rm rollback scrub serve snapshot tier version
 expect "layer i" image init inspect
 expect "layer image " history import ls rm
 expect "layer --json fsck --" --full --repair --pool --json --help

@@ -65,3 +65,27 @@ done
 stop_server s
 layer fsck --full >"$tmp/final.out" || fail "fsck --full after the run: $(cat "$tmp/final.out")"
 log "$(cat "$tmp/final.out")"
+
+# ---- scrub: clean, then a flipped byte in the image layer found with what it affects ----
+layer scrub >"$tmp/scrub.out" || fail "scrub of a healthy pool: $(cat "$tmp/scrub.out")"
+grep -q "0 damaged" "$tmp/scrub.out" || fail "scrub output: $(cat "$tmp/scrub.out")"
+base=$(layer inspect busy --json | json_get 'j["chain"][-1]["layer"]')
+base_file=$(layer inspect busy --json | json_get 'j["chain"][-1]["path"]')
+# The first 64 KiB group holding data (a region the image did not leave as a hole).
+off=$(/usr/bin/python3 -c '
+import os, sys
+f = os.open(sys.argv[1], os.O_RDONLY)
+print(os.lseek(f, 0, os.SEEK_DATA) + 100)' "$base_file")
+printf '\x5a' | dd of="$base_file" bs=1 seek="$off" conv=notrunc status=none
+rc=0
+layer scrub busy >"$tmp/scrub.out" 2>"$tmp/scrub.err" || rc=$?
+[[ "$rc" == 1 ]] || fail "scrub of a damaged layer: exit $rc, want 1"
+grep -q "layer $base: DAMAGED at offset $((off / 65536 * 65536)).*affects busy" "$tmp/scrub.out" ||
+  fail "scrub did not name the damage: $(cat "$tmp/scrub.out")"
+grep -q "scrub found damage in 1 layer" "$tmp/scrub.err" || fail "scrub stderr: $(cat "$tmp/scrub.err")"
+rc=0
+layer --json scrub "$base" >"$tmp/scrub.json" || rc=$?
+[[ "$rc" == 1 && "$(json_get 'j["damaged"]' <"$tmp/scrub.json")" == 1 ]] ||
+  fail "scrub --json: exit $rc: $(cat "$tmp/scrub.json")"
+expect_user_error "scrub of an unknown container" layer scrub nope
+expect_user_error "scrub of a diff" layer scrub 'busy@a..b'
