@@ -20,7 +20,8 @@
 //   (Linux may have dropped the dirty pages, so a retry could lie).
 // - Heat (heat.h): each run read from a layer adds an op and its bytes to that layer's counter;
 //   each write and punch of the delta one to the delta's. Relaxed atomics, nothing else.
-// - Not done here (later issues): checksum verification of frozen reads (verify=on).
+// - Verification (verify.h, Pool::verify_reads): a read from a `frozen` layer verifies the
+//   64 KiB groups it touches, once per group per process, before reading.
 #include "disk.h"
 
 #include <algorithm>
@@ -271,6 +272,9 @@ Result<std::shared_ptr<Disk::View>> Disk::load_view(const View* previous) {
     if (f) LAYER_TRY(check_file_size(**f, layer));
     v->chain_files.push_back(f ? *f : nullptr);  // missing: an error only if a read needs it
     v->chain_heat.push_back(pool_.heat().counter(layer.id));
+    v->chain_verify.push_back(pool_.verify_reads() && layer.state == LayerState::kFrozen
+                                  ? pool_.verifiers().get(pool_.index(), layer)
+                                  : nullptr);
   }
   v->delta = std::make_unique<DeltaMap>(size_blocks_);
   if (snapshot_) return v;  // no delta: the map stays all absent, no file
@@ -436,6 +440,9 @@ Status Disk::read_range(const View& v, uint8_t* buf, uint64_t len, uint64_t offs
     HeatCounter* heat =
         source == kFromDelta ? v.delta_heat.get() : v.chain_heat[static_cast<size_t>(source)].get();
     if (heat) heat->add_read(to - from);
+    if (source != kFromDelta)
+      if (LayerVerifier* verifier = v.chain_verify[static_cast<size_t>(source)].get())
+        LAYER_TRY(verifier->check(*file, from, to - from));
     return file->read(dst, to - from, from);
   });
 }

@@ -186,6 +186,10 @@ class Disk {
     std::vector<std::shared_ptr<LayerFile>> chain_files;  // parallel to chain; null: no file
     // Heat counters (heat.h), parallel to chain, and the delta's (null for a snapshot disk).
     std::vector<std::shared_ptr<HeatCounter>> chain_heat;
+    // With Pool::verify_reads, the verifiers of the chain's `frozen` layers (verify.h),
+    // parallel to chain; null: not verified (the option is off, or the layer has no
+    // checksums yet).
+    std::vector<std::shared_ptr<LayerVerifier>> chain_verify;
     std::shared_ptr<HeatCounter> delta_heat;
     LayerRecord delta_layer;
     std::unique_ptr<DeltaMap> delta;

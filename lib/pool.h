@@ -34,6 +34,7 @@
 #include "layer_file.h"
 #include "locks.h"
 #include "records.h"
+#include "verify.h"
 
 namespace layer {
 
@@ -95,6 +96,11 @@ class Pool {
   ChainCache& chains() { return chains_; }
   // The heat counters of the layers this process reads and writes (heat.h).
   HeatTable& heat() { return heat_; }
+  // Whether disks verify reads from frozen layers against their checksums (verify.h; plugin
+  // verify=on), and the process's verifiers. REQUIRES: set before any disk opens.
+  bool verify_reads() const { return verify_reads_; }
+  void set_verify_reads(bool on) { verify_reads_ = on; }
+  VerifierTable& verifiers() { return verifiers_; }
   bool read_only() const { return read_only_; }
   // Errors: EACCES `pool P is open read-only` when it is.
   Status check_writable() const;
@@ -169,6 +175,8 @@ class Pool {
       frozen_files_;  // GUARDED_BY(frozen_mu_)
   ChainCache chains_;
   HeatTable heat_;
+  bool verify_reads_ = false;
+  VerifierTable verifiers_;
   TestHook test_hook_;
   std::string failpoint_;  // LAYER_FAILPOINT at open
 };

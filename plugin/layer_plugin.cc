@@ -1,6 +1,6 @@
 // layer_plugin.cc — nbdkit callbacks over lib/:
 // `nbdkit layer pool=DIR [default=NAME] [hasher=on|off] [hash-rate=BYTES_PER_SEC]
-// [heat-interval=DURATION] [tier-interval=DURATION]`.
+// [heat-interval=DURATION] [tier-interval=DURATION] [verify=on|off]`.
 //
 // Life cycle (nbdkit forks after config_complete/get_ready unless -f; with --run the server is
 // the child): config parses and makes paths absolute; get_ready only validates the pool
@@ -41,6 +41,7 @@ namespace {
 std::string g_pool_path;                              // set by config
 std::string g_default_name;                           // default=NAME
 bool g_hasher_on = true;                              // hasher=on|off
+bool g_verify = false;                                // verify=on|off
 uint64_t g_hash_rate = layer::kDefaultHashRateBytes;  // hash-rate=BYTES_PER_SEC (0: unlimited)
 layer::Pool* g_pool = nullptr;
 layer::DiskTable* g_disks = nullptr;
@@ -132,6 +133,12 @@ int layer_config(const char* key, const char* value) {
       g_hasher_on = on != 0;
       return 0;
     }
+    if (std::strcmp(key, "verify") == 0) {
+      const int on = nbdkit_parse_bool(value);
+      if (on == -1) return -1;
+      g_verify = on != 0;
+      return 0;
+    }
     if (std::strcmp(key, "hash-rate") == 0) {
       const int64_t rate = nbdkit_parse_size(value);
       if (rate == -1) return -1;
@@ -146,7 +153,8 @@ int layer_config(const char* key, const char* value) {
     }
     nbdkit_error(
         "unknown parameter '%s' (expected pool=DIR, default=NAME, hasher=on|off, "
-        "hash-rate=BYTES_PER_SEC, heat-interval=DURATION or tier-interval=DURATION)",
+        "hash-rate=BYTES_PER_SEC, heat-interval=DURATION, tier-interval=DURATION or "
+        "verify=on|off)",
         key);
     return -1;
   });
@@ -280,6 +288,7 @@ int layer_after_fork() {
     auto pool = layer::Pool::open(g_pool_path, layer::Pool::OpenOptions{});
     if (!pool) return fail(pool.error());
     g_pool = pool->release();
+    g_pool->set_verify_reads(g_verify);
     g_disks = new layer::DiskTable(*g_pool);
     // Before the control socket, whose handler nudges it.
     if (g_hasher_on) {

@@ -89,3 +89,28 @@ layer --json scrub "$base" >"$tmp/scrub.json" || rc=$?
   fail "scrub --json: exit $rc: $(cat "$tmp/scrub.json")"
 expect_user_error "scrub of an unknown container" layer scrub nope
 expect_user_error "scrub of a diff" layer scrub 'busy@a..b'
+
+# ---- verify=on: the damaged group fails with EIO, the rest is served ----
+layer clone base:1 fresh >/dev/null
+start_server v "$pool" -v --log=stderr -- verify=on hasher=off
+/usr/bin/python3 - "$(uri fresh "$server_sock")" "$tmp/base.img" "$off" <<'PY' ||
+import sys, nbd
+uri, image, off = sys.argv[1], sys.argv[2], int(sys.argv[3])
+data = open(image, "rb").read()
+h = nbd.NBD(); h.connect_uri(uri)
+group = off // 65536 * 65536
+try:
+    h.pread(4096, off // 4096 * 4096)
+    sys.exit("a read of the damaged group succeeded")
+except nbd.Error as e:
+    assert str(e.errno) in ("5", "EIO"), f"errno {e.errno}, want EIO"
+for g in range(0, len(data), 65536):
+    if g == group:
+        continue
+    assert h.pread(65536, g) == data[g:g + 65536], f"group at {g} reads wrong"
+print("ok")
+PY
+  fail "verify=on did not refuse just the damaged group"
+stop_server v
+grep -q "checksum mismatch at offset $((off / 65536 * 65536))" "$tmp/v.log" ||
+  fail "the server did not log the mismatch: $(cat "$tmp/v.log")"
