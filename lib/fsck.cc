@@ -6,7 +6,9 @@
 // - every map row belongs to a known layer, decodes and lies within the layer's size; every
 //   sums and heat row belongs to a known layer; heat rows and the tier policy decode;
 // - every layer with data rows has its file, and every existing file has the layer's size;
-// - files in the tier directories that no layer names (orphans; --repair removes them);
+// - files in the tier directories that no layer names (orphans; --repair moves them to
+//   POOL/lost+found/, and removes leftovers of unfinished creates);
+// - refcounts (--repair sets them to the references found, except to 0);
 // - interrupted imports and merges left in `intents` (--repair rolls them back);
 // - with full: every stored 64 KiB checksum of a frozen layer matches its data, and every
 //   group of a frozen layer that holds data has a checksum.
@@ -410,8 +412,10 @@ Status find_orphans(FsckState& st) {
   LAYER_ASSIGN(st.orphans, confirm_orphans(st.pool, candidates));
   if (!st.repair)
     for (const auto& o : st.orphans)
-      st.problem(fmt::format("orphan file {}: no layer names it; `layer fsck --repair` removes it",
-                             o.entry.name));
+      st.problem(
+          fmt::format("orphan file {}: no layer names it; `layer fsck --repair` moves it "
+                      "to lost+found",
+                      o.entry.name));
   return {};
 }
 
@@ -461,7 +465,79 @@ void verify_checksums(FsckState& st) {
   }
 }
 
-// Rolls back interrupted imports and merges, finishes removals and removes orphan files.
+// Sets each layer's refcount to the references a fresh scan finds, in one transaction (so
+// no change can slip between the count and the write). A layer no one references keeps its
+// count and is reported: its data is left for the operator (`layer gc` does not drop it).
+Status repair_refcounts(FsckState& st) {
+  std::set<LayerId> wrong;
+  for (const auto& [id, f] : st.layers)
+    if (f.refs != f.rec.refcount) wrong.insert(id);
+  if (wrong.empty()) return {};
+  std::vector<std::string> fixed, kept;
+  LAYER_TRY(st.pool.committer().run([&](WriteTxn& txn) -> Status {
+    fixed.clear();
+    kept.clear();
+    std::map<LayerId, uint32_t> refs;
+    LAYER_TRY(
+        txn.scan(Db::kLayers, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
+          auto id = decode_key_u64(k);
+          if (!id) return true;
+          LAYER_ASSIGN(auto rec, decode_layer(v, *id));
+          if (rec.parent != 0) ++refs[rec.parent];
+          return true;
+        }));
+    LAYER_TRY(
+        txn.scan(Db::kImages, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
+          LAYER_ASSIGN(auto image, decode_image(v, k));
+          ++refs[image.top_layer];
+          return true;
+        }));
+    LAYER_TRY(
+        txn.scan(Db::kContainers, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
+          LAYER_ASSIGN(auto c, decode_container(v, k));
+          ++refs[c.delta_layer];
+          return true;
+        }));
+    LAYER_TRY(
+        txn.scan(Db::kSnapshots, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
+          LAYER_ASSIGN(auto snap, decode_snapshot(v, k));
+          ++refs[snap.layer];
+          return true;
+        }));
+    for (LayerId id : wrong) {
+      LAYER_ASSIGN(auto v, txn.get(Db::kLayers, key_u64(id)));
+      if (!v) continue;  // dropped meanwhile
+      LAYER_ASSIGN(auto rec, decode_layer(*v, id));
+      const uint32_t found = refs.count(id) ? refs[id] : 0;
+      if (found == rec.refcount) continue;  // fixed meanwhile
+      if (found == 0) {
+        kept.push_back(fmt::format(
+            "layer {}: refcount is {}, but nothing references it; left as it is (its data may "
+            "be needed: clone or commit from it, or remove its file by hand)",
+            id, rec.refcount));
+        continue;
+      }
+      fixed.push_back(fmt::format("layer {}: refcount {} set to {}", id, rec.refcount, found));
+      rec.refcount = found;
+      LAYER_TRY(txn.put(Db::kLayers, key_u64(id), encode(rec)));
+    }
+    return Status{};
+  }));
+  // The problems found by the scan are replaced by what the repair did.
+  auto& problems = st.report.problems;
+  problems.erase(std::remove_if(problems.begin(), problems.end(),
+                                [&](const std::string& p) {
+                                  return p.find(": refcount is ") != std::string::npos &&
+                                         p.find("references were found") != std::string::npos;
+                                }),
+                 problems.end());
+  for (auto& f : fixed) st.report.repaired.push_back(std::move(f));
+  for (auto& k : kept) st.problem(std::move(k));
+  return {};
+}
+
+// Rolls back interrupted imports and merges, finishes removals, sets orphan files aside and
+// corrects refcounts.
 // Everything the scan found is a view from before it: each change re-checks its candidate
 // in a fresh transaction and under the layer's lock, so work that started meanwhile (an
 // import, a clone's first write) is never undone.
@@ -488,10 +564,21 @@ Status run_repairs(FsckState& st) {
   // Confirmed once more just before: a file made before the first confirmation has its row
   // or intent committed by then, so what is still an orphan stays one.
   LAYER_ASSIGN(st.orphans, confirm_orphans(st.pool, st.orphans));
+  // An unfinished create holds nothing; a whole layer file might (an index restored from an
+  // older copy no longer names a container's delta): it is set aside, never deleted.
+  const std::string lost = st.pool.paths().root + "/lost+found";
   for (const auto& o : st.orphans) {
-    LAYER_TRY(st.pool.store(o.tier).remove(o.entry.id));
-    st.report.repaired.push_back(fmt::format("orphan file {}: removed", o.entry.name));
+    if (o.entry.unfinished) {
+      LAYER_TRY(st.pool.store(o.tier).remove(o.entry.id));
+      st.report.repaired.push_back(fmt::format("orphan file {}: removed", o.entry.name));
+      continue;
+    }
+    LAYER_ASSIGN(const std::string to, st.pool.store(o.tier).set_aside(o.entry.id, lost));
+    st.report.repaired.push_back(
+        fmt::format("orphan file {}: moved to {} (remove it when no one needs it)", o.entry.name,
+                    to.empty() ? std::string("(gone meanwhile)") : to));
   }
+  LAYER_TRY(repair_refcounts(st));
   return {};
 }
 

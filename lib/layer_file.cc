@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <random>
 
 namespace layer {
@@ -205,6 +206,41 @@ Status LocalStore::remove(LayerId id) {
     if (::unlink(path.c_str()) != 0 && errno != ENOENT) return sys_error(errno, "unlink {}", path);
   }
   return {};
+}
+
+Result<std::string> LocalStore::set_aside(LayerId id, const std::string& dir) {
+  const std::string path = describe(id);
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0) {
+    if (errno != ENOENT) return sys_error(errno, "stat {}", path);
+    LAYER_TRY(remove(id));
+    return std::string();
+  }
+  // The tier's own directory name tells two tiers' files apart: ssd-12.layer, hdd-12.layer.
+  const std::string tier_name = std::filesystem::path(dir_).filename().string();
+  auto place = [&](const std::string& into) -> Result<std::string> {
+    if (::mkdir(into.c_str(), 0750) != 0 && errno != EEXIST)
+      return sys_error(errno, "mkdir {}", into);
+    for (int n = 0;; ++n) {
+      std::string target = fmt::format("{}/{}-{}.layer", into, tier_name, id);
+      if (n > 0) target += fmt::format(".{}", n);
+      // link + unlink, not rename: never replaces a file set aside before.
+      if (::link(path.c_str(), target.c_str()) == 0) {
+        if (::unlink(path.c_str()) != 0) return sys_error(errno, "unlink {}", path);
+        LAYER_TRY(fsync_dir(into));
+        LAYER_TRY(sync_dir());
+        return target;
+      }
+      if (errno != EEXIST) return sys_error(errno, "link {} to {}", path, target);
+    }
+  };
+  auto placed = place(dir);
+  if (!placed && placed.error().code == EXDEV) placed = place(dir_ + "/lost+found");
+  LAYER_TRY(placed);
+  const std::string leftover = path + ".new";
+  if (::unlink(leftover.c_str()) != 0 && errno != ENOENT)
+    return sys_error(errno, "unlink {}", leftover);
+  return *placed;
 }
 
 Result<std::optional<uint64_t>> LocalStore::stat(LayerId id) {

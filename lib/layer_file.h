@@ -100,6 +100,11 @@ class LayerStore {
   virtual Result<std::shared_ptr<LayerFile>> create(LayerId id, uint64_t size_bytes) = 0;
   // Removes the layer's file and any leftover of an unfinished create; missing ones are fine.
   virtual Status remove(LayerId id) = 0;
+  // Moves the layer's file out of the store into directory `dir` (made if missing; for a
+  // store whose files cannot be renamed there, a lost+found beside them) instead of deleting
+  // it, and removes a leftover of an unfinished create. Returns where the file went ("" when
+  // there was none). Errors: EIO, EACCES.
+  virtual Result<std::string> set_aside(LayerId id, const std::string& dir) = 0;
   // The size of the layer's file; std::nullopt when it has none. Errors: EIO, EACCES.
   virtual Result<std::optional<uint64_t>> stat(LayerId id) = 0;
   // The bytes the layer's file takes in the store (allocated blocks: a sparse file takes less
@@ -136,6 +141,7 @@ class LocalStore : public LayerStore {
   Result<std::shared_ptr<LayerFile>> open(LayerId id, bool writable) override;
   Result<std::shared_ptr<LayerFile>> create(LayerId id, uint64_t size_bytes) override;
   Status remove(LayerId id) override;
+  Result<std::string> set_aside(LayerId id, const std::string& dir) override;
   Result<std::optional<uint64_t>> stat(LayerId id) override;
   Result<std::optional<uint64_t>> allocated(LayerId id) override;
   Result<Space> space() override;
@@ -165,6 +171,9 @@ class ForwardingStore : public LayerStore {
     return inner_->create(id, size_bytes);
   }
   Status remove(LayerId id) override { return inner_->remove(id); }
+  Result<std::string> set_aside(LayerId id, const std::string& dir) override {
+    return inner_->set_aside(id, dir);
+  }
   Result<std::optional<uint64_t>> stat(LayerId id) override { return inner_->stat(id); }
   Result<std::optional<uint64_t>> allocated(LayerId id) override { return inner_->allocated(id); }
   Result<Space> space() override { return inner_->space(); }
