@@ -60,4 +60,23 @@ Result<Tier> move_file_tier(uint64_t intent_id, const IntentRecord& intent);
 // store, the lock and the transaction.
 Result<bool> recover_move(Pool& pool, uint64_t intent_id, const IntentRecord& intent);
 
+// The steps of move_layer, for a mover that drives its own copy (a live delta's).
+// REQUIRES (each): the layer's move lock held.
+//
+// Finishes every move of layer `id` that a crash interrupted (as recover_move).
+Status finish_moves_of(Pool& pool, LayerId id);
+// Removes any file of layer `id` in `to` (a leftover: the row names the other tier), then
+// commits a move intent to `to`; returns the intent's id. Test point "move.intent-committed".
+Result<uint64_t> begin_move(Pool& pool, LayerId id, Tier to);
+// One transaction switching layer `id`'s row from tier `from` to `to`, while its move intent
+// `intent_id` is there. Errors: ENOENT (the layer was removed), EBUSY (its tier changed), EIO
+// (the intent is gone: recovered meanwhile).
+Status switch_tier(Pool& pool, LayerId id, Tier from, Tier to, uint64_t intent_id);
+// Ends the move `intent_id` of layer `id` to `to`, switched or not: removes the file in the
+// tier the layer's row does not name, then the intent.
+Status end_move(Pool& pool, uint64_t intent_id, LayerId id, Tier to);
+
+// The container whose delta is layer `id`; std::nullopt when none (a frozen layer, or none).
+Result<std::optional<ContainerRecord>> find_container_of_delta(Pool& pool, LayerId id);
+
 }  // namespace layer
