@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "control.h"
+#include "mover.h"
 #include "names.h"
 #include "snapshots.h"
 
@@ -36,6 +37,69 @@ json moved(const ControlContext& ctx, const json& request) {
     return layer::control_error(s.error());
   }
   return json{{"ok", true}, {"layer", id}};
+}
+
+// {"op": "move", "layer": N, "tier": "ssd"|"hdd", "container": C}: moves layer N to the tier.
+// The delta of a container (C, when given, must be it) is moved live by the container's disk,
+// acquired as a connection would (opened if no client has it open): Disk::move_delta. A frozen
+// layer is moved as the CLI would (move_layer), and this server's disks reading it switch to
+// the new file. Reply {"ok": true, "layer": N, "container": C ("" for a frozen layer), "from",
+// "to", "moved", "data_bytes", "pause_ms", "start_pause_ms", "catch_up_rounds",
+// "caught_up_bytes"} (the last four: a live delta's move).
+json move(const ControlContext& ctx, const json& request) {
+  if (!request.contains("layer") || !request["layer"].is_number_unsigned() ||
+      !request.contains("tier") || !request["tier"].is_string())
+    return error(EINVAL, "a \"move\" request needs a \"layer\" number and a \"tier\" string");
+  const layer::LayerId id = request["layer"];
+  auto to = layer::parse_tier(request["tier"].get<std::string>());
+  if (!to) return layer::control_error(to.error());
+  auto owner = layer::find_container_of_delta(ctx.pool, id);
+  if (!owner) return layer::control_error(owner.error());
+  const std::string asked = request.value("container", "");
+  if (!asked.empty() && (!*owner || (*owner)->name != asked))
+    return error(EBUSY, "layer " + std::to_string(id) + " is not the delta of container \"" +
+                            asked + "\" any more");
+  layer::Result<layer::MoveResult> result = layer::Error{EIO, ""};
+  std::string container;
+  if (!*owner) {
+    result = layer::move_layer(ctx.pool, id, *to);
+    if (result && result->moved) {
+      if (auto s = ctx.disks.reload_moved(id); !s)
+        nbdkit_error("reload after the move of layer %" PRIu64 ": %s", id,
+                     s.error().message.c_str());
+    }
+  } else {
+    container = (*owner)->name;
+    auto disk = ctx.disks.acquire(container, true);
+    if (!disk) return layer::control_error(disk.error());
+    result = (*disk)->move_delta(id, *to);
+    auto released = ctx.disks.release(std::move(*disk));
+    if (!released)
+      nbdkit_error("flush after the move of layer %" PRIu64 ": %s", id,
+                   released.error().message.c_str());
+  }
+  if (!result) {
+    nbdkit_error("move of layer %" PRIu64 ": %s", id, result.error().message.c_str());
+    return layer::control_error(result.error());
+  }
+  const layer::MoveResult& r = *result;
+  nbdkit_debug("layer %" PRIu64 " %s from %s to %s: %" PRIu64
+               " bytes of data, writes paused %.3f ms (and %.3f ms before the copy), "
+               "%u catch-up rounds, %" PRIu64 " bytes caught up",
+               id, r.moved ? "moved" : "not moved", layer::to_string(r.from),
+               layer::to_string(r.to), r.data_bytes, r.pause_ms, r.start_pause_ms,
+               r.catch_up_rounds, r.caught_up_bytes);
+  return json{{"ok", true},
+              {"layer", id},
+              {"container", container},
+              {"from", layer::to_string(r.from)},
+              {"to", layer::to_string(r.to)},
+              {"moved", r.moved},
+              {"data_bytes", r.data_bytes},
+              {"pause_ms", r.pause_ms},
+              {"start_pause_ms", r.start_pause_ms},
+              {"catch_up_rounds", r.catch_up_rounds},
+              {"caught_up_bytes", r.caught_up_bytes}};
 }
 
 // A live change of container C (DESIGN.md "Locking"): the container is acquired as a
@@ -130,6 +194,7 @@ json handle_control(const ControlContext& ctx, const json& request) {
     return error(EINVAL, "a control request needs an \"op\" string");
   const std::string op = request["op"];
   if (op == "moved") return moved(ctx, request);
+  if (op == "move") return move(ctx, request);
   return change(ctx, request);
 }
 

@@ -1,7 +1,8 @@
 // control_ops.h — what a server does when the CLI asks on its control socket
 // (POOL/run/srv-PID.sock, DESIGN.md "Locking"): live changes of a served container (snapshot,
-// rollback, commit, flatten, snapshot rm and merges) and reloads after a frozen layer moved. The
-// protocol is lib/control.h's; the requests and replies are docs/cli-spec.md's.
+// rollback, commit, flatten, snapshot rm and merges), reloads after a frozen layer moved, and
+// tier moves (a served delta's, live). The protocol is lib/control.h's; the requests and
+// replies are docs/cli-spec.md's.
 //
 // Thread-safety: called on the control socket's one thread, one request at a time.
 #pragma once

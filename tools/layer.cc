@@ -480,8 +480,7 @@ struct TierMoveArgs {
 };
 
 // The layers `layer tier move` moves for TARGET: a layer id; NAME:VER, the image's chain; a
-// container, its own snapshot layers and its delta (refused while a server serves it: moving a
-// served delta is its server's work, not built yet).
+// container, its own snapshot layers and its delta (moved by its server when one serves it).
 std::vector<LayerId> layers_to_move(layer::Pool& pool, const std::string& target) {
   if (!target.empty() && target.find_first_not_of("0123456789") == std::string::npos) {
     if (target.size() > 19) fail(ENOENT, fmt::format("layer {} not found", target));
@@ -499,13 +498,6 @@ std::vector<LayerId> layers_to_move(layer::Pool& pool, const std::string& target
   }
   check(layer::validate_name(target, "container name"));
   const auto c = take(pool.get_container(txn, target));
-  if (take(pool.locks().is_locked(layer::LockKind::kContainer, c.id))) {
-    const pid_t pid = pool.serving_pid(c.id);
-    fail(EBUSY, fmt::format("container \"{}\" is in use by {}: moving a served container's "
-                            "delta is not supported yet; stop the server, or move its snapshot "
-                            "and image layers by id",
-                            target, pid == 0 ? "another process" : fmt::format("pid {}", pid)));
-  }
   const std::string prefix = layer::key_u64(c.id);
   check(txn.scan(layer::Db::kSnapshots, prefix,
                  [&](std::string_view k, std::string_view v) -> Result<bool> {
@@ -544,26 +536,94 @@ std::vector<pid_t> tell_servers_moved(layer::Pool& pool, LayerId id) {
   return reloaded;
 }
 
+// A move, done here or by the server of the delta's container.
+struct TierMoved {
+  layer::MoveResult result;
+  pid_t server = 0;  // the server that moved it, live; 0: moved here
+};
+
+// Moves layer `id` to `to`: here (move_layer), or, for the delta of a container a server
+// serves, by that server, live (DESIGN.md "Tiering mover": a layer held open by a running
+// server is moved by that server), asked through its control socket. A move takes as long as
+// its copy: the request waits up to a day.
+TierMoved move_one(layer::Pool& pool, LayerId id, layer::Tier to) {
+  for (int attempt = 0;; ++attempt) {
+    auto local = layer::move_layer(pool, id, to);
+    if (local.ok()) return {std::move(local).value(), 0};
+    if (local.error().code != EBUSY) throw CliError{std::move(local).error()};
+    // Busy: a served container's delta is its server's to move; anything else is an error.
+    const auto owner = take(layer::find_container_of_delta(pool, id));
+    if (!owner) throw CliError{std::move(local).error()};
+    const pid_t pid = pool.serving_pid(owner->id);
+    if (pid == 0) {
+      // No holder recorded: a server letting go of the container, or another command. Try
+      // again shortly, then give up.
+      if (attempt < 5) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(20 << attempt));
+        continue;
+      }
+      throw CliError{std::move(local).error()};
+    }
+    auto reply = layer::control_request(
+        layer::control_socket_path(pool.paths().run_dir, pid),
+        {{"op", "move"}, {"layer", id}, {"tier", layer::to_string(to)}, {"container", owner->name}},
+        std::chrono::hours(24));
+    if (!reply.ok()) {
+      // The server went away between the lock and the request: try again, now here.
+      const int code = reply.error().code;
+      if ((code == ENOENT || code == ECONNREFUSED) && attempt < 3) continue;
+      throw CliError{std::move(reply).error()};
+    }
+    check(layer::control_status(*reply));
+    TierMoved out{{}, pid};
+    layer::MoveResult& r = out.result;
+    r.layer = id;
+    r.from = take(layer::parse_tier(reply->value("from", "")));
+    r.to = take(layer::parse_tier(reply->value("to", "")));
+    r.moved = reply->value("moved", false);
+    r.data_bytes = reply->value("data_bytes", uint64_t{0});
+    r.pause_ms = reply->value("pause_ms", 0.0);
+    r.start_pause_ms = reply->value("start_pause_ms", 0.0);
+    r.catch_up_rounds = reply->value("catch_up_rounds", 0u);
+    r.caught_up_bytes = reply->value("caught_up_bytes", uint64_t{0});
+    return out;
+  }
+}
+
 int cmd_tier_move(const Globals& g, const TierMoveArgs& a) {
   const layer::Tier to = take(layer::parse_tier(a.tier));
   auto pool = open_pool(g, true);
   json moves = json::array();
   std::string text;
   for (const LayerId id : layers_to_move(*pool, a.target)) {
-    const auto r = take(layer::move_layer(*pool, id, to));
+    const TierMoved m = move_one(*pool, id, to);
+    const layer::MoveResult& r = m.result;
     std::vector<pid_t> reloaded;
-    if (r.moved && r.state != layer::LayerState::kWritable)
+    if (r.moved && r.state != layer::LayerState::kWritable && m.server == 0)
       reloaded = tell_servers_moved(*pool, r.layer);
-    moves.push_back({{"layer", r.layer},
-                     {"reloaded_by", reloaded},
-                     {"from", layer::to_string(r.from)},
-                     {"to", layer::to_string(r.to)},
-                     {"moved", r.moved},
-                     {"data_bytes", r.data_bytes}});
+    json entry = {
+        {"layer", r.layer},
+        {"reloaded_by", reloaded},
+        {"from", layer::to_string(r.from)},
+        {"to", layer::to_string(r.to)},
+        {"moved", r.moved},
+        {"data_bytes", r.data_bytes},
+        {"by", m.server == 0 ? std::string("cli") : fmt::format("server pid {}", m.server)}};
+    if (m.server != 0) {
+      entry["pause_ms"] = r.pause_ms;
+      entry["start_pause_ms"] = r.start_pause_ms;
+      entry["catch_up_rounds"] = r.catch_up_rounds;
+      entry["caught_up_bytes"] = r.caught_up_bytes;
+    }
+    moves.push_back(std::move(entry));
     if (!text.empty()) text += '\n';
-    text += r.moved ? fmt::format("moved layer {} from {} to {} ({} of data)", r.layer,
+    const std::string by = m.server == 0
+                               ? ""
+                               : fmt::format(" by the server (pid {}), writes paused {:.1f} ms",
+                                             m.server, std::max(r.pause_ms, r.start_pause_ms));
+    text += r.moved ? fmt::format("moved layer {} from {} to {} ({} of data){}", r.layer,
                                   layer::to_string(r.from), layer::to_string(r.to),
-                                  human_size(r.data_bytes))
+                                  human_size(r.data_bytes), by)
                     : fmt::format("layer {} is on {} already", r.layer, layer::to_string(r.to));
   }
   print_result(g, {{"ok", true}, {"target", a.target}, {"tier", a.tier}, {"layers", moves}}, text);
