@@ -241,6 +241,9 @@ TEST_CASE("a served delta moves both ways while four threads write, zero, trim a
   disk->set_test_hook(nullptr);
   writers->into(d.model);
   check_disk(*disk, d.model);
+  // A live snapshot freezes the moved delta where it is now.
+  MUST(disk->snapshot("after"));
+  check_disk(*disk, d.model);
   REQUIRE_OK(disk->flush());
   // The old files were let go (a read in flight holds its view until it returns).
   for (int i = 0; i < 5000 && deleted_layer_fds() > 0; ++i)
@@ -251,7 +254,57 @@ TEST_CASE("a served delta moves both ways while four threads write, zero, trim a
   d.f.reopen();
   require_only_in(*d.f.pool, delta, Tier::kHdd);
   check_disk(*d.open(), d.model);
+  check_disk(*d.open("c@after", false), d.model);
   require_fsck_clean(*d.f.pool);
+}
+
+TEST_CASE("a live move never lets the index name data the copy has not synced", "[delta_move]") {
+  DiskFixture d(kImage, kDisk);
+  Pool& pool = *d.f.pool;
+  // The copy's tier records which writes a sync made durable (TrackingStore).
+  auto* hdd = new TrackingStore(pool.paths().tier_dir[1], 4096);
+  pool.set_store(Tier::kHdd, std::unique_ptr<LayerStore>(hdd));
+  auto disk = d.open();
+  for (uint64_t off = 0; off < kDisk; off += 4096 * 5)
+    do_write(*disk, d.model, off, pattern(4096 * 2, off));
+  REQUIRE_OK(disk->flush());
+  const LayerId delta = MUST(pool.inspect("c")).container.delta_layer;
+  // Every block the committed index names as data in the delta was written (or punched: an
+  // all-zero block is copied as a hole) in the copy, then synced. No Catch macros: it runs on
+  // the mover's thread.
+  auto unsynced = [&]() -> std::string {
+    auto blocks = committed_data_blocks(pool, delta);
+    if (!blocks) return blocks.error().message;
+    for (uint64_t b : *blocks)
+      if (!hdd->durable(delta, b))
+        return fmt::format("block {} is data in the committed index, not synced in the copy", b);
+    return "";
+  };
+  std::optional<Writers> writers;
+  std::string at_switch = "not reached";
+  pool.set_test_hook([&](std::string_view point) {
+    if (point == "move.copied" || point == "move.caught-up") writers->wait_ops(300);
+    if (point == "move.switched") at_switch = unsynced();
+  });
+  disk->set_test_hook([&](std::string_view point) {
+    if (point == "move.catch-up") writers->wait_ops(50);
+  });
+  writers.emplace(*disk, d.model, test::test_seed("delta-move-sync"));
+  Disk::MoveOptions options;
+  options.final_bytes = 0;
+  options.max_rounds = 2;
+  CHECK(MUST(disk->move_delta(delta, Tier::kHdd, options)).moved);
+  writers->wait_ops(500);  // flush rounds commit marks of writes to the copy
+  writers->stop();
+  for (const auto& e : writers->errors()) UNSCOPED_INFO(e);
+  REQUIRE(writers->failures() == 0);
+  pool.set_test_hook(nullptr);
+  disk->set_test_hook(nullptr);
+  CHECK(at_switch == "");
+  REQUIRE_OK(disk->flush());
+  CHECK(unsynced() == "");
+  writers->into(d.model);
+  check_disk(*disk, d.model);
 }
 
 TEST_CASE("a delta never written moves by its row; its first write makes the file there",
