@@ -8,17 +8,21 @@
 // - Tracking: before the copy starts, the view's delta file is wrapped in a TrackingFile (with
 //   the write gate closed for a moment, so that no write in flight escapes it), which marks the
 //   blocks of every write and punch before and after the I/O.
-// - Copy: the store's copy_to (sparse, the kernel's copy_file_range) while writes go on; then
-//   catch-up rounds, each taking the marked blocks and copying them again (an all-zero block as
-//   a hole), then comparing them with the source; then the whole copy compared with the source
-//   (a live delta has no checksums); a block that differs is marked, as it may have raced a
-//   write; more rounds until what is left is small.
-// - Invariant before the switch: every block of the copy either compared equal to the source
-//   since the last write to it began, or is marked.
-// - Switch: with the gate closed after a flush, the marked blocks are copied and compared —
-//   strictly now (no write can be in flight: a difference is EIO) — the copy is synced, one
-//   transaction switches the row, and a view sharing the maps serves the copy. Reads in flight
-//   finish on the old file (the old view holds it), which is removed after the gate reopened.
+// - Copy: the store's copy_to (sparse, the kernel's copy_file_range) while writes go on.
+// - Mirror: then the TrackingFile writes every write and punch into the copy too, under
+//   per-block stripe locks, and catch-up rounds copy the marked blocks (an all-zero block as a
+//   hole) under the same locks, reading each back and comparing it with the source; then the
+//   whole copy is compared with the source (a live delta has no checksums), piece by piece
+//   under the locks. A block that differs is marked and copied again. Mirroring is what makes
+//   the rounds converge when clients write faster than a round copies: nothing but a failure
+//   marks a block once it is on.
+// - Invariant before the switch: every block of the copy equals the source's (mirrored writes
+//   keep it so) or is marked.
+// - Switch: flush rounds held, then with the gate closed the marked blocks are copied and
+//   compared, strictly now (a difference is EIO), and a view sharing the maps serves the copy;
+//   the gate reopens; the copy is synced and one transaction switches the row before any round
+//   may commit marks of writes to the copy. Reads in flight finish on the old file (the old
+//   view holds it), which is removed last.
 #include <algorithm>
 #include <chrono>
 #include <cstring>
@@ -74,55 +78,89 @@ Status for_each_piece(const Runs& runs, uint32_t bs, uint64_t size_bytes, Fn&& f
   return {};
 }
 
-// Copies the blocks of `runs` from src to dst as src reads them now: an all-zero block as a
-// hole (punched; written as zeroes where the filesystem cannot punch). Adds the bytes copied
-// to *copied.
-Status copy_runs(LayerFile& src, LayerFile& dst, const Runs& runs, uint32_t bs, uint64_t size_bytes,
-                 uint64_t* copied) {
-  std::vector<uint8_t> buf(std::max<uint64_t>(kPieceBytes, bs));
-  return for_each_piece(
-      runs, bs, size_bytes, [&](uint64_t offset, uint64_t len, uint64_t, uint64_t) -> Status {
-        LAYER_TRY(src.read(buf.data(), len, offset));
-        // Consecutive blocks of one kind (data, or zeroes) in one write or punch.
-        for (uint64_t at = 0; at < len;) {
-          const bool zero = all_zero(buf.data() + at, std::min<uint64_t>(bs, len - at));
-          uint64_t end = at;
-          while (end < len && all_zero(buf.data() + end, std::min<uint64_t>(bs, len - end)) == zero)
-            end += std::min<uint64_t>(bs, len - end);
-          Status s;
-          if (zero) {
-            s = dst.punch(offset + at, end - at);
-            if (!s && s.error().code == EOPNOTSUPP)
-              s = dst.write(buf.data() + at, end - at, offset + at);
-          } else {
-            s = dst.write(buf.data() + at, end - at, offset + at);
-          }
-          LAYER_TRY(s);
-          at = end;
-        }
-        *copied += len;
-        return {};
-      });
-}
+// Copies and compares pieces of the delta's file (src) and its copy (dst), each with the
+// stripes of its blocks held in the TrackingFile, so that no mirrored write to them is in
+// flight meanwhile: a difference seen then is not a race with a client's write.
+class Copier {
+ public:
+  Copier(LayerFile& src, LayerFile& dst, TrackingFile& guard, uint32_t bs, uint64_t size_bytes)
+      : src_(src),
+        dst_(dst),
+        guard_(guard),
+        bs_(bs),
+        size_bytes_(size_bytes),
+        a_(std::max<uint64_t>(kPieceBytes, bs)),
+        b_(a_.size()) {}
 
-// Calls differ(block) for each block of `runs` whose bytes in src and dst differ now; stops at
-// the first error differ returns.
-template <typename Differ>
-Status compare_runs(LayerFile& src, LayerFile& dst, const Runs& runs, uint32_t bs,
-                    uint64_t size_bytes, Differ&& differ) {
-  std::vector<uint8_t> a(std::max<uint64_t>(kPieceBytes, bs)), b(a.size());
-  return for_each_piece(runs, bs, size_bytes,
-                        [&](uint64_t offset, uint64_t len, uint64_t first, uint64_t) -> Status {
-                          LAYER_TRY(src.read(a.data(), len, offset));
-                          LAYER_TRY(dst.read(b.data(), len, offset));
-                          for (uint64_t at = 0, block = first; at < len; at += bs, ++block) {
-                            const uint64_t n = std::min<uint64_t>(bs, len - at);
-                            if (std::memcmp(a.data() + at, b.data() + at, n) != 0)
-                              LAYER_TRY(differ(block));
-                          }
-                          return {};
-                        });
-}
+  // Copies the blocks of `runs` as src reads them now (an all-zero block as a hole: punched, or
+  // written as zeroes where the filesystem cannot punch), reads them back and calls
+  // differ(block) for each that differs; stops at the first error differ returns. Adds the
+  // bytes copied to *copied.
+  template <typename Differ>
+  Status copy(const Runs& runs, uint64_t* copied, Differ&& differ) {
+    return for_each_piece(runs, bs_, size_bytes_,
+                          [&](uint64_t offset, uint64_t len, uint64_t first, uint64_t n) {
+                            return guard_.with_blocks_locked(first, n, [&]() -> Status {
+                              LAYER_TRY(src_.read(a_.data(), len, offset));
+                              LAYER_TRY(write_piece(offset, len));
+                              *copied += len;
+                              return check_piece(offset, len, first, differ);
+                            });
+                          });
+  }
+
+  // Calls differ(block) for each block of `runs` whose bytes in src and dst differ now.
+  template <typename Differ>
+  Status compare(const Runs& runs, Differ&& differ) {
+    return for_each_piece(runs, bs_, size_bytes_,
+                          [&](uint64_t offset, uint64_t len, uint64_t first, uint64_t n) {
+                            return guard_.with_blocks_locked(first, n, [&]() -> Status {
+                              LAYER_TRY(src_.read(a_.data(), len, offset));
+                              return check_piece(offset, len, first, differ);
+                            });
+                          });
+  }
+
+ private:
+  // Writes a_[0, len) at offset: consecutive blocks of one kind (data, or zeroes) in one write
+  // or punch.
+  Status write_piece(uint64_t offset, uint64_t len) {
+    for (uint64_t at = 0; at < len;) {
+      const bool zero = all_zero(a_.data() + at, std::min<uint64_t>(bs_, len - at));
+      uint64_t end = at;
+      while (end < len && all_zero(a_.data() + end, std::min<uint64_t>(bs_, len - end)) == zero)
+        end += std::min<uint64_t>(bs_, len - end);
+      Status s;
+      if (zero) {
+        s = dst_.punch(offset + at, end - at);
+        if (!s && s.error().code == EOPNOTSUPP)
+          s = dst_.write(a_.data() + at, end - at, offset + at);
+      } else {
+        s = dst_.write(a_.data() + at, end - at, offset + at);
+      }
+      LAYER_TRY(s);
+      at = end;
+    }
+    return {};
+  }
+  // Reads dst's piece and compares it with a_ (src's), block by block.
+  template <typename Differ>
+  Status check_piece(uint64_t offset, uint64_t len, uint64_t first, Differ& differ) {
+    LAYER_TRY(dst_.read(b_.data(), len, offset));
+    for (uint64_t at = 0, block = first; at < len; at += bs_, ++block) {
+      const uint64_t n = std::min<uint64_t>(bs_, len - at);
+      if (std::memcmp(a_.data() + at, b_.data() + at, n) != 0) LAYER_TRY(differ(block));
+    }
+    return {};
+  }
+
+  LayerFile& src_;
+  LayerFile& dst_;
+  TrackingFile& guard_;
+  const uint32_t bs_;
+  const uint64_t size_bytes_;
+  std::vector<uint8_t> a_, b_;
+};
 
 // The blocks that hold data in either file (their allocated ranges), as runs.
 Result<Runs> data_runs(LayerFile& a, LayerFile& b, uint32_t bs, uint64_t size_bytes) {
@@ -153,11 +191,12 @@ struct Disk::LiveMove {
   Tier to = Tier::kSsd;
   uint64_t intent_id = 0;
   std::shared_ptr<DirtyTracker> tracker;
-  std::shared_ptr<LayerFile> source;  // the delta's file, unwrapped
-  std::shared_ptr<LayerFile> copy;    // its copy in `to`
-  bool tracking = false;              // the current view writes through a TrackingFile
-  bool published = false;             // the current view serves the copy
-  bool switched = false;              // the row's switch committed
+  std::shared_ptr<LayerFile> source;      // the delta's file, unwrapped
+  std::shared_ptr<LayerFile> copy;        // its copy in `to`
+  std::shared_ptr<TrackingFile> wrapper;  // the view's file while tracking
+  bool tracking = false;                  // the current view writes through a TrackingFile
+  bool published = false;                 // the current view serves the copy
+  bool switched = false;                  // the row's switch committed
   MoveResult result;
 };
 
@@ -248,8 +287,8 @@ Status Disk::move_track(LiveMove& m) {
   }
   m.tracker = std::move(tracker);
   m.source = file;
-  publish_view(view_with_file(
-      *v, std::make_shared<TrackingFile>(std::move(file), m.tracker, block_size_), m.from, true));
+  m.wrapper = std::make_shared<TrackingFile>(std::move(file), m.tracker, block_size_);
+  publish_view(view_with_file(*v, m.wrapper, m.from, true));
   m.tracking = true;
   m.result.start_pause_ms = ms(Clock::now() - closing);
   return {};
@@ -268,28 +307,30 @@ Status Disk::move_copy(LiveMove& m, const MoveOptions& options) {
   LAYER_TRY(m.source->data_extents(0, src_size,
                                    [&](uint64_t, uint64_t len) { m.result.data_bytes += len; }));
 
-  // A block that differs is marked: a write may have raced its copy or its comparison (and
-  // marked it too); if not, it differs again with the gate closed, and the move fails then.
+  // From now on the clients' writes go to both files; the marked blocks (written during the
+  // bulk copy) only need copying once more, as nothing marks them again but a failure.
+  m.wrapper->start_mirror(m.copy);
+  Copier copier(*m.source, *m.copy, *m.wrapper, block_size_, size_bytes_);
+  // A block that still differs once copied (under its stripe: no write in flight) is marked
+  // and copied again; if it differs with the gate closed, the move fails then.
   auto mark = [&](uint64_t block) { return m.tracker->mark(block, 1); };
   auto rounds = [&]() -> Status {
     for (int round = 0; round < options.max_rounds; ++round) {
       at("move.catch-up");
       if (m.tracker->count() * block_size_ <= options.final_bytes) break;
       LAYER_ASSIGN(const Runs runs, m.tracker->take());
-      LAYER_TRY(
-          copy_runs(*m.source, *m.copy, runs, block_size_, size_bytes_, &m.result.caught_up_bytes));
-      LAYER_TRY(compare_runs(*m.source, *m.copy, runs, block_size_, size_bytes_, mark));
+      LAYER_TRY(copier.copy(runs, &m.result.caught_up_bytes, mark));
       ++m.result.catch_up_rounds;
     }
-    return {};
+    return m.wrapper->mirror_error();
   };
   LAYER_TRY(rounds());
   // The whole copy against the source (a live delta has no checksums): every data range of
   // either file (elsewhere both read as zeroes).
   LAYER_ASSIGN(const Runs all, data_runs(*m.source, *m.copy, block_size_, size_bytes_));
-  LAYER_TRY(compare_runs(*m.source, *m.copy, all, block_size_, size_bytes_, mark));
+  LAYER_TRY(copier.compare(all, mark));
   LAYER_TRY(rounds());
-  // Synced now, so that the sync with the gate closed covers only the last blocks.
+  // Synced now, so that the sync after the switch covers only the last writes.
   return m.copy->sync();
 }
 
@@ -305,15 +346,15 @@ Status Disk::move_switch(LiveMove& m) {
     // the copy must now equal the source wherever either holds data.
     Status s = [&]() -> Status {
       LAYER_ASSIGN(const Runs runs, m.tracker->take());
-      LAYER_TRY(
-          copy_runs(*m.source, *m.copy, runs, block_size_, size_bytes_, &m.result.caught_up_bytes));
-      LAYER_TRY(compare_runs(
-          *m.source, *m.copy, runs, block_size_, size_bytes_, [&](uint64_t block) -> Status {
-            return make_error(EIO,
-                              "layer {}: block {} of the copy in {} differs from {} with "
-                              "writes paused; the delta stays in {}",
-                              m.id, block, m.copy->path(), m.source->path(), to_string(m.from));
-          }));
+      Copier copier(*m.source, *m.copy, *m.wrapper, block_size_, size_bytes_);
+      LAYER_TRY(copier.copy(runs, &m.result.caught_up_bytes, [&](uint64_t block) -> Status {
+        return make_error(EIO,
+                          "layer {}: block {} of the copy in {} differs from {} with "
+                          "writes paused; the delta stays in {}",
+                          m.id, block, m.copy->path(), m.source->path(), to_string(m.from));
+      }));
+      // A write the copy refused since the last round (its blocks were copied again above).
+      LAYER_TRY(m.wrapper->mirror_error());
       pool_.test_point("move.verified");
       std::lock_guard<std::mutex> lk(load_mu_);
       publish_view(view_with_file(*pin(), m.copy, m.to, false));

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <bit>
 #include <new>
+#include <thread>
 
 namespace layer {
 namespace {
@@ -108,6 +109,15 @@ Result<DirtyTracker::Runs> DirtyTracker::take() noexcept {
   return runs;
 }
 
+TrackingFile::TrackingFile(std::shared_ptr<LayerFile> inner, std::shared_ptr<DirtyTracker> tracker,
+                           uint32_t block_size)
+    : ForwardingFile(std::move(inner)),
+      tracker_(std::move(tracker)),
+      block_size_(block_size),
+      stripes_(new std::mutex[kStripes]) {}
+
+TrackingFile::~TrackingFile() = default;
+
 Status TrackingFile::mark(uint64_t offset, uint64_t len) noexcept {
   if (len == 0) return {};
   const uint64_t first = offset / block_size_;
@@ -115,19 +125,85 @@ Status TrackingFile::mark(uint64_t offset, uint64_t len) noexcept {
   return tracker_->mark(first, last - first + 1);
 }
 
-Status TrackingFile::write(const void* buf, uint64_t len, uint64_t offset) {
-  LAYER_TRY(mark(offset, len));
-  Status s = inner_->write(buf, len, offset);
-  // The pages exist since the first mark: this one cannot fail.
-  (void)mark(offset, len);
+void TrackingFile::lock_stripes(uint64_t first, uint64_t count, std::vector<size_t>* held) {
+  held->clear();
+  if (count >= kStripes) {
+    for (size_t i = 0; i < kStripes; ++i) held->push_back(i);
+  } else {
+    for (uint64_t b = first; b < first + count; ++b) held->push_back(b % kStripes);
+    std::sort(held->begin(), held->end());
+  }
+  // Ascending: no deadlock between two holders.
+  for (size_t i : *held) stripes_[i].lock();
+}
+
+void TrackingFile::unlock_stripes(const std::vector<size_t>& held) {
+  for (auto it = held.rbegin(); it != held.rend(); ++it) stripes_[*it].unlock();
+}
+
+Status TrackingFile::apply(uint64_t offset, uint64_t len,
+                           const std::function<Status(LayerFile&)>& io) {
+  // Counted before mirror_ is read (both sequentially consistent): either this write sees the
+  // mirror, or start_mirror sees it in flight and waits for it.
+  tracked_in_flight_.fetch_add(1);
+  LayerFile* mirror = mirror_.load();
+  if (!mirror) {
+    Status s = mark(offset, len);
+    if (s) {
+      s = io(*inner_);
+      // The pages exist since the first mark: this one cannot fail.
+      (void)mark(offset, len);
+    }
+    tracked_in_flight_.fetch_sub(1);
+    return s;
+  }
+  tracked_in_flight_.fetch_sub(1);
+  if (len == 0) return io(*inner_);
+  const uint64_t first = offset / block_size_;
+  const uint64_t count = (offset + len - 1) / block_size_ - first + 1;
+  std::vector<size_t> held;
+  lock_stripes(first, count, &held);
+  Status s = io(*inner_);
+  Status copied = s ? io(*mirror) : Status{};
+  unlock_stripes(held);
+  if (!s || !copied) {
+    // Whatever either file holds now, the next catch-up round copies these blocks again.
+    (void)tracker_->mark(first, count);
+  }
+  if (!copied) {
+    std::lock_guard<std::mutex> lk(error_mu_);
+    if (mirror_error_.ok()) mirror_error_ = copied;
+  }
   return s;
 }
 
+Status TrackingFile::write(const void* buf, uint64_t len, uint64_t offset) {
+  return apply(offset, len, [&](LayerFile& f) { return f.write(buf, len, offset); });
+}
+
 Status TrackingFile::punch(uint64_t offset, uint64_t len) {
-  LAYER_TRY(mark(offset, len));
-  Status s = inner_->punch(offset, len);
-  (void)mark(offset, len);
+  return apply(offset, len, [&](LayerFile& f) { return f.punch(offset, len); });
+}
+
+void TrackingFile::start_mirror(std::shared_ptr<LayerFile> copy) {
+  copy_ = std::move(copy);
+  mirror_.store(copy_.get());
+  // The tracked writes begun before drain quickly (no new one starts tracked).
+  while (tracked_in_flight_.load() != 0) std::this_thread::yield();
+}
+
+Status TrackingFile::with_blocks_locked(uint64_t first, uint64_t count,
+                                        const std::function<Status()>& fn) {
+  std::vector<size_t> held;
+  lock_stripes(first, count, &held);
+  Status s = fn();
+  unlock_stripes(held);
   return s;
+}
+
+Status TrackingFile::mirror_error() const {
+  std::lock_guard<std::mutex> lk(error_mu_);
+  return mirror_error_;
 }
 
 }  // namespace layer

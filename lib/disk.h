@@ -170,8 +170,9 @@ class Disk {
   // Moves the file of the disk's delta, layer `id`, to tier `to` while the disk serves
   // (DESIGN.md "Tiering mover"; delta_move.cc). Under the layer's move lock and a kMove intent,
   // as move_layer (mover.h), whose recovery a crash leaves to: the file is copied (LayerStore::
-  // copy_to) while writes go on and a DirtyTracker records the blocks they touch; catch-up
-  // rounds copy those blocks again; the copy is compared with the source and synced. Then,
+  // copy_to) while writes go on and a DirtyTracker records the blocks they touch; then writes
+  // go to both files (TrackingFile::start_mirror) while catch-up rounds copy the marked blocks
+  // again; the copy is compared with the source and synced. Then,
   // with the write gate closed, the blocks written since are copied and compared (a difference
   // now is EIO), and the disk switches to a view on the copy that shares its maps; the gate
   // reopens. Flush rounds wait (a client's flush with them) until the copy is synced again and
@@ -188,8 +189,10 @@ class Disk {
   // is reopened, and recover_move removes the copy: the delta is read from its source again.
   struct MoveOptions {
     // The catch-up rounds stop once the blocks left to copy are at most this many bytes: what
-    // is left is copied with the gate closed.
-    uint64_t final_bytes = 1 << 20;
+    // is left is copied with the gate closed. (Writes are mirrored into the copy once the
+    // rounds begin, so only the bulk copy's marks and failures are left: the rounds empty the
+    // set.)
+    uint64_t final_bytes = 0;
     // At most this many catch-up rounds after the bulk copy, and as many after the comparison.
     int max_rounds = 8;
   };
