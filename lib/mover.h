@@ -18,8 +18,8 @@
 // A writable delta moves here only while its container is not served: move_layer takes the
 // container's lock exclusively (EBUSY names the server holding it). A served delta is moved by
 // its server, live, through Disk::move_delta (disk.h), with the same intent, steps and recovery:
-// the copy is made while writes go on, the blocks they touch are copied again in catch-up
-// rounds, and the last few with writes paused for the switch.
+// the copy is made while writes go on, then writes go to both files while the blocks written
+// during the copy are copied again, and writes pause only for the switch.
 //
 // Test points (Pool::test_point, LAYER_FAILPOINT): "move.intent-committed", "move.copied"
 // (copy written and synced, not verified; a live delta's: the bulk copy, not caught up),
