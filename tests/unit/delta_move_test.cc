@@ -76,14 +76,17 @@ class BadFile : public ForwardingFile {
   bool enospc_;
 };
 
-// A tier whose files written through it (the mover's copy, and the catch-up's writes to it)
-// are BadFiles.
+// A tier whose files written through it (the mover's copy, and the catch-up's and mirrored
+// writes to it) are BadFiles; with good_copy, copy_to's file (create) is a good one.
 class BadStore : public ForwardingStore {
  public:
-  BadStore(const std::string& dir, bool enospc)
-      : ForwardingStore(std::make_unique<LocalStore>(dir)), enospc_(enospc) {}
+  BadStore(const std::string& dir, bool enospc, bool good_copy = false)
+      : ForwardingStore(std::make_unique<LocalStore>(dir)),
+        enospc_(enospc),
+        good_copy_(good_copy) {}
   Result<std::shared_ptr<LayerFile>> create(LayerId id, uint64_t size_bytes) override {
     LAYER_ASSIGN(auto f, ForwardingStore::create(id, size_bytes));
+    if (good_copy_) return f;
     return std::shared_ptr<LayerFile>(std::make_shared<BadFile>(f, enospc_));
   }
   Result<std::shared_ptr<LayerFile>> open(LayerId id, bool writable) override {
@@ -94,6 +97,7 @@ class BadStore : public ForwardingStore {
 
  private:
   bool enospc_;
+  bool good_copy_;
 };
 
 // Four writers, each on its own quarter of the disk with its own model of it: random writes
@@ -331,18 +335,29 @@ TEST_CASE("a delta never written moves by its row; its first write makes the fil
 
 TEST_CASE("a live copy that does not compare equal, or a full tier, leaves the delta serving",
           "[delta_move]") {
-  for (bool enospc : {false, true}) {
-    INFO((enospc ? "ENOSPC" : "corrupt"));
+  // corrupt: every write to the copy flips a byte; full: the copy cannot be made; full later:
+  // the copy is made, then the tier refuses a client's mirrored write and the catch-up's.
+  enum class Fault { kCorrupt, kFull, kFullLater };
+  for (Fault fault : {Fault::kCorrupt, Fault::kFull, Fault::kFullLater}) {
+    INFO("fault " << static_cast<int>(fault));
     DiskFixture d(kImage, kDisk);
     Pool& pool = *d.f.pool;
-    pool.set_store(Tier::kHdd, std::make_unique<BadStore>(pool.paths().tier_dir[1], enospc));
+    pool.set_store(Tier::kHdd,
+                   std::make_unique<BadStore>(pool.paths().tier_dir[1], fault != Fault::kCorrupt,
+                                              fault == Fault::kFullLater));
     auto disk = d.open();
     do_write(*disk, d.model, 4096 * 5, pattern(4096 * 40, 3));
     REQUIRE_OK(disk->flush());
     const LayerId delta = MUST(pool.inspect("c")).container.delta_layer;
+    // A client's write once the copy is made: mirrored, refused by the full tier, acknowledged
+    // (the source took it).
+    pool.set_test_hook([&](std::string_view point) {
+      if (point == "move.caught-up") do_write(*disk, d.model, 4096 * 7 + 1, pattern(5000, 8));
+    });
     auto r = disk->move_delta(delta, Tier::kHdd);
+    pool.set_test_hook(nullptr);
     REQUIRE_FALSE(r);
-    CHECK(r.error().code == (enospc ? ENOSPC : EIO));
+    CHECK(r.error().code == (fault == Fault::kCorrupt ? EIO : ENOSPC));
     require_only_in(pool, delta, Tier::kSsd);
     CHECK(disk->delta_layer().tier == Tier::kSsd);
     // It goes on serving from its source: writes, zeroes, reads, flushes.
