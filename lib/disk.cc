@@ -276,7 +276,7 @@ Result<std::shared_ptr<Disk::View>> Disk::load_view(const View* previous) {
                                   ? pool_.verifiers().get(pool_.index(), layer)
                                   : nullptr);
   }
-  v->delta = std::make_unique<DeltaMap>(size_blocks_);
+  v->delta = std::make_shared<DeltaMap>(size_blocks_);
   if (snapshot_) return v;  // no delta: the map stays all absent, no file
   v->delta_heat = pool_.heat().counter(v->delta_layer.id);
   const LayerId delta_id = v->delta_layer.id;
@@ -351,6 +351,11 @@ Status Disk::fail_if_broken() const {
   const int broken = broken_.load(std::memory_order_acquire);
   if (broken == kSyncFailed)
     return make_error(EIO, "container \"{}\": an earlier fdatasync failed; reopen the disk", name_);
+  if (broken == kBrokenMove)
+    return make_error(EIO,
+                      "container \"{}\": a tier move of its delta failed after the disk switched "
+                      "to the copy; reopen the disk (the delta is read from its old tier)",
+                      name_);
   if (broken == kStale)
     return make_error(EIO,
                       "container \"{}\" was changed by a snapshot or rollback that this disk "
@@ -748,6 +753,7 @@ Status Disk::quiesce(const std::function<Status()>& fn) {
 
 Result<ContainerState> Disk::change(const std::function<Result<ContainerState>()>& op) {
   if (!writable_) return make_error(EPERM, "container \"{}\" is open read-only", name_);
+  std::lock_guard<std::mutex> live(live_mu_);
   ContainerState state;
   LAYER_TRY(quiesce([&]() -> Status {
     LAYER_ASSIGN(state, op());
@@ -779,6 +785,53 @@ Status Disk::reload_moved(LayerId id) {
   });
   if (!reloaded) return std::move(reloaded).error();
   return {};
+}
+
+LayerRecord Disk::delta_layer() const {
+  std::lock_guard<std::mutex> lk(load_mu_);
+  return delta_layer_;
+}
+
+std::shared_ptr<Disk::View> Disk::view_with_file(View& v, std::shared_ptr<LayerFile> file,
+                                                 Tier tier, bool same_file) {
+  auto out = std::make_shared<View>();
+  out->chain = v.chain;
+  out->chain_map = v.chain_map;
+  out->chain_files = v.chain_files;
+  out->chain_heat = v.chain_heat;
+  out->chain_verify = v.chain_verify;
+  out->delta_heat = v.delta_heat;
+  out->delta_layer = v.delta_layer;
+  out->delta_layer.tier = tier;
+  out->delta = v.delta;
+  if (file) adopt_delta_file(*out, std::move(file));
+  if (same_file) {
+    // No write is in flight (the gate is closed) and no round runs on v any more once the new
+    // view is published (publish_view), so these are settled.
+    out->write_seq.store(v.write_seq.load(std::memory_order_acquire), std::memory_order_relaxed);
+    out->synced_seq = v.synced_seq;
+  }
+  return out;
+}
+
+void Disk::hold_rounds() {
+  std::unique_lock<std::mutex> lk(flush_mu_);
+  flush_cv_.wait(lk, [&] { return !round_running_; });
+  round_running_ = true;
+}
+
+void Disk::release_rounds() {
+  std::lock_guard<std::mutex> lk(flush_mu_);
+  round_running_ = false;
+  flush_cv_.notify_all();
+}
+
+void Disk::publish_view(std::shared_ptr<View> v) {
+  {
+    std::lock_guard<std::mutex> vlk(view_mu_);
+    view_.swap(v);
+  }
+  // v, the old view, goes when the last request pinning it lets go (here, if none does).
 }
 
 Status Disk::adopt(const ContainerState& state) {
@@ -1029,6 +1082,9 @@ Status DiskTable::release(std::shared_ptr<Disk> disk) {
 }
 
 Status DiskTable::reload_moved(LayerId id) {
+  // The handles this process shares may name a file the move replaced (after a move there and
+  // back, even one of the same tier): the reloads must open the file the row names now.
+  pool_.forget_frozen(id);
   // Each held as a user meanwhile (as acquire does), so that it stays open until released.
   std::vector<std::shared_ptr<Disk>> open;
   {

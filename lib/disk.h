@@ -12,6 +12,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -31,6 +32,7 @@
 #include "layer_build.h"
 #include "layer_file.h"
 #include "locks.h"
+#include "mover.h"
 #include "pool.h"
 #include "records.h"
 #include "snapshots.h"
@@ -135,8 +137,7 @@ class Disk {
 
   // Runs fn with the write gate closed, after a flush: no write, zero or trim is in flight
   // or starts until fn returns, and everything written before is durable. The seam through
-  // which snapshot, rollback and a tier move will swap the disk's view. Errors: the flush's,
-  // then fn's.
+  // which snapshot and rollback swap the disk's view. Errors: the flush's, then fn's.
   Status quiesce(const std::function<Status()>& fn);
 
   // Live changes of what the disk serves (DESIGN.md "Snapshots"): with the write gate closed
@@ -167,8 +168,43 @@ class Disk {
   // unlinked file, whose content is the same). Errors: as change().
   Status reload_moved(LayerId id);
 
+  // Moves the file of the disk's delta, layer `id`, to tier `to` while the disk serves
+  // (DESIGN.md "Tiering mover"; delta_move.cc). Under the layer's move lock and a kMove intent,
+  // as move_layer (mover.h), whose recovery a crash leaves to: the file is copied (LayerStore::
+  // copy_to) while writes go on and a DirtyTracker records the blocks they touch; then writes
+  // go to both files (TrackingFile::start_mirror) while catch-up rounds copy the marked blocks
+  // again; the copy is compared with the source and synced. Then,
+  // with the write gate closed, the blocks written since are copied and compared (a difference
+  // now is EIO), and the disk switches to a view on the copy that shares its maps; the gate
+  // reopens. Flush rounds wait (a client's flush with them) until the copy is synced again and
+  // one transaction has switched the layer's tier. Reads in flight finish on the old file; the
+  // old file and the intent go last. A delta with no file yet (never written) moves by its row
+  // alone, and its first write creates the file in `to`. Writes also wait for a moment when
+  // the tracker is installed. result.pause_ms and start_pause_ms say how long writes waited.
+  // Nothing to do (moved false) when the delta is in `to`.
+  // Errors: EPERM (read-only disk), EBUSY (the delta is no longer `id`: a snapshot changed it;
+  // another move of it runs), EIO (the copy does not compare equal, I/O errors), ENOSPC; after
+  // an error before the view's switch the disk serves from the source, and no copy or intent
+  // is left (a failure to remove them leaves the intent to recover_move). After it (the copy's
+  // sync or the switching transaction failed) the disk fails every request with EIO until it
+  // is reopened, and recover_move removes the copy: the delta is read from its source again.
+  struct MoveOptions {
+    // The catch-up rounds stop once the blocks left to copy are at most this many bytes: what
+    // is left is copied with the gate closed. (Writes are mirrored into the copy once the
+    // rounds begin, so only the bulk copy's marks and failures are left: the rounds empty the
+    // set.)
+    uint64_t final_bytes = 0;
+    // At most this many catch-up rounds after the bulk copy, and as many after the comparison.
+    int max_rounds = 8;
+  };
+  Result<MoveResult> move_delta(LayerId id, Tier to, const MoveOptions& options);
+  Result<MoveResult> move_delta(LayerId id, Tier to) { return move_delta(id, to, MoveOptions{}); }
+  // The delta's layer row as the disk serves it (its tier follows move_delta).
+  LayerRecord delta_layer() const;
+
   // Test seam: hook(point) runs at named points of the I/O paths ("write.stripes_chosen",
-  // "write.copy_up_read", "flush.wait", "flush.rows_taken"), on the thread that reaches them.
+  // "write.copy_up_read", "flush.wait", "flush.rows_taken") and of move_delta ("move.catch-up"
+  // before each catch-up round), on the thread that reaches them.
   // REQUIRES: set or cleared while no I/O runs.
   void set_test_hook(std::function<void(std::string_view)> hook) { hook_ = std::move(hook); }
 
@@ -192,7 +228,8 @@ class Disk {
     std::vector<std::shared_ptr<LayerVerifier>> chain_verify;
     std::shared_ptr<HeatCounter> delta_heat;
     LayerRecord delta_layer;
-    std::unique_ptr<DeltaMap> delta;
+    // Shared by the views of one delta that differ only in its file (move_delta).
+    std::shared_ptr<DeltaMap> delta;
     // The delta's file, created on the first write: set once under file_mu, read lock-free
     // through file_raw (a block is marked data only after its write to this file returned).
     std::mutex file_mu;
@@ -247,6 +284,29 @@ class Disk {
   // Takes the locks of `state` (keeping those already held), releases the others and loads
   // the new view. REQUIRES: gate_ held exclusively.
   Status adopt(const ContainerState& state);
+  // A view like v (same chain, maps and delta) whose delta file is `file` (null: none yet) in
+  // tier `tier`. same_file: `file` holds v's file's bytes (wraps it): its write count carries
+  // over. REQUIRES: gate_ held exclusively (no write to v in flight).
+  static std::shared_ptr<View> view_with_file(View& v, std::shared_ptr<LayerFile> file, Tier tier,
+                                              bool same_file);
+  // Holds off flush rounds: waits for a running round to end and marks one running, so that
+  // a flush waits as it would for a round, until release_rounds().
+  void hold_rounds();
+  void release_rounds();
+  // Makes v the current view. A flush round that pinned the old view could commit marks of
+  // writes to v's file without syncing it (a round syncs its own view's file), so no round may
+  // run across the switch. REQUIRES: rounds held (hold_rounds), gate_ held exclusively,
+  // load_mu_ held.
+  void publish_view(std::shared_ptr<View> v);
+  // The steps of move_delta (delta_move.cc).
+  struct LiveMove;
+  Status move_track(LiveMove& m);
+  Status move_copy(LiveMove& m, const MoveOptions& options);
+  Status move_switch(LiveMove& m);
+  // Takes the TrackingFile out of the view. untrack_locked: REQUIRES rounds held, gate_ held
+  // exclusively.
+  void move_untrack(LiveMove& m);
+  void untrack_locked(LiveMove& m);
   Status validate_records() const;
   Status check_file_size(LayerFile& file, const LayerRecord& layer) const;
   Status check_range(uint64_t len, uint64_t offset, bool for_write) const;
@@ -290,7 +350,9 @@ class Disk {
   std::vector<Lock> layer_locks_;   // parallel to chain_
   std::vector<LayerRecord> chain_;  // frozen layers below the delta, top first
 
-  std::mutex load_mu_;  // serialises loading a view and switching state
+  mutable std::mutex load_mu_;  // serialises loading a view and switching state
+  // Held by a live change (change()) and a live move for their whole length: one at a time.
+  std::mutex live_mu_;
   mutable std::mutex view_mu_;
   std::shared_ptr<View> view_;  // GUARDED_BY(view_mu_); null until the first I/O
   // The write gate: every write, zero and trim holds it shared from its first write to its
@@ -315,6 +377,9 @@ class Disk {
   // 0, or why the disk fails every request with EIO until reopened (disk.cc: an fdatasync
   // failed, or marks may have been dropped from the dirty set for want of memory).
   std::atomic<int> broken_{0};
+  // The value of broken_ after a live move failed once the disk had switched to the copy
+  // (delta_move.cc); disk.cc's other values are 1 to 3.
+  static constexpr int kBrokenMove = 4;
 
   std::function<void(std::string_view)> hook_;  // tests only
 };

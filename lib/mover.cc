@@ -26,14 +26,7 @@ Result<std::optional<LayerRecord>> read_layer(Pool& pool, LayerId id) {
 
 // The container whose delta is `id`. Errors: EIO when none is (a writable layer is always one).
 Result<ContainerRecord> container_of_delta(Pool& pool, LayerId id) {
-  LAYER_ASSIGN(auto txn, pool.index().begin_read());
-  std::optional<ContainerRecord> found;
-  LAYER_TRY(
-      txn.scan(Db::kContainers, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
-        LAYER_ASSIGN(auto c, decode_container(v, k));
-        if (c.delta_layer == id) found = std::move(c);
-        return !found;
-      }));
+  LAYER_ASSIGN(auto found, find_container_of_delta(pool, id));
   if (!found) return make_error(EIO, "layer {}: writable, but no container's delta", id);
   return *found;
 }
@@ -144,6 +137,57 @@ Result<bool> recover_move(Pool& pool, uint64_t intent_id, const IntentRecord& in
   return true;
 }
 
+Result<std::optional<ContainerRecord>> find_container_of_delta(Pool& pool, LayerId id) {
+  LAYER_ASSIGN(auto txn, pool.index().begin_read());
+  std::optional<ContainerRecord> found;
+  LAYER_TRY(
+      txn.scan(Db::kContainers, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
+        LAYER_ASSIGN(auto c, decode_container(v, k));
+        if (c.delta_layer == id) found = std::move(c);
+        return !found;
+      }));
+  return found;
+}
+
+Status finish_moves_of(Pool& pool, LayerId id) {
+  LAYER_ASSIGN(auto moves, intents(pool, IntentRecord::Kind::kMove));
+  for (const auto& [intent_id, intent] : moves)
+    if (intent.layer == id) LAYER_TRY(recover_locked(pool, intent_id, intent));
+  return {};
+}
+
+Result<uint64_t> begin_move(Pool& pool, LayerId id, Tier to) {
+  // Any file of this layer in `to` is a leftover: the row names the other tier and no mover
+  // (the move lock) writes there.
+  LAYER_TRY(pool.store(to).remove(id));
+  uint64_t intent_id = 0;
+  LAYER_TRY(pool.committer().run([&](WriteTxn& txn) -> Status {
+    LAYER_ASSIGN(intent_id, txn.next_id("intent"));
+    IntentRecord intent{IntentRecord::Kind::kMove, id, to_string(to), now_unix()};
+    return txn.put(Db::kIntents, key_u64(intent_id), encode(intent));
+  }));
+  pool.test_point("move.intent-committed");
+  return intent_id;
+}
+
+Status switch_tier(Pool& pool, LayerId id, Tier from, Tier to, uint64_t intent_id) {
+  return pool.committer().run([&](WriteTxn& txn) -> Status {
+    LAYER_ASSIGN(auto v, txn.get(Db::kLayers, key_u64(id)));
+    if (!v) return make_error(ENOENT, "layer {} was removed during its move", id);
+    LAYER_ASSIGN(auto rec, decode_layer(*v, id));
+    if (rec.tier != from) return make_error(EBUSY, "layer {} changed tier during its move", id);
+    LAYER_ASSIGN(auto current, txn.get(Db::kIntents, key_u64(intent_id)));
+    if (!current) return make_error(EIO, "layer {}: its move intent was recovered meanwhile", id);
+    rec.tier = to;
+    return txn.put(Db::kLayers, key_u64(id), encode(rec));
+  });
+}
+
+Status end_move(Pool& pool, uint64_t intent_id, LayerId id, Tier to) {
+  return recover_locked(pool, intent_id,
+                        IntentRecord{IntentRecord::Kind::kMove, id, to_string(to), 0});
+}
+
 Result<MoveResult> move_layer(Pool& pool, LayerId id, Tier to) {
   LAYER_TRY(pool.check_writable());
   LAYER_ASSIGN(Lock move_lock, pool.locks().try_lock(LockKind::kMove, id, true,
@@ -168,21 +212,9 @@ Result<MoveResult> move_layer(Pool& pool, LayerId id, Tier to) {
   if (layer.state != first->state)
     return make_error(EBUSY, "layer {} changed meanwhile (it was frozen); try again", id);
   // A move of this layer that a crash interrupted: finish it first (we hold its move lock).
-  LAYER_ASSIGN(auto moves, intents(pool, IntentRecord::Kind::kMove));
-  for (const auto& [intent_id, intent] : moves)
-    if (intent.layer == id) LAYER_TRY(recover_locked(pool, intent_id, intent));
+  LAYER_TRY(finish_moves_of(pool, id));
   if (layer.tier == to) return result;
-  // Any file of this layer in `to` is a leftover: the row names the other tier and no mover
-  // (the move lock) writes there.
-  LAYER_TRY(pool.store(to).remove(id));
-
-  uint64_t intent_id = 0;
-  LAYER_TRY(pool.committer().run([&](WriteTxn& txn) -> Status {
-    LAYER_ASSIGN(intent_id, txn.next_id("intent"));
-    IntentRecord intent{IntentRecord::Kind::kMove, id, to_string(to), now_unix()};
-    return txn.put(Db::kIntents, key_u64(intent_id), encode(intent));
-  }));
-  pool.test_point("move.intent-committed");
+  LAYER_ASSIGN(const uint64_t intent_id, begin_move(pool, id, to));
   // Until the switch commits, a failure removes the copy, then the intent (a failure of that
   // leaves the intent for recover_move).
   const IntentRecord intent{IntentRecord::Kind::kMove, id, to_string(to), 0};
@@ -194,17 +226,7 @@ Result<MoveResult> move_layer(Pool& pool, LayerId id, Tier to) {
   if (!copied) return fail(std::move(copied).error());
   result.data_bytes = *copied;
 
-  auto switched = pool.committer().run([&](WriteTxn& txn) -> Status {
-    LAYER_ASSIGN(auto v, txn.get(Db::kLayers, key_u64(id)));
-    if (!v) return make_error(ENOENT, "layer {} was removed during its move", id);
-    LAYER_ASSIGN(auto rec, decode_layer(*v, id));
-    if (rec.tier != layer.tier)
-      return make_error(EBUSY, "layer {} changed tier during its move", id);
-    LAYER_ASSIGN(auto current, txn.get(Db::kIntents, key_u64(intent_id)));
-    if (!current) return make_error(EIO, "layer {}: its move intent was recovered meanwhile", id);
-    rec.tier = to;
-    return txn.put(Db::kLayers, key_u64(id), encode(rec));
-  });
+  auto switched = switch_tier(pool, id, layer.tier, to, intent_id);
   if (!switched) return fail(std::move(switched).error());
   pool.test_point("move.switched");
   // Readers holding the old file keep reading it (same content) until they let it go. The

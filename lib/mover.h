@@ -15,12 +15,18 @@
 // mover holds the move lock) removes the copy the row does not name, then the intent. So a
 // layer is always readable from exactly one place, the one its row names.
 //
-// A writable delta moves only while its container is not served: move_layer takes the
-// container's lock exclusively (EBUSY names the server holding it).
+// A writable delta moves here only while its container is not served: move_layer takes the
+// container's lock exclusively (EBUSY names the server holding it). A served delta is moved by
+// its server, live, through Disk::move_delta (disk.h), with the same intent, steps and recovery:
+// the copy is made while writes go on, then writes go to both files while the blocks written
+// during the copy are copied again, and writes pause only for the switch.
 //
 // Test points (Pool::test_point, LAYER_FAILPOINT): "move.intent-committed", "move.copied"
-// (copy written and synced, not verified), "move.verified", "move.switched" (row switched, old
-// file not yet removed).
+// (copy written and synced, not verified; a live delta's: the bulk copy, not caught up),
+// "move.caught-up" (a live delta's catch-up rounds and the comparison done, copy synced, writes
+// not paused yet), "move.verified" (a live delta's: with writes paused, the last blocks copied
+// and compared, the disk not yet switched to the copy), "move.switched" (row switched, old file
+// not yet removed; a live delta's server writes to the copy, its flush rounds still held).
 //
 // Thread-safety: move_layer may run concurrently with anything; a second move of the same layer
 // fails with EBUSY.
@@ -41,6 +47,11 @@ struct MoveResult {
   bool moved = false;       // false: it was in `to` already
   uint64_t data_bytes = 0;  // bytes of data copied (the source's data ranges)
   LayerState state = LayerState::kWritable;
+  // A live delta's move (Disk::move_delta) only:
+  double pause_ms = 0;        // how long writes waited for the final catch-up and the switch
+  double start_pause_ms = 0;  // and for the tracker to be installed, before the copy
+  uint32_t catch_up_rounds = 0;
+  uint64_t caught_up_bytes = 0;  // bytes copied again after the bulk copy (rounds and final)
 };
 
 // Moves layer `id`'s file to tier `to` (nothing to do when it is there already). A layer with
@@ -59,5 +70,24 @@ Result<Tier> move_file_tier(uint64_t intent_id, const IntentRecord& intent);
 // removed when the row is gone: the layer was dropped), then the intent. Errors: those of the
 // store, the lock and the transaction.
 Result<bool> recover_move(Pool& pool, uint64_t intent_id, const IntentRecord& intent);
+
+// The steps of a move that Disk::move_delta shares with move_layer.
+// REQUIRES (each): the layer's move lock held.
+//
+// Finishes every move of layer `id` that a crash interrupted (as recover_move).
+Status finish_moves_of(Pool& pool, LayerId id);
+// Removes any file of layer `id` in `to` (a leftover: the row names the other tier), then
+// commits a move intent to `to`; returns the intent's id. Test point "move.intent-committed".
+Result<uint64_t> begin_move(Pool& pool, LayerId id, Tier to);
+// One transaction switching layer `id`'s row from tier `from` to `to`, while its move intent
+// `intent_id` is there. Errors: ENOENT (the layer was removed), EBUSY (its tier changed), EIO
+// (the intent is gone: recovered meanwhile).
+Status switch_tier(Pool& pool, LayerId id, Tier from, Tier to, uint64_t intent_id);
+// Ends the move `intent_id` of layer `id` to `to`, switched or not: removes the file in the
+// tier the layer's row does not name, then the intent.
+Status end_move(Pool& pool, uint64_t intent_id, LayerId id, Tier to);
+
+// The container whose delta is layer `id`; std::nullopt when none (a frozen layer, or none).
+Result<std::optional<ContainerRecord>> find_container_of_delta(Pool& pool, LayerId id);
 
 }  // namespace layer

@@ -336,6 +336,11 @@ Result<std::shared_ptr<LayerFile>> Pool::open_frozen(const LayerRecord& layer) {
   }
 }
 
+void Pool::forget_frozen(LayerId id) {
+  std::lock_guard<std::mutex> lk(frozen_mu_);
+  std::erase_if(frozen_files_, [&](const auto& kv) { return kv.first.second == id; });
+}
+
 std::string Pool::layer_path(const LayerRecord& layer) const {
   return layer_path(layer.id, layer.tier);
 }

@@ -118,6 +118,9 @@ class Pool {
   // the layer's row is read again and the tier it names now is tried (the mover switched it
   // and removed the old file since `layer` was read). Errors: as LayerStore::open.
   Result<std::shared_ptr<LayerFile>> open_frozen(const LayerRecord& layer);
+  // Drops the shared handles of layer id's files from open_frozen's table (the mover replaced
+  // the file: later opens open it anew; holders keep reading the old one).
+  void forget_frozen(LayerId id);
   // Test seam for interleavings: when set, long operations call it with a named point on
   // their own thread, and it may block (pause the operation) or change the world meanwhile.
   // Points: "import.intent-committed" (intent row visible), "import.data-walked" (the source's

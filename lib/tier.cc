@@ -22,19 +22,6 @@ constexpr std::string_view kMetaTierPolicy = "tier.policy";
 
 std::string rate_text(double ops) { return fmt::format("{:.3g} ops/s", ops); }
 
-// The container whose delta is `id`; std::nullopt when none is.
-Result<std::optional<ContainerRecord>> container_of_delta(Pool& pool, LayerId id) {
-  LAYER_ASSIGN(auto txn, pool.index().begin_read());
-  std::optional<ContainerRecord> found;
-  LAYER_TRY(
-      txn.scan(Db::kContainers, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
-        LAYER_ASSIGN(auto c, decode_container(v, k));
-        if (c.delta_layer == id) found = std::move(c);
-        return !found;
-      }));
-  return found;
-}
-
 TierMoveReport report_of(const MoveResult& r) {
   TierMoveReport out;
   out.layer = r.layer;
@@ -45,6 +32,19 @@ TierMoveReport report_of(const MoveResult& r) {
   return out;
 }
 
+}  // namespace
+
+TierMoveReport live_move_report(const MoveResult& r) {
+  TierMoveReport out = report_of(r);
+  out.pause_ms = r.pause_ms;
+  out.start_pause_ms = r.start_pause_ms;
+  out.catch_up_rounds = r.catch_up_rounds;
+  out.caught_up_bytes = r.caught_up_bytes;
+  return out;
+}
+
+namespace {
+
 // A server's reply to {"op":"move"} read back into a report.
 Result<TierMoveReport> report_of(const nlohmann::json& j, pid_t pid) {
   try {
@@ -54,8 +54,14 @@ Result<TierMoveReport> report_of(const nlohmann::json& j, pid_t pid) {
     LAYER_ASSIGN(r.to, parse_tier(j.at("to").get<std::string>()));
     r.moved = j.at("moved").get<bool>();
     r.data_bytes = j.value("data_bytes", uint64_t{0});
-    r.pause_ms = j.value("pause_ms", -1.0);
+    if (j.contains("pause_ms")) {
+      r.pause_ms = j.value("pause_ms", 0.0);
+      r.start_pause_ms = j.value("start_pause_ms", 0.0);
+      r.catch_up_rounds = j.value("catch_up_rounds", 0u);
+      r.caught_up_bytes = j.value("caught_up_bytes", uint64_t{0});
+    }
     r.by = fmt::format("server pid {}", pid);
+    r.server = pid;
     return r;
   } catch (const nlohmann::json::exception& e) {
     return make_error(EIO, "the server of pid {} answered a move with {}: {}", pid, j.dump(),
@@ -336,7 +342,7 @@ Result<TierMoveReport> move_one(Pool& pool, LayerId id, Tier to, const LocalServ
     if (auto r = local->move_delta(id, to)) return std::move(*r);
   // A delta: moved by its container's server when one serves it, here otherwise.
   for (int attempt = 0;; ++attempt) {
-    LAYER_ASSIGN(auto c, container_of_delta(pool, id));
+    LAYER_ASSIGN(auto c, find_container_of_delta(pool, id));
     if (!c) return make_error(EIO, "layer {}: writable, but no container's delta", id);
     LAYER_ASSIGN(const bool served, pool.locks().is_locked(LockKind::kContainer, c->id));
     if (!served) {
@@ -355,9 +361,10 @@ Result<TierMoveReport> move_one(Pool& pool, LayerId id, Tier to, const LocalServ
       }
       return make_error(EBUSY, "container \"{}\" is in use by another process", c->name);
     }
-    auto reply = control_request(control_socket_path(pool.paths().run_dir, pid),
-                                 {{"op", "move"}, {"layer", id}, {"tier", to_string(to)}},
-                                 std::chrono::minutes(30));
+    auto reply = control_request(
+        control_socket_path(pool.paths().run_dir, pid),
+        {{"op", "move"}, {"layer", id}, {"tier", to_string(to)}, {"container", c->name}},
+        std::chrono::hours(24));
     if (!reply.ok()) {
       const int code = reply.error().code;
       if ((code == ENOENT || code == ECONNREFUSED) && attempt < 3) continue;  // it went away

@@ -38,6 +38,7 @@
 namespace layer {
 
 class Pool;
+struct MoveResult;
 
 // The pool's policy (`meta` "tier.policy"), or the defaults. Errors: EIO (corrupt record).
 Result<TierPolicy> load_tier_policy(ReadTxn& txn);
@@ -113,9 +114,16 @@ struct TierMoveReport {
   bool moved = false;
   uint64_t data_bytes = 0;
   std::string by;                  // "" (this process) or "server pid N"
+  pid_t server = 0;                // the server that moved it; 0: this process
   std::vector<pid_t> reloaded_by;  // servers that switched to the moved frozen layer's file
-  double pause_ms = -1;            // a served delta's write pause; -1: none
+  // A live delta move's (Disk::move_delta): the write pauses, final and at the start (-1:
+  // not a live move), the catch-up rounds and the bytes copied again.
+  double pause_ms = -1;
+  double start_pause_ms = -1;
+  uint32_t catch_up_rounds = 0;
+  uint64_t caught_up_bytes = 0;
 };
+
 // The server a move runs in, when it runs in one (the plugin): its own disks.
 struct LocalServer {
   pid_t pid = 0;
@@ -125,6 +133,8 @@ struct LocalServer {
   // Switches this server's disks to a moved frozen layer's new file.
   std::function<Status(LayerId id)> reload_moved;
 };
+// The report of a live delta move done in this process (Disk::move_delta).
+TierMoveReport live_move_report(const MoveResult& r);
 // Moves one layer the way it must be moved: a frozen layer by this process (then every
 // server is told, control op "moved"); a served container's delta by its server (control op
 // "move"), an unserved one here. Errors: those of move_layer and of the server's reply;

@@ -26,8 +26,10 @@
 #include <string>
 
 #include "control.h"
+#include "control_ops.h"
 #include "disk.h"
 #include "hasher.h"
+#include "mover.h"
 #include "names.h"
 #include "pool.h"
 #include "snapshots.h"
@@ -173,106 +175,9 @@ int layer_get_ready() {
   return guarded("get_ready", [] { return check(layer::Pool::validate(g_pool_path)); });
 }
 
-// A live change asked for on the control socket (DESIGN.md "Locking"): the container is
-// acquired as a connection would (opening it if no client has), changed through its Disk with
-// the write gate closed, and released. Requests: {"op": "snapshot"|"rollback"|"commit"|"flatten",
-// "container": C, "name": SNAP, "keep_as": NAME, "image": REF, "description": TEXT}, and
-// {"op": "snapshot-rm", "container": C, "name": SNAP}, which also merges the layers that only
-// this server's disk of C reads (Disk::merge_hidden), and {"op": "merge", "container": C},
-// which only merges them (`layer gc`), replying {"merged": [[OLD, NEW], ...]}.
+// The control socket's requests (control_ops.h), on the control thread.
 nlohmann::json handle_control(const nlohmann::json& request) {
-  using nlohmann::json;
-  auto error = [](int code, std::string message) {
-    return layer::control_error(layer::Error{code, std::move(message)});
-  };
-  if (request.is_object() && request.value("op", "") == "moved") {
-    // The mover moved a frozen layer: disks reading it switch to the new file (mover.h).
-    if (!request.contains("layer") || !request["layer"].is_number_unsigned())
-      return error(EINVAL, "a \"moved\" request needs a \"layer\" number");
-    const layer::LayerId id = request["layer"];
-    auto s = g_disks->reload_moved(id);
-    if (!s) {
-      nbdkit_error("reload after the move of layer %" PRIu64 ": %s", id, s.error().message.c_str());
-      return layer::control_error(s.error());
-    }
-    return json{{"ok", true}, {"layer", id}};
-  }
-  if (!request.is_object() || !request.contains("op") || !request["op"].is_string() ||
-      !request.contains("container") || !request["container"].is_string())
-    return error(EINVAL, "a control request needs \"op\" and \"container\" strings");
-  const std::string op = request["op"];
-  const std::string container = request["container"];
-  auto str = [&](const char* key) {
-    auto it = request.find(key);
-    return it != request.end() && it->is_string() ? it->get<std::string>() : std::string();
-  };
-  if (auto s = layer::validate_name(container, "container name"); !s)
-    return layer::control_error(s.error());
-  if (op != "snapshot" && op != "rollback" && op != "commit" && op != "snapshot-rm" &&
-      op != "merge" && op != "flatten")
-    return error(EINVAL, "unknown control operation \"" + op + "\"");
-  auto disk = g_disks->acquire(container, true);
-  if (!disk) return layer::control_error(disk.error());
-  if (op == "merge") {
-    auto merged = (*disk)->merge_hidden();
-    auto released = g_disks->release(std::move(*disk));
-    if (!released) nbdkit_error("flush after %s: %s", op.c_str(), released.error().message.c_str());
-    if (!merged) return layer::control_error(merged.error());
-    if (g_hasher && !merged->empty()) g_hasher->nudge();  // merged layers wait to be hashed
-    json pairs = json::array();
-    for (const auto& [from, to] : *merged) pairs.push_back({from, to});
-    return json{{"ok", true}, {"container", container}, {"merged", pairs}};
-  }
-  if (op == "snapshot-rm") {
-    // The name goes; a merge of layers this server's disk reads is done here, live.
-    auto removed = layer::remove_snapshot(*g_pool, container, str("name"));
-    layer::Result<std::vector<std::pair<layer::LayerId, layer::LayerId>>> merged =
-        std::vector<std::pair<layer::LayerId, layer::LayerId>>{};
-    if (removed && removed->fate == layer::RemovedSnapshot::Fate::kHidden)
-      merged = (*disk)->merge_hidden();
-    auto released = g_disks->release(std::move(*disk));
-    if (!released) nbdkit_error("flush after %s: %s", op.c_str(), released.error().message.c_str());
-    if (!removed) return layer::control_error(removed.error());
-    if (g_hasher) g_hasher->nudge();  // a merged layer waits to be hashed
-    if (merged)
-      for (const auto& [from, to] : *merged)
-        if (from == removed->layer) {
-          removed->fate = layer::RemovedSnapshot::Fate::kMerged;
-          removed->merged_into = to;
-          removed->why.clear();
-        }
-    json reply = *removed;
-    reply["ok"] = true;
-    reply["container"] = container;
-    if (!merged) reply["merge_error"] = merged.error().message;
-    return reply;
-  }
-  layer::Result<layer::ContainerState> state = layer::Error{EINVAL, ""};
-  if (op == "snapshot") {
-    state = (*disk)->snapshot(str("name"));
-  } else if (op == "commit") {
-    state = (*disk)->commit(str("image"), str("description"));
-  } else if (op == "flatten") {
-    state = (*disk)->flatten();
-  } else {
-    std::optional<std::string> keep;
-    if (!str("keep_as").empty()) keep = str("keep_as");
-    state = (*disk)->rollback(str("name"), keep);
-  }
-  auto released = g_disks->release(std::move(*disk));
-  if (!state) {
-    nbdkit_error("%s of %s: %s", op.c_str(), container.c_str(), state.error().message.c_str());
-    return layer::control_error(state.error());
-  }
-  nbdkit_debug("%s of container %s: now delta layer %" PRIu64, op.c_str(), container.c_str(),
-               state->delta.id);
-  if (g_hasher) g_hasher->nudge();  // the frozen delta waits to be hashed
-  if (!released) nbdkit_error("flush after %s: %s", op.c_str(), released.error().message.c_str());
-  return json{{"ok", true},
-              {"container", container},
-              {"base_layer", state->chain.empty() ? 0 : state->chain.front().id},
-              {"delta_layer", state->delta.id},
-              {"generation", state->container.generation}};
+  return layer_plugin::handle_control({*g_pool, *g_disks, g_hasher}, request);
 }
 
 // This server as the tiering code sees it: its disks reload a moved frozen layer.
@@ -280,6 +185,23 @@ layer::LocalServer local_server() {
   layer::LocalServer local;
   local.pid = ::getpid();
   local.reload_moved = [](layer::LayerId id) { return g_disks->reload_moved(id); };
+  // A delta of a container this server serves moves live through its disk (as the control
+  // op "move" does); any other delta is left to move_layer_anywhere.
+  local.move_delta = [](layer::LayerId id,
+                        layer::Tier to) -> std::optional<layer::Result<layer::TierMoveReport>> {
+    using Report = layer::Result<layer::TierMoveReport>;
+    auto owner = layer::find_container_of_delta(*g_pool, id);
+    if (!owner) return Report(std::move(owner).error());
+    if (!*owner || g_pool->serving_pid((*owner)->id) != ::getpid()) return std::nullopt;
+    auto disk = g_disks->acquire((*owner)->name, true);
+    if (!disk) return Report(std::move(disk).error());
+    auto moved = (*disk)->move_delta(id, to);
+    if (auto released = g_disks->release(std::move(*disk)); !released)
+      nbdkit_error("flush after the move of layer %" PRIu64 ": %s", id,
+                   released.error().message.c_str());
+    if (!moved) return Report(std::move(moved).error());
+    return Report(layer::live_move_report(*moved));
+  };
   return local;
 }
 

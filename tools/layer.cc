@@ -483,8 +483,7 @@ struct TierMoveArgs {
 };
 
 // The layers `layer tier move` moves for TARGET: a layer id; NAME:VER, the image's chain; a
-// container, its own snapshot layers and its delta (refused while a server serves it: moving a
-// served delta is its server's work, not built yet).
+// container, its own snapshot layers and its delta (moved by its server when one serves it).
 std::vector<LayerId> layers_to_move(layer::Pool& pool, const std::string& target) {
   if (!target.empty() && target.find_first_not_of("0123456789") == std::string::npos) {
     if (target.size() > 19) fail(ENOENT, fmt::format("layer {} not found", target));
@@ -502,13 +501,6 @@ std::vector<LayerId> layers_to_move(layer::Pool& pool, const std::string& target
   }
   check(layer::validate_name(target, "container name"));
   const auto c = take(pool.get_container(txn, target));
-  if (take(pool.locks().is_locked(layer::LockKind::kContainer, c.id))) {
-    const pid_t pid = pool.serving_pid(c.id);
-    fail(EBUSY, fmt::format("container \"{}\" is in use by {}: moving a served container's "
-                            "delta is not supported yet; stop the server, or move its snapshot "
-                            "and image layers by id",
-                            target, pid == 0 ? "another process" : fmt::format("pid {}", pid)));
-  }
   const std::string prefix = layer::key_u64(c.id);
   check(txn.scan(layer::Db::kSnapshots, prefix,
                  [&](std::string_view k, std::string_view v) -> Result<bool> {
@@ -523,13 +515,18 @@ std::vector<LayerId> layers_to_move(layer::Pool& pool, const std::string& target
 
 json move_json(const layer::TierMoveReport& r) {
   json j{{"layer", r.layer},
+         {"reloaded_by", r.reloaded_by},
          {"from", layer::to_string(r.from)},
          {"to", layer::to_string(r.to)},
          {"moved", r.moved},
          {"data_bytes", r.data_bytes},
-         {"by", r.by.empty() ? "this command" : r.by},
-         {"reloaded_by", r.reloaded_by}};
-  if (r.pause_ms >= 0) j["pause_ms"] = r.pause_ms;
+         {"by", r.by.empty() ? "cli" : r.by}};
+  if (r.pause_ms >= 0) {
+    j["pause_ms"] = r.pause_ms;
+    j["start_pause_ms"] = r.start_pause_ms;
+    j["catch_up_rounds"] = r.catch_up_rounds;
+    j["caught_up_bytes"] = r.caught_up_bytes;
+  }
   return j;
 }
 
@@ -538,8 +535,9 @@ std::string move_text(const layer::TierMoveReport& r) {
   std::string text =
       fmt::format("moved layer {} from {} to {} ({} of data)", r.layer, layer::to_string(r.from),
                   layer::to_string(r.to), human_size(r.data_bytes));
-  if (!r.by.empty()) text += fmt::format(", by its {}", r.by);
-  if (r.pause_ms >= 0) text += fmt::format(", writes paused {:.1f} ms", r.pause_ms);
+  if (r.server != 0) text += fmt::format(" by the server (pid {})", r.server);
+  if (r.pause_ms >= 0)
+    text += fmt::format(", writes paused {:.1f} ms", std::max(r.pause_ms, r.start_pause_ms));
   return text;
 }
 

@@ -12,6 +12,12 @@
 #       Four connections write their own blocks with increasing generations while the CLI takes
 #       live snapshots: each snapshot export holds every write acknowledged before the request
 #       (a write in flight may land on either side).
+#   snapshot_model.py writers SOCK CONTAINER SEED STOPFILE
+#       Four connections, each on its own quarter of CONTAINER with its own model of it: seeded
+#       random writes (aligned or not), zeroes, trims, flushes and reads checked against the
+#       model, until STOPFILE exists; then each flushes and reads its whole quarter back. Any
+#       NBD error or wrong read fails it. Touches STOPFILE.ready once all four run. Used by
+#       test_tier.sh while the container's delta moves between tiers, live.
 #
 # Environment: LAYER_BIN (the CLI), LAYER_POOL (the pool the server serves).
 import json
@@ -280,10 +286,79 @@ def live(sock):
           f"max {max(pauses) * 1000:.1f} ms", flush=True)
 
 
+def writers(sock, name, seed, stop_file):
+    print(f"snapshot_model writers: seed {seed} (replay: LAYER_TEST_SEED={seed})", flush=True)
+    h = connect(sock, name)
+    size = h.get_size()
+    h.shutdown()
+    n = 4
+    quarter = size // n // BS * BS
+    errors, ops, started = [], [0] * n, threading.Barrier(n + 1)
+
+    def run(q):
+        rng = random.Random(seed * 10 + q)
+        base = q * quarter
+        try:
+            h = connect(sock, name)
+            model = bytearray(h.pread(quarter, base))
+            started.wait()
+            while not os.path.exists(stop_file):
+                off = rng.randrange(quarter // BS) * BS if rng.randrange(2) else rng.randrange(quarter - 1)
+                n_bytes = min(quarter - off, 1 + rng.randrange(3 * BS))
+                op = rng.randrange(100)
+                where = f"connection {q}: op {op} at {base + off} for {n_bytes} bytes"
+                if op < 45:
+                    fill = rng.randrange(1, 256)
+                    data = bytes((fill + i % 7) % 256 for i in range(min(n_bytes, 64)))
+                    data = (data * (n_bytes // len(data) + 1))[:n_bytes]
+                    h.pwrite(data, base + off)
+                    model[off:off + n_bytes] = data
+                elif op < 60:
+                    if rng.randrange(2):
+                        h.zero(n_bytes, base + off)
+                    else:
+                        h.trim(n_bytes, base + off)
+                    model[off:off + n_bytes] = bytes(n_bytes)
+                elif op < 63:
+                    h.flush()
+                else:
+                    got = h.pread(n_bytes, base + off)
+                    assert got == bytes(model[off:off + n_bytes]), f"{where}: read differs"
+                ops[q] += 1
+            h.flush()
+            got = h.pread(quarter, base)
+            if got != bytes(model):
+                at = next(i for i in range(quarter) if got[i] != model[i])
+                raise AssertionError(f"connection {q}: first difference at {base + at}")
+            h.shutdown()
+        except threading.BrokenBarrierError:
+            pass
+        except Exception as e:  # reported by the main thread
+            errors.append(e)
+            started.abort()
+
+    threads = [threading.Thread(target=run, args=(q,)) for q in range(n)]
+    for t in threads:
+        t.start()
+    try:
+        started.wait()
+        open(stop_file + ".ready", "w").close()
+    except threading.BrokenBarrierError:
+        pass
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    print(f"snapshot_model writers: {sum(ops)} operations on 4 connections ok", flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "model":
         model(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     elif sys.argv[1] == "live":
         live(sys.argv[2])
+    elif sys.argv[1] == "writers":
+        writers(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
     else:
-        sys.exit(f"usage: {sys.argv[0]} model SOCK SEED STEPS | live SOCK")
+        sys.exit(f"usage: {sys.argv[0]} model SOCK SEED STEPS | live SOCK | "
+                 "writers SOCK CONTAINER SEED STOPFILE")

@@ -2,9 +2,12 @@
 # test_tier.sh — `layer tier move` with a real server: a served container's frozen layers (its
 # image layer and a snapshot layer) moved both ways while clients read and write, every read
 # checked against digests taken before, and the server told to let go of the old files; the
-# delta of a served container refused; an offline container's delta and snapshot layers moved;
-# a crash (SIGKILL, LAYER_FAILPOINT) at each step of a move, then a restart: data intact,
-# exactly one file per layer, `layer fsck` clean (after --repair where needed), no orphan file.
+# delta of a served container moved by its server, live, both ways, while four connections
+# write, zero, trim and read it, every read checked against their models; an offline
+# container's delta and snapshot layers moved; a crash (SIGKILL, LAYER_FAILPOINT) at each step
+# of a move in the CLI and of a live move in the server, then a restart: data intact (what was
+# flushed), exactly one file per layer, `layer fsck` clean (after --repair where needed), no
+# orphan file.
 source "$(dirname "${BASH_SOURCE[0]}")/functions.sh"
 requires nbdcopy
 requires qemu-io
@@ -104,11 +107,43 @@ out=$(layer tier move "$base" ssd --json)
 [[ "$(deleted_layer_fds)" == 0 ]] || fail "nbdkit holds the old file of layer $base right after"
 layer tier move "$base" hdd >/dev/null
 
-# A served container's delta is its server's to move: refused, nothing moved.
-expect_user_error "move a served container" layer tier move c ssd
-expect_user_error "move a served delta" layer tier move "$delta" hdd
 expect_user_error "move to no tier" layer tier move "$base" tape
 expect_user_error "move an unknown image" layer tier move nope:1 hdd
+
+# A served container's delta is moved by its server, live (the held connection keeps c open):
+# by container (its snapshot layer by the CLI) and by id.
+by_of() { json_get "[l for l in j['layers'] if l['layer'] == $1][0]['$2']"; }
+out=$(layer tier move c hdd --json)
+[[ "$(by_of "$delta" by <<<"$out")" == "server pid $server_pid" ]] || fail "move c: $out"
+[[ "$(by_of "$delta" moved <<<"$out")" == True ]] || fail "move c: $out"
+[[ "$(by_of "$snap" by <<<"$out")" == cli ]] || fail "move c: $out"
+only_in "$delta" hdd
+only_in "$snap" hdd
+out=$(layer tier move "$delta" ssd)
+[[ "$out" == "moved layer $delta from hdd to ssd ("*" by the server (pid $server_pid), writes paused "*" ms" ]] ||
+  fail "move $delta: $out"
+only_in "$delta" ssd
+[[ "$(digest c@s1)" == "$h_s1" ]] || fail "c@s1 changed"
+
+# Four connections write, zero, trim and read their own quarters of c, every read checked
+# against their models, while its delta moves between the tiers four times, live: no client
+# sees an error or a wrong byte, before, during or after.
+seed=${LAYER_TEST_SEED:-$RANDOM}
+background writers /usr/bin/python3 "$LAYER_SRC/tests/integration/snapshot_model.py" writers \
+  "$server_sock" c "$seed" "$tmp/stop-writers"
+writers_pid=$bg_pid
+wait_until 60 eval "[[ -e $tmp/stop-writers.ready ]] || ! pid_alive $writers_pid" || true
+[[ -e "$tmp/stop-writers.ready" ]] || fail "the writers did not start: $(cat "$tmp/writers.log")"
+for to in hdd ssd hdd ssd; do
+  out=$(layer tier move "$delta" "$to" --json)
+  [[ "$(by_of "$delta" moved <<<"$out")" == True ]] || fail "live move to $to: $out"
+  only_in "$delta" "$to"
+  log "live move to $to: $(json_get '{k: j["layers"][0][k] for k in ("data_bytes", "pause_ms",
+    "start_pause_ms", "catch_up_rounds", "caught_up_bytes")}' <<<"$out")"
+done
+touch "$tmp/stop-writers"
+wait "$writers_pid" || fail "writers: $(cat "$tmp/writers.log")"
+log "$(tail -n 1 "$tmp/writers.log")"
 kill_pid "$holder_pid"
 h_c=$(digest c)
 stop_server srv
@@ -147,6 +182,42 @@ for failpoint in move.intent-committed move.copied move.verified move.switched; 
   layer tier move "$base" ssd >/dev/null
   only_in "$base" ssd
   log "$failpoint: ok"
+done
+
+# A server killed at each step of a live move of c's delta, a client connected and writes
+# flushed: after a restart (whose pool open recovers the move) c reads what was flushed, the
+# delta is in one tier (the new one only once the switch committed), fsck is clean.
+pwrite_flush() {
+  /usr/bin/python3 -c 'import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+h.pwrite(bytes([int(sys.argv[2])]) * 262144, int(sys.argv[3]))
+h.flush()
+h.shutdown()' "$@"
+}
+for failpoint in move.intent-committed move.copied move.caught-up move.verified move.switched; do
+  from=$(tier_of "$delta") to=hdd
+  [[ "$from" == hdd ]] && to=ssd
+  rm -f "$tmp/srv.sock"
+  LAYER_FAILPOINT=$failpoint start_server srv "$pool"
+  hold_connection "$(nbd c)"
+  pwrite_flush "$(nbd c)" $((RANDOM % 255 + 1)) $((2 << 20))
+  h_c=$(digest c)
+  rc=0
+  layer tier move "$delta" "$to" >"$tmp/move.out" 2>&1 || rc=$?
+  [[ "$rc" != 0 ]] || fail "$failpoint: the live move succeeded although its server was killed"
+  wait_until 10 eval "! pid_alive $server_pid" || fail "$failpoint: the server still runs"
+  kill_pid "$holder_pid"
+  stop_server srv
+  want=$from
+  [[ "$failpoint" == move.switched ]] && want=$to
+  restart
+  [[ "$(digest c)" == "$h_c" ]] || fail "$failpoint: c does not read what was flushed"
+  [[ "$(digest c@s1)" == "$h_s1" ]] || fail "$failpoint: c@s1 changed"
+  stop_server srv
+  layer fsck >/dev/null || fail "$failpoint: fsck after the restart: $(layer fsck 2>&1)"
+  only_in "$delta" "$want"
+  log "$failpoint (a live move in the server): ok"
 done
 layer fsck --full >/dev/null || fail "fsck --full: $(layer fsck --full 2>&1)"
 log "ok"

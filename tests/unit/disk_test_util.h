@@ -202,8 +202,8 @@ inline void zero_flush(DiskFixture& d, uint64_t off, uint64_t len) {
   REQUIRE_OK(disk->flush());
 }
 
-// A LayerStore that records which blocks of each file have had a write covering them
-// completed before a sync() that then succeeded: the data the index may name. Files are
+// A LayerStore that records which blocks of each file have had a write (or a punch) covering
+// them completed before a sync() that then succeeded: the data the index may name. Files are
 // created without fsync (only the bookkeeping matters here), so creation is fast.
 class TrackingStore : public ForwardingStore {
  public:
@@ -220,6 +220,13 @@ class TrackingStore : public ForwardingStore {
         : ForwardingFile(std::move(inner)), block_size_(block_size), store_(store) {}
     Status write(const void* buf, uint64_t len, uint64_t offset) override {
       LAYER_TRY(inner_->write(buf, len, offset));
+      std::lock_guard<std::mutex> lk(mu_);
+      completed_.emplace_back(offset, len);
+      return {};
+    }
+    // A punch writes zeroes (a live move copies an all-zero block as a hole).
+    Status punch(uint64_t offset, uint64_t len) override {
+      LAYER_TRY(inner_->punch(offset, len));
       std::lock_guard<std::mutex> lk(mu_);
       completed_.emplace_back(offset, len);
       return {};

@@ -2,7 +2,11 @@
 // `heat` db, decay with an injected clock, the policy's demotion after cold_after, promotion on
 // heat, hysteresis, a shared base's heat summed over its users, high-water demotion order, and
 // one policy pass moving real layers (data checked, fsck clean).
+#include <limits.h>
+#include <unistd.h>
+
 #include <cmath>
+#include <filesystem>
 
 #include "disk_test_util.h"
 #include "fsck.h"
@@ -388,4 +392,37 @@ TEST_CASE("fsck reports heat rows without a layer, corrupt heat rows and a corru
   MUST(f.pool->committer().run(
       [&](WriteTxn& txn) -> Status { return txn.put(Db::kMeta, "tier.policy", "\x01"); }));
   CHECK(problems().find("tier.policy: corrupt record") != std::string::npos);
+}
+
+TEST_CASE(
+    "after a move there and back, a reloaded disk opens the current file, not a shared "
+    "handle to a removed one") {
+  DiskFixture d(64 * 4096, 64 * 4096);
+  Pool& pool = *d.f.pool;
+  const LayerId base = base_layer(pool, "base:1");
+  DiskTable table(pool);
+  auto disk = MUST(table.acquire("c", true));
+  check_disk(*disk, d.model);
+  auto held_first = MUST(pool.open_frozen(MUST([&]() -> Result<LayerRecord> {
+    auto txn = MUST(pool.index().begin_read());
+    return get_layer(txn, base);
+  }())));  // something else of the process keeps the ssd file open (an old view, say)
+  for (Tier to : {Tier::kHdd, Tier::kSsd}) {
+    MUST(move_layer(pool, base, to));
+    MUST(table.reload_moved(base));
+  }
+  // The disk reads the current ssd file: once the handle held above (to the removed first
+  // file) is let go, no descriptor of the process names a removed layer file.
+  check_disk(*disk, d.model);
+  held_first.reset();
+  char link[PATH_MAX];
+  int deleted = 0;
+  for (const auto& e : std::filesystem::directory_iterator("/proc/self/fd")) {
+    const ssize_t n = ::readlink(e.path().c_str(), link, sizeof link - 1);
+    if (n <= 0) continue;
+    const std::string target(link, static_cast<size_t>(n));
+    if (target.find(".layer (deleted)") != std::string::npos) ++deleted;
+  }
+  CHECK(deleted == 0);
+  MUST(table.release(std::move(disk)));
 }
