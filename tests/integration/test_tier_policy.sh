@@ -4,7 +4,8 @@
 # (heat-interval=), `layer tier status --json` (heat, users, the policy's verdict), `layer tier
 # run --dry-run`, and a server started with tier-interval= that demotes the cold layers (a
 # shared image layer, an unserved container's delta) and promotes the image layer back when a
-# client reads it hard — every read checked against the image, `layer fsck` clean at the end.
+# client reads it hard, and demotes a served container's delta, live — every read checked,
+# `layer fsck` clean at the end.
 source "$(dirname "${BASH_SOURCE[0]}")/functions.sh"
 requires nbdcopy
 requires /usr/bin/python3 -c 'import nbd'
@@ -83,7 +84,7 @@ wait_until 20 planned 2 ||
 
 # ---- a server with tier-interval: demotes the cold layers, promotes a hot one ----
 rm -f "$tmp/srv.sock"
-start_server srv "$pool" -- heat-interval=1s tier-interval=1s hasher=off
+start_server srv "$pool" -v --log=stderr -- heat-interval=1s tier-interval=1s hasher=off
 wait_until 30 field_is "$base" tier hdd || fail "the image layer was not demoted"
 wait_until 30 field_is "$delta_d" tier hdd || fail "d's delta was not demoted"
 [[ -e "$pool/tiers/hdd/$base.layer" && ! -e "$pool/tiers/ssd/$base.layer" ]] ||
@@ -120,12 +121,35 @@ want_d=$( (head -c $((1 << 20)) /dev/zero | tr '\0' '\132'; tail -c +$(((1 << 20
 [[ "$(digest d)" == "$want_d" ]] || fail "d reads wrong after its delta moved"
 [[ -n "$(layer_field "$base" moved)" && "$(layer_field "$base" moved)" != null ]] ||
   fail "the move was not recorded in the heat row"
+# c's delta gets data while c is served; once cold, its own server demotes it, live, while a
+# client holds c open; what was written reads back.
+delta_c=$(layer inspect c --json | json_get 'j["chain"][0]["layer"]')
+/usr/bin/python3 - "$(nbd c)" "$tmp/base.raw" "$pool/tiers/hdd/$delta_c.layer" <<'EOF' ||
+import os, sys, time, nbd
+uri, image, demoted = sys.argv[1:4]
+data = open(image, "rb").read()
+h = nbd.NBD(); h.connect_uri(uri)
+h.pwrite(b"\xc3" * 65536, 1 << 20)
+h.flush()
+deadline = time.time() + 60
+while not os.path.exists(demoted):
+    if time.time() > deadline:
+        sys.exit("c's delta was not demoted")
+    time.sleep(0.2)
+assert h.pread(65536, 1 << 20) == b"\xc3" * 65536, "c's write reads wrong after the move"
+assert h.pread(4096, 0) == data[:4096], "c's image data reads wrong after the move"
+h.shutdown()
+EOF
+  fail "c's delta, served, was not moved live by the policy"
+wait_until 10 field_is "$delta_c" tier hdd || fail "the index does not say hdd for c's delta"
 stop_server srv
 grep -q "tiering: pass failed\|tiering: layer" "$tmp/srv.log" &&
   fail "the tiering thread reported failures: $(grep tiering "$tmp/srv.log")"
+grep -q "tiering: moved layer $delta_c from ssd to hdd" "$tmp/srv.log" ||
+  fail "the server's log does not show its move of c's delta"
 
 layer fsck >/dev/null || fail "fsck after the policy's moves: $(layer fsck)"
-for id in "$base" "$delta_d"; do
+for id in "$base" "$delta_d" "$delta_c"; do
   n=$(find "$pool/tiers" -name "$id.layer*" | wc -l)
   [[ "$n" == 1 ]] || fail "layer $id has $n files"
 done
