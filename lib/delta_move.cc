@@ -369,6 +369,7 @@ Status Disk::move_switch(LiveMove& m) {
   // Writes go on, to the copy. Its earlier writes synced (then the row switched) before any
   // round commits a mark naming them; a crash before the switch commits loses only writes no
   // flush acknowledged (the row names the source, whose marks are all committed).
+  pool_.test_point("move.published");
   Status s = m.copy->sync();
   if (s) s = switch_tier(pool_, m.id, m.from, m.to, m.intent_id);
   if (!s) {

@@ -25,8 +25,10 @@
 // (copy written and synced, not verified; a live delta's: the bulk copy, not caught up),
 // "move.caught-up" (a live delta's catch-up rounds and the comparison done, copy synced, writes
 // not paused yet), "move.verified" (a live delta's: with writes paused, the last blocks copied
-// and compared, the disk not yet switched to the copy), "move.switched" (row switched, old file
-// not yet removed; a live delta's server writes to the copy, its flush rounds still held).
+// and compared, the disk not yet switched to the copy), "move.published" (a live delta's: the
+// disk writes to the copy, not synced, the row not switched, flush rounds held),
+// "move.switched" (row switched, old file not yet removed; a live delta's server writes to the
+// copy, its flush rounds still held).
 //
 // Thread-safety: move_layer may run concurrently with anything; a second move of the same layer
 // fails with EBUSY.

@@ -86,13 +86,18 @@ tmp=$(mktemp -d "$tmpbase/layer-it.XXXXXX")
 
 # ---- processes ----
 
-# pid_alive PID: true while PID runs (a zombie counts as dead: a daemon's parent is gone and
-# PID 1 may never reap it).
+# pid_alive PID: true while any thread of PID runs (a zombie counts as dead: a daemon's parent
+# is gone and PID 1 may never reap it). Every thread, not just the first: a killed process
+# whose main thread is a zombie may still have a thread finishing an fdatasync, and its files
+# (and the locks on them) stay open until the last thread is gone.
 pid_alive() {
-  local stat
-  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-  stat=${stat##*) }
-  [[ "${stat:0:1}" != Z && "${stat:0:1}" != X ]]
+  local task stat
+  for task in "/proc/$1/task/"*/stat; do
+    stat=$(cat "$task" 2>/dev/null) || continue
+    stat=${stat##*) }
+    [[ "${stat:0:1}" == Z || "${stat:0:1}" == X ]] || return 0
+  done
+  return 1
 }
 
 # wait_until TIMEOUT_SECONDS CMD [ARGS...]: polls CMD every 10 ms until it succeeds; fails after

@@ -195,7 +195,8 @@ h.pwrite(bytes([int(sys.argv[2])]) * 262144, int(sys.argv[3]))
 h.flush()
 h.shutdown()' "$@"
 }
-for failpoint in move.intent-committed move.copied move.caught-up move.verified move.switched; do
+for failpoint in move.intent-committed move.copied move.caught-up move.verified move.published \
+  move.switched; do
   from=$(tier_of "$delta") to=hdd
   [[ "$from" == hdd ]] && to=ssd
   rm -f "$tmp/srv.sock"

@@ -380,7 +380,7 @@ TEST_CASE("a live copy that does not compare equal, or a full tier, leaves the d
 TEST_CASE("a crash at each step of a live move leaves the delta in one place once reopened",
           "[delta_move]") {
   for (const char* point : {"move.intent-committed", "move.copied", "move.caught-up",
-                            "move.verified", "move.switched"}) {
+                            "move.verified", "move.published", "move.switched"}) {
     INFO(point);
     DiskFixture d(kImage, kDisk);
     write_flush(d, 4096 * 3 + 11, 4096 * 30, 5);
