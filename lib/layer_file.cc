@@ -19,9 +19,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <condition_variable>
 #include <cstdio>
 #include <cstring>
+#include <optional>
 #include <random>
+#include <system_error>
+#include <thread>
 
 namespace layer {
 namespace {
@@ -239,49 +243,164 @@ Result<std::vector<LayerStore::Entry>> LocalStore::list() {
   return out;
 }
 
-Status LocalStore::copy_to(LayerId id, LayerStore& dst) {
-  LAYER_ASSIGN(auto src, open(id, false));
-  LAYER_ASSIGN(uint64_t size, src->size());
-  LAYER_ASSIGN(auto out, dst.create(id, size));
+namespace {
+
+// One piece of a copy, as the copying stage hands it to the finishing one.
+struct CopyPiece {
+  uint64_t offset = 0;
+  uint64_t len = 0;
+};
+
+int local_fd(LayerFile& f) {
+  auto* local = dynamic_cast<LocalFile*>(&f);
+  return local ? local->fd() : -1;
+}
+
+// The second stage of a copy: runs `finish` on each piece the first stage hands over, one at a
+// time and in order, on its own thread, while the first stage copies the next piece. After the
+// first error it takes no more pieces. Where no thread can be started, submit() runs `finish`
+// itself. Thread-safety: submit() and drain() from one thread (the first stage).
+class PieceFinisher {
+ public:
+  explicit PieceFinisher(std::function<Status(const CopyPiece&)> finish)
+      : finish_(std::move(finish)) {
+    try {
+      thread_ = std::thread([this] { run(); });
+    } catch (const std::system_error&) {
+      // No second thread: pieces are finished inline, the copy only loses its overlap.
+    }
+  }
+  ~PieceFinisher() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      closing_ = true;
+    }
+    cv_.notify_all();
+    if (thread_.joinable()) thread_.join();
+  }
+
+  // Hands a piece over, first waiting while one is still queued (the second stage is at most
+  // one piece behind, plus the one it works on). Returns the second stage's first error, if
+  // any; then the piece is not taken.
+  Status submit(CopyPiece piece) {
+    if (!thread_.joinable()) return finish_(piece);
+    std::unique_lock<std::mutex> lk(mu_);
+    cv_.wait(lk, [&] { return !queued_ || !status_.ok(); });
+    if (!status_.ok()) return status_;
+    queued_ = std::move(piece);
+    cv_.notify_all();
+    return {};
+  }
+  // Waits until every piece handed over is finished. Returns the first error.
+  Status drain() {
+    std::unique_lock<std::mutex> lk(mu_);
+    cv_.wait(lk, [&] { return (!queued_ && !busy_) || !status_.ok(); });
+    return status_;
+  }
+
+ private:
+  void run() {
+    std::unique_lock<std::mutex> lk(mu_);
+    for (;;) {
+      cv_.wait(lk, [&] { return queued_ || closing_; });
+      if (!queued_) return;  // closing
+      const CopyPiece piece = std::move(*queued_);
+      queued_.reset();
+      busy_ = true;
+      cv_.notify_all();  // room for the next piece
+      lk.unlock();
+      Status status = finish_(piece);
+      lk.lock();
+      busy_ = false;
+      if (!status.ok() && status_.ok()) status_ = std::move(status);
+      cv_.notify_all();
+      if (!status_.ok()) return;
+    }
+  }
+
+  std::function<Status(const CopyPiece&)> finish_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::optional<CopyPiece> queued_;  // GUARDED_BY(mu_)
+  bool busy_ = false;                // GUARDED_BY(mu_): finish_ runs
+  bool closing_ = false;             // GUARDED_BY(mu_)
+  Status status_;                    // GUARDED_BY(mu_): the first error
+  std::thread thread_;
+};
+
+// The first stage of a copy (the calling thread): copies each piece's data ranges and hands
+// the piece to the second stage (PieceFinisher), which checks it (options.check) while this
+// stage copies the next piece. Returns the data bytes copied.
+Result<uint64_t> copy_pieces(LayerFile& src, LayerFile& out, uint64_t size,
+                             const CopyOptions& options) {
+  const uint64_t piece_bytes = options.piece_bytes;
   // Between two local files the kernel copies (copy_file_range: no user-space round trip, a
   // reflink where the filesystem shares extents); it refuses across filesystems (EXDEV) and on
   // some filesystems, and then read/write does it. Any other store gets read/write.
-  const auto* in_local = dynamic_cast<const LocalFile*>(src.get());
-  const auto* out_local = dynamic_cast<const LocalFile*>(out.get());
-  bool kernel_copy = in_local && out_local;
+  const int in_fd = local_fd(src), out_fd = local_fd(out);
+  bool kernel_copy = in_fd >= 0 && out_fd >= 0;
+  PieceFinisher finisher([&](const CopyPiece& piece) -> Status {
+    if (options.check) return options.check(src, out, piece.offset, piece.len);
+    return {};
+  });
   std::vector<uint8_t> buf;
-  Status status;
-  LAYER_TRY(src->data_extents(0, size, [&](uint64_t offset, uint64_t len) {
-    for (uint64_t done = 0; status.ok() && done < len;) {
+  auto copy_range = [&](uint64_t start, uint64_t len) -> Status {
+    for (uint64_t done = 0; done < len;) {
       if (kernel_copy) {
-        loff_t in_off = static_cast<loff_t>(offset + done), out_off = in_off;
-        const ssize_t n = ::copy_file_range(in_local->fd(), &in_off, out_local->fd(), &out_off,
-                                            std::min<uint64_t>(len - done, 1 << 30), 0);
+        loff_t in_off = static_cast<loff_t>(start + done), out_off = in_off;
+        const ssize_t n = ::copy_file_range(in_fd, &in_off, out_fd, &out_off, len - done, 0);
         if (n > 0) {
           done += static_cast<uint64_t>(n);
           continue;
         }
         // A refusal (another filesystem, a filesystem or kernel without it), or 0 before the
-        // extent's end: read/write copies the rest. Any other error is the copy's.
+        // range's end: read/write copies the rest. Any other error is the copy's.
         const int err = n < 0 ? errno : 0;
         if (err == EINTR) continue;
-        if (err != 0 && err != EXDEV && err != EINVAL && err != EOPNOTSUPP && err != ENOSYS) {
-          status = sys_error(err, fmt::format("copy {} to {}", src->path(), out->path()));
-          return;
-        }
+        if (err != 0 && err != EXDEV && err != EINVAL && err != EOPNOTSUPP && err != ENOSYS)
+          return sys_error(err, fmt::format("copy {} to {}", src.path(), out.path()));
         kernel_copy = false;
       }
       if (buf.empty()) buf.resize(1 << 20);
       const uint64_t n = std::min<uint64_t>(buf.size(), len - done);
-      status = src->read(buf.data(), n, offset + done);
-      if (status.ok()) status = out->write(buf.data(), n, offset + done);
+      LAYER_TRY(src.read(buf.data(), n, start + done));
+      LAYER_TRY(out.write(buf.data(), n, start + done));
       done += n;
     }
-  }));
+    return {};
+  };
+
+  uint64_t data_bytes = 0;
+  for (uint64_t offset = 0; offset < size; offset += piece_bytes) {
+    const CopyPiece piece{offset, std::min(piece_bytes, size - offset)};
+    Status status;
+    LAYER_TRY(src.data_extents(piece.offset, piece.len, [&](uint64_t start, uint64_t len) {
+      data_bytes += len;
+      if (status.ok()) status = copy_range(start, len);
+    }));
+    LAYER_TRY(status);
+    LAYER_TRY(finisher.submit(piece));
+  }
+  LAYER_TRY(finisher.drain());
+  return data_bytes;
+}
+
+}  // namespace
+
+Result<uint64_t> LocalStore::copy_to(LayerId id, LayerStore& dst, const CopyOptions& options) {
+  if (options.piece_bytes == 0 || options.piece_bytes % 4096 != 0)
+    return make_error(EINVAL, "copy of layer {}: piece size {} is not a positive multiple of 4096",
+                      id, options.piece_bytes);
+  LAYER_ASSIGN(auto src, open(id, false));
+  LAYER_ASSIGN(uint64_t size, src->size());
+  LAYER_ASSIGN(auto out, dst.create(id, size));
+  auto copied = copy_pieces(*src, *out, size, options);
   // create() made the name durable (directory fsync); this makes the data durable.
-  if (status.ok()) status = out->sync();
-  if (!status.ok()) (void)dst.remove(id);  // no partial copy stays behind
-  return status;
+  if (copied.ok()) {
+    if (auto synced = out->sync(); !synced.ok()) copied = std::move(synced).error();
+  }
+  if (!copied.ok()) (void)dst.remove(id);  // no partial copy stays behind
+  return copied;
 }
 
 Status LocalStore::check_can_hold(uint64_t size_bytes) {
