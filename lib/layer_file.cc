@@ -315,16 +315,35 @@ Status write_back(int fd, const std::string& path, uint64_t offset, uint64_t len
 constexpr unsigned int kWriteAndWait =
     SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER;
 
+// Runs fn on a new thread and waits for it; runs it here where no thread can be started
+// (then thread_setup is skipped: it must not change the caller's thread).
+template <typename Fn>
+void run_on_own_thread(const std::function<void()>& thread_setup, Fn&& fn) {
+  try {
+    std::thread t([&] {
+      if (thread_setup) thread_setup();
+      fn();
+    });
+    t.join();
+  } catch (const std::system_error&) {
+    fn();
+  }
+}
+
 // The second stage of a copy: runs `finish` on each piece the first stage hands over, one at a
 // time and in order, on its own thread, while the first stage copies the next piece. After the
 // first error it takes no more pieces. Where no thread can be started, submit() runs `finish`
 // itself. Thread-safety: submit() and drain() from one thread (the first stage).
 class PieceFinisher {
  public:
-  explicit PieceFinisher(std::function<Status(const CopyPiece&)> finish)
+  PieceFinisher(std::function<Status(const CopyPiece&)> finish,
+                const std::function<void()>& thread_setup)
       : finish_(std::move(finish)) {
     try {
-      thread_ = std::thread([this] { run(); });
+      thread_ = std::thread([this, thread_setup] {
+        if (thread_setup) thread_setup();
+        run();
+      });
     } catch (const std::system_error&) {
       // No second thread: pieces are finished inline, the copy only loses its overlap.
     }
@@ -387,8 +406,7 @@ class PieceFinisher {
   std::thread thread_;
 };
 
-// The first stage of a copy (the calling thread): copies each piece's data ranges unit by unit,
-// starting each
+// The first stage of a copy: copies each piece's data ranges unit by unit, starting each
 // unit's writeback, and hands the piece to the second stage (PieceFinisher), which checks it
 // (options.check), waits for its writeback and drops from the page cache what the copy brought
 // in, while this stage copies the next piece. Returns the data bytes copied.
@@ -401,19 +419,21 @@ Result<uint64_t> copy_pieces(LayerFile& src, LayerFile& out, uint64_t size,
   // writeback or page-cache handling (it has no descriptor for them).
   const int in_fd = local_fd(src), out_fd = local_fd(out);
   bool kernel_copy = in_fd >= 0 && out_fd >= 0;
-  PieceFinisher finisher([&](const CopyPiece& piece) -> Status {
-    if (options.check) LAYER_TRY(options.check(src, out, piece.offset, piece.len));
-    if (!piece.has_data || out_fd < 0) return {};
-    LAYER_TRY(write_back(out_fd, out.path(), piece.offset, piece.len, kWriteAndWait));
-    // Leave the page cache as the copy found it: the source's pages it read in go, and so
-    // do the copy's (clean now), but where the source's were cached (a working set
-    // readers use), the copy's stay, for the readers that switch to it.
-    if (!piece.resident.empty()) {
-      drop_new_pages(in_fd, piece);
-      drop_new_pages(out_fd, piece);
-    }
-    return {};
-  });
+  PieceFinisher finisher(
+      [&](const CopyPiece& piece) -> Status {
+        if (options.check) LAYER_TRY(options.check(src, out, piece.offset, piece.len));
+        if (!piece.has_data || out_fd < 0) return {};
+        LAYER_TRY(write_back(out_fd, out.path(), piece.offset, piece.len, kWriteAndWait));
+        // Leave the page cache as the copy found it: the source's pages it read in go, and so
+        // do the copy's (clean now), but where the source's were cached (a working set
+        // readers use), the copy's stay, for the readers that switch to it.
+        if (!piece.resident.empty()) {
+          drop_new_pages(in_fd, piece);
+          drop_new_pages(out_fd, piece);
+        }
+        return {};
+      },
+      options.thread_setup);
   std::vector<uint8_t> buf;
   std::deque<std::pair<uint64_t, uint64_t>> writing;  // units being written back, oldest first
   auto copy_unit = [&](uint64_t start, uint64_t len) -> Status {
@@ -488,7 +508,10 @@ Result<uint64_t> LocalStore::copy_to(LayerId id, LayerStore& dst, const CopyOpti
   LAYER_ASSIGN(auto src, open(id, false));
   LAYER_ASSIGN(uint64_t size, src->size());
   LAYER_ASSIGN(auto out, dst.create(id, size));
-  auto copied = copy_pieces(*src, *out, size, options);
+  Result<uint64_t> copied = uint64_t{0};
+  // Both stages on threads of their own, so that options.thread_setup (lowering their
+  // priority) leaves the caller's thread as it was.
+  run_on_own_thread(options.thread_setup, [&] { copied = copy_pieces(*src, *out, size, options); });
   // create() made the name durable (directory fsync); this makes the data durable.
   if (copied.ok()) {
     if (auto synced = out->sync(); !synced.ok()) copied = std::move(synced).error();

@@ -94,6 +94,9 @@ struct CopyOptions {
   std::function<Status(LayerFile& src, LayerFile& copy, uint64_t offset, uint64_t len)> check;
   // A positive multiple of 4096.
   uint64_t piece_bytes = uint64_t{32} << 20;
+  // Called first on each thread the copy runs on (the copy does not run on the caller's), e.g.
+  // to lower their priority; it must not fail.
+  std::function<void()> thread_setup;
 };
 
 // Layer files of one tier, addressed by layer id (DESIGN.md "Beyond one host": the seam a

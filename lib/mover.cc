@@ -1,7 +1,12 @@
 // mover.cc — move_layer and the recovery of an interrupted move.
 #include "mover.h"
 
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 #include <vector>
 
@@ -125,6 +130,22 @@ Status verify_sums(Pool& pool, LayerFile& copy, const LayerRecord& layer, uint64
   return {};
 }
 
+// A move is background work: the copy's threads go to the idle I/O class (mq-deadline holds
+// back idle-class requests while any other is queued or in flight, for up to its
+// prio_aging_expire, 10 s; BFQ serves them when nothing else waits) and 10 nice steps below
+// the thread that asked for the move (at most 19), so that the clients of served layers go
+// first; with nothing else waiting, the copy goes at full speed. Not nice 19 outright: on a
+// host busy with other work a move would all but stop. A failure leaves the thread as it was.
+void lower_copy_thread_priority() {
+  constexpr int kIoprioWhoProcess = 1, kIoprioClassIdle = 3, kIoprioClassShift = 13;
+  const pid_t tid = ::gettid();
+  (void)::syscall(SYS_ioprio_set, kIoprioWhoProcess, tid, kIoprioClassIdle << kIoprioClassShift);
+  errno = 0;
+  const int nice = ::getpriority(PRIO_PROCESS, static_cast<id_t>(tid));  // inherited
+  if (errno == 0)
+    (void)::setpriority(PRIO_PROCESS, static_cast<id_t>(tid), std::min(19, nice + 10));
+}
+
 // Steps 2 and 3: the copy, synced and verified. Returns the source's data bytes.
 //
 // Each piece of the copy is verified as soon as it is written, on a second thread while the
@@ -143,6 +164,7 @@ Result<uint64_t> copy_and_verify(Pool& pool, const LayerRecord& layer, Tier to,
   if (!src_size) return uint64_t{0};  // no file (no data written): nothing to copy
   CopyOptions options;
   options.piece_bytes = move_options.piece_bytes;
+  options.thread_setup = lower_copy_thread_priority;
   options.check = [&](LayerFile& src, LayerFile& copy, uint64_t offset, uint64_t len) -> Status {
     pool.test_point("move.piece-copied");
     if (layer.state == LayerState::kFrozen) return verify_sums(pool, copy, layer, offset, len);

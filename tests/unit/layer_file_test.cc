@@ -1,5 +1,6 @@
 // Unit tests for lib/layer_file.h: LocalStore (create: sized, renamed into place, EEXIST;
-// read past the end, punch and its write-zeroes fallback, data_extents, size, remove) and the
+// read past the end, punch and its write-zeroes fallback, data_extents, size, remove; copy_to:
+// data ranges only, piece by piece with a check per piece, on threads of its own) and the
 // basics of FaultInjectingStore (synced writes survive a simulated power loss, unsynced ones
 // do not, injected sync failures).
 #include "layer_file.h"
@@ -8,11 +9,14 @@
 #include <linux/filter.h>
 #include <linux/seccomp.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 
 #include <cstddef>
 #include <fstream>
+#include <mutex>
 #include <set>
+#include <thread>
 #include <tuple>
 
 #include "test_util.h"
@@ -546,6 +550,40 @@ TEST_CASE("LocalStore::copy_to checks each piece once, in order, after writing i
     options.piece_bytes = 1000;
     CHECK_ERRNO(from.copy_to(4, *to, options), EINVAL);
   }
+}
+
+TEST_CASE("LocalStore::copy_to runs on threads of its own, each set up first", "[layer_file]") {
+  test::TempDir a, b;
+  LocalStore from(a.path()), to(b.path());
+  auto f = MUST(from.create(5, 256 * kKiB));
+  const auto data = pattern(256 * kKiB, 6);
+  MUST(f->write(data.data(), data.size(), 0));
+  MUST(f->sync());
+  std::mutex mu;
+  std::set<std::thread::id> set_up, checked_on;
+  CopyOptions options;
+  options.piece_bytes = 64 * kKiB;
+  options.thread_setup = [&] {
+    // What the mover does there: a lower priority, which must not reach the caller.
+    (void)::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), 19);
+    std::lock_guard<std::mutex> lk(mu);
+    set_up.insert(std::this_thread::get_id());
+  };
+  options.check = [&](LayerFile&, LayerFile&, uint64_t, uint64_t) -> Status {
+    std::lock_guard<std::mutex> lk(mu);
+    checked_on.insert(std::this_thread::get_id());
+    return {};
+  };
+  errno = 0;
+  const int nice_before = ::getpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()));
+  REQUIRE(errno == 0);
+  CHECK(MUST(from.copy_to(5, to, options)) == data.size());
+  CHECK(::getpriority(PRIO_PROCESS, static_cast<id_t>(::gettid())) == nice_before);
+  CHECK(set_up.size() == 2);  // the copying stage and the checking one
+  CHECK_FALSE(set_up.contains(std::this_thread::get_id()));
+  CHECK(checked_on.size() == 1);
+  CHECK(set_up.contains(*checked_on.begin()));
+  CHECK(test::read_file(b.sub("5.layer")) == test::read_file(a.sub("5.layer")));
 }
 
 TEST_CASE("LocalStore::check_can_hold refuses a size the filesystem cannot hold in one file",
