@@ -83,6 +83,22 @@ class ForwardingFile : public LayerFile {
   std::shared_ptr<LayerFile> inner_;
 };
 
+// How LayerStore::copy_to goes about a copy. The file is copied in pieces [k*piece_bytes,
+// (k+1)*piece_bytes) (the last one ends at the file's size), in ascending order.
+struct CopyOptions {
+  // Called once for each piece, holes included, after its data ranges were written to `copy`
+  // (not yet synced: the copy is synced once, after the last piece), in ascending order, on a
+  // second thread while the next piece is copied; never two at once. It checks the copy (the
+  // mover: against the layer's checksums, or byte for byte against `src`); an error stops the
+  // copy, and copy_to returns it.
+  std::function<Status(LayerFile& src, LayerFile& copy, uint64_t offset, uint64_t len)> check;
+  // A positive multiple of 4096.
+  uint64_t piece_bytes = uint64_t{32} << 20;
+  // Called first on each thread the copy runs on (the copy does not run on the caller's), e.g.
+  // to lower their priority; it must not fail.
+  std::function<void()> thread_setup;
+};
+
 // Layer files of one tier, addressed by layer id (DESIGN.md "Beyond one host": the seam a
 // remote tier plugs into). Nothing outside a store knows how it names or keeps its files.
 // Thread-safety: every method may be called concurrently.
@@ -124,9 +140,12 @@ class LayerStore {
   // Every layer file and unfinished create in the store. Errors: EIO, EACCES.
   virtual Result<std::vector<Entry>> list() = 0;
   // Copies the layer's file into `dst` as a new file of the same id and size, only its data
-  // ranges, synced (a failed copy removes what it wrote). Errors: EEXIST (dst has it), ENOENT,
-  // ENOSPC, EIO.
-  virtual Status copy_to(LayerId id, LayerStore& dst) = 0;
+  // ranges, synced, piece by piece (CopyOptions: each piece can be checked as soon as it is
+  // written, while the next is copied). A failed copy, or a piece whose check fails, removes
+  // what it wrote. Returns the bytes of data copied (the source's data ranges). Errors: EEXIST
+  // (dst has it), ENOENT, ENOSPC, EIO, and those of the check.
+  virtual Result<uint64_t> copy_to(LayerId id, LayerStore& dst,
+                                   const CopyOptions& options = {}) = 0;
   // Whether this store can hold one file of size_bytes. Errors: EINVAL naming the limit.
   virtual Status check_can_hold(uint64_t size_bytes) = 0;
 };
@@ -146,7 +165,7 @@ class LocalStore : public LayerStore {
   Result<std::optional<uint64_t>> allocated(LayerId id) override;
   Result<Space> space() override;
   Result<std::vector<Entry>> list() override;
-  Status copy_to(LayerId id, LayerStore& dst) override;
+  Result<uint64_t> copy_to(LayerId id, LayerStore& dst, const CopyOptions& options = {}) override;
   Status check_can_hold(uint64_t size_bytes) override;
 
  protected:
@@ -178,7 +197,9 @@ class ForwardingStore : public LayerStore {
   Result<std::optional<uint64_t>> allocated(LayerId id) override { return inner_->allocated(id); }
   Result<Space> space() override { return inner_->space(); }
   Result<std::vector<Entry>> list() override { return inner_->list(); }
-  Status copy_to(LayerId id, LayerStore& dst) override { return inner_->copy_to(id, dst); }
+  Result<uint64_t> copy_to(LayerId id, LayerStore& dst, const CopyOptions& options = {}) override {
+    return inner_->copy_to(id, dst, options);
+  }
   Status check_can_hold(uint64_t size_bytes) override { return inner_->check_can_hold(size_bytes); }
 
  private:

@@ -1,7 +1,12 @@
 // mover.cc — move_layer and the recovery of an interrupted move.
 #include "mover.h"
 
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 #include <vector>
 
@@ -14,6 +19,9 @@ namespace layer {
 namespace {
 
 Tier other_tier(Tier t) { return t == Tier::kSsd ? Tier::kHdd : Tier::kSsd; }
+
+// Bytes compare_files reads from each file at a time.
+constexpr uint64_t kCompareBytes = 4 << 20;
 
 // The layer's row, or std::nullopt when it has none.
 Result<std::optional<LayerRecord>> read_layer(Pool& pool, LayerId id) {
@@ -45,74 +53,129 @@ Status recover_locked(Pool& pool, uint64_t intent_id, const IntentRecord& intent
   });
 }
 
-// Compares the two files' bytes over every data range of either. Errors: EIO naming the first
-// offset that differs, those of the reads.
-Status compare_files(LayerFile& src, LayerFile& copy, uint64_t size, LayerId id) {
-  std::vector<uint8_t> a(1 << 20), b(1 << 20);
+// Compares the two files' bytes over every data range of either in [offset, offset+len).
+// Errors: EIO naming the first range that differs, those of the reads.
+Status compare_files(LayerFile& src, LayerFile& copy, uint64_t offset, uint64_t len, LayerId id) {
+  std::vector<uint8_t> a, b;
   Status status;
-  auto compare = [&](uint64_t offset, uint64_t len) {
-    for (uint64_t done = 0; status.ok() && done < len;) {
-      const uint64_t n = std::min<uint64_t>(a.size(), len - done);
-      status = src.read(a.data(), n, offset + done);
-      if (status.ok()) status = copy.read(b.data(), n, offset + done);
+  auto compare = [&](uint64_t start, uint64_t n_bytes) {
+    if (a.empty()) {
+      a.resize(kCompareBytes);
+      b.resize(kCompareBytes);
+    }
+    for (uint64_t done = 0; status.ok() && done < n_bytes;) {
+      const uint64_t n = std::min<uint64_t>(a.size(), n_bytes - done);
+      status = src.read(a.data(), n, start + done);
+      if (status.ok()) status = copy.read(b.data(), n, start + done);
       if (status.ok() && std::memcmp(a.data(), b.data(), n) != 0)
         status = make_error(EIO, "layer {}: the copy in {} differs from {} in [{}, {})", id,
-                            copy.path(), src.path(), offset + done, offset + done + n);
+                            copy.path(), src.path(), start + done, start + done + n);
       done += n;
     }
   };
-  LAYER_TRY(src.data_extents(0, size, compare));
+  LAYER_TRY(src.data_extents(offset, len, compare));
   LAYER_TRY(status);
-  LAYER_TRY(copy.data_extents(0, size, compare));
+  // The copy's own data ranges: where the source has a hole, the copy must read as zeroes.
+  LAYER_TRY(copy.data_extents(offset, len, compare));
   return status;
 }
 
-// Checks every 64 KiB group that the layer's `sums` hash in the copy. Errors: EIO naming the
-// offset and both hashes, those of the reads and of the index.
-Status verify_sums(Pool& pool, LayerFile& copy, const LayerRecord& layer) {
+// Checks, in the copy, every 64 KiB group that the layer's `sums` hash and that starts in
+// [offset, offset+len) (offset a multiple of 64 KiB). Errors: EIO naming the offset and both
+// hashes, those of the reads and of the index.
+Status verify_sums(Pool& pool, LayerFile& copy, const LayerRecord& layer, uint64_t offset,
+                   uint64_t len) {
+  const uint64_t row_bytes = uint64_t{kSumsPerRow} * kSumGroupBytes;
+  const uint64_t end = std::min(offset + len, layer.size_bytes);
+  std::vector<uint8_t> buf;
   LAYER_ASSIGN(auto txn, pool.index().begin_read());
-  std::vector<uint8_t> buf(kSumGroupBytes);
-  return txn.scan(
-      Db::kSums, key_u64(layer.id), [&](std::string_view k, std::string_view v) -> Result<bool> {
-        auto key = decode_key_u64_u32(k);
-        if (!key) return make_error(EIO, "layer {}: sums key of {} bytes", layer.id, k.size());
-        LAYER_ASSIGN(auto sums, decode_sums(v));
-        for (size_t i = 0; i < sums.size(); ++i) {
-          if (sums[i] == 0) continue;
-          const uint64_t off = (uint64_t{key->second} * kSumsPerRow + i) * kSumGroupBytes;
-          if (off >= layer.size_bytes) continue;  // fsck reports it
-          const uint64_t len = std::min<uint64_t>(kSumGroupBytes, layer.size_bytes - off);
-          LAYER_TRY(copy.read(buf.data(), len, off));
-          const uint64_t got = group_checksum(buf.data(), len);
-          if (got != sums[i])
-            return make_error(EIO,
-                              "layer {}: the copy in {} at offset {} hashes to {:016x}, "
-                              "its checksum is {:016x}",
-                              layer.id, copy.path(), off, got, sums[i]);
-        }
-        return true;
-      });
+  for (uint64_t row = offset / row_bytes; row * row_bytes < end; ++row) {
+    LAYER_ASSIGN(auto v, txn.get(Db::kSums, key_u64_u32(layer.id, static_cast<uint32_t>(row))));
+    if (!v) continue;
+    LAYER_ASSIGN(auto sums, decode_sums(*v));
+    // Runs of hashed groups are read in one go and hashed from the buffer.
+    for (size_t i = 0; i < sums.size();) {
+      const uint64_t off = row * row_bytes + i * kSumGroupBytes;
+      if (sums[i] == 0 || off < offset || off >= end) {
+        ++i;
+        continue;
+      }
+      size_t j = i;
+      while (j < sums.size() && sums[j] != 0 && row * row_bytes + j * kSumGroupBytes < end) ++j;
+      // The last group may be short (the layer's end); fsck reports groups past it.
+      const uint64_t run_bytes =
+          std::min<uint64_t>((j - i) * kSumGroupBytes, layer.size_bytes - off);
+      if (buf.size() < run_bytes) buf.resize(row_bytes);
+      LAYER_TRY(copy.read(buf.data(), run_bytes, off));
+      for (size_t g = i; g < j; ++g) {
+        const uint64_t g_off = (g - i) * kSumGroupBytes;
+        const uint64_t g_len = std::min<uint64_t>(kSumGroupBytes, run_bytes - g_off);
+        const uint64_t got = group_checksum(buf.data() + g_off, g_len);
+        if (got != sums[g])
+          return make_error(EIO,
+                            "layer {}: the copy in {} at offset {} hashes to {:016x}, "
+                            "its checksum is {:016x}",
+                            layer.id, copy.path(), off + g_off, got, sums[g]);
+      }
+      i = j;
+    }
+  }
+  return {};
+}
+
+// A move is background work: the copy's threads go to the idle I/O class (mq-deadline holds
+// back idle-class requests while any other is queued or in flight, for up to its
+// prio_aging_expire, 10 s; BFQ serves them when nothing else waits) and 10 nice steps below
+// the thread that asked for the move (at most 19), so that the clients of served layers go
+// first; with nothing else waiting, the copy goes at full speed. Not nice 19 outright: on a
+// host busy with other work a move would all but stop. A failure leaves the thread as it was.
+void lower_copy_thread_priority() {
+  constexpr int kIoprioWhoProcess = 1, kIoprioClassIdle = 3, kIoprioClassShift = 13;
+  const pid_t tid = ::gettid();
+  (void)::syscall(SYS_ioprio_set, kIoprioWhoProcess, tid, kIoprioClassIdle << kIoprioClassShift);
+  errno = 0;
+  const int nice = ::getpriority(PRIO_PROCESS, static_cast<id_t>(tid));  // inherited
+  if (errno == 0)
+    (void)::setpriority(PRIO_PROCESS, static_cast<id_t>(tid), std::min(19, nice + 10));
 }
 
 // Steps 2 and 3: the copy, synced and verified. Returns the source's data bytes.
-Result<uint64_t> copy_and_verify(Pool& pool, const LayerRecord& layer, Tier to) {
+//
+// Each piece of the copy is verified as soon as it is written, on a second thread while the
+// next piece is copied (LayerStore::copy_to), rather than by reading the whole copy back after
+// its fdatasync: the move then costs about what a plain copy does. Both read the copy through
+// the page cache (its pages are still there after the sync), so they check the same bytes:
+// what the copy hands the filesystem to write, which is what a bad source read, a wrong copy
+// (offsets, lengths, holes) or a buggy store would spoil. Neither reads the destination device
+// back (O_DIRECT would, at the cost of a third pass over the data through the device, the one
+// resource a move is short of); a write the device loses is found as for any layer at rest, by
+// `layer scrub`, `fsck --full` or `verify=on` reads (DESIGN.md "Checksums").
+Result<uint64_t> copy_and_verify(Pool& pool, const LayerRecord& layer, Tier to,
+                                 const MoveOptions& move_options) {
   LayerStore& src_store = pool.store(layer.tier);
   LAYER_ASSIGN(auto src_size, src_store.stat(layer.id));
   if (!src_size) return uint64_t{0};  // no file (no data written): nothing to copy
-  LAYER_ASSIGN(auto src, src_store.open(layer.id, false));
-  uint64_t data_bytes = 0;
-  LAYER_TRY(src->data_extents(0, *src_size, [&](uint64_t, uint64_t len) { data_bytes += len; }));
-  LAYER_TRY(src_store.copy_to(layer.id, pool.store(to)));
+  CopyOptions options;
+  options.piece_bytes = move_options.piece_bytes;
+  options.thread_setup = lower_copy_thread_priority;
+  options.check = [&](LayerFile& src, LayerFile& copy, uint64_t offset, uint64_t len) -> Status {
+    pool.test_point("move.piece-copied");
+    if (layer.state == LayerState::kFrozen) return verify_sums(pool, copy, layer, offset, len);
+    return compare_files(src, copy, offset, len, layer.id);
+  };
+  LAYER_ASSIGN(uint64_t data_bytes, src_store.copy_to(layer.id, pool.store(to), options));
   pool.test_point("move.copied");
   LAYER_ASSIGN(auto copy, pool.store(to).open(layer.id, false));
   LAYER_ASSIGN(uint64_t copy_size, copy->size());
   if (copy_size != *src_size)
     return make_error(EIO, "layer {}: the copy in {} is {} bytes, the source {}", layer.id,
                       copy->path(), copy_size, *src_size);
-  if (layer.state == LayerState::kFrozen)
-    LAYER_TRY(verify_sums(pool, *copy, layer));
-  else
-    LAYER_TRY(compare_files(*src, *copy, *src_size, layer.id));
+  // Checksums of groups past the file's end (it reads as zeroes there), if any.
+  if (layer.state == LayerState::kFrozen && layer.size_bytes > copy_size) {
+    const uint64_t tail = (copy_size + kSumGroupBytes - 1) / kSumGroupBytes * kSumGroupBytes;
+    if (tail < layer.size_bytes)
+      LAYER_TRY(verify_sums(pool, *copy, layer, tail, layer.size_bytes - tail));
+  }
   pool.test_point("move.verified");
   return data_bytes;
 }
@@ -188,8 +251,11 @@ Status end_move(Pool& pool, uint64_t intent_id, LayerId id, Tier to) {
                         IntentRecord{IntentRecord::Kind::kMove, id, to_string(to), 0});
 }
 
-Result<MoveResult> move_layer(Pool& pool, LayerId id, Tier to) {
+Result<MoveResult> move_layer(Pool& pool, LayerId id, Tier to, const MoveOptions& options) {
   LAYER_TRY(pool.check_writable());
+  if (options.piece_bytes == 0 || options.piece_bytes % kSumGroupBytes != 0)
+    return make_error(EINVAL, "move of layer {}: piece size {} is not a positive multiple of {}",
+                      id, options.piece_bytes, kSumGroupBytes);
   LAYER_ASSIGN(Lock move_lock, pool.locks().try_lock(LockKind::kMove, id, true,
                                                      fmt::format("layer {} (being moved)", id)));
   LAYER_ASSIGN(auto first, read_layer(pool, id));
@@ -222,7 +288,7 @@ Result<MoveResult> move_layer(Pool& pool, LayerId id, Tier to) {
     (void)recover_locked(pool, intent_id, intent);
     return e;
   };
-  auto copied = copy_and_verify(pool, layer, to);
+  auto copied = copy_and_verify(pool, layer, to, options);
   if (!copied) return fail(std::move(copied).error());
   result.data_bytes = *copied;
 

@@ -4,9 +4,13 @@
 // A move, under the layer's lock held shared (merges and drops, which take it exclusively, wait;
 // readers go on) and its move lock held exclusively (one mover per layer, across processes):
 //   1. one transaction records a kMove intent naming the destination tier;
-//   2. LayerStore::copy_to copies the file's data ranges into the destination, synced;
-//   3. the copy is verified: against the layer's `sums` when it is frozen (hashed), byte for byte
-//      against the source otherwise (frozen-unhashed, or a writable delta);
+//   2. LayerStore::copy_to copies the file's data ranges into the destination in pieces, and
+//   3. verifies each piece as soon as it is written, on a second thread while the next one is
+//      copied: against the layer's `sums` when it is frozen (hashed), byte for byte against the
+//      source otherwise (frozen-unhashed, or a writable delta); then the copy is synced. A
+//      piece that does not verify stops the copy. (What the verification reads, and why this
+//      order checks the same bytes as reading the copy back after its sync: copy_and_verify
+//      in mover.cc.)
 //   4. one transaction switches the layer row's tier;
 //   5. the old file is removed, then the intent (so a crash leaves no orphan). Readers that
 //      opened the old file keep reading it (same content, an unlinked inode);
@@ -21,11 +25,13 @@
 // the copy is made while writes go on, then writes go to both files while the blocks written
 // during the copy are copied again, and writes pause only for the switch.
 //
-// Test points (Pool::test_point, LAYER_FAILPOINT): "move.intent-committed", "move.copied"
-// (copy written and synced, not verified; a live delta's: the bulk copy, not caught up),
-// "move.caught-up" (a live delta's catch-up rounds and the comparison done, copy synced, writes
-// not paused yet), "move.verified" (a live delta's: with writes paused, the last blocks copied
-// and compared, the disk not yet switched to the copy), "move.published" (a live delta's: the
+// Test points (Pool::test_point, LAYER_FAILPOINT): "move.intent-committed",
+// "move.piece-copied" (move_layer: a piece of the copy written, before its verification; on
+// the copy's second thread), "move.copied" (move_layer: copy written, verified and synced; a
+// live delta's: the bulk copy, not caught up), "move.caught-up" (a live delta's catch-up rounds
+// and the comparison done, copy synced, writes not paused yet), "move.verified" (move_layer:
+// its size checked too; a live delta's: with writes paused, the last blocks copied and
+// compared, the disk not yet switched to the copy), "move.published" (a live delta's: the
 // disk writes to the copy, not synced, the row not switched, flush rounds held),
 // "move.switched" (row switched, old file not yet removed; a live delta's server writes to the
 // copy, its flush rounds still held).
@@ -41,6 +47,12 @@
 #include "records.h"
 
 namespace layer {
+
+struct MoveOptions {
+  // The copy is made and verified in pieces of this many bytes, each verified while the next
+  // is copied; a positive multiple of 64 KiB (a checksum group). Tests use small pieces.
+  uint64_t piece_bytes = uint64_t{32} << 20;
+};
 
 struct MoveResult {
   LayerId layer = 0;
@@ -62,7 +74,7 @@ struct MoveResult {
 // (the copy does not verify; source unreadable), ENOSPC (destination full): after any error the
 // layer is still read from its source tier and the destination holds no copy.
 // REQUIRES: the pool open writable.
-Result<MoveResult> move_layer(Pool& pool, LayerId id, Tier to);
+Result<MoveResult> move_layer(Pool& pool, LayerId id, Tier to, const MoveOptions& options = {});
 
 // The destination tier of a move intent (fsck does not call the copy there an orphan).
 // Errors: EIO (a target that does not parse).

@@ -1,5 +1,6 @@
 // Unit tests for lib/layer_file.h: LocalStore (create: sized, renamed into place, EEXIST;
-// read past the end, punch and its write-zeroes fallback, data_extents, size, remove) and the
+// read past the end, punch and its write-zeroes fallback, data_extents, size, remove; copy_to:
+// data ranges only, piece by piece with a check per piece, on threads of its own) and the
 // basics of FaultInjectingStore (synced writes survive a simulated power loss, unsynced ones
 // do not, injected sync failures).
 #include "layer_file.h"
@@ -8,11 +9,14 @@
 #include <linux/filter.h>
 #include <linux/seccomp.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 
 #include <cstddef>
 #include <fstream>
+#include <mutex>
 #include <set>
+#include <thread>
 #include <tuple>
 
 #include "test_util.h"
@@ -454,12 +458,132 @@ TEST_CASE("LocalStore::copy_to copies a layer's data ranges into another store, 
   MUST(f->write(head.data(), head.size(), 100));
   MUST(f->write(tail.data(), tail.size(), size - tail.size()));
   MUST(f->sync());
-  MUST(from.copy_to(9, to));
+  const uint64_t data_bytes = MUST(from.copy_to(9, to));
+  // The source's data ranges: whole filesystem blocks around what was written.
+  CHECK(data_bytes >= head.size() + tail.size());
+  CHECK(data_bytes < 1024 * kKiB);
   CHECK(MUST(to.stat(9)) == std::optional<uint64_t>(size));
   CHECK(test::read_file(b.sub("9.layer")) == test::read_file(a.sub("9.layer")));
   CHECK(allocated_bytes(b.sub("9.layer")) < 1024 * kKiB);  // the hole stayed a hole
   CHECK_ERRNO(from.copy_to(9, to), EEXIST);
   CHECK_ERRNO(from.copy_to(10, to), ENOENT);
+}
+
+namespace {
+
+// A store whose files are wrapped (not LocalStore's own): copy_to then copies with read/write.
+class WrappingStore : public ForwardingStore {
+ public:
+  explicit WrappingStore(const std::string& dir)
+      : ForwardingStore(std::make_unique<LocalStore>(dir)) {}
+  Result<std::shared_ptr<LayerFile>> create(LayerId id, uint64_t size_bytes) override {
+    LAYER_ASSIGN(auto f, ForwardingStore::create(id, size_bytes));
+    return std::shared_ptr<LayerFile>(std::make_shared<ForwardingFile>(f));
+  }
+};
+
+}  // namespace
+
+TEST_CASE("LocalStore::copy_to checks each piece once, in order, after writing it",
+          "[layer_file]") {
+  constexpr uint64_t kPiece = 64 * kKiB;
+  // Data in pieces 0, 2 (crossing into 3) and the short last one; pieces 1 and 4 are holes.
+  const uint64_t size = 5 * kPiece + 12 * kKiB;
+  for (bool wrapped : {false, true}) {
+    INFO((wrapped ? "read/write into a wrapped file" : "copy_file_range between local files"));
+    test::TempDir a, b;
+    LocalStore from(a.path());
+    std::unique_ptr<LayerStore> to;
+    if (wrapped)
+      to = std::make_unique<WrappingStore>(b.path());
+    else
+      to = std::make_unique<LocalStore>(b.path());
+    auto f = MUST(from.create(4, size));
+    const auto p0 = pattern(20 * kKiB, 3), p2 = pattern(kPiece, 4), p5 = pattern(8 * kKiB, 5);
+    MUST(f->write(p0.data(), p0.size(), 8 * kKiB));
+    MUST(f->write(p2.data(), p2.size(), 2 * kPiece + 32 * kKiB));
+    MUST(f->write(p5.data(), p5.size(), size - p5.size()));
+    MUST(f->sync());
+    uint64_t expect_data = 0;
+    for (auto [o, l] : extents_of(*f, 0, size)) expect_data += l;
+
+    // (Catch's assertions stay on this thread: the check runs on the copy's second thread.)
+    std::vector<std::pair<uint64_t, uint64_t>> checked;
+    bool pieces_written = true;
+    CopyOptions options;
+    options.piece_bytes = kPiece;
+    options.check = [&](LayerFile& src, LayerFile& copy, uint64_t offset, uint64_t len) -> Status {
+      checked.emplace_back(offset, len);
+      std::vector<uint8_t> x(len), y(len);
+      LAYER_TRY(src.read(x.data(), len, offset));
+      LAYER_TRY(copy.read(y.data(), len, offset));
+      pieces_written = pieces_written && x == y;  // the piece is in the copy already
+      return {};
+    };
+    CHECK(MUST(from.copy_to(4, *to, options)) == expect_data);
+    CHECK(pieces_written);
+    CHECK(checked == std::vector<std::pair<uint64_t, uint64_t>>{{0, kPiece},
+                                                                {kPiece, kPiece},
+                                                                {2 * kPiece, kPiece},
+                                                                {3 * kPiece, kPiece},
+                                                                {4 * kPiece, kPiece},
+                                                                {5 * kPiece, 12 * kKiB}});
+    CHECK(test::read_file(b.sub("4.layer")) == test::read_file(a.sub("4.layer")));
+    CHECK(allocated_bytes(b.sub("4.layer")) < 3 * kPiece);  // the holes stayed holes
+    MUST(to->remove(4));
+
+    // A failing check stops the copy, which returns its error and leaves nothing behind.
+    int calls = 0;
+    options.check = [&](LayerFile&, LayerFile&, uint64_t offset, uint64_t) -> Status {
+      ++calls;
+      if (offset == 2 * kPiece) return make_error(EIO, "piece at {} does not verify", offset);
+      return {};
+    };
+    auto r = from.copy_to(4, *to, options);
+    REQUIRE_FALSE(r.ok());
+    CHECK(r.error().code == EIO);
+    CHECK_THAT(r.error().message, Catch::Contains("does not verify"));
+    CHECK(calls == 3);
+    CHECK_FALSE(MUST(to->stat(4)).has_value());
+    CHECK(std::filesystem::is_empty(b.path()));
+
+    options.piece_bytes = 1000;
+    CHECK_ERRNO(from.copy_to(4, *to, options), EINVAL);
+  }
+}
+
+TEST_CASE("LocalStore::copy_to runs on threads of its own, each set up first", "[layer_file]") {
+  test::TempDir a, b;
+  LocalStore from(a.path()), to(b.path());
+  auto f = MUST(from.create(5, 256 * kKiB));
+  const auto data = pattern(256 * kKiB, 6);
+  MUST(f->write(data.data(), data.size(), 0));
+  MUST(f->sync());
+  std::mutex mu;
+  std::set<std::thread::id> set_up, checked_on;
+  CopyOptions options;
+  options.piece_bytes = 64 * kKiB;
+  options.thread_setup = [&] {
+    // What the mover does there: a lower priority, which must not reach the caller.
+    (void)::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), 19);
+    std::lock_guard<std::mutex> lk(mu);
+    set_up.insert(std::this_thread::get_id());
+  };
+  options.check = [&](LayerFile&, LayerFile&, uint64_t, uint64_t) -> Status {
+    std::lock_guard<std::mutex> lk(mu);
+    checked_on.insert(std::this_thread::get_id());
+    return {};
+  };
+  errno = 0;
+  const int nice_before = ::getpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()));
+  REQUIRE(errno == 0);
+  CHECK(MUST(from.copy_to(5, to, options)) == data.size());
+  CHECK(::getpriority(PRIO_PROCESS, static_cast<id_t>(::gettid())) == nice_before);
+  CHECK(set_up.size() == 2);  // the copying stage and the checking one
+  CHECK_FALSE(set_up.contains(std::this_thread::get_id()));
+  CHECK(checked_on.size() == 1);
+  CHECK(set_up.contains(*checked_on.begin()));
+  CHECK(test::read_file(b.sub("5.layer")) == test::read_file(a.sub("5.layer")));
 }
 
 TEST_CASE("LocalStore::check_can_hold refuses a size the filesystem cannot hold in one file",

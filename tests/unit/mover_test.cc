@@ -2,6 +2,9 @@
 // reads them, an offline delta moved, corrupted and failing copies refused with the layer left
 // readable in its source tier and no file behind, and a crash at each step of a move recovered
 // by the next open — each read checked against the byte-vector model, fsck clean afterwards.
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <cstdlib>
 #include <filesystem>
@@ -202,9 +205,75 @@ TEST_CASE("a corrupted or failing copy is refused; the layer stays in its source
   require_fsck_clean(pool);
 }
 
+TEST_CASE("a copy spoiled while the move runs is refused, for every kind of layer", "[mover]") {
+  // Small pieces: the copy is verified piece by piece, each one while the next is copied, and
+  // the spoiled byte lands in a piece after the first.
+  constexpr uint64_t kPiece = 64 * 1024;
+  const MoveOptions options{kPiece};
+  DiskFixture d(kImage, kDisk);
+  Pool& pool = *d.f.pool;
+  write_flush(d, 4096 * 20 + 7, 9000, 1);
+  MUST(snapshot_container(pool, "c", "s1"));
+  write_flush(d, 4096 * 40, 4096 * 30, 2);
+  const auto info = MUST(pool.inspect("c"));
+  REQUIRE(info.chain.size() == 3);
+  struct Case {
+    LayerId layer;
+    const char* what;
+  };
+  for (const Case& c : {Case{info.chain[2].id, "frozen (checksums)"},
+                        Case{info.chain[1].id, "frozen-unhashed (compared)"},
+                        Case{info.chain[0].id, "writable delta (compared)"}}) {
+    INFO(c.what);
+    // The source's last data byte gets flipped in the copy, right after the piece holding it
+    // is written and before that piece is verified.
+    uint64_t target = 0;
+    {
+      auto src = MUST(pool.store(Tier::kSsd).open(c.layer, false));
+      MUST(src->data_extents(0, MUST(src->size()),
+                             [&](uint64_t o, uint64_t len) { target = o + len - 1; }));
+    }
+    REQUIRE(target >= kPiece);
+    const std::string copy_path = pool.store(Tier::kHdd).describe(c.layer);
+    int piece = 0;
+    bool spoiled = false;
+    pool.set_test_hook([&](std::string_view point) {
+      if (point != "move.piece-copied" || piece++ != static_cast<int>(target / kPiece)) return;
+      const int fd = ::open(copy_path.c_str(), O_RDWR | O_CLOEXEC);
+      if (fd < 0) return;
+      uint8_t byte = 0;
+      if (::pread(fd, &byte, 1, static_cast<off_t>(target)) == 1) {
+        byte ^= 0x10;
+        spoiled = ::pwrite(fd, &byte, 1, static_cast<off_t>(target)) == 1;
+      }
+      ::close(fd);
+    });
+    auto r = move_layer(pool, c.layer, Tier::kHdd, options);
+    pool.set_test_hook(nullptr);
+    CHECK(spoiled);
+    REQUIRE_FALSE(r);
+    CHECK(r.error().code == EIO);
+    CHECK_THAT(r.error().message, Catch::Contains(copy_path));
+    require_only_in(pool, c.layer, Tier::kSsd);
+    {
+      auto disk = d.open("c", false);
+      check_disk(*disk, d.model);
+    }
+    // Unspoiled, the same piece-by-piece move goes through, both ways.
+    CHECK(MUST(move_layer(pool, c.layer, Tier::kHdd, options)).moved);
+    require_only_in(pool, c.layer, Tier::kHdd);
+    CHECK(MUST(move_layer(pool, c.layer, Tier::kSsd, options)).moved);
+    require_only_in(pool, c.layer, Tier::kSsd);
+    auto disk = d.open("c", false);
+    check_disk(*disk, d.model);
+  }
+  CHECK(move_layer(pool, info.chain[2].id, Tier::kHdd, MoveOptions{1000}).error().code == EINVAL);
+  require_fsck_clean(pool);
+}
+
 TEST_CASE("a crash at each step of a move leaves the layer in one place once reopened", "[mover]") {
-  for (const char* point :
-       {"move.intent-committed", "move.copied", "move.verified", "move.switched"}) {
+  for (const char* point : {"move.intent-committed", "move.piece-copied", "move.copied",
+                            "move.verified", "move.switched"}) {
     INFO(point);
     DiskFixture d(kImage, kDisk);
     const LayerId base = MUST(d.f.pool->inspect("c")).chain[1].id;
