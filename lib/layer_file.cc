@@ -481,9 +481,10 @@ Result<uint64_t> copy_pieces(LayerFile& src, LayerFile& out, uint64_t size,
         if (options.check) LAYER_TRY(options.check(src, out, piece.offset, piece.len));
         if (!piece.has_data || out_fd < 0) return {};
         LAYER_TRY(write_back(out_fd, out.path(), piece.offset, piece.len, kWriteAndWait));
-        // Leave the page cache as the copy found it: the source's pages it read in go, and so
-        // do the copy's (clean now), but where the source's were cached (a working set
-        // readers use), the copy's stay, for the readers that switch to it.
+        // Leave the page cache as the copy found it (unless options.keep_cache: then no
+        // residency was taken): the source's pages it read in go, and so do the copy's (clean
+        // now), but where the source's were cached (a working set readers use), the copy's
+        // stay, for the readers that switch to it.
         if (!piece.resident.empty()) {
           drop_new_pages(in_fd, piece);
           drop_new_pages(out_fd, piece);
@@ -534,7 +535,7 @@ Result<uint64_t> copy_pieces(LayerFile& src, LayerFile& out, uint64_t size,
   // Residency is taken one piece ahead: the kernel's readahead for one piece reaches into the
   // next (by up to its window, 8 MiB by default, less than the mover's pieces), not into the
   // one after. (A page counted resident by mistake only stays cached.)
-  const int probe_fd = out_fd >= 0 ? in_fd : -1;
+  const int probe_fd = out_fd >= 0 && !options.keep_cache ? in_fd : -1;
   std::vector<unsigned char> next_resident =
       resident_pages(probe_fd, 0, std::min(piece_bytes, size));
   for (uint64_t offset = 0; offset < size; offset += piece_bytes) {

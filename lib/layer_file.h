@@ -97,6 +97,11 @@ struct CopyOptions {
   // Called first on each thread the copy runs on (the copy does not run on the caller's), e.g.
   // to lower their priority; it must not fail.
   std::function<void()> thread_setup;
+  // Leave in the page cache what the copy reads and writes (readers of the file find it there:
+  // the copy doubles as their readahead). Otherwise, between local files, the copy leaves the
+  // page cache as it found it: it drops the source's pages it read in and the copy's pages
+  // there, and keeps the copy's pages where the source's were cached already.
+  bool keep_cache = false;
 };
 
 // Layer files of one tier, addressed by layer id (DESIGN.md "Beyond one host": the seam a

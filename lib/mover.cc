@@ -150,6 +150,7 @@ void lower_copy_thread_priority() {
 // back (O_DIRECT would, at the cost of a third pass over the data through the device, the one
 // resource a move is short of); a write the device loses is found as for any layer at rest, by
 // `layer scrub`, `fsck --full` or `verify=on` reads (DESIGN.md "Checksums").
+// REQUIRES: this process holds the layer's lock once, shared (move_layer's).
 Result<uint64_t> copy_and_verify(Pool& pool, const LayerRecord& layer, Tier to,
                                  const MoveOptions& move_options) {
   LayerStore& src_store = pool.store(layer.tier);
@@ -158,6 +159,11 @@ Result<uint64_t> copy_and_verify(Pool& pool, const LayerRecord& layer, Tier to,
   CopyOptions options;
   options.piece_bytes = move_options.piece_bytes;
   options.thread_setup = lower_copy_thread_priority;
+  // A layer some server reads (it holds the layer's lock, beside ours) keeps what the copy
+  // reads and writes in the page cache: its clients read the pages the copy brings in, and
+  // after the switch they read the copy's. A layer nobody reads leaves the page cache as the
+  // copy found it, instead of two copies of itself pushing out what is in use.
+  LAYER_ASSIGN(options.keep_cache, pool.locks().held_by_others(LockKind::kLayer, layer.id, 1));
   options.check = [&](LayerFile& src, LayerFile& copy, uint64_t offset, uint64_t len) -> Status {
     pool.test_point("move.piece-copied");
     if (layer.state == LayerState::kFrozen) return verify_sums(pool, copy, layer, offset, len);

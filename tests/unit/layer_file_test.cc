@@ -8,10 +8,12 @@
 #include <linux/audit.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <fstream>
 #include <mutex>
@@ -584,6 +586,87 @@ TEST_CASE("LocalStore::copy_to runs on threads of its own, each set up first", "
   CHECK(checked_on.size() == 1);
   CHECK(set_up.contains(*checked_on.begin()));
   CHECK(test::read_file(b.sub("5.layer")) == test::read_file(a.sub("5.layer")));
+}
+
+namespace {
+
+// Which of the file's pages are in the page cache (mincore of an untouched mapping).
+std::vector<bool> cached_pages(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  REQUIRE(fd >= 0);
+  struct stat st;
+  REQUIRE(::fstat(fd, &st) == 0);
+  const size_t len = static_cast<size_t>(st.st_size), page = 4096;
+  void* map = ::mmap(nullptr, len, PROT_READ, MAP_SHARED, fd, 0);
+  ::close(fd);
+  REQUIRE(map != MAP_FAILED);
+  std::vector<unsigned char> v((len + page - 1) / page);
+  REQUIRE(::mincore(map, len, v.data()) == 0);
+  ::munmap(map, len);
+  std::vector<bool> out;
+  for (unsigned char c : v) out.push_back(c & 1);
+  return out;
+}
+
+void drop_cached(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  REQUIRE(fd >= 0);
+  ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+  ::close(fd);
+}
+
+}  // namespace
+
+TEST_CASE("LocalStore::copy_to leaves the page cache as it found it, or keeps what it copied",
+          "[layer_file]") {
+  constexpr uint64_t kSize = 8 * 1024 * kKiB;
+  constexpr uint64_t kHot = 1024 * kKiB, kHotAt = 2 * 1024 * kKiB;  // a working set
+  constexpr size_t kPage = 4096;
+  for (bool keep : {false, true}) {
+    INFO((keep ? "keep_cache" : "leave the cache as found"));
+    test::TempDir a, b;
+    LocalStore from(a.path()), to(b.path());
+    {
+      auto f = MUST(from.create(6, kSize));
+      const auto data = pattern(kSize, 7);
+      MUST(f->write(data.data(), data.size(), 0));
+      MUST(f->sync());
+    }
+    const std::string src = a.sub("6.layer"), copy = b.sub("6.layer");
+    drop_cached(src);
+    const auto dropped = cached_pages(src);
+    if (std::count(dropped.begin(), dropped.end(), true) > 0) {
+      WARN("this filesystem keeps pages on POSIX_FADV_DONTNEED: page-cache handling not tested");
+      return;
+    }
+    {
+      auto f = MUST(from.open(6, false));
+      std::vector<uint8_t> buf(kHot);
+      MUST(f->read(buf.data(), kHot, kHotAt));
+    }
+    CopyOptions options;
+    options.piece_bytes = kSize;  // one piece: no readahead runs ahead of its residency
+    options.keep_cache = keep;
+    CHECK(MUST(from.copy_to(6, to, options)) == kSize);
+    const auto in_src = cached_pages(src), in_copy = cached_pages(copy);
+    REQUIRE(in_copy.size() == kSize / kPage);
+    size_t src_hot = 0, src_cold = 0, copy_hot = 0, copy_cold = 0;
+    for (size_t i = 0; i < in_copy.size(); ++i) {
+      const bool hot = i * kPage >= kHotAt && i * kPage < kHotAt + kHot;
+      (hot ? src_hot : src_cold) += in_src[i];
+      (hot ? copy_hot : copy_cold) += in_copy[i];
+    }
+    const size_t hot_pages = kHot / kPage, cold_pages = kSize / kPage - hot_pages;
+    CHECK(src_hot == hot_pages);   // what readers had cached stays
+    CHECK(copy_hot == hot_pages);  // and is cached in the copy too, for readers switching
+    if (keep) {
+      CHECK(copy_cold == cold_pages);  // the rest too: the copy read and wrote it
+    } else {
+      CHECK(src_cold == 0);   // what only the copy read is gone
+      CHECK(copy_cold == 0);  // and so is what it wrote there
+    }
+    CHECK(test::read_file(copy) == test::read_file(src));
+  }
 }
 
 TEST_CASE("LocalStore::check_can_hold refuses a size the filesystem cannot hold in one file",

@@ -3,8 +3,10 @@
 // readable in its source tier and no file behind, and a crash at each step of a move recovered
 // by the next open — each read checked against the byte-vector model, fsck clean afterwards.
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <filesystem>
@@ -269,6 +271,53 @@ TEST_CASE("a copy spoiled while the move runs is refused, for every kind of laye
   }
   CHECK(move_layer(pool, info.chain[2].id, Tier::kHdd, MoveOptions{1000}).error().code == EINVAL);
   require_fsck_clean(pool);
+}
+
+namespace {
+
+// Pages of the file in the page cache (mincore of an untouched mapping).
+size_t cached_pages(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  REQUIRE(fd >= 0);
+  const size_t len = static_cast<size_t>(::lseek(fd, 0, SEEK_END)), page = 4096;
+  void* map = ::mmap(nullptr, len, PROT_READ, MAP_SHARED, fd, 0);
+  if (map == MAP_FAILED) {
+    ::close(fd);
+    FAIL("mmap " << path);
+  }
+  std::vector<unsigned char> v((len + page - 1) / page);
+  REQUIRE(::mincore(map, len, v.data()) == 0);
+  ::munmap(map, len);
+  // And drop them, for the next look.
+  ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+  ::close(fd);
+  return static_cast<size_t>(
+      std::count_if(v.begin(), v.end(), [](unsigned char c) { return c & 1; }));
+}
+
+}  // namespace
+
+TEST_CASE("a move keeps a served layer's pages cached and a layer nobody reads leaves none",
+          "[mover]") {
+  DiskFixture d(kImage, kDisk);
+  Pool& pool = *d.f.pool;
+  const LayerId base = MUST(pool.inspect("c")).chain[1].id;
+  const std::string on_ssd = pool.store(Tier::kSsd).describe(base);
+  (void)cached_pages(on_ssd);
+  if (cached_pages(on_ssd) > 0) {
+    WARN("this filesystem keeps pages on POSIX_FADV_DONTNEED: page-cache handling not tested");
+    return;
+  }
+  // Nobody reads it: the move leaves the page cache as it found it.
+  CHECK(MUST(move_layer(pool, base, Tier::kHdd)).moved);
+  CHECK(cached_pages(pool.store(Tier::kHdd).describe(base)) == 0);
+  // A disk reads it (it holds the layer's lock): what the move copied stays cached, for the
+  // disk's reads of the new file.
+  auto disk = d.open("c", false);
+  CHECK(MUST(move_layer(pool, base, Tier::kSsd)).moved);
+  CHECK(cached_pages(on_ssd) == kImage / 4096);
+  REQUIRE_OK(disk->reload_moved(base));
+  check_disk(*disk, d.model);
 }
 
 TEST_CASE("a crash at each step of a move leaves the layer in one place once reopened", "[mover]") {
