@@ -885,6 +885,9 @@ int cmd_gc(const Globals& g, bool hash) {
   for (const auto& info : take(pool->list_containers())) {
     const pid_t pid = pool->serving_pid(info.container.id);
     if (pid == 0) continue;
+    // A holder note outlives a server killed before it let go (SIGKILL): only a held lock
+    // means a server serves it.
+    if (!take(pool->locks().is_locked(layer::LockKind::kContainer, info.container.id))) continue;
     const auto reply =
         layer::control_request(layer::control_socket_path(pool->paths().run_dir, pid),
                                {{"op", "merge"}, {"container", info.container.name}});
