@@ -156,6 +156,15 @@ std::string dir_of(const std::string& path) {
   return slash == std::string::npos ? "." : path.substr(0, slash == 0 ? 1 : slash);
 }
 
+// The stat of path; std::nullopt when it does not exist. Errors: the errno of stat.
+Result<std::optional<struct stat>> stat_if_exists(const std::string& path) {
+  struct stat st;
+  if (::stat(path.c_str(), &st) == 0) return std::optional<struct stat>(st);
+  const int err = errno;
+  if (err == ENOENT) return std::optional<struct stat>();
+  return sys_error(err, "stat {}", path);
+}
+
 Status fsync_dir(const std::string& dir) {
   int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (fd < 0) return sys_error(errno, "open directory {}", dir);
@@ -216,9 +225,8 @@ Status LocalStore::remove(LayerId id) {
 
 Result<std::string> LocalStore::set_aside(LayerId id, const std::string& dir) {
   const std::string path = describe(id);
-  struct stat st;
-  if (::stat(path.c_str(), &st) != 0) {
-    if (errno != ENOENT) return sys_error(errno, "stat {}", path);
+  LAYER_ASSIGN(auto st, stat_if_exists(path));
+  if (!st) {
     LAYER_TRY(remove(id));
     return std::string();
   }
@@ -250,25 +258,15 @@ Result<std::string> LocalStore::set_aside(LayerId id, const std::string& dir) {
 }
 
 Result<std::optional<uint64_t>> LocalStore::stat(LayerId id) {
-  const std::string path = describe(id);
-  struct stat st;
-  if (::stat(path.c_str(), &st) != 0) {
-    const int err = errno;
-    if (err == ENOENT) return std::optional<uint64_t>();
-    return sys_error(err, "stat {}", path);
-  }
-  return std::optional<uint64_t>(static_cast<uint64_t>(st.st_size));
+  LAYER_ASSIGN(auto st, stat_if_exists(describe(id)));
+  if (!st) return std::optional<uint64_t>();
+  return std::optional<uint64_t>(static_cast<uint64_t>(st->st_size));
 }
 
 Result<std::optional<uint64_t>> LocalStore::allocated(LayerId id) {
-  const std::string path = describe(id);
-  struct stat st;
-  if (::stat(path.c_str(), &st) != 0) {
-    const int err = errno;
-    if (err == ENOENT) return std::optional<uint64_t>();
-    return sys_error(err, "stat {}", path);
-  }
-  return std::optional<uint64_t>(static_cast<uint64_t>(st.st_blocks) * 512);
+  LAYER_ASSIGN(auto st, stat_if_exists(describe(id)));
+  if (!st) return std::optional<uint64_t>();
+  return std::optional<uint64_t>(static_cast<uint64_t>(st->st_blocks) * 512);
 }
 
 Result<LayerStore::Space> LocalStore::space() {

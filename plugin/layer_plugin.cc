@@ -180,6 +180,14 @@ nlohmann::json handle_control(const nlohmann::json& request) {
   return layer_plugin::handle_control({*g_pool, *g_disks, g_hasher}, request);
 }
 
+// A background thread's line for nbdkit's log: failures as errors, the rest as debug output.
+void log_line(bool error, const std::string& line) {
+  if (error)
+    nbdkit_error("%s", line.c_str());
+  else
+    nbdkit_debug("%s", line.c_str());
+}
+
 // This server as the tiering code sees it: its disks reload a moved frozen layer.
 layer::LocalServer local_server() {
   layer::LocalServer local;
@@ -216,12 +224,7 @@ int layer_after_fork() {
     if (g_hasher_on) {
       layer::BackgroundHasher::Options options;
       options.hash.rate_bytes_per_sec = g_hash_rate;
-      options.log = [](bool error, const std::string& line) {
-        if (error)
-          nbdkit_error("%s", line.c_str());
-        else
-          nbdkit_debug("%s", line.c_str());
-      };
+      options.log = log_line;
       auto hasher = layer::BackgroundHasher::start(*g_pool, std::move(options));
       if (!hasher) return fail(hasher.error());
       g_hasher = hasher->release();
@@ -248,12 +251,7 @@ int layer_after_fork() {
       layer::BackgroundTiering::Options options;
       options.interval = std::chrono::seconds(g_tier_interval_s);
       options.local = local_server();
-      options.log = [](bool error, const std::string& line) {
-        if (error)
-          nbdkit_error("%s", line.c_str());
-        else
-          nbdkit_debug("%s", line.c_str());
-      };
+      options.log = log_line;
       auto tiering = layer::BackgroundTiering::start(*g_pool, std::move(options));
       if (!tiering) return fail(tiering.error());
       g_tiering = tiering->release();

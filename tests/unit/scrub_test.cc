@@ -15,13 +15,6 @@ using namespace disktest;
 
 namespace {
 
-LayerId image_layer(Pool& pool, const std::string& ref) {
-  auto txn = MUST(pool.index().begin_read());
-  auto v = MUST(txn.get(Db::kImages, ref));
-  REQUIRE(v);
-  return MUST(decode_image(*v, ref)).top_layer;
-}
-
 const ScrubLayer& entry(const ScrubReport& r, LayerId id) {
   for (const auto& l : r.layers)
     if (l.layer.id == id) return l;
@@ -29,22 +22,12 @@ const ScrubLayer& entry(const ScrubReport& r, LayerId id) {
   throw;
 }
 
-void flip_byte(const std::string& path, uint64_t offset) {
-  const int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
-  REQUIRE(fd >= 0);
-  uint8_t b = 0;
-  REQUIRE(::pread(fd, &b, 1, static_cast<off_t>(offset)) == 1);
-  b ^= 0x01;
-  REQUIRE(::pwrite(fd, &b, 1, static_cast<off_t>(offset)) == 1);
-  ::close(fd);
-}
-
 }  // namespace
 
 TEST_CASE("scrub verifies every checksummed group and finds a flipped byte") {
   DiskFixture d(64 * 4096, 64 * 4096);
   Pool& pool = *d.f.pool;
-  const LayerId base = image_layer(pool, "base:1");
+  const LayerId base = test::image_top_layer(pool, "base:1");
   auto clean = MUST(scrub(pool, {}, {}));
   CHECK(clean.clean());
   CHECK(clean.layers.size() == 2);  // the image layer and c's delta
@@ -56,7 +39,7 @@ TEST_CASE("scrub verifies every checksummed group and finds a flipped byte") {
   // Block 4 holds data (the patterned image's blocks 0, 3 and 4 of each 6); offset 4*4096+10
   // lies in group 0.
   REQUIRE_FALSE(d.model.must_be_hole[4]);
-  flip_byte(pool.layer_path(entry(clean, base).layer), 4 * 4096 + 10);
+  test::flip_bits(pool.layer_path(entry(clean, base).layer), 4 * 4096 + 10, 0x01);
   auto r = MUST(scrub(pool, {base}, {}));
   REQUIRE(r.layers.size() == 1);
   const ScrubLayer& l = r.layers[0];
@@ -77,8 +60,8 @@ TEST_CASE("scrub skips layers without checksums and reports a missing file as th
   }
   MUST(snapshot_container(pool, "c", "s1"));  // frozen-unhashed until hashed
   d.f.import("other:1", 32 * 4096, 4096, 9);
-  const LayerId other = image_layer(pool, "other:1");
-  const LayerId base = image_layer(pool, "base:1");
+  const LayerId other = test::image_top_layer(pool, "other:1");
+  const LayerId base = test::image_top_layer(pool, "base:1");
   auto txn = MUST(pool.index().begin_read());
   const auto c = MUST(pool.get_container(txn, "c"));
   const LayerId snap = MUST(get_snapshot(txn, c, "s1")).layer;

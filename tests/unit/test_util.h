@@ -336,4 +336,23 @@ struct PoolFixture {
   }
 };
 
+// The top layer of image `ref` (REQUIRE: it exists).
+inline layer::LayerId image_top_layer(layer::Pool& pool, const std::string& ref) {
+  auto txn = MUST(pool.index().begin_read());
+  auto v = MUST(txn.get(layer::Db::kImages, ref));
+  REQUIRE(v);
+  return MUST(layer::decode_image(*v, ref)).top_layer;
+}
+
+// XORs the byte at `offset` of the file at `path` with `mask` (damage for checksum tests).
+inline void flip_bits(const std::string& path, uint64_t offset, uint8_t mask) {
+  const int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+  REQUIRE(fd >= 0);
+  uint8_t b = 0;
+  REQUIRE(::pread(fd, &b, 1, static_cast<off_t>(offset)) == 1);
+  b ^= mask;
+  REQUIRE(::pwrite(fd, &b, 1, static_cast<off_t>(offset)) == 1);
+  ::close(fd);
+}
+
 }  // namespace test

@@ -29,13 +29,6 @@ HeatRecord heat_of(Pool& pool, LayerId id) {
   return MUST(decode_heat(*v, id));
 }
 
-LayerId base_layer(Pool& pool, const std::string& ref) {
-  auto txn = MUST(pool.index().begin_read());
-  auto v = MUST(txn.get(Db::kImages, ref));
-  REQUIRE(v);
-  return MUST(decode_image(*v, ref)).top_layer;
-}
-
 LayerId delta_of(Pool& pool, const std::string& name) {
   auto txn = MUST(pool.index().begin_read());
   return MUST(pool.get_container(txn, name)).delta_layer;
@@ -196,7 +189,7 @@ TEST_CASE("the policy promotes on heat, with hysteresis between the cold and hot
 TEST_CASE("a promoted layer whose heat fades is not demoted before cold_after has passed") {
   PoolFixture f;
   f.import("base:1", 64 * 4096, 4096, 3);
-  const LayerId base = base_layer(*f.pool, "base:1");
+  const LayerId base = test::image_top_layer(*f.pool, "base:1");
   TierPolicy p = test_policy();
   MUST(save_tier_policy(*f.pool, p));
   MUST(move_layer(*f.pool, base, Tier::kHdd));
@@ -259,7 +252,7 @@ TEST_CASE("disks count heat per layer and a shared base sums the heat of its use
   Pool& pool = *d.f.pool;
   MUST(pool.clone("base:1", "c2", std::nullopt));
   MUST(save_tier_policy(pool, test_policy()));
-  const LayerId base = base_layer(pool, "base:1");
+  const LayerId base = test::image_top_layer(pool, "base:1");
   MUST(move_layer(pool, base, Tier::kHdd));
   auto c1 = d.open("c");
   auto c2 = d.open("c2");
@@ -331,7 +324,7 @@ TEST_CASE("a policy pass demotes cold layers and promotes hot ones; the data sta
   DiskFixture d(128 * 4096, 128 * 4096);
   Pool& pool = *d.f.pool;
   MUST(save_tier_policy(pool, test_policy()));
-  const LayerId base = base_layer(pool, "base:1");
+  const LayerId base = test::image_top_layer(pool, "base:1");
   const LayerId delta = delta_of(pool, "c");
   {
     auto disk = d.open();
@@ -372,7 +365,7 @@ TEST_CASE("a policy pass demotes cold layers and promotes hot ones; the data sta
 TEST_CASE("fsck reports heat rows without a layer, corrupt heat rows and a corrupt policy") {
   PoolFixture f;
   f.import("base:1", 16 * 4096, 4096, 5);
-  const LayerId base = base_layer(*f.pool, "base:1");
+  const LayerId base = test::image_top_layer(*f.pool, "base:1");
   auto problems = [&] {
     auto r = MUST(fsck(*f.pool, false, false));
     std::string all;
@@ -399,7 +392,7 @@ TEST_CASE(
     "handle to a removed one") {
   DiskFixture d(64 * 4096, 64 * 4096);
   Pool& pool = *d.f.pool;
-  const LayerId base = base_layer(pool, "base:1");
+  const LayerId base = test::image_top_layer(pool, "base:1");
   DiskTable table(pool);
   auto disk = MUST(table.acquire("c", true));
   check_disk(*disk, d.model);

@@ -12,20 +12,9 @@ using namespace disktest;
 
 namespace {
 
-void flip_byte(const std::string& path, uint64_t offset) {
-  const int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
-  REQUIRE(fd >= 0);
-  uint8_t b = 0;
-  REQUIRE(::pread(fd, &b, 1, static_cast<off_t>(offset)) == 1);
-  b ^= 0x80;
-  REQUIRE(::pwrite(fd, &b, 1, static_cast<off_t>(offset)) == 1);
-  ::close(fd);
-}
-
 std::string base_path(Pool& pool) {
+  const LayerId id = test::image_top_layer(pool, "base:1");
   auto txn = MUST(pool.index().begin_read());
-  auto v = MUST(txn.get(Db::kImages, "base:1"));
-  const LayerId id = MUST(decode_image(*v, "base:1")).top_layer;
   auto l = MUST(txn.get(Db::kLayers, key_u64(id)));
   return pool.layer_path(MUST(decode_layer(*l, id)));
 }
@@ -37,7 +26,7 @@ TEST_CASE("verify_reads: a damaged group fails with EIO, the rest is served") {
   DiskFixture d(64 * 4096, 64 * 4096);
   Pool& pool = *d.f.pool;
   REQUIRE_FALSE(d.model.must_be_hole[4]);
-  flip_byte(base_path(pool), 4 * 4096 + 7);  // group 0
+  test::flip_bits(base_path(pool), 4 * 4096 + 7, 0x80);  // group 0
   d.f.reopen();
   d.f.pool->set_verify_reads(true);
   auto disk = d.open();
@@ -59,7 +48,7 @@ TEST_CASE("verify_reads: a damaged group fails with EIO, the rest is served") {
 TEST_CASE("without verify_reads the damage is served") {
   DiskFixture d(64 * 4096, 64 * 4096);
   Pool& pool = *d.f.pool;
-  flip_byte(base_path(pool), 4 * 4096 + 7);
+  test::flip_bits(base_path(pool), 4 * 4096 + 7, 0x80);
   auto disk = d.open();
   std::vector<uint8_t> buf(4096);
   REQUIRE_OK(disk->read(buf.data(), 4096, 4 * 4096));
@@ -72,9 +61,8 @@ TEST_CASE("verify_reads verifies each group once per process") {
   auto disk = d.open();
   check_disk(*disk, d.model);
   check_disk(*disk, d.model);
+  const LayerId id = test::image_top_layer(*d.f.pool, "base:1");
   auto txn = MUST(d.f.pool->index().begin_read());
-  auto v = MUST(txn.get(Db::kImages, "base:1"));
-  const LayerId id = MUST(decode_image(*v, "base:1")).top_layer;
   auto row = MUST(txn.get(Db::kLayers, key_u64(id)));
   auto verifier = d.f.pool->verifiers().get(d.f.pool->index(), MUST(decode_layer(*row, id)));
   CHECK(verifier->groups_verified() == 4);
