@@ -296,7 +296,9 @@ Status Disk::move_track(LiveMove& m) {
 
 Status Disk::move_copy(LiveMove& m, const MoveOptions& options) {
   // The bulk copy, while writes go on: the store's (sparse, in the kernel where it can).
-  LAYER_TRY(pool_.store(m.from).copy_to(m.id, pool_.store(m.to)));
+  CopyOptions copy_options;
+  copy_options.rate_bytes_per_sec = options.rate_bytes_per_sec;
+  LAYER_TRY(pool_.store(m.from).copy_to(m.id, pool_.store(m.to), copy_options));
   pool_.test_point("move.copied");
   LAYER_ASSIGN(m.copy, pool_.store(m.to).open(m.id, true));
   LAYER_ASSIGN(const uint64_t src_size, m.source->size());

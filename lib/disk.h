@@ -196,6 +196,9 @@ class Disk {
     uint64_t final_bytes = 0;
     // At most this many catch-up rounds after the bulk copy, and as many after the comparison.
     int max_rounds = 8;
+    // Bytes per second the bulk copy reads at most; 0: as fast as it can (CopyOptions). The
+    // catch-up rounds are not paced.
+    uint64_t rate_bytes_per_sec = 0;
   };
   Result<MoveResult> move_delta(LayerId id, Tier to, const MoveOptions& options);
   Result<MoveResult> move_delta(LayerId id, Tier to) { return move_delta(id, to, MoveOptions{}); }

@@ -31,6 +31,8 @@
 #include <system_error>
 #include <thread>
 
+#include "stop_signal.h"
+
 namespace layer {
 namespace {
 
@@ -311,6 +313,13 @@ namespace {
 // 1 MiB units or a window of one unit cost 30-50% of the speed.
 constexpr uint64_t kCopyUnitBytes = uint64_t{4} << 20;
 constexpr size_t kCopyUnitsInFlight = 4;
+// A paced copy (CopyOptions::rate_bytes_per_sec) is one that nobody waits for: its unit is
+// smaller and waited for before the next is read, and the source is read without readahead
+// (POSIX_FADV_RANDOM on the copy's own descriptor), so that at any moment at most one unit of
+// it is at the device, and a client's read waits behind at most that. Measured at 64 MiB/s
+// (same VM): 1 MiB units left the p99 of cold 4K reads at 2.8-2.9x idle, 256 KiB at 1.3-1.4x,
+// and the copy still kept its rate (1 GiB in 16.3 s).
+constexpr uint64_t kPacedUnitBytes = uint64_t{256} << 10;
 
 // One piece of a copy, as the copying stage hands it to the finishing one.
 struct CopyPiece {
@@ -490,9 +499,16 @@ Result<uint64_t> copy_pieces(LayerFile& src, LayerFile& out, uint64_t size,
         return {};
       },
       options.thread_setup);
+  const bool paced = options.rate_bytes_per_sec > 0;
+  const uint64_t unit_bytes = paced ? kPacedUnitBytes : kCopyUnitBytes;
+  const size_t units_in_flight = paced ? 0 : kCopyUnitsInFlight;
+  Pacer pacer(options.rate_bytes_per_sec, nullptr);
+  // Only this copy's descriptor of the source: other readers keep their readahead.
+  if (paced && in_fd >= 0) (void)::posix_fadvise(in_fd, 0, 0, POSIX_FADV_RANDOM);
   std::vector<uint8_t> buf;
   std::deque<std::pair<uint64_t, uint64_t>> writing;  // units being written back, oldest first
   auto copy_unit = [&](uint64_t start, uint64_t len) -> Status {
+    pacer.admit(len);
     for (uint64_t done = 0; done < len;) {
       if (kernel_copy) {
         loff_t in_off = static_cast<loff_t>(start + done), out_off = in_off;
@@ -509,7 +525,7 @@ Result<uint64_t> copy_pieces(LayerFile& src, LayerFile& out, uint64_t size,
           return sys_error(err, fmt::format("copy {} to {}", src.path(), out.path()));
         kernel_copy = false;
       }
-      if (buf.empty()) buf.resize(kCopyUnitBytes);
+      if (buf.empty()) buf.resize(unit_bytes);
       const uint64_t n = std::min<uint64_t>(buf.size(), len - done);
       LAYER_TRY(src.read(buf.data(), n, start + done));
       LAYER_TRY(out.write(buf.data(), n, start + done));
@@ -521,7 +537,7 @@ Result<uint64_t> copy_pieces(LayerFile& src, LayerFile& out, uint64_t size,
     (void)::sync_file_range(out_fd, static_cast<off64_t>(start), static_cast<off64_t>(len),
                             SYNC_FILE_RANGE_WRITE);
     writing.emplace_back(start, len);
-    if (writing.size() > kCopyUnitsInFlight) {
+    if (writing.size() > units_in_flight) {
       const auto [off, n] = writing.front();
       writing.pop_front();
       LAYER_TRY(write_back(out_fd, out.path(), off, n, kWriteAndWait));
@@ -545,8 +561,8 @@ Result<uint64_t> copy_pieces(LayerFile& src, LayerFile& out, uint64_t size,
     LAYER_TRY(src.data_extents(piece.offset, piece.len, [&](uint64_t start, uint64_t len) {
       piece.has_data = true;
       data_bytes += len;
-      for (uint64_t done = 0; status.ok() && done < len; done += kCopyUnitBytes)
-        status = copy_unit(start + done, std::min(kCopyUnitBytes, len - done));
+      for (uint64_t done = 0; status.ok() && done < len; done += unit_bytes)
+        status = copy_unit(start + done, std::min(unit_bytes, len - done));
     }));
     LAYER_TRY(status);
     LAYER_TRY(finisher.submit(std::move(piece)));

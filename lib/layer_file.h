@@ -102,6 +102,11 @@ struct CopyOptions {
   // page cache as it found it: it drops the source's pages it read in and the copy's pages
   // there, and keeps the copy's pages where the source's were cached already.
   bool keep_cache = false;
+  // Bytes per second the copy reads at most (0: as fast as it can). A paced copy also goes in
+  // smaller units, one at a time, with no readahead on the source: what a reader of the same
+  // device may find queued ahead of it is one unit of the copy's reads or writes, not the
+  // kernel's readahead window and several units of writeback.
+  uint64_t rate_bytes_per_sec = 0;
 };
 
 // Layer files of one tier, addressed by layer id (DESIGN.md "Beyond one host": the seam a

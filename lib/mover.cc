@@ -10,6 +10,7 @@
 #include <cstring>
 #include <vector>
 
+#include "block_map.h"
 #include "checksum.h"
 #include "intents.h"
 #include "layers.h"
@@ -78,6 +79,20 @@ Status compare_files(LayerFile& src, LayerFile& copy, uint64_t offset, uint64_t 
   // The copy's own data ranges: where the source has a hole, the copy must read as zeroes.
   LAYER_TRY(copy.data_extents(offset, len, compare));
   return status;
+}
+
+// Whether the index maps any block of layer `id` to data in its file.
+Result<bool> index_has_data(Pool& pool, LayerId id) {
+  LAYER_ASSIGN(auto txn, pool.index().begin_read());
+  bool found = false;
+  LAYER_TRY(
+      txn.scan(Db::kMaps, key_u64(id), [&](std::string_view, std::string_view v) -> Result<bool> {
+        LAYER_ASSIGN(auto bits, decode_chunk(v));
+        for (uint32_t i = 0; i < kBlocksPerChunk && !found; ++i)
+          found = bits.get(i) == BlockState::kData;
+        return !found;
+      }));
+  return found;
 }
 
 // Checks, in the copy, every 64 KiB group that the layer's `sums` hash and that starts in
@@ -155,9 +170,20 @@ Result<uint64_t> copy_and_verify(Pool& pool, const LayerRecord& layer, Tier to,
                                  const MoveOptions& move_options) {
   LayerStore& src_store = pool.store(layer.tier);
   LAYER_ASSIGN(auto src_size, src_store.stat(layer.id));
-  if (!src_size) return uint64_t{0};  // no file (no data written): nothing to copy
+  if (!src_size) {
+    // No file: nothing to copy when no data was ever written (a delta never written, its
+    // snapshot); a file lost while the index has data in it is damage, not a move's business.
+    LAYER_ASSIGN(const bool has_data, index_has_data(pool, layer.id));
+    if (has_data)
+      return make_error(EIO,
+                        "layer {}: its file {} is missing, but the index has data in it; nothing "
+                        "moved (`layer fsck` reports it)",
+                        layer.id, src_store.describe(layer.id));
+    return uint64_t{0};
+  }
   CopyOptions options;
   options.piece_bytes = move_options.piece_bytes;
+  options.rate_bytes_per_sec = move_options.rate_bytes_per_sec;
   options.thread_setup = lower_copy_thread_priority;
   // A layer some server reads (it holds the layer's lock, beside ours) keeps what the copy
   // reads and writes in the page cache: its clients read the pages the copy brings in, and

@@ -52,6 +52,8 @@ struct MoveOptions {
   // The copy is made and verified in pieces of this many bytes, each verified while the next
   // is copied; a positive multiple of 64 KiB (a checksum group). Tests use small pieces.
   uint64_t piece_bytes = uint64_t{32} << 20;
+  // Bytes per second the copy reads at most; 0: as fast as it can (CopyOptions).
+  uint64_t rate_bytes_per_sec = 0;
 };
 
 struct MoveResult {

@@ -81,6 +81,8 @@ class Decoder {
     pos_ += n;
     return true;
   }
+  // Every byte consumed (a field added to a record's end may be absent in an older one).
+  bool at_end() const { return pos_ == in_.size(); }
   // Finishes decoding: an error unless every byte was consumed and every read succeeded.
   Status finish(bool ok) {
     if (ok && pos_ != in_.size()) bad_ = fmt::format("{} trailing bytes", in_.size() - pos_);
@@ -267,6 +269,7 @@ std::string encode(const TierPolicy& p) {
   e.u64(p.half_life_s);
   e.u8(static_cast<uint8_t>(p.high_water));
   e.u64(p.high_water_value);
+  e.u64(p.move_rate);
   return e.take();
 }
 
@@ -276,7 +279,7 @@ Result<TierPolicy> decode_tier_policy(std::string_view bytes) {
   uint8_t hw = 0;
   const bool ok = d.version() && d.u64(&p.cold_after_s) && d.f64(&p.cold_rate) &&
                   d.f64(&p.hot_rate) && d.u64(&p.half_life_s) && d.u8(&hw) &&
-                  d.u64(&p.high_water_value);
+                  d.u64(&p.high_water_value) && (d.at_end() || d.u64(&p.move_rate));
   LAYER_TRY(d.finish(ok));
   if (hw > static_cast<uint8_t>(TierPolicy::HighWater::kPercent))
     return make_error(EIO, "meta tier.policy: corrupt record (high-water kind {})", hw);

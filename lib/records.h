@@ -139,6 +139,10 @@ struct TierPolicy {
   uint64_t half_life_s = 300;   // of the heat rates
   HighWater high_water = HighWater::kNone;
   uint64_t high_water_value = 0;  // bytes of layer files on ssd, or % of the ssd filesystem
+  // Bytes per second a policy move copies at most (0: as fast as it can). Added after the
+  // first record layout: a record without it reads as the default.
+  uint64_t move_rate = kDefaultMoveRate;
+  static constexpr uint64_t kDefaultMoveRate = uint64_t{64} << 20;
 };
 std::string encode(const TierPolicy& p);
 Result<TierPolicy> decode_tier_policy(std::string_view bytes);

@@ -69,7 +69,8 @@ Result<TierMoveReport> report_of(const nlohmann::json& j, pid_t pid) {
   }
 }
 
-Result<TierMoveReport> move_one(Pool& pool, LayerId id, Tier to, const LocalServer* local);
+Result<TierMoveReport> move_one(Pool& pool, LayerId id, Tier to, uint64_t rate,
+                                const LocalServer* local);
 
 }  // namespace
 
@@ -312,8 +313,8 @@ std::vector<pid_t> tell_servers_moved(Pool& pool, LayerId id, pid_t skip) {
 }
 
 Result<TierMoveReport> move_layer_anywhere(Pool& pool, LayerId id, Tier to,
-                                           const LocalServer* local) {
-  auto r = move_one(pool, id, to, local);
+                                           uint64_t rate_bytes_per_sec, const LocalServer* local) {
+  auto r = move_one(pool, id, to, rate_bytes_per_sec, local);
   // A move counts as an access (tier.h): best effort, a lost note only lets it move sooner.
   if (r && r->moved) (void)note_moved(pool, id, now_unix());
   return r;
@@ -321,7 +322,10 @@ Result<TierMoveReport> move_layer_anywhere(Pool& pool, LayerId id, Tier to,
 
 namespace {
 
-Result<TierMoveReport> move_one(Pool& pool, LayerId id, Tier to, const LocalServer* local) {
+Result<TierMoveReport> move_one(Pool& pool, LayerId id, Tier to, uint64_t rate,
+                                const LocalServer* local) {
+  MoveOptions options;
+  options.rate_bytes_per_sec = rate;
   LayerRecord layer;
   {
     LAYER_ASSIGN(auto txn, pool.index().begin_read());
@@ -330,7 +334,7 @@ Result<TierMoveReport> move_one(Pool& pool, LayerId id, Tier to, const LocalServ
     LAYER_ASSIGN(layer, decode_layer(*row, id));
   }
   if (layer.state != LayerState::kWritable) {
-    LAYER_ASSIGN(auto r, move_layer(pool, id, to));
+    LAYER_ASSIGN(auto r, move_layer(pool, id, to, options));
     TierMoveReport report = report_of(r);
     if (r.moved) {
       if (local && local->reload_moved) (void)local->reload_moved(id);  // else: the old file
@@ -339,14 +343,14 @@ Result<TierMoveReport> move_one(Pool& pool, LayerId id, Tier to, const LocalServ
     return report;
   }
   if (local && local->move_delta)
-    if (auto r = local->move_delta(id, to)) return std::move(*r);
+    if (auto r = local->move_delta(id, to, rate)) return std::move(*r);
   // A delta: moved by its container's server when one serves it, here otherwise.
   for (int attempt = 0;; ++attempt) {
     LAYER_ASSIGN(auto c, find_container_of_delta(pool, id));
     if (!c) return make_error(EIO, "layer {}: writable, but no container's delta", id);
     LAYER_ASSIGN(const bool served, pool.locks().is_locked(LockKind::kContainer, c->id));
     if (!served) {
-      auto r = move_layer(pool, id, to);
+      auto r = move_layer(pool, id, to, options);
       if (r) return report_of(*r);
       // A server took the container meanwhile: ask it.
       if (r.error().code != EBUSY || attempt >= 3) return std::move(r).error();
@@ -361,10 +365,13 @@ Result<TierMoveReport> move_one(Pool& pool, LayerId id, Tier to, const LocalServ
       }
       return make_error(EBUSY, "container \"{}\" is in use by another process", c->name);
     }
-    auto reply = control_request(
-        control_socket_path(pool.paths().run_dir, pid),
-        {{"op", "move"}, {"layer", id}, {"tier", to_string(to)}, {"container", c->name}},
-        std::chrono::hours(24));
+    auto reply = control_request(control_socket_path(pool.paths().run_dir, pid),
+                                 {{"op", "move"},
+                                  {"layer", id},
+                                  {"tier", to_string(to)},
+                                  {"container", c->name},
+                                  {"rate", rate}},
+                                 std::chrono::hours(24));
     if (!reply.ok()) {
       const int code = reply.error().code;
       if ((code == ENOENT || code == ECONNREFUSED) && attempt < 3) continue;  // it went away
@@ -378,14 +385,15 @@ Result<TierMoveReport> move_one(Pool& pool, LayerId id, Tier to, const LocalServ
 }  // namespace
 
 Result<TierRunReport> run_tier_policy(Pool& pool, uint64_t now, bool dry_run,
-                                      const LocalServer* local) {
+                                      const LocalServer* local, std::optional<uint64_t> rate) {
   TierRunReport report;
   LAYER_ASSIGN(report.status, tier_status(pool, now));
   if (dry_run) return report;
   LAYER_TRY(pool.check_writable());
   for (size_t i : report.status.order) {
     const Verdict& v = report.status.layers[i].verdict;
-    auto moved = move_layer_anywhere(pool, v.id, *v.to, local);
+    auto moved = move_layer_anywhere(pool, v.id, *v.to,
+                                     rate.value_or(report.status.policy.move_rate), local);
     if (!moved) {
       (moved.error().code == EBUSY ? report.busy : report.failed)
           .push_back(fmt::format("layer {}: {}", v.id, moved.error().message));

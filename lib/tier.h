@@ -129,7 +129,10 @@ struct LocalServer {
   pid_t pid = 0;
   // Moves the delta of a disk this server serves; std::nullopt when it serves none with
   // that delta.
-  std::function<std::optional<Result<TierMoveReport>>(LayerId id, Tier to)> move_delta;
+  // rate_bytes_per_sec: as move_layer_anywhere's.
+  std::function<std::optional<Result<TierMoveReport>>(LayerId id, Tier to,
+                                                      uint64_t rate_bytes_per_sec)>
+      move_delta;
   // Switches this server's disks to a moved frozen layer's new file.
   std::function<Status(LayerId id)> reload_moved;
 };
@@ -137,16 +140,19 @@ struct LocalServer {
 TierMoveReport live_move_report(const MoveResult& r);
 // Moves one layer the way it must be moved: a frozen layer by this process (then every
 // server is told, control op "moved"); a served container's delta by its server (control op
-// "move"), an unserved one here. Errors: those of move_layer and of the server's reply;
-// ENOENT (no such layer).
+// "move"), an unserved one here. rate_bytes_per_sec: what the copy reads at most, 0 as fast as
+// it can (a live delta's catch-up is not paced). Errors: those of move_layer and of the
+// server's reply; ENOENT (no such layer).
 Result<TierMoveReport> move_layer_anywhere(Pool& pool, LayerId id, Tier to,
+                                           uint64_t rate_bytes_per_sec = 0,
                                            const LocalServer* local = nullptr);
 // Asks every running server but `skip` (each control socket POOL/run/srv-PID.sock) to switch
 // to a moved frozen layer's new file. Best effort: returns the pids that did.
 std::vector<pid_t> tell_servers_moved(Pool& pool, LayerId id, pid_t skip = 0);
 
 // One policy pass: plans (as tier_status) and, unless dry_run, moves in plan order, recording
-// each move in the layer's heat row. A failed move does not stop the pass: it is in `failed`;
+// each move in the layer's heat row, each at the policy's move_rate unless `rate` says
+// otherwise. A failed move does not stop the pass: it is in `failed`;
 // one refused with EBUSY (another move of it, a merge, a drop running) is in `busy`, for the
 // next pass.
 struct TierRunReport {
@@ -156,7 +162,8 @@ struct TierRunReport {
   std::vector<std::string> failed;  // "layer N: why"
 };
 Result<TierRunReport> run_tier_policy(Pool& pool, uint64_t now, bool dry_run,
-                                      const LocalServer* local = nullptr);
+                                      const LocalServer* local = nullptr,
+                                      std::optional<uint64_t> rate = std::nullopt);
 
 // A server's tiering thread (plugin parameter tier-interval=S): a policy pass every
 // `interval`, at idle I/O priority and nice 19 (its copies wait behind the clients' I/O), moving

@@ -39,7 +39,9 @@ json moved(const ControlContext& ctx, const json& request) {
   return json{{"ok", true}, {"layer", id}};
 }
 
-// {"op": "move", "layer": N, "tier": "ssd"|"hdd", "container": C}: moves layer N to the tier.
+// {"op": "move", "layer": N, "tier": "ssd"|"hdd", "container": C, "rate": BYTES_PER_SEC}:
+// moves layer N to the tier, its copy reading at most `rate` bytes/s (0 or absent: as fast as
+// it can).
 // The delta of a container (C, when given, must be it) is moved live by the container's disk,
 // acquired as a connection would (opened if no client has it open): Disk::move_delta. A frozen
 // layer is moved as the CLI would (move_layer), and this server's disks reading it switch to
@@ -50,6 +52,9 @@ json move(const ControlContext& ctx, const json& request) {
   if (!request.contains("layer") || !request["layer"].is_number_unsigned() ||
       !request.contains("tier") || !request["tier"].is_string())
     return error(EINVAL, "a \"move\" request needs a \"layer\" number and a \"tier\" string");
+  if (request.contains("rate") && !request["rate"].is_number_unsigned())
+    return error(EINVAL, "a \"move\" request's \"rate\" is a number of bytes per second");
+  const uint64_t rate = request.value("rate", uint64_t{0});
   const layer::LayerId id = request["layer"];
   auto to = layer::parse_tier(request["tier"].get<std::string>());
   if (!to) return layer::control_error(to.error());
@@ -62,7 +67,9 @@ json move(const ControlContext& ctx, const json& request) {
   layer::Result<layer::MoveResult> result = layer::Error{EIO, ""};
   std::string container;
   if (!*owner) {
-    result = layer::move_layer(ctx.pool, id, *to);
+    layer::MoveOptions options;
+    options.rate_bytes_per_sec = rate;
+    result = layer::move_layer(ctx.pool, id, *to, options);
     if (result && result->moved) {
       if (auto s = ctx.disks.reload_moved(id); !s)
         nbdkit_error("reload after the move of layer %" PRIu64 ": %s", id,
@@ -72,7 +79,9 @@ json move(const ControlContext& ctx, const json& request) {
     container = (*owner)->name;
     auto disk = ctx.disks.acquire(container, true);
     if (!disk) return layer::control_error(disk.error());
-    result = (*disk)->move_delta(id, *to);
+    layer::Disk::MoveOptions options;
+    options.rate_bytes_per_sec = rate;
+    result = (*disk)->move_delta(id, *to, options);
     auto released = ctx.disks.release(std::move(*disk));
     if (!released)
       nbdkit_error("flush after the move of layer %" PRIu64 ": %s", id,

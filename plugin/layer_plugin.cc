@@ -195,15 +195,17 @@ layer::LocalServer local_server() {
   local.reload_moved = [](layer::LayerId id) { return g_disks->reload_moved(id); };
   // A delta of a container this server serves moves live through its disk (as the control
   // op "move" does); any other delta is left to move_layer_anywhere.
-  local.move_delta = [](layer::LayerId id,
-                        layer::Tier to) -> std::optional<layer::Result<layer::TierMoveReport>> {
+  local.move_delta = [](layer::LayerId id, layer::Tier to,
+                        uint64_t rate) -> std::optional<layer::Result<layer::TierMoveReport>> {
     using Report = layer::Result<layer::TierMoveReport>;
     auto owner = layer::find_container_of_delta(*g_pool, id);
     if (!owner) return Report(std::move(owner).error());
     if (!*owner || g_pool->serving_pid((*owner)->id) != ::getpid()) return std::nullopt;
     auto disk = g_disks->acquire((*owner)->name, true);
     if (!disk) return Report(std::move(disk).error());
-    auto moved = (*disk)->move_delta(id, to);
+    layer::Disk::MoveOptions options;
+    options.rate_bytes_per_sec = rate;
+    auto moved = (*disk)->move_delta(id, to, options);
     if (auto released = g_disks->release(std::move(*disk)); !released)
       nbdkit_error("flush after the move of layer %" PRIu64 ": %s", id,
                    released.error().message.c_str());

@@ -479,8 +479,20 @@ int cmd_snapshot_rm(const Globals& g, const SnapshotArgs& a) {
 }
 
 struct TierMoveArgs {
-  std::string target, tier;
+  std::string target, tier, rate;
 };
+
+// A copy rate for --rate and --move-rate: SIZE per second; "none" or 0, unlimited.
+uint64_t parse_rate(const std::string& option, const std::string& text) {
+  if (text == "none") return 0;
+  auto size = layer::parse_size(text);
+  if (!size) fail(EINVAL, fmt::format("{} {}: {}", option, text, size.error().message));
+  return *size;
+}
+
+std::string rate_text(uint64_t bytes_per_sec) {
+  return bytes_per_sec == 0 ? "unlimited" : human_size(bytes_per_sec) + "/s";
+}
 
 // The layers `layer tier move` moves for TARGET: a layer id; NAME:VER, the image's chain; a
 // container, its own snapshot layers and its delta (moved by its server when one serves it).
@@ -543,11 +555,12 @@ std::string move_text(const layer::TierMoveReport& r) {
 
 int cmd_tier_move(const Globals& g, const TierMoveArgs& a) {
   const layer::Tier to = take(layer::parse_tier(a.tier));
+  const uint64_t rate = a.rate.empty() ? 0 : parse_rate("--rate", a.rate);
   auto pool = open_pool(g, true);
   json moves = json::array();
   std::string text;
   for (const LayerId id : layers_to_move(*pool, a.target)) {
-    const auto r = take(layer::move_layer_anywhere(*pool, id, to));
+    const auto r = take(layer::move_layer_anywhere(*pool, id, to, rate));
     moves.push_back(move_json(r));
     if (!text.empty()) text += '\n';
     text += move_text(r);
@@ -568,7 +581,8 @@ json policy_json(const layer::TierPolicy& p) {
   json j{{"cold_after_s", p.cold_after_s},
          {"cold_rate", p.cold_rate},
          {"hot_rate", p.hot_rate},
-         {"half_life_s", p.half_life_s}};
+         {"half_life_s", p.half_life_s},
+         {"move_rate", p.move_rate}};
   switch (p.high_water) {
     case layer::TierPolicy::HighWater::kNone:
       j["ssd_high_water"] = nullptr;
@@ -590,9 +604,9 @@ std::string policy_text(const layer::TierPolicy& p) {
     hw = fmt::format("{}%", p.high_water_value);
   return fmt::format(
       "cold after {} at or below {} ops/s; hot at or above {} ops/s; heat half-life {}; ssd "
-      "high-water mark {}",
+      "high-water mark {}; moves copy at {}",
       layer::format_duration(p.cold_after_s), rate(p.cold_rate), rate(p.hot_rate),
-      layer::format_duration(p.half_life_s), hw);
+      layer::format_duration(p.half_life_s), hw, rate_text(p.move_rate));
 }
 
 json tier_layer_json(const layer::LayerTierStatus& l, uint64_t now) {
@@ -673,18 +687,20 @@ int cmd_tier_status(const Globals& g) {
 }
 
 struct TierPolicyArgs {
-  std::optional<std::string> cold_after, half_life, high_water;
+  std::optional<std::string> cold_after, half_life, high_water, move_rate;
   std::optional<double> cold_rate, hot_rate;
 };
 
 int cmd_tier_policy(const Globals& g, const TierPolicyArgs& a) {
-  const bool change = a.cold_after || a.half_life || a.high_water || a.cold_rate || a.hot_rate;
+  const bool change =
+      a.cold_after || a.half_life || a.high_water || a.cold_rate || a.hot_rate || a.move_rate;
   auto pool = open_pool(g, change);
   layer::TierPolicy p = take(layer::load_tier_policy(*pool));
   if (a.cold_after) p.cold_after_s = take(layer::parse_duration(*a.cold_after));
   if (a.half_life) p.half_life_s = take(layer::parse_duration(*a.half_life));
   if (a.cold_rate) p.cold_rate = *a.cold_rate;
   if (a.hot_rate) p.hot_rate = *a.hot_rate;
+  if (a.move_rate) p.move_rate = parse_rate("--move-rate", *a.move_rate);
   if (a.high_water) {
     const std::string& hw = *a.high_water;
     if (hw == "none") {
@@ -707,9 +723,17 @@ int cmd_tier_policy(const Globals& g, const TierPolicyArgs& a) {
   return 0;
 }
 
-int cmd_tier_run(const Globals& g, bool dry_run) {
+struct TierRunArgs {
+  bool dry_run = false;
+  std::string rate;
+};
+
+int cmd_tier_run(const Globals& g, const TierRunArgs& a) {
+  const bool dry_run = a.dry_run;
+  std::optional<uint64_t> rate;
+  if (!a.rate.empty()) rate = parse_rate("--rate", a.rate);
   auto pool = open_pool(g, !dry_run);
-  const auto r = take(layer::run_tier_policy(*pool, layer::now_unix(), dry_run));
+  const auto r = take(layer::run_tier_policy(*pool, layer::now_unix(), dry_run, nullptr, rate));
   json planned = json::array();
   for (size_t i : r.status.order)
     planned.push_back(tier_layer_json(r.status.layers[i], r.status.now));
@@ -1330,6 +1354,10 @@ int run(int argc, char** argv) {
       ->type_name("")
       ->required();
   tier_move_cmd->add_option("TIER", tier_move.tier, "ssd or hdd")->type_name("")->required();
+  tier_move_cmd
+      ->add_option("--rate", tier_move.rate,
+                   "copy at most SIZE per second (default: as fast as it can)")
+      ->type_name("SIZE");
   auto* tier_status_cmd =
       tier_cmd->add_subcommand("status", "each layer's tier, heat, users and the policy's verdict");
   TierPolicyArgs tier_policy;
@@ -1354,9 +1382,18 @@ int run(int argc, char** argv) {
       ->add_option("--ssd-high-water", tier_policy.high_water,
                    "demote the coldest while ssd holds more (SIZE, N% of its filesystem, none)")
       ->type_name("SIZE|N%");
-  bool tier_dry_run = false;
+  tier_policy_cmd
+      ->add_option("--move-rate", tier_policy.move_rate,
+                   "the policy's moves copy at most SIZE per second (none: unlimited; default 64M)")
+      ->type_name("SIZE|none");
+  TierRunArgs tier_run;
   auto* tier_run_cmd = tier_cmd->add_subcommand("run", "one pass of the policy: move what it says");
-  tier_run_cmd->add_flag("--dry-run", tier_dry_run, "only say what would move");
+  tier_run_cmd->add_flag("--dry-run", tier_run.dry_run, "only say what would move");
+  tier_run_cmd
+      ->add_option(
+          "--rate", tier_run.rate,
+          "copy at most SIZE per second (default: the policy's move rate; none: unlimited)")
+      ->type_name("SIZE|none");
 
   FsckArgs fsck;
   auto* fsck_cmd = app.add_subcommand("fsck", "check the index against the layer files");
@@ -1416,7 +1453,7 @@ int run(int argc, char** argv) {
   if (*tier_move_cmd) return cmd_tier_move(g, tier_move);
   if (*tier_status_cmd) return cmd_tier_status(g);
   if (*tier_policy_cmd) return cmd_tier_policy(g, tier_policy);
-  if (*tier_run_cmd) return cmd_tier_run(g, tier_dry_run);
+  if (*tier_run_cmd) return cmd_tier_run(g, tier_run);
   if (*fsck_cmd) return cmd_fsck(g, fsck);
   if (*scrub_cmd) return cmd_scrub(g, scrub);
   if (*version_cmd) return cmd_version(g);

@@ -78,7 +78,7 @@ writer_pid=$bg_pid
 for to in hdd ssd hdd; do
   out=$(layer tier move "$base" "$to" --json)
   [[ "$(json_get 'j["layers"][0]["moved"]' <<<"$out")" == True ]] || fail "move $base: $out"
-  layer tier move "$snap" "$to" >/dev/null
+  layer tier move "$snap" "$to" --rate 64M >/dev/null  # paced, as the policy's moves are
   only_in "$base" "$to"
   only_in "$snap" "$to"
 done
@@ -109,6 +109,7 @@ layer tier move "$base" hdd >/dev/null
 
 expect_user_error "move to no tier" layer tier move "$base" tape
 expect_user_error "move an unknown image" layer tier move nope:1 hdd
+expect_user_error "--rate 1x" layer tier move "$base" ssd --rate 1x
 
 # A served container's delta is moved by its server, live (the held connection keeps c open):
 # by container (its snapshot layer by the CLI) and by id.
@@ -135,7 +136,9 @@ writers_pid=$bg_pid
 wait_until 60 eval "[[ -e $tmp/stop-writers.ready ]] || ! pid_alive $writers_pid" || true
 [[ -e "$tmp/stop-writers.ready" ]] || fail "the writers did not start: $(cat "$tmp/writers.log")"
 for to in hdd ssd hdd ssd; do
-  out=$(layer tier move "$delta" "$to" --json)
+  rate=()
+  [[ "$to" == hdd ]] && rate=(--rate 32M)  # paced by the server (the control op's "rate")
+  out=$(layer tier move "$delta" "$to" "${rate[@]}" --json)
   [[ "$(by_of "$delta" moved <<<"$out")" == True ]] || fail "live move to $to: $out"
   only_in "$delta" "$to"
   log "live move to $to: $(json_get '{k: j["layers"][0][k] for k in ("data_bytes", "pause_ms",

@@ -46,6 +46,15 @@ out=$(layer tier policy --cold-after 3s --cold-rate 1 --hot-rate 20 --half-life 
   fail "policy text: $out"
 [[ "$(layer tier policy --json | json_get 'j["policy"]["half_life_s"]')" == 1 ]] ||
   fail "the half-life was not stored"
+# The policy's moves are paced: 64 MiB/s unless told; none is unlimited.
+[[ "$(layer tier policy --json | json_get 'j["policy"]["move_rate"]')" == $((64 << 20)) ]] ||
+  fail "default move rate is not 64 MiB/s"
+expect_user_error "--move-rate 5q" layer tier policy --move-rate 5q
+expect_user_error "--rate fast" layer tier run --dry-run --rate fast
+[[ "$(layer tier policy --move-rate none --json | json_get 'j["policy"]["move_rate"]')" == 0 ]] ||
+  fail "--move-rate none is not unlimited"
+out=$(layer tier policy --move-rate 32M)
+[[ "$out" == *"moves copy at 32"*"/s"* ]] || fail "policy text with a move rate: $out"
 
 # ---- heat: counted by the server, written every second ----
 start_server srv "$pool" -- heat-interval=1s hasher=off

@@ -28,6 +28,7 @@ using namespace layer;
 namespace {
 
 constexpr uint64_t kKiB = 1024;
+constexpr uint64_t kMiB = 1024 * kKiB;
 
 std::vector<uint8_t> read_at(LayerFile& f, uint64_t len, uint64_t offset) {
   std::vector<uint8_t> buf(len, 0xEE);  // not zero: a read that leaves bytes alone is seen
@@ -551,6 +552,35 @@ TEST_CASE("LocalStore::copy_to checks each piece once, in order, after writing i
 
     options.piece_bytes = 1000;
     CHECK_ERRNO(from.copy_to(4, *to, options), EINVAL);
+  }
+}
+
+TEST_CASE("a paced copy reads no faster than its rate and copies the same bytes", "[layer_file]") {
+  // 6 MiB of data with a hole between; at 16 MiB/s the copy cannot take less than 6/16 s less
+  // the pacer's burst (0.1 s). Only a lower bound: how much longer is the machine's business.
+  constexpr uint64_t kSize = 8 * kMiB;
+  for (bool wrapped : {false, true}) {
+    INFO((wrapped ? "read/write into a wrapped file" : "copy_file_range between local files"));
+    test::TempDir a, b;
+    LocalStore from(a.path());
+    std::unique_ptr<LayerStore> to;
+    if (wrapped)
+      to = std::make_unique<WrappingStore>(b.path());
+    else
+      to = std::make_unique<LocalStore>(b.path());
+    auto f = MUST(from.create(7, kSize));
+    const auto head = pattern(4 * kMiB, 8), tail = pattern(2 * kMiB, 9);
+    MUST(f->write(head.data(), head.size(), 0));
+    MUST(f->write(tail.data(), tail.size(), kSize - tail.size()));
+    MUST(f->sync());
+    CopyOptions options;
+    options.rate_bytes_per_sec = 16 * kMiB;
+    const auto start = std::chrono::steady_clock::now();
+    CHECK(MUST(from.copy_to(7, *to, options)) == 6 * kMiB);
+    const auto took = std::chrono::steady_clock::now() - start;
+    CHECK(took >= std::chrono::milliseconds(6 * 1000 / 16 - 100));
+    CHECK(test::read_file(b.sub("7.layer")) == test::read_file(a.sub("7.layer")));
+    CHECK(allocated_bytes(b.sub("7.layer")) < 7 * kMiB);  // the hole stayed a hole
   }
 }
 

@@ -10,6 +10,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
 #include <random>
 #include <thread>
 
@@ -204,6 +205,45 @@ TEST_CASE("a corrupted or failing copy is refused; the layer stays in its source
     auto disk = d.open("c", false);
     check_disk(*disk, d.model);
   }
+  require_fsck_clean(pool);
+}
+
+TEST_CASE("a damaged, truncated or missing source file is refused; the layer stays where it is",
+          "[mover]") {
+  DiskFixture d(kImage, kDisk);
+  Pool& pool = *d.f.pool;
+  const LayerId base = MUST(pool.inspect("c")).chain[1].id;
+  const std::string path = pool.store(Tier::kSsd).describe(base);
+  const std::string saved = path + ".saved";
+  std::filesystem::copy_file(path, saved);
+  struct Case {
+    const char* what;
+    std::function<void()> damage;
+    const char* message;
+  };
+  const Case cases[] = {
+      {"a flipped bit", [&] { test::flip_bits(path, 4096 * 7 + 100, 0x10); }, "hashes to"},
+      {"truncated", [&] { std::filesystem::resize_file(path, kImage / 2); }, "hashes to"},
+      {"missing", [&] { std::filesystem::remove(path); }, "is missing"},
+  };
+  for (const Case& c : cases) {
+    INFO(c.what);
+    c.damage();
+    auto r = move_layer(pool, base, Tier::kHdd);
+    REQUIRE_FALSE(r);
+    CHECK(r.error().code == EIO);
+    CHECK_THAT(r.error().message, Catch::Contains(c.message));
+    // Nothing moved: the row names ssd, hdd holds no copy, no intent is left.
+    CHECK(layer_row(pool, base).tier == Tier::kSsd);
+    CHECK_FALSE(MUST(pool.store(Tier::kHdd).stat(base)).has_value());
+    CHECK(MUST(intents(pool, IntentRecord::Kind::kMove)).empty());
+    std::filesystem::copy_file(saved, path, std::filesystem::copy_options::overwrite_existing);
+  }
+  std::filesystem::remove(saved);
+  require_only_in(pool, base, Tier::kSsd);
+  auto disk = d.open("c", false);
+  check_disk(*disk, d.model);
+  disk.reset();
   require_fsck_clean(pool);
 }
 

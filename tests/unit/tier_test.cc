@@ -94,14 +94,23 @@ TEST_CASE("heat and policy records round-trip and refuse corruption") {
   TierPolicy p = test_policy();
   p.high_water = TierPolicy::HighWater::kPercent;
   p.high_water_value = 80;
+  p.move_rate = 5 << 20;
   const TierPolicy pb = MUST(decode_tier_policy(encode(p)));
   CHECK(pb.cold_after_s == 600);
   CHECK(pb.hot_rate == 2.0);
   CHECK(pb.high_water == TierPolicy::HighWater::kPercent);
   CHECK(pb.high_water_value == 80);
+  CHECK(pb.move_rate == 5 << 20);
   std::string bad = encode(p);
-  bad[bad.size() - 9] = 7;  // the high-water kind
+  bad[bad.size() - 17] = 7;  // the high-water kind
   CHECK(decode_tier_policy(bad).error().code == EIO);
+  // A record written before move_rate was added (its last field) reads with the default.
+  const std::string old = encode(p).substr(0, encode(p).size() - 8);
+  const TierPolicy po = MUST(decode_tier_policy(old));
+  CHECK(po.high_water_value == 80);
+  CHECK(po.move_rate == TierPolicy::kDefaultMoveRate);
+  CHECK(decode_tier_policy(old.substr(0, old.size() - 1)).error().code == EIO);
+  CHECK(decode_tier_policy(encode(p) + "x").error().code == EIO);
 }
 
 TEST_CASE("durations parse and print") {
