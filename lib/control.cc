@@ -5,6 +5,7 @@
 // thread past read_timeout, nor the destructor at all (short of a handler still running).
 #include "control.h"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -189,21 +190,28 @@ Result<std::unique_ptr<ControlServer>> ControlServer::start(
   if (::listen(server->listen_fd_, 16) != 0) return sys_error(errno, "listen on {}", path);
   server->wake_fd_ = ::eventfd(0, EFD_CLOEXEC);
   if (server->wake_fd_ < 0) return sys_error(errno, "eventfd for control socket {}", path);
+  // Non-blocking: every worker polls it, and those that lose the race for a connection must
+  // not block in accept (where the stop signal would not reach them).
+  const int flags = ::fcntl(server->listen_fd_, F_GETFL);
+  if (flags < 0 || ::fcntl(server->listen_fd_, F_SETFL, flags | O_NONBLOCK) != 0)
+    return sys_error(errno, "make control socket {} non-blocking", path);
   try {
-    server->thread_ = std::thread([s = server.get()] { s->run(); });
+    for (int i = 0; i < kWorkers; ++i)
+      server->threads_.emplace_back([s = server.get()] { s->run(); });
   } catch (const std::system_error& e) {
-    return make_error(EAGAIN, "start the thread of control socket {}: {}", path, e.what());
+    return make_error(EAGAIN, "start the threads of control socket {}: {}", path, e.what());
   }
   return server;
 }
 
 ControlServer::~ControlServer() {
-  if (thread_.joinable()) {
+  if (!threads_.empty()) {
+    // Nobody reads the eventfd: it stays readable, and every worker sees it.
     const uint64_t one = 1;
     // Cannot fail: the fd is ours and the counter is far from overflowing.
     if (::write(wake_fd_, &one, sizeof one) < 0) {
     }
-    thread_.join();
+    for (auto& t : threads_) t.join();
   }
   struct stat st;
   if (bound_ && ::lstat(path_.c_str(), &st) == 0 && st.st_dev == dev_ && st.st_ino == ino_)
@@ -225,6 +233,8 @@ void ControlServer::run() {
     if (conn >= 0) {
       serve(conn);
       ::close(conn);
+    } else if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ECONNABORTED) {
+      continue;  // another worker took it, or the client left
     } else if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
       pause_briefly();  // the connection stays queued; do not spin on it
     }

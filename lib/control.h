@@ -6,9 +6,11 @@
 // An error reply is {"ok":false,"errno":"EBUSY","code":16,"message":"..."} (control_error;
 // control_status reads it back); what a successful reply holds is up to the handler.
 //
-// Thread-safety: a ControlServer runs its handler on its own single thread, one request at a
-// time (live operations are serialised by design); start() and the destructor belong to its
-// owner. control_request and the helpers may be called from any thread.
+// Thread-safety: a ControlServer runs its handler on kWorkers threads of its own, so up to that
+// many requests are handled at once: a long one (a live delta's move takes as long as its copy)
+// does not hold up the others. The handler must be safe for concurrent calls (the plugin's
+// serialises live operations per disk itself: Disk's live_mu_). start() and the destructor
+// belong to its owner. control_request and the helpers may be called from any thread.
 #pragma once
 
 #include <sys/types.h>
@@ -20,6 +22,7 @@
 #include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "error.h"
 
@@ -30,6 +33,8 @@ class ControlServer {
   // Answers one request (a JSON object). An exception it throws becomes an EIO error reply.
   using Handler = std::function<nlohmann::json(const nlohmann::json& request)>;
   static constexpr size_t kMaxRequestBytes = 64 * 1024;
+  // Threads serving connections, each one at a time; further connections wait in the backlog.
+  static constexpr int kWorkers = 4;
 
   // Binds a unix stream socket at `path` (mode 0600), listens, and starts the thread that serves
   // it. A socket file at `path` that nobody accepts on (left by a server that died) is replaced;
@@ -42,8 +47,8 @@ class ControlServer {
       const std::string& path, Handler handler,
       std::chrono::milliseconds read_timeout = std::chrono::seconds(10));
 
-  // Stops accepting, lets a request being handled finish (the handler is not interrupted), joins
-  // the thread and removes the socket file if it is still the one start() bound.
+  // Stops accepting, lets the requests being handled finish (a handler is not interrupted), joins
+  // the threads and removes the socket file if it is still the one start() bound.
   ~ControlServer();
   ControlServer(const ControlServer&) = delete;
   ControlServer& operator=(const ControlServer&) = delete;
@@ -65,7 +70,7 @@ class ControlServer {
   bool bound_ = false;
   dev_t dev_ = 0;  // the socket file start() bound, so the destructor removes only that one
   ino_t ino_ = 0;
-  std::thread thread_;
+  std::vector<std::thread> threads_;
 };
 
 // Sends `request` to the server at `path` and returns its reply (the whole exchange, connect

@@ -4,7 +4,8 @@
 // tier moves (a served delta's, live). The protocol is lib/control.h's; the requests and
 // replies are docs/cli-spec.md's.
 //
-// Thread-safety: called on the control socket's one thread, one request at a time.
+// Thread-safety: called on the control socket's worker threads, up to ControlServer::kWorkers
+// requests at once; live operations on one disk are serialised by the disk (Disk::live_mu_).
 #pragma once
 
 #include <nlohmann/json.hpp>

@@ -175,7 +175,7 @@ int layer_get_ready() {
   return guarded("get_ready", [] { return check(layer::Pool::validate(g_pool_path)); });
 }
 
-// The control socket's requests (control_ops.h), on the control thread.
+// The control socket's requests (control_ops.h), on its worker threads.
 nlohmann::json handle_control(const nlohmann::json& request) {
   return layer_plugin::handle_control({*g_pool, *g_disks, g_hasher}, request);
 }

@@ -147,6 +147,24 @@ done
 touch "$tmp/stop-writers"
 wait "$writers_pid" || fail "writers: $(cat "$tmp/writers.log")"
 log "$(tail -n 1 "$tmp/writers.log")"
+
+# A long live move (paced at 2 MiB/s) holds one of the control socket's workers; the server
+# answers other requests meanwhile: a live snapshot of another served container (d) during it.
+c_holder=$holder_pid
+hold_connection "$(nbd d)"
+d_holder=$holder_pid
+background slowmove layer tier move "$delta" hdd --rate 2M --json
+slow_pid=$bg_pid
+sleep 0.3
+out=$(layer snapshot d during-move --json)
+pid_alive "$slow_pid" || fail "the paced move ended too soon to show anything: $(cat "$tmp/slowmove.log")"
+[[ "$(json_get 'j["live"]' <<<"$out")" == True ]] || fail "d's snapshot was not live: $out"
+wait "$slow_pid" || fail "paced live move: $(cat "$tmp/slowmove.log")"
+[[ "$(json_get 'j["layers"][0]["by"]' <"$tmp/slowmove.log")" == "server pid $server_pid" ]] ||
+  fail "the paced move was not the server's: $(cat "$tmp/slowmove.log")"
+only_in "$delta" hdd
+kill_pid "$d_holder"
+holder_pid=$c_holder
 kill_pid "$holder_pid"
 h_c=$(digest c)
 stop_server srv
