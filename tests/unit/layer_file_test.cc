@@ -11,6 +11,7 @@
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 
 #include <algorithm>
@@ -582,6 +583,48 @@ TEST_CASE("a paced copy reads no faster than its rate and copies the same bytes"
     CHECK(test::read_file(b.sub("7.layer")) == test::read_file(a.sub("7.layer")));
     CHECK(allocated_bytes(b.sub("7.layer")) < 7 * kMiB);  // the hole stayed a hole
   }
+}
+
+TEST_CASE("a copy between two filesystems (EXDEV) falls back to read/write, holes kept",
+          "[layer_file]") {
+  // The tiers on different filesystems: copy_file_range refuses (EXDEV between ext4 and tmpfs),
+  // and read/write makes the same copy. Skipped where /dev/shm is the temp dir's filesystem.
+  test::TempDir a;
+  char pattern_buf[] = "/dev/shm/layer-unit-XXXXXX";
+  if (::mkdtemp(pattern_buf) == nullptr) {
+    WARN("no /dev/shm: skipped");
+    return;
+  }
+  const std::string other = pattern_buf;
+  struct stat sa, sb;
+  REQUIRE(::stat(a.path().c_str(), &sa) == 0);
+  REQUIRE(::stat(other.c_str(), &sb) == 0);
+  if (sa.st_dev == sb.st_dev) {
+    std::filesystem::remove_all(other);
+    WARN("/dev/shm is on the temp dir's filesystem: skipped");
+    return;
+  }
+  constexpr uint64_t kSize = 4 * kMiB;
+  LocalStore from(a.path()), to(other);
+  auto f = MUST(from.create(9, kSize));
+  const auto head = pattern(kMiB, 10), tail = pattern(512 * kKiB, 11);
+  MUST(f->write(head.data(), head.size(), 64 * kKiB));
+  MUST(f->write(tail.data(), tail.size(), kSize - tail.size()));
+  MUST(f->sync());
+  for (uint64_t rate : {uint64_t{0}, 64 * kMiB}) {
+    INFO("rate " << rate);
+    CopyOptions options;
+    options.rate_bytes_per_sec = rate;
+    CHECK(MUST(from.copy_to(9, to, options)) == head.size() + tail.size());
+    CHECK(test::read_file(other + "/9.layer") == test::read_file(a.sub("9.layer")));
+    CHECK(allocated_bytes(other + "/9.layer") < 2 * kMiB);  // the hole stayed a hole
+    // And back, the other way across.
+    MUST(from.remove(9));
+    CHECK(MUST(to.copy_to(9, from, options)) == head.size() + tail.size());
+    CHECK(test::read_file(a.sub("9.layer")) == test::read_file(other + "/9.layer"));
+    MUST(to.remove(9));
+  }
+  std::filesystem::remove_all(other);
 }
 
 TEST_CASE("LocalStore::copy_to runs on threads of its own, each set up first", "[layer_file]") {
