@@ -434,7 +434,7 @@ Result<ContainerInfo> Pool::clone(const std::string& source, const std::string& 
                       1,        now_unix()};
     LAYER_TRY(txn.put(Db::kLayers, key_u64(delta_id), encode(delta)));
     rec = ContainerRecord{name,       container_id, image_ref, delta_id, size,
-                          block_size, now_unix(),   1,         {}};
+                          block_size, now_unix(),   1,         {},       {}};
     return txn.put(Db::kContainers, name, encode(rec));
   }));
   LAYER_ASSIGN(auto txn, index_->begin_read());

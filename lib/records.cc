@@ -188,6 +188,14 @@ std::string encode(const ContainerRecord& r) {
     e.str(k);
     e.str(v);
   }
+  e.u32(static_cast<uint32_t>(r.access.size()));
+  for (const auto& a : r.access) {
+    e.u8(static_cast<uint8_t>(a.subject));
+    e.u32(a.id);
+    e.str(a.addr);
+    e.u8(static_cast<uint8_t>((a.deny ? 1 : 0) | (a.read_only ? 2 : 0)));
+    e.str(a.label);
+  }
   return e.take();
 }
 
@@ -202,6 +210,19 @@ Result<ContainerRecord> decode_container(std::string_view bytes, std::string_vie
     std::string k, v;
     ok = d.str(&k) && d.str(&v);
     if (ok) r.labels.emplace(std::move(k), std::move(v));
+  }
+  uint32_t rules = 0;
+  if (ok && !d.at_end()) ok = d.u32(&rules);
+  for (uint32_t i = 0; ok && i < rules; ++i) {
+    AccessRule a;
+    uint8_t subject = 0, flags = 0;
+    ok = d.u8(&subject) && d.u32(&a.id) && d.str(&a.addr) && d.u8(&flags) && d.str(&a.label);
+    if (ok && (subject > static_cast<uint8_t>(AccessRule::Subject::kAddr) || flags > 3))
+      return make_error(EIO, "container {}: corrupt record (access rule {})", name, i);
+    a.subject = static_cast<AccessRule::Subject>(subject);
+    a.deny = flags & 1;
+    a.read_only = flags & 2;
+    if (ok) r.access.push_back(std::move(a));
   }
   LAYER_TRY(d.finish(ok));
   return r;

@@ -60,6 +60,17 @@ std::string encode(const ImageRecord& r);
 Result<ImageRecord> decode_image(std::string_view bytes, std::string_view ref);
 
 // `containers` db, key name.
+// An access rule of a container (access.h): who may open it.
+struct AccessRule {
+  enum class Subject : uint8_t { kUid = 0, kGid = 1, kAddr = 2 };
+  Subject subject = Subject::kUid;
+  uint32_t id = 0;         // kUid, kGid
+  std::string addr;        // kAddr: the network, canonical: "10.0.0.0/8", "fd00::/8"
+  bool deny = false;       // refuse (else allow)
+  bool read_only = false;  // an allow that serves the export read-only
+  std::string label;       // the subject as the user gave it: "user:alice", "uid:1000"
+};
+
 struct ContainerRecord {
   std::string name;
   uint64_t id = 0;  // lock byte and run/ file names use the id
@@ -70,6 +81,8 @@ struct ContainerRecord {
   uint64_t created_unix = 0;
   uint64_t generation = 0;  // bumped by every change that replaces the delta or the chain
   std::map<std::string, std::string> labels;
+  // Who may open it (access.h); added after the first layout: absent in older rows (none).
+  std::vector<AccessRule> access;
 };
 std::string encode(const ContainerRecord& r);
 Result<ContainerRecord> decode_container(std::string_view bytes, std::string_view name);

@@ -15,16 +15,26 @@
 #define NBDKIT_API_VERSION 2
 #include <nbdkit-plugin.h>
 
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <cinttypes>
 #include <cstring>
 #include <exception>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <new>
+#include <optional>
 #include <string>
 
+#include "access.h"
+#include "audit.h"
 #include "control.h"
 #include "control_ops.h"
 #include "disk.h"
@@ -53,6 +63,16 @@ uint64_t g_tier_interval_s = 0;                 // tier-interval= (0: no policy 
 layer::HeatPersister* g_heat = nullptr;         // null with heat-interval=0
 layer::BackgroundTiering* g_tiering = nullptr;  // null without tier-interval
 layer::ControlServer* g_control = nullptr;
+layer::AuditLog* g_audit = nullptr;  // POOL/log/access.log
+// Open connections per peer (a unix peer's uid, a TCP peer's address) and per container, and
+// their limits (max-connections-per-peer=, max-connections-per-export=; 0: none): a client
+// that opens connections by the thousand is refused beyond its share instead of taking every
+// container's share of the server with it.
+uint64_t g_max_per_peer = 256;
+uint64_t g_max_per_export = 64;
+std::mutex g_conn_mu;
+std::map<std::string, uint64_t> g_conn_by_peer;    // GUARDED_BY(g_conn_mu)
+std::map<std::string, uint64_t> g_conn_by_export;  // GUARDED_BY(g_conn_mu)
 
 constexpr uint32_t kMaxRequestBytes = 32 << 20;
 
@@ -110,7 +130,61 @@ auto guarded(const char* what, F&& f) -> decltype(f()) {
 struct Handle {
   std::shared_ptr<layer::Disk> disk;
   bool readonly = false;
+  // For the audit trail's close line.
+  std::string export_name, container;
+  nlohmann::ordered_json peer;
+  bool tls = false;
+  std::chrono::steady_clock::time_point opened;
+  std::atomic<uint64_t> read_bytes{0}, written_bytes{0};
 };
+
+// The key a peer's connections are counted under.
+std::string peer_key(const layer::Peer& peer) {
+  if (peer.kind == layer::Peer::Kind::kUnix && peer.uid) return "uid " + std::to_string(*peer.uid);
+  if (peer.kind == layer::Peer::Kind::kTcp) return "addr " + peer.address();
+  return "unknown peer";
+}
+
+// A peer's connections are counted from preconnect (before the handshake: a connection that
+// never opens an export counts too) until its thread ends: nbdkit serves each connection on a
+// thread of its own, which ends with it, and a thread_local's destructor runs then.
+struct PeerSlot {
+  std::string key;
+  bool counted = false;
+  ~PeerSlot() {
+    if (!counted) return;
+    std::lock_guard<std::mutex> lk(g_conn_mu);
+    if (--g_conn_by_peer[key] == 0) g_conn_by_peer.erase(key);
+  }
+};
+thread_local PeerSlot t_peer_slot;
+
+// Counts a connection of `peer_key`; the reason when the limit refuses it.
+std::optional<std::string> count_peer(const std::string& peer_key) {
+  std::lock_guard<std::mutex> lk(g_conn_mu);
+  uint64_t& n = g_conn_by_peer[peer_key];
+  if (g_max_per_peer != 0 && n >= g_max_per_peer)
+    return "too many connections from " + peer_key +
+           " (max-connections-per-peer=" + std::to_string(g_max_per_peer) + ")";
+  ++n;
+  return std::nullopt;
+}
+
+// Counts an open connection to `container`; the reason when the limit refuses it.
+std::optional<std::string> count_export(const std::string& container) {
+  std::lock_guard<std::mutex> lk(g_conn_mu);
+  uint64_t& n = g_conn_by_export[container];
+  if (g_max_per_export != 0 && n >= g_max_per_export)
+    return "too many connections to container \"" + container +
+           "\" (max-connections-per-export=" + std::to_string(g_max_per_export) + ")";
+  ++n;
+  return std::nullopt;
+}
+
+void uncount_export(const std::string& container) {
+  std::lock_guard<std::mutex> lk(g_conn_mu);
+  if (--g_conn_by_export[container] == 0) g_conn_by_export.erase(container);
+}
 
 layer::Disk& disk_of(void* h) { return *static_cast<Handle*>(h)->disk; }
 
@@ -147,6 +221,13 @@ int layer_config(const char* key, const char* value) {
       g_hash_rate = static_cast<uint64_t>(rate);
       return 0;
     }
+    if (std::strcmp(key, "max-connections-per-peer") == 0 ||
+        std::strcmp(key, "max-connections-per-export") == 0) {
+      uint64_t n = 0;
+      if (nbdkit_parse_uint64_t(key, value, &n) == -1) return -1;
+      (std::strcmp(key, "max-connections-per-peer") == 0 ? g_max_per_peer : g_max_per_export) = n;
+      return 0;
+    }
     if (std::strcmp(key, "heat-interval") == 0 || std::strcmp(key, "tier-interval") == 0) {
       auto seconds = layer::parse_duration(value);
       if (!seconds) return fail(seconds.error());
@@ -155,8 +236,8 @@ int layer_config(const char* key, const char* value) {
     }
     nbdkit_error(
         "unknown parameter '%s' (expected pool=DIR, default=NAME, hasher=on|off, "
-        "hash-rate=BYTES_PER_SEC, heat-interval=DURATION, tier-interval=DURATION or "
-        "verify=on|off)",
+        "hash-rate=BYTES_PER_SEC, heat-interval=DURATION, tier-interval=DURATION, "
+        "verify=on|off, max-connections-per-peer=N or max-connections-per-export=N)",
         key);
     return -1;
   });
@@ -173,6 +254,74 @@ int layer_config_complete() {
 int layer_get_ready() {
   // Runs before nbdkit forks and before it drops privileges: validate only, create nothing.
   return guarded("get_ready", [] { return check(layer::Pool::validate(g_pool_path)); });
+}
+
+// The peer of the current connection (open, list_exports: nbdkit's connection context), `tls`
+// as nbdkit says (nbdkit_is_tls() works in open, not in list_exports: that one is given it).
+layer::Peer current_peer(bool tls) {
+  layer::Peer peer;
+  peer.tls = tls;
+  sockaddr_storage ss = {};
+  socklen_t len = sizeof ss;
+  if (nbdkit_peer_name(reinterpret_cast<sockaddr*>(&ss), &len) == -1) return peer;
+  if (ss.ss_family == AF_UNIX) {
+    peer.kind = layer::Peer::Kind::kUnix;
+    const int64_t uid = nbdkit_peer_uid(), gid = nbdkit_peer_gid(), pid = nbdkit_peer_pid();
+    if (uid >= 0) peer.uid = static_cast<uint32_t>(uid);
+    if (gid >= 0) peer.gid = static_cast<uint32_t>(gid);
+    if (pid >= 0) peer.pid = pid;
+    if (peer.uid && peer.gid) peer.groups = layer::groups_of(*peer.uid, *peer.gid);
+  } else if (ss.ss_family == AF_INET) {
+    peer.kind = layer::Peer::Kind::kTcp;
+    const auto* a = reinterpret_cast<const sockaddr_in*>(&ss);
+    const auto* b = reinterpret_cast<const uint8_t*>(&a->sin_addr);
+    peer.addr.assign(b, b + 4);
+  } else if (ss.ss_family == AF_INET6) {
+    peer.kind = layer::Peer::Kind::kTcp;
+    const auto* a = reinterpret_cast<const sockaddr_in6*>(&ss);
+    peer.addr.assign(a->sin6_addr.s6_addr, a->sin6_addr.s6_addr + 16);
+    static const uint8_t kMapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+    if (std::equal(kMapped, kMapped + 12, peer.addr.begin()))
+      peer.addr.erase(peer.addr.begin(), peer.addr.begin() + 12);
+  }
+  return peer;
+}
+
+// The peer as an audit line shows it.
+nlohmann::ordered_json peer_json(const layer::Peer& peer) {
+  nlohmann::ordered_json j;
+  switch (peer.kind) {
+    case layer::Peer::Kind::kUnix:
+      j["kind"] = "unix";
+      if (peer.uid) j["uid"] = *peer.uid;
+      if (peer.gid) j["gid"] = *peer.gid;
+      if (peer.pid) j["pid"] = *peer.pid;
+      break;
+    case layer::Peer::Kind::kTcp:
+      j["kind"] = "tcp";
+      j["addr"] = peer.address();
+      break;
+    case layer::Peer::Kind::kUnknown:
+      j["kind"] = "unknown";
+      break;
+  }
+  return j;
+}
+
+// One line of the audit trail; a failure to write it is logged, and the server goes on.
+void audit(nlohmann::ordered_json event) {
+  if (!g_audit) return;
+  event["pid"] = ::getpid();
+  if (auto s = g_audit->append(event); !s) nbdkit_error("audit log: %s", s.error().message.c_str());
+}
+
+// Whether `peer` may open container `container` (access.h), read from one read transaction.
+layer::Result<layer::AccessDecision> access_for(const std::string& container,
+                                                const layer::Peer& peer) {
+  LAYER_ASSIGN(auto txn, g_pool->index().begin_read());
+  LAYER_ASSIGN(const auto policy, layer::load_access_policy(txn));
+  LAYER_ASSIGN(auto c, g_pool->get_container(txn, container));
+  return layer::decide_access(policy, c.access, peer);
 }
 
 // The control socket's requests (control_ops.h), on its worker threads.
@@ -222,6 +371,7 @@ int layer_after_fork() {
     g_pool = pool->release();
     g_pool->set_verify_reads(g_verify);
     g_disks = new layer::DiskTable(*g_pool);
+    g_audit = new layer::AuditLog(layer::audit_dir(g_pool->paths().root));
     // Before the control socket, whose handler nudges it.
     if (g_hasher_on) {
       layer::BackgroundHasher::Options options;
@@ -279,6 +429,8 @@ void layer_cleanup() {
     g_heat = nullptr;
     delete g_disks;
     g_disks = nullptr;
+    delete g_audit;
+    g_audit = nullptr;
     delete g_pool;
     g_pool = nullptr;
     return 0;
@@ -289,19 +441,30 @@ void layer_cleanup() {
 // fails the whole listing on the next one, so the list holds the first kMaxListedExports.
 constexpr size_t kMaxListedExports = 10000;
 
-int layer_list_exports(int /*readonly*/, int /*is_tls*/, struct nbdkit_exports* exports) {
+int layer_list_exports(int /*readonly*/, int is_tls, struct nbdkit_exports* exports) {
   return guarded("list_exports", [&] {
     if (!g_pool) return 0;
     // One more than listed, to tell whether some were left out.
     auto names = g_pool->export_names(kMaxListedExports + 1);
     if (!names) return fail(names.error());
+    // Only what this peer may open (a snapshot by its container's rules).
+    const layer::Peer peer = current_peer(is_tls != 0);
+    std::string last_container;
+    bool last_allowed = false;
     size_t listed = 0;
     for (const auto& name : *names) {
+      const std::string container = name.substr(0, name.find('@'));
+      if (container != last_container) {
+        auto decision = access_for(container, peer);
+        last_container = container;
+        last_allowed = decision && decision->allowed;
+      }
+      if (!last_allowed) continue;
       if (listed == kMaxListedExports || nbdkit_add_export(exports, name.c_str(), nullptr) == -1)
         break;
       ++listed;
     }
-    if (listed < names->size())
+    if (listed == kMaxListedExports)
       nbdkit_debug(
           "list_exports: listing the first %zu containers and snapshots; more are not listed (an "
           "NBD export list holds at most %zu names)",
@@ -315,54 +478,125 @@ const char* layer_default_export(int /*readonly*/, int /*is_tls*/) {
   return g_default_name.c_str();
 }
 
+// Before the handshake: a peer beyond its connection limit is turned away at once.
+int layer_preconnect(int /*readonly*/) {
+  return guarded("preconnect", [] {
+    const layer::Peer peer = current_peer(false);  // TLS is not negotiated yet
+    const std::string key = peer_key(peer);
+    if (auto limited = count_peer(key)) {
+      const std::string message = "connection refused to " + peer.describe() + ": " + *limited;
+      nbdkit_error("%s", message.c_str());
+      audit({{"event", "refuse"},
+             {"export", ""},
+             {"container", ""},
+             {"peer", peer_json(peer)},
+             {"tls", false},
+             {"why", message}});
+      nbdkit_set_error(EBUSY);
+      return -1;
+    }
+    t_peer_slot.key = key;
+    t_peer_slot.counted = true;
+    return 0;
+  });
+}
+
 void* layer_open(int readonly) {
   return guarded("open", [&]() -> void* {
     const char* name = nbdkit_export_name();
-    if (!name || !*name) {
-      nbdkit_error(
-          "no export name given: name a container, or start the server with "
-          "default=NAME");
-      nbdkit_set_error(EINVAL);
+    const layer::Peer peer = current_peer(nbdkit_is_tls() == 1);
+    nlohmann::ordered_json event{{"event", "refuse"},
+                                 {"export", name ? name : ""},
+                                 {"container", ""},
+                                 {"peer", peer_json(peer)},
+                                 {"tls", peer.tls}};
+    // Every refusal: one error line for the server's log, one audit line, the errno.
+    auto refuse = [&](int code, const std::string& message) -> void* {
+      nbdkit_error("%s", message.c_str());
+      event["why"] = message;
+      audit(event);
+      nbdkit_set_error(code);
       return nullptr;
-    }
+    };
+    if (!name || !*name)
+      return refuse(EINVAL,
+                    "no export name given: name a container, or start the server with "
+                    "default=NAME");
     auto parsed = layer::parse_export_name(name);
-    const bool is_snapshot = parsed.ok() && !parsed->snapshot.empty();
-    if (!parsed.ok()) {
-      nbdkit_error(
-          "unknown export \"%s\": not a container name, CONTAINER@SNAPSHOT or "
-          "CONTAINER@SNAP1..SNAP2",
-          name);
-      nbdkit_set_error(EINVAL);
-      return nullptr;
+    if (!parsed.ok())
+      return refuse(EINVAL, std::string("unknown export \"") + name +
+                                "\": not a container name, CONTAINER@SNAPSHOT or "
+                                "CONTAINER@SNAP1..SNAP2");
+    const bool is_snapshot = !parsed->snapshot.empty();
+    event["container"] = parsed->container;
+    if (!g_disks) return refuse(EIO, "pool is not open");
+    // Who may open it: the container's rules (a snapshot's are its container's).
+    auto access = access_for(parsed->container, peer);
+    if (!access) {
+      const auto& e = access.error();
+      return refuse(nbd_errno(e.code),
+                    e.code == ENOENT ? std::string("unknown export \"") + name + "\": " + e.message
+                                     : e.message);
     }
-    if (!g_disks) {
-      nbdkit_error("pool is not open");
-      nbdkit_set_error(EIO);
-      return nullptr;
-    }
+    if (!access->allowed)
+      return refuse(EPERM, std::string("access to \"") + name + "\" refused to " + peer.describe() +
+                               ": " + access->why);
+    if (auto limited = count_export(parsed->container))
+      return refuse(
+          EBUSY, std::string("\"") + name + "\" refused to " + peer.describe() + ": " + *limited);
+    // From here a refusal gives the connection's count back.
+    struct Uncount {
+      const std::string& container;
+      bool armed = true;
+      ~Uncount() {
+        if (armed) uncount_export(container);
+      }
+    } uncount{parsed->container};
     // Always the exclusive lock: connections of this server share one Disk, and a read-only
     // connection must not let another server write underneath it. A snapshot is read-only.
     auto disk = g_disks->acquire(name, !is_snapshot);
     if (!disk) {
       const auto& e = disk.error();
-      if (e.code == ENOENT)
-        nbdkit_error("unknown export \"%s\": %s", name, e.message.c_str());
-      else
-        nbdkit_error("%s", e.message.c_str());
-      nbdkit_set_error(nbd_errno(e.code));
-      return nullptr;
+      return refuse(nbd_errno(e.code),
+                    e.code == ENOENT ? std::string("unknown export \"") + name + "\": " + e.message
+                                     : e.message);
     }
-    return new Handle{*disk, readonly != 0 || is_snapshot};
+    auto handle = std::make_unique<Handle>();
+    handle->disk = std::move(*disk);
+    handle->readonly = readonly != 0 || is_snapshot || access->read_only;
+    handle->export_name = name;
+    handle->container = parsed->container;
+    handle->peer = event["peer"];
+    handle->tls = peer.tls;
+    handle->opened = std::chrono::steady_clock::now();
+    uncount.armed = false;  // the handle's close gives it back
+    event["event"] = "open";
+    event["read_only"] = handle->readonly;
+    event["why"] = access->why;
+    audit(event);
+    return handle.release();
   });
 }
 
 void layer_close(void* h) {
   guarded("close", [&] {
     std::unique_ptr<Handle> handle(static_cast<Handle*>(h));
+    uncount_export(handle->container);
     if (g_disks) {
       auto s = g_disks->release(std::move(handle->disk));
       if (!s) nbdkit_error("flush on close: %s", s.error().message.c_str());
     }
+    audit({{"event", "close"},
+           {"export", handle->export_name},
+           {"container", handle->container},
+           {"peer", handle->peer},
+           {"tls", handle->tls},
+           {"read_only", handle->readonly},
+           {"read_bytes", handle->read_bytes.load()},
+           {"written_bytes", handle->written_bytes.load()},
+           {"seconds",
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - handle->opened)
+                .count()}});
     return 0;
   });
 }
@@ -393,7 +627,10 @@ int layer_can_fua(void*) { return NBDKIT_FUA_NATIVE; }
 int layer_can_cache(void*) { return NBDKIT_CACHE_NATIVE; }
 
 int layer_pread(void* h, void* buf, uint32_t count, uint64_t offset, uint32_t /*flags*/) {
-  return guarded("pread", [&] { return check(disk_of(h).read(buf, count, offset)); });
+  return guarded("pread", [&] {
+    static_cast<Handle*>(h)->read_bytes.fetch_add(count, std::memory_order_relaxed);
+    return check(disk_of(h).read(buf, count, offset));
+  });
 }
 
 int layer_pwrite(void* h, const void* buf, uint32_t count, uint64_t offset, uint32_t flags) {
@@ -403,6 +640,7 @@ int layer_pwrite(void* h, const void* buf, uint32_t count, uint64_t offset, uint
       nbdkit_set_error(EPERM);
       return -1;
     }
+    static_cast<Handle*>(h)->written_bytes.fetch_add(count, std::memory_order_relaxed);
     return check(disk_of(h).write(buf, count, offset, flags & NBDKIT_FLAG_FUA));
   });
 }
@@ -471,6 +709,7 @@ struct nbdkit_plugin make_plugin() {
   p.list_exports = layer_list_exports;
   p.default_export = layer_default_export;
   p.export_description = layer_export_description;
+  p.preconnect = layer_preconnect;
   p.open = layer_open;
   p.close = layer_close;
   p.get_size = layer_get_size;

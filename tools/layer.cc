@@ -4,7 +4,9 @@
 // values; a failed one becomes a CliError exception here (the one exception type of tools/),
 // caught once in main(), which prints one `layer: error:` line (JSON with --json) and exits 1
 // for the user's mistakes and 2 for internal failures.
+#include <arpa/inet.h>
 #include <fmt/format.h>
+#include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -26,6 +28,8 @@
 #include <thread>
 #include <vector>
 
+#include "access.h"
+#include "audit.h"
 #include "control.h"
 #include "disk.h"
 #include "error.h"
@@ -300,7 +304,10 @@ int cmd_inspect(const Globals& g, const std::string& name) {
             << "delta data: " << human_size(j["delta_data_bytes"].get<uint64_t>()) << '\n'
             << "served by: " << info.served_by.value_or("-") << '\n'
             << "created: " << format_time(c.created_unix) << '\n'
-            << "labels: " << (labels.empty() ? "-" : labels) << '\n'
+            << "labels: " << (labels.empty() ? "-" : labels) << '\n';
+  std::string rules;
+  for (const auto& rule : c.access) rules += (rules.empty() ? "" : "; ") + layer::describe(rule);
+  std::cout << "access: " << (rules.empty() ? "- (the pool's policy)" : rules) << '\n'
             << "chain (top first):\n";
   std::vector<std::vector<std::string>> rows = {{"  LAYER", "STATE", "TIER", "DATA", "PATH"}};
   for (const auto& layer : j["chain"]) {
@@ -310,6 +317,122 @@ int cmd_inspect(const Globals& g, const std::string& name) {
                     layer["path"].get<std::string>()});
   }
   print_table(rows);
+  return 0;
+}
+
+struct AccessArgs {
+  std::string container;
+  std::vector<std::string> allow, deny, remove;
+  bool read_only = false, clear = false;
+};
+
+int cmd_access(const Globals& g, const AccessArgs& a) {
+  check(layer::validate_name(a.container, "container name"));
+  std::vector<layer::AccessRule> add, remove;
+  for (const auto& s : a.allow) {
+    auto rule = take(layer::parse_access_subject(s));
+    rule.read_only = a.read_only;
+    add.push_back(std::move(rule));
+  }
+  for (const auto& s : a.deny) {
+    auto rule = take(layer::parse_access_subject(s));
+    rule.deny = true;
+    add.push_back(std::move(rule));
+  }
+  for (const auto& s : a.remove) remove.push_back(take(layer::parse_access_subject(s)));
+  if (a.read_only && a.allow.empty()) fail(EINVAL, "--read-only qualifies --allow rules");
+  const bool change = a.clear || !add.empty() || !remove.empty();
+  auto pool = open_pool(g, change);
+  std::vector<layer::AccessRule> rules;
+  if (change) {
+    rules = take(layer::change_access(*pool, a.container, a.clear, remove, add));
+  } else {
+    rules = take(pool->inspect(a.container)).container.access;
+  }
+  const auto policy = take(layer::load_access_policy(*pool));
+  json list = json::array();
+  std::string text;
+  for (const auto& rule : rules) {
+    list.push_back(access_rule_json(rule));
+    text += (text.empty() ? "" : "\n") + layer::describe(rule);
+  }
+  if (rules.empty())
+    text = fmt::format("no rules: {}", policy == layer::AccessPolicy::kOpen
+                                           ? "any client of the unix socket may open it (the "
+                                             "pool's access is open)"
+                                           : "no client may open it (the pool's access is rules)");
+  print_result(g,
+               {{"ok", true},
+                {"container", a.container},
+                {"changed", change},
+                {"rules", list},
+                {"pool_access", std::string(layer::to_string(policy))}},
+               text);
+  return 0;
+}
+
+int cmd_pool(const Globals& g, const std::string& access) {
+  const bool change = !access.empty();
+  auto pool = open_pool(g, change);
+  if (change) check(layer::save_access_policy(*pool, take(layer::parse_access_policy(access))));
+  const auto policy = take(layer::load_access_policy(*pool));
+  print_result(
+      g, {{"ok", true}, {"changed", change}, {"access", std::string(layer::to_string(policy))}},
+      fmt::format("access: {}", layer::to_string(policy)));
+  return 0;
+}
+
+struct AuditArgs {
+  std::string container, since;
+  size_t limit = 0;
+};
+
+// --since: a unix time, or a duration back from now ("1h").
+double parse_since(const std::string& text) {
+  if (text.empty()) return 0;
+  if (text.find_first_not_of("0123456789") == std::string::npos && text.size() >= 9)
+    return std::stod(text);
+  const uint64_t back = take(layer::parse_duration(text));
+  return static_cast<double>(layer::now_unix()) - static_cast<double>(back);
+}
+
+int cmd_audit(const Globals& g, const AuditArgs& a) {
+  if (!a.container.empty()) check(layer::validate_name(a.container, "container name"));
+  const double since = parse_since(a.since);
+  const std::string root = resolve_pool(g);
+  check(layer::Pool::validate(root));
+  size_t bad = 0;
+  auto lines =
+      take(layer::read_audit(layer::audit_dir(absolute_path(root)), a.container, since, &bad));
+  if (a.limit != 0 && lines.size() > a.limit)
+    lines.erase(lines.begin(), lines.end() - static_cast<std::ptrdiff_t>(a.limit));
+  if (g.json) {
+    json arr = json::array();
+    for (auto& l : lines) arr.push_back(std::move(l));
+    print_json({{"ok", true}, {"events", arr}, {"unreadable_lines", bad}});
+    return 0;
+  }
+  std::vector<std::vector<std::string>> rows = {
+      {"TIME", "EVENT", "EXPORT", "PEER", "ACCESS", "READ", "WRITTEN", "WHY"}};
+  for (const auto& l : lines) {
+    const auto& p = l.contains("peer") ? l["peer"] : json::object();
+    std::string peer = p.value("kind", std::string("?"));
+    if (p.contains("uid")) peer = fmt::format("uid {}", p["uid"].get<int64_t>());
+    if (p.contains("pid")) peer += fmt::format(" pid {}", p["pid"].get<int64_t>());
+    if (p.contains("addr")) peer = p["addr"].get<std::string>();
+    if (l.value("tls", false)) peer += " tls";
+    const std::string event = l.value("event", std::string("?"));
+    std::string access = "-";
+    if (event != "refuse") access = l.value("read_only", false) ? "ro" : "rw";
+    const bool closed = event == "close";
+    rows.push_back({format_time(static_cast<uint64_t>(l["time"].get<double>())), event,
+                    l.value("export", std::string()), peer, access,
+                    closed ? human_size(l.value("read_bytes", uint64_t{0})) : "",
+                    closed ? human_size(l.value("written_bytes", uint64_t{0})) : "",
+                    event == "refuse" ? l.value("why", std::string()) : ""});
+  }
+  print_table(rows);
+  if (bad != 0) std::cerr << fmt::format("layer: {} unreadable audit lines skipped\n", bad);
   return 0;
 }
 
@@ -978,10 +1101,21 @@ int cmd_gc(const Globals& g, bool hash) {
 }
 
 struct ServeArgs {
-  std::string socket, listen, default_name, tier_interval;
+  std::string socket, listen, default_name, tier_interval, tls_psk, tls_certificates;
+  bool tls_verify_peer = false;
+  unsigned max_connections = 1024;
   int port = 0;
   unsigned threads = kDefaultThreads;
 };
+
+// "127.0.0.1" (any 127/8 address), "::1", "localhost".
+bool is_loopback(const std::string& addr) {
+  if (addr == "localhost") return true;
+  in_addr a4;
+  if (::inet_pton(AF_INET, addr.c_str(), &a4) == 1) return (ntohl(a4.s_addr) >> 24) == 127;
+  in6_addr a6;
+  return ::inet_pton(AF_INET6, addr.c_str(), &a6) == 1 && IN6_IS_ADDR_LOOPBACK(&a6);
+}
 
 // LAYER_PLUGIN, else the build tree's plugin, else the installed one, else nbdkit's search path.
 std::string plugin_path() {
@@ -1042,9 +1176,36 @@ int cmd_serve(const Globals& g, const ServeArgs& a) {
 
   std::vector<std::string> args = {"nbdkit", "-f", "--threads", std::to_string(a.threads)};
   const std::string export_name = a.default_name.empty() ? "CONTAINER" : a.default_name;
+  const bool tls = !a.tls_psk.empty() || !a.tls_certificates.empty();
+  if (!a.tls_psk.empty() && !a.tls_certificates.empty())
+    fail(EINVAL, "give one of --tls-psk and --tls-certificates");
+  if (tls && a.port == 0)
+    fail(EINVAL, "--tls-psk and --tls-certificates are for a TCP listener (--port)");
+  if (!a.tls_psk.empty()) {
+    if (::access(a.tls_psk.c_str(), R_OK) != 0) {
+      const int err = errno;
+      fail(err, fmt::format("--tls-psk {}: {}", a.tls_psk, std::strerror(err)));
+    }
+    args.insert(args.end(), {"--tls=require", "--tls-psk=" + absolute_path(a.tls_psk)});
+  }
+  if (!a.tls_certificates.empty()) {
+    if (::access(a.tls_certificates.c_str(), R_OK | X_OK) != 0) {
+      const int err = errno;
+      fail(err, fmt::format("--tls-certificates {}: {}", a.tls_certificates, std::strerror(err)));
+    }
+    args.insert(args.end(),
+                {"--tls=require", "--tls-certificates=" + absolute_path(a.tls_certificates)});
+    if (a.tls_verify_peer) args.push_back("--tls-verify-peer");
+  }
   std::string uri;
   if (a.port != 0) {
     const std::string listen = a.listen.empty() ? kDefaultListen : a.listen;
+    // Off the host, clients' data crosses a network: no listener there without TLS.
+    if (!tls && !is_loopback(listen))
+      fail(EINVAL, fmt::format("refusing to listen on {} without TLS: clients off this host "
+                               "would read and write disks in the clear; give --tls-psk FILE or "
+                               "--tls-certificates DIR, or --listen 127.0.0.1",
+                               listen));
     args.insert(args.end(), {"-p", std::to_string(a.port), "-i", listen});
     const bool ipv6 = listen.find(':') != std::string::npos;
     uri = fmt::format("nbd://{}{}{}:{}/{}", ipv6 ? "[" : "", listen, ipv6 ? "]" : "", a.port,
@@ -1054,10 +1215,18 @@ int cmd_serve(const Globals& g, const ServeArgs& a) {
         a.socket.empty() ? root + "/run/" + kDefaultSocketName : absolute_path(a.socket);
     clear_stale_socket(sock);
     args.insert(args.end(), {"-U", sock});
+    // The socket (and what the server creates) open to the owner and its group only: under
+    // the pool's `open` access policy, who can connect is who may open every container.
+    ::umask(0007);
     uri = fmt::format("nbd+unix:///{}?socket={}", export_name, percent_encode_path(sock));
   }
+  // nbdkit's limit filter bounds the connections (and so nbdkit's threads) of the whole server,
+  // the ones that never open an export included; the plugin bounds each peer's and each
+  // container's share of them.
+  if (a.max_connections != 0) args.push_back("--filter=limit");
   args.push_back(plugin_path());
   args.push_back("pool=" + root);
+  if (a.max_connections != 0) args.push_back("limit=" + std::to_string(a.max_connections));
   if (!a.default_name.empty()) args.push_back("default=" + a.default_name);
   if (!a.tier_interval.empty()) {
     take(layer::parse_duration(a.tier_interval));
@@ -1065,7 +1234,7 @@ int cmd_serve(const Globals& g, const ServeArgs& a) {
   }
 
   if (g.json) {
-    print_json({{"pool", root}, {"uri", uri}, {"argv", args}});
+    print_json({{"pool", root}, {"uri", uri}, {"tls", tls}, {"argv", args}});
   } else {
     std::cerr << "serving pool " << root << " on " << uri << '\n';
   }
@@ -1344,6 +1513,55 @@ int run(int argc, char** argv) {
       ->add_option("--tier-interval", serve.tier_interval,
                    "run the tiering policy every DURATION (e.g. 1m; default: never)")
       ->type_name("DURATION");
+  serve_cmd->add_option("--tls-psk", serve.tls_psk, "require TLS with the pre-shared keys in FILE")
+      ->type_name("FILE");
+  serve_cmd
+      ->add_option("--tls-certificates", serve.tls_certificates,
+                   "require TLS with the x509 certificates in DIR")
+      ->type_name("DIR");
+  serve_cmd
+      ->add_option("--max-connections", serve.max_connections,
+                   "connections the server accepts at once (default 1024; 0: no limit)")
+      ->type_name("N");
+  serve_cmd->add_flag("--tls-verify-peer", serve.tls_verify_peer,
+                      "with --tls-certificates: clients need certificates the CA signed");
+
+  AccessArgs access_args;
+  auto* access_cmd =
+      app.add_subcommand("access", "show or change who may open a container (the server checks)");
+  access_cmd->add_option("CONTAINER", access_args.container, "container")
+      ->type_name("")
+      ->required();
+  access_cmd
+      ->add_option("--allow", access_args.allow,
+                   "allow uid:N, gid:N, user:NAME, group:NAME or addr:CIDR (repeatable)")
+      ->type_name("SUBJECT");
+  access_cmd->add_flag("--read-only", access_args.read_only, "the --allow rules grant read only");
+  access_cmd->add_option("--deny", access_args.deny, "refuse SUBJECT (repeatable)")
+      ->type_name("SUBJECT");
+  access_cmd->add_option("--remove", access_args.remove, "remove SUBJECT's rule (repeatable)")
+      ->type_name("SUBJECT");
+  access_cmd->add_flag("--clear", access_args.clear, "remove every rule first");
+
+  AuditArgs audit_args;
+  auto* audit_cmd =
+      app.add_subcommand("audit", "the access audit trail: opens, refusals and closes of exports");
+  audit_cmd->add_option("CONTAINER", audit_args.container, "only this container's")->type_name("");
+  audit_cmd->add_option("--since", audit_args.since, "from DURATION ago (e.g. 1h) or a unix time")
+      ->type_name("WHEN");
+  audit_cmd->add_option("--limit", audit_args.limit, "only the last N events")->type_name("N");
+
+  std::string pool_access;
+  auto* pool_cmd = app.add_subcommand("pool", "show or change pool-wide settings");
+  pool_cmd->require_subcommand(1);
+  auto* pool_show_cmd = pool_cmd->add_subcommand("show", "show the pool's settings");
+  auto* pool_set_cmd = pool_cmd->add_subcommand("set", "change the pool's settings");
+  pool_set_cmd
+      ->add_option("--access", pool_access,
+                   "open: containers without rules open to any client of the unix socket; "
+                   "rules: only by rule")
+      ->type_name("open|rules")
+      ->required();
 
   auto* tier_cmd = app.add_subcommand("tier", "move layers between the ssd and hdd tiers");
   tier_cmd->require_subcommand(1);
@@ -1450,6 +1668,10 @@ int run(int argc, char** argv) {
   if (*inspect_cmd) return cmd_inspect(g, container);
   if (*rm_cmd) return cmd_rm(g, container);
   if (*serve_cmd) return cmd_serve(g, serve);
+  if (*access_cmd) return cmd_access(g, access_args);
+  if (*audit_cmd) return cmd_audit(g, audit_args);
+  if (*pool_show_cmd) return cmd_pool(g, "");
+  if (*pool_set_cmd) return cmd_pool(g, pool_access);
   if (*tier_move_cmd) return cmd_tier_move(g, tier_move);
   if (*tier_status_cmd) return cmd_tier_status(g);
   if (*tier_policy_cmd) return cmd_tier_policy(g, tier_policy);

@@ -77,7 +77,25 @@ json container_json(const layer::ContainerInfo& info) {
           {"created", c.created_unix}};
 }
 
-// container_json plus the chain (delta first) and the labels: clone and inspect.
+json access_rule_json(const layer::AccessRule& rule) {
+  json j{{"rule", rule.deny ? "deny" : "allow"}, {"subject", rule.label}};
+  switch (rule.subject) {
+    case layer::AccessRule::Subject::kUid:
+      j["uid"] = rule.id;
+      break;
+    case layer::AccessRule::Subject::kGid:
+      j["gid"] = rule.id;
+      break;
+    case layer::AccessRule::Subject::kAddr:
+      j["addr"] = rule.addr;
+      break;
+  }
+  j["read_only"] = rule.read_only;
+  return j;
+}
+
+// container_json plus the chain (delta first), the labels and the access rules: clone and
+// inspect.
 json container_detail_json(layer::Pool& pool, const layer::ContainerInfo& info) {
   json j = container_json(info);
   j["chain"] = json::array();
@@ -92,6 +110,8 @@ json container_detail_json(layer::Pool& pool, const layer::ContainerInfo& info) 
   }
   j["labels"] = json::object();
   for (const auto& [key, value] : info.container.labels) j["labels"][key] = value;
+  j["access"] = json::array();
+  for (const auto& rule : info.container.access) j["access"].push_back(access_rule_json(rule));
   return j;
 }
 

@@ -9,6 +9,7 @@
 
 #include "images.h"
 #include "pool.h"
+#include "records.h"
 
 namespace layer_cli {
 
@@ -27,7 +28,10 @@ uint64_t data_bytes(uint64_t blocks, uint32_t block_size, uint64_t size_bytes);
 json image_json(const layer::ImageInfo& info);
 // The JSON of `ls` entries.
 json container_json(const layer::ContainerInfo& info);
-// container_json plus the chain (delta first) and labels: `clone` and `inspect`.
+// One access rule: {"rule":"allow"|"deny","subject":"user:alice","uid":N|"gid":N|"addr":CIDR,
+// "read_only":B}.
+json access_rule_json(const layer::AccessRule& rule);
+// container_json plus the chain (delta first), labels and access rules: `clone`, `inspect`.
 json container_detail_json(layer::Pool& pool, const layer::ContainerInfo& info);
 
 }  // namespace layer_cli

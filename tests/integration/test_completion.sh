@@ -64,11 +64,15 @@ expect() {
   log "'$line' -> ${got//$'\n'/ }"
 }
 
-expect "layer " clone commit diff flatten fsck gc image init inspect ls rm rollback scrub serve snapshot tier version
+expect "layer " access audit clone commit diff flatten fsck gc image init inspect ls pool rm rollback scrub serve snapshot tier version
 expect "layer i" image init inspect
 expect "layer image " history import ls rm
 expect "layer --json fsck --" --full --repair --pool --json --help
 expect "layer gc --" --no-hash --pool --json --help
+expect "layer pool " set show
+expect "layer pool set --access " open rules
+expect "layer --pool $pool access w" web1 web2
+expect "layer access --" --allow --read-only --deny --remove --clear --pool --json --help
 expect "layer --pool $tmp/dirs/pool-" "$tmp/dirs/pool-a" "$tmp/dirs/pool-b"
 expect "layer --pool $pool inspect " db1 web1 web2
 expect "layer rm --pool $pool w" web1 web2

@@ -1,0 +1,131 @@
+// audit.cc — the access audit trail (audit.h).
+#include "audit.h"
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <fmt/format.h>
+#include <chrono>
+#include <fstream>
+
+namespace layer {
+namespace {
+
+double now_seconds() {
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+}  // namespace
+
+std::string audit_dir(const std::string& pool_root) { return pool_root + "/log"; }
+
+AuditLog::AuditLog(std::string dir, uint64_t max_bytes, int keep)
+    : dir_(std::move(dir)), path_(dir_ + "/access.log"), max_bytes_(max_bytes), keep_(keep) {}
+
+AuditLog::~AuditLog() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+Status AuditLog::open_locked() {
+  if (fd_ >= 0) {
+    // Rotated away by another server: write to the new file.
+    struct stat by_fd, by_path;
+    if (::fstat(fd_, &by_fd) == 0 && ::stat(path_.c_str(), &by_path) == 0 &&
+        by_fd.st_ino == by_path.st_ino && by_fd.st_dev == by_path.st_dev)
+      return {};
+    ::close(fd_);
+    fd_ = -1;
+  }
+  if (::mkdir(dir_.c_str(), 0750) != 0 && errno != EEXIST)
+    return sys_error(errno, "make the audit log directory {}", dir_);
+  fd_ = ::open(path_.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
+  if (fd_ < 0) return sys_error(errno, "open the audit log {}", path_);
+  return {};
+}
+
+Status AuditLog::rotate_locked() {
+  const std::string lock_path = path_ + ".lock";
+  const int lock = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0640);
+  if (lock < 0) return sys_error(errno, "open {}", lock_path);
+  Status status;
+  if (::flock(lock, LOCK_EX) != 0) {
+    status = sys_error(errno, "lock {}", lock_path);
+  } else {
+    // Another server may have rotated it meanwhile: only a file still over the mark goes.
+    struct stat st;
+    if (::stat(path_.c_str(), &st) == 0 && static_cast<uint64_t>(st.st_size) >= max_bytes_) {
+      for (int i = keep_; i >= 1; --i) {
+        const std::string from = i == 1 ? path_ : fmt::format("{}.{}", path_, i - 1);
+        const std::string to = fmt::format("{}.{}", path_, i);
+        if (::rename(from.c_str(), to.c_str()) != 0 && errno != ENOENT) {
+          status = sys_error(errno, "rotate the audit log {} to {}", from, to);
+          break;
+        }
+      }
+    }
+  }
+  ::close(lock);  // releases the flock
+  return status;
+}
+
+Status AuditLog::append(const nlohmann::ordered_json& event) {
+  nlohmann::ordered_json line;
+  line["time"] = now_seconds();
+  for (const auto& [k, v] : event.items())
+    if (k != "time") line[k] = v;
+  const std::string text =
+      line.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
+  std::lock_guard<std::mutex> lk(mu_);
+  LAYER_TRY(open_locked());
+  struct stat st;
+  if (::fstat(fd_, &st) == 0 && static_cast<uint64_t>(st.st_size) >= max_bytes_) {
+    LAYER_TRY(rotate_locked());
+    ::close(fd_);
+    fd_ = -1;
+    LAYER_TRY(open_locked());
+  }
+  const ssize_t n = ::write(fd_, text.data(), text.size());
+  if (n < 0) return sys_error(errno, "write the audit log {}", path_);
+  if (static_cast<size_t>(n) != text.size())
+    return make_error(EIO, "write the audit log {}: short write ({} of {} bytes)", path_, n,
+                      text.size());
+  return {};
+}
+
+Result<std::vector<nlohmann::ordered_json>> read_audit(const std::string& dir,
+                                                       const std::string& container, double since,
+                                                       size_t* bad) {
+  std::vector<nlohmann::ordered_json> out;
+  std::vector<std::string> files;
+  const std::string base = dir + "/access.log";
+  for (int i = 64; i >= 1; --i) {
+    const std::string p = fmt::format("{}.{}", base, i);
+    if (::access(p.c_str(), F_OK) == 0) files.push_back(p);
+  }
+  files.push_back(base);
+  for (const auto& p : files) {
+    std::ifstream in(p);
+    if (!in) {
+      if (errno == ENOENT) continue;
+      return sys_error(errno, "read the audit log {}", p);
+    }
+    std::string text;
+    while (std::getline(in, text)) {
+      if (text.empty()) continue;
+      auto j = nlohmann::ordered_json::parse(text, nullptr, false);
+      if (j.is_discarded() || !j.is_object() || !j.contains("time") || !j["time"].is_number()) {
+        if (bad) ++*bad;
+        continue;
+      }
+      if (j["time"].get<double>() < since) continue;
+      if (!container.empty() && j.value("container", std::string()) != container) continue;
+      out.push_back(std::move(j));
+    }
+    if (in.bad()) return make_error(EIO, "read the audit log {}", p);
+  }
+  return out;
+}
+
+}  // namespace layer

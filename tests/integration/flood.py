@@ -1,0 +1,82 @@
+"""flood.py — a connection flood against an nbdkit server, for test_security.sh.
+
+  flood.py SOCKET SERVER_PID COUNT
+
+Opens COUNT unix-socket connections to SOCKET as fast as it can and holds every one that stays
+open (a client that connects and never speaks), while sampling the server's threads and RSS
+(/proc/SERVER_PID/status) every 10 ms; then closes them all. Writes {"attempts", "held" (still
+open after the burst), "refused" (closed by the server, or the connect failed), "max_threads",
+"max_rss_kib", "threads_before", "rss_before_kib"} on stdout (it may run as a uid that can write
+nowhere).
+"""
+import json
+import resource
+import socket
+import sys
+import threading
+import time
+
+
+def status(pid):
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            out[k] = v.strip()
+    return int(out["Threads"]), int(out["VmRSS"].split()[0])
+
+
+def main():
+    path, pid, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, count + 64)), hard))
+    threads_before, rss_before = status(pid)
+    peak = {"threads": threads_before, "rss": rss_before}
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            try:
+                t, r = status(pid)
+            except OSError:
+                return
+            peak["threads"] = max(peak["threads"], t)
+            peak["rss"] = max(peak["rss"], r)
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    conns, failed = [], 0
+    for _ in range(count):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(5)
+        try:
+            s.connect(path)
+            conns.append(s)
+        except OSError:
+            failed += 1
+            s.close()
+    time.sleep(1.0)  # the server turns away what it refuses
+    held = 0
+    for s in conns:
+        s.setblocking(False)
+        try:
+            data = s.recv(1)
+            # b"" is the server closing it; bytes are nbdkit's greeting (a held connection).
+            held += 1 if data else 0
+        except BlockingIOError:
+            held += 1  # nothing yet: still open
+        except OSError:
+            pass
+    stop.set()
+    sampler.join()
+    for s in conns:
+        s.close()
+    json.dump({"attempts": count, "held": held, "refused": count - held,
+               "connect_failed": failed, "max_threads": peak["threads"],
+               "max_rss_kib": peak["rss"], "threads_before": threads_before,
+               "rss_before_kib": rss_before}, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
