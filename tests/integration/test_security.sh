@@ -108,14 +108,23 @@ env $(nbdkit_env "$tmp/tls.sanitizer") nbdkit -P "$tmp/tls.pid" -p "$port" -i 12
   --tls=require --tls-psk="$tmp/keys.psk" "$LAYER_PLUGIN" "pool=$pool" 2>>"$tmp/tls.log" ||
   fail "the TLS server did not start"
 wait_until 30 test -s "$tmp/tls.pid" || fail "no pidfile"
-cleanup_fn kill_pid "$(cat "$tmp/tls.pid")"
+stop_tls() {
+  local pid
+  pid=$(cat "$tmp/tls.pid")
+  if [[ -n "${LAYER_NBDKIT_PRELOAD:-}" ]] && pid_alive "$pid"; then
+    kill -TERM "$pid"
+    tolerate_exit_hang "$pid"
+  fi
+  kill_pid "$pid"
+}
+cleanup_fn stop_tls
 tls_uri() { echo "nbds://alice@127.0.0.1:$port/$1?tls-psk-file=$2"; }
 nbdcopy "$(tls_uri open1 "$tmp/keys.psk")" - | cmp - "$tmp/base.raw" || fail "TLS read wrong"
 if nbdinfo "$(tls_uri open1 "$tmp/wrong.psk")" >/dev/null 2>&1; then fail "a wrong key worked"; fi
 if nbdinfo "nbd://127.0.0.1:$port/open1" >/dev/null 2>&1; then fail "no TLS worked"; fi
 # A TCP client needs a rule: mine has none for an address.
 if nbdinfo "$(tls_uri mine "$tmp/keys.psk")" >/dev/null 2>&1; then fail "TCP opened mine"; fi
-kill_pid "$(cat "$tmp/tls.pid")"
+stop_tls
 
 # ---- the audit trail ----
 audit=$(layer audit --json)
@@ -168,7 +177,8 @@ fi
 wait "$flood_pid" || fail "flood.py failed: $(cat "$tmp/flood.err")"
 flood=$(cat "$tmp/flood.json")
 log "flood: $flood"
-[[ "$(json_get 'j["held"] <= 16' <<<"$flood")" == True ]] || fail "more than 16 held: $flood"
+[[ "$(json_get 'j["held"] <= 16 and j["pending"] == 0' <<<"$flood")" == True ]] ||
+  fail "more than 16 held, or some never answered: $flood"
 # Refused connections come and go on threads of their own: a few hundred at once at most,
 # never one per attempt.
 [[ "$(json_get 'j["max_threads"] - j["threads_before"] < 1000' <<<"$flood")" == True ]] ||
