@@ -258,7 +258,8 @@ int layer_get_ready() {
 
 // The peer of the current connection (open, list_exports: nbdkit's connection context), `tls`
 // as nbdkit says (nbdkit_is_tls() works in open, not in list_exports: that one is given it).
-layer::Peer current_peer(bool tls) {
+// `with_groups`: also the groups of a unix peer's user (a user-database lookup).
+layer::Peer current_peer(bool tls, bool with_groups = true) {
   layer::Peer peer;
   peer.tls = tls;
   sockaddr_storage ss = {};
@@ -270,7 +271,7 @@ layer::Peer current_peer(bool tls) {
     if (uid >= 0) peer.uid = static_cast<uint32_t>(uid);
     if (gid >= 0) peer.gid = static_cast<uint32_t>(gid);
     if (pid >= 0) peer.pid = pid;
-    if (peer.uid && peer.gid) peer.groups = layer::groups_of(*peer.uid, *peer.gid);
+    if (with_groups && peer.uid && peer.gid) peer.groups = layer::groups_of(*peer.uid, *peer.gid);
   } else if (ss.ss_family == AF_INET) {
     peer.kind = layer::Peer::Kind::kTcp;
     const auto* a = reinterpret_cast<const sockaddr_in*>(&ss);
@@ -481,7 +482,8 @@ const char* layer_default_export(int /*readonly*/, int /*is_tls*/) {
 // Before the handshake: a peer beyond its connection limit is turned away at once.
 int layer_preconnect(int /*readonly*/) {
   return guarded("preconnect", [] {
-    const layer::Peer peer = current_peer(false);  // TLS is not negotiated yet
+    // TLS is not negotiated yet; the key is the uid or address alone.
+    const layer::Peer peer = current_peer(false, false);
     const std::string key = peer_key(peer);
     if (auto limited = count_peer(key)) {
       const std::string message = "connection refused to " + peer.describe() + ": " + *limited;

@@ -15,6 +15,9 @@ make_image "$tmp/base.raw" 32 9
 layer image import base:1 "$tmp/base.raw" >/dev/null
 layer clone base:1 c >/dev/null
 start_server srv "$pool" --threads 32
+# Held open from here, so that every snapshot below is the server's (live): with the container
+# not yet open, `layer snapshot` would take it offline for a moment and an open then would fail.
+hold_connection "$(nbd c)"
 seed=${LAYER_TEST_SEED:-$RANDOM}
 background inflight /usr/bin/python3 "$LAYER_SRC/tests/integration/inflight.py" "$(nbd c)" 8 32 \
   1500 "$seed"
@@ -33,6 +36,7 @@ done
 wait "$inflight_pid" || fail "$(cat "$tmp/inflight.log") (replay: LAYER_TEST_SEED=$seed)"
 log "$(cat "$tmp/inflight.log"); $snaps live snapshots meanwhile"
 h=$(nbdcopy "$(nbd c)" - | sha256sum)
+kill_pid "$holder_pid"
 stop_server srv
 rm -f "$tmp/srv.sock"
 start_server srv "$pool"
