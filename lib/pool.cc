@@ -264,7 +264,11 @@ Result<std::unique_ptr<Pool>> Pool::open(const std::string& root, const OpenOpti
   pool->paths_.index_dir = abs + "/index";
   pool->paths_.run_dir = abs + "/run";
   LAYER_ASSIGN(pool->index_,
-               Index::open(pool->paths_.index_dir, Index::Options{.read_only = options.read_only}));
+               Index::open(pool->paths_.index_dir,
+                           Index::Options{.read_only = options.read_only,
+                                          .map_size_bytes = options.index_map_bytes,
+                                          .max_map_size_bytes = options.index_max_map_bytes}));
+
   {
     LAYER_ASSIGN(auto txn, pool->index_->begin_read());
     LAYER_TRY(check_format(txn, abs));

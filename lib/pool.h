@@ -76,6 +76,10 @@ class Pool {
 
   struct OpenOptions {
     bool read_only = false;  // no writes, no committer (fsck, ls)
+    // The index's map size and growth limit (Index::Options; 0: the defaults). Tests fill a
+    // small map to see MDB_MAP_FULL.
+    uint64_t index_map_bytes = 0;
+    uint64_t index_max_map_bytes = 0;
   };
   // Opens a pool; a writable open then finishes the removals a crash interrupted (best effort:
   // finish_interrupted, intents.h). Errors: ENOENT (not a pool: names the path), ENOTSUP
