@@ -118,6 +118,15 @@ class WriteTxn : public ReadTxn {
   using ReadTxn::ReadTxn;
 };
 
+// What Index::walk found: a whole index read through.
+struct IndexWalk {
+  uint64_t txnid = 0;       // the transaction the walk read
+  uint64_t entries = 0;     // rows of the named dbs
+  uint64_t free_pages = 0;  // pages listed in LMDB's free list
+  uint64_t file_bytes = 0;  // data.mdb's size
+  uint64_t used_bytes = 0;  // (last page + 1) * page size
+};
+
 class Index {
  public:
   struct Options {
@@ -139,8 +148,9 @@ class Index {
   static constexpr std::chrono::seconds kResizeWait{10};
 
   // Opens the environment in directory `dir` (which must exist) and its named dbs.
-  // Errors: ENOENT (no index there), EACCES, EIO (LMDB failure or a lock.mdb with fewer than
-  // kMaxReaders reader slots), EINVAL.
+  // Errors: ENOENT (no index there), EACCES, EUCLEAN (not an LMDB file, or damaged: LMDB's
+  // MDB_INVALID, MDB_CORRUPTED, MDB_PAGE_NOTFOUND, MDB_VERSION_MISMATCH), EIO (another LMDB
+  // failure or a lock.mdb with fewer than kMaxReaders reader slots), EINVAL.
   static Result<std::unique_ptr<Index>> open(const std::string& dir, const Options& options);
   ~Index();
   Index(const Index&) = delete;
@@ -169,6 +179,19 @@ class Index {
   Result<uint64_t> grow_map();
   // How many times grow_map() grew the map (tests, logs).
   uint64_t map_grows() const { return map_grows_.load(); }
+
+  // Writes a compact copy of the index (mdb_env_copyfd2 with MDB_CP_COMPACT: free pages
+  // omitted, pages renumbered) as of one read transaction to `fd`, an empty file the caller
+  // syncs. Returns the copied transaction's id. Errors: EIO, ENOSPC, EUCLEAN (damage found).
+  Result<uint64_t> copy_compact(int fd);
+
+  // Reads the whole index in one read transaction: every page of every named db, LMDB's own
+  // main and free-list dbs, every key and value touched (first byte, every 4 KiB, last byte),
+  // keys in order, entry counts equal to the dbs' records, free-list page numbers within the
+  // file, and the file long enough for its last page. LMDB keeps no checksums: a damaged page
+  // can also crash the reader (SIGSEGV, SIGBUS, an assertion), so callers run this in a child
+  // process (index_check.h). Errors: EUCLEAN naming what is damaged, EIO.
+  Result<IndexWalk> walk();
 
  private:
   friend class ReadTxn;

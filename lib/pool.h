@@ -40,7 +40,10 @@ namespace layer {
 
 constexpr uint32_t kFormatVersion = 1;
 // Feature bits in `meta` "features.incompat": an unknown bit makes open fail (ENOTSUP).
-constexpr uint64_t kKnownIncompatFeatures = 0;
+// Bit 0: some container is marked stale after an index restore (index_restore.h); a build that
+// does not know the marks would serve its old map silently.
+constexpr uint64_t kIncompatStaleContainers = 1;
+constexpr uint64_t kKnownIncompatFeatures = kIncompatStaleContainers;
 constexpr uint32_t kDefaultBlockSize = 4096;
 constexpr uint32_t kMinBlockSize = 4096;
 constexpr uint32_t kMaxBlockSize = 1 << 20;
@@ -189,5 +192,10 @@ class Pool {
 };
 
 uint64_t now_unix();
+
+// The pool's incompatible feature bits (`meta` "features.incompat"), and their replacement.
+// Errors: EIO (a corrupt value).
+Result<uint64_t> incompat_features(ReadTxn& txn);
+Status set_incompat_features(WriteTxn& txn, uint64_t bits);
 
 }  // namespace layer

@@ -517,7 +517,7 @@ TEST_CASE("a Committer job that throws fails alone and the committer goes on",
   CHECK(read_key(*index, Db::kMeta, "after") == "1");
 }
 
-// ---- the map: full, grown, resized by another process ----
+// ---- the map: full, grown, resized by another process; walk; compact copy ----
 
 namespace {
 
@@ -573,6 +573,7 @@ TEST_CASE("a full map fails the batch with ENOSPC, the committer grows it, a ret
   // Nothing of the failed job, everything from before.
   CHECK(count_rows(*index, 2) == 0);
   CHECK(count_rows(*index, 1) == 10);
+  CHECK(MUST(index->walk()).entries == 10);
 
   // The same job again: it fits now.
   REQUIRE_OK(committer->run(put_rows(2, 150)));
@@ -595,6 +596,7 @@ TEST_CASE("a full map fails the batch with ENOSPC, the committer grows it, a ret
   index = open_small(dir, 0, 0, false);
   CHECK(count_rows(*index, 1) == 10);
   CHECK(count_rows(*index, 2) == 150);
+  CHECK(MUST(index->walk()).entries == 160);
   CHECK(index->map_size() == Index::kMapSizeBytes);
 }
 
@@ -631,4 +633,39 @@ TEST_CASE("a map another process grew is adopted (MDB_MAP_RESIZED)", "[index][re
   auto committer = MUST(Committer::start(*index));
   REQUIRE_OK(committer->run(put_rows(3, 100)));
   CHECK(count_rows(*index, 3) == 100);
+}
+
+TEST_CASE("walk reads a healthy index; copy_compact writes one that opens and holds the rows",
+          "[index][walk]") {
+  test::TempDir dir;
+  auto index = open_new(dir);
+  {
+    auto committer = MUST(Committer::start(*index));
+    REQUIRE_OK(committer->run(put_rows(1, 300)));
+    REQUIRE_OK(committer->run([](WriteTxn& txn) -> Status {  // some free pages
+      LAYER_TRY(txn.del_prefix(Db::kMaps, key_u64(1), 200));
+      return {};
+    }));
+    REQUIRE_OK(committer->run(put_rows(2, 3)));
+  }
+  const IndexWalk w = MUST(index->walk());
+  CHECK(w.entries == 103);
+  CHECK(w.free_pages > 0);
+  CHECK(w.file_bytes >= w.used_bytes);
+  CHECK(w.txnid == index->last_txnid());
+
+  test::TempDir copy_dir;
+  {
+    test::Fd fd(
+        ::open(copy_dir.sub("data.mdb").c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644));
+    REQUIRE(fd.get() >= 0);
+    CHECK(MUST(index->copy_compact(fd.get())) == index->last_txnid());
+  }
+  auto copy = MUST(Index::open(copy_dir.path(), Index::Options{.read_only = true}));
+  const IndexWalk cw = MUST(copy->walk());
+  CHECK(cw.entries == 103);
+  CHECK(cw.free_pages == 0);  // compacted
+  CHECK(cw.file_bytes < w.file_bytes);
+  CHECK(count_rows(*copy, 1) == 100);
+  CHECK(count_rows(*copy, 2) == 3);
 }
