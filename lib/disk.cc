@@ -30,6 +30,7 @@
 #include <map>
 
 #include "index.h"
+#include "index_restore.h"
 #include "layers.h"
 #include "names.h"
 
@@ -148,6 +149,8 @@ Result<std::shared_ptr<Disk>> Disk::open(Pool& pool, const std::string& name, bo
   LAYER_ASSIGN(disk->container_, pool.get_container(txn, name));
   if (disk->container_.id != id)
     return make_error(EBUSY, "container \"{}\" was replaced while opening", name);
+  // After an index restore its map may not know its newest writes: never served silently.
+  LAYER_TRY(check_not_stale(txn, disk->container_));
   LAYER_ASSIGN(disk->delta_layer_, get_layer(txn, disk->container_.delta_layer));
   if (disk->delta_layer_.parent != 0) {
     LAYER_ASSIGN(disk->chain_, chain_of(txn, disk->delta_layer_.parent));

@@ -11,7 +11,12 @@
 // - refcounts (--repair sets them to the references found, except to 0);
 // - interrupted imports and merges left in `intents` (--repair rolls them back);
 // - with full: every stored 64 KiB checksum of a frozen layer matches its data, and every
-//   group of a frozen layer that holds data has a checksum.
+//   group of a frozen layer that holds data has a checksum;
+// - containers an index restore marked (their delta holds writes the restored copy does not
+//   know; --repair adopts them into the map), and, once none is left, --repair settles the
+//   restore (index_restore.h).
+// The index itself is read through first, in a child process (index_check.h), by the CLI:
+// a damaged index crashes that child, not fsck.
 // Read-only unless repair: it never changes a layer that is in use.
 //
 // The phases run in this order (fsck() below): the index, read in one transaction (layers,
@@ -22,10 +27,12 @@
 
 #include <algorithm>
 #include <map>
+#include <optional>
 #include <set>
 
 #include "block_map.h"
 #include "checksum.h"
+#include "index_restore.h"
 #include "intents.h"
 #include "layers.h"
 #include "tier.h"
@@ -68,6 +75,8 @@ struct FsckState {
   std::set<LayerId> intent_layers;          // layers of every intent, running or interrupted
   std::map<LayerId, std::map<uint32_t, std::vector<uint64_t>>> sums;  // full only
   std::vector<OrphanFile> orphans;
+  std::vector<StaleRecord> stale;         // containers a restore marked
+  std::optional<RestoreRecord> restored;  // the index was restored from a copy
 
   void problem(std::string line) { report.problems.push_back(std::move(line)); }
 };
@@ -325,6 +334,19 @@ Status read_sums(FsckState& st, ReadTxn& txn) {
   });
 }
 
+// The marks an index restore left, one problem each.
+Status read_restore(FsckState& st, ReadTxn& txn) {
+  LAYER_ASSIGN(st.restored, get_restore(txn));
+  LAYER_ASSIGN(st.stale, stale_marks(txn));
+  if (st.repair) return {};
+  for (const auto& m : st.stale)
+    st.problem(fmt::format(
+        "container {}: its delta (layer {}) holds {} blocks written after the index copy {} the "
+        "index was restored from; it is not served until `layer fsck --repair` adopts them",
+        m.container, m.delta, m.blocks, m.backup));
+  return {};
+}
+
 // The index phases, all in one read transaction (one consistent view).
 Status scan_index(FsckState& st) {
   LAYER_ASSIGN(auto txn, st.pool.index().begin_read());
@@ -337,6 +359,7 @@ Status scan_index(FsckState& st) {
   LAYER_TRY(read_intents(st, txn));
   LAYER_TRY(find_leaked_rows(st, txn));
   if (st.full) LAYER_TRY(read_sums(st, txn));
+  LAYER_TRY(read_restore(st, txn));
   return {};
 }
 
@@ -412,10 +435,13 @@ Status find_orphans(FsckState& st) {
   LAYER_ASSIGN(st.orphans, confirm_orphans(st.pool, candidates));
   if (!st.repair)
     for (const auto& o : st.orphans)
-      st.problem(
-          fmt::format("orphan file {}: no layer names it; `layer fsck --repair` moves it "
-                      "to lost+found",
-                      o.entry.name));
+      st.problem(fmt::format(
+          "orphan file {}: no layer names it{}; `layer fsck --repair` moves it to lost+found",
+          o.entry.name,
+          st.restored && o.entry.id >= st.restored->first_unknown_layer
+              ? " (made after the index copy the index was restored from: it may hold writes "
+                "of a container that copy does not know)"
+              : ""));
   return {};
 }
 
@@ -579,6 +605,25 @@ Status run_repairs(FsckState& st) {
                     to.empty() ? std::string("(gone meanwhile)") : to));
   }
   LAYER_TRY(repair_refcounts(st));
+  // A restore's marks: the writes the copy did not know become part of the map.
+  for (const auto& m : st.stale) {
+    auto adopted = adopt_unmapped_writes(st.pool, m);
+    if (!adopted) {
+      st.problem(fmt::format("container {}: its newer writes could not be adopted: {}", m.container,
+                             adopted.error().message));
+      continue;
+    }
+    st.report.repaired.push_back(fmt::format(
+        "container {}: adopted {} blocks its delta (layer {}) holds beyond the restored map",
+        m.container, *adopted, m.delta));
+  }
+  if (st.restored) {
+    LAYER_ASSIGN(const bool settled, settle_restore(st.pool));
+    if (settled)
+      st.report.repaired.push_back(
+          fmt::format("the restore of the index from copy {} is settled (no container is marked)",
+                      st.restored->backup));
+  }
   return {};
 }
 

@@ -1,16 +1,19 @@
 // index.h — the pool's LMDB index: environment, named dbs, big-endian keys, typed transactions,
 // and the committer thread that runs every write transaction of a process.
 //
-// Settings (docs/format.md): map size 64 GiB without MDB_WRITEMAP, maxreaders 1024 (fixed by
-// whoever creates the env, `layer init`), MDB_NOTLS, one Index per process. Transactions hold a
-// process-wide shared lock so that an MDB_MAP_RESIZED answer can be handled by
-// mdb_env_set_mapsize(env, 0) under the exclusive lock, which LMDB allows only while the process
-// has no transaction open.
+// Settings (docs/format.md): map size 64 GiB (or more, once grown) without MDB_WRITEMAP,
+// maxreaders 1024 (fixed by whoever creates the env, `layer init`), MDB_NOTLS, one Index per
+// process. Transactions hold a process-wide shared lock so that the map can be resized under the
+// exclusive lock, which LMDB allows only while the process has no transaction open: to adopt
+// another process's growth (MDB_MAP_RESIZED, mdb_env_set_mapsize(env, 0)) and to grow it after
+// MDB_MAP_FULL (the committer, up to a limit).
 //
 // Thread-safety: Index and Committer are safe for concurrent use. A ReadTxn or WriteTxn belongs
-// to one thread at a time (MDB_NOTLS lets it move between threads, never be shared).
+// to the thread that began it (its hold on the resize lock is counted per thread, so that a
+// thread never waits for a resize its own transaction blocks).
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -80,10 +83,12 @@ class ReadTxn {
  protected:
   friend class Index;
   friend class Committer;
-  ReadTxn(Index* index, MDB_txn* txn, std::shared_lock<std::shared_mutex> lock);
+  ReadTxn(Index* index, MDB_txn* txn, std::shared_lock<std::shared_timed_mutex> lock);
+  // Ends the transaction's hold on the resize lock (and this thread's count of holds).
+  void release_resize_lock();
   Index* index_;
   MDB_txn* txn_;
-  std::shared_lock<std::shared_mutex> resize_lock_;
+  std::shared_lock<std::shared_timed_mutex> resize_lock_;
 };
 
 // A write transaction: all of one metadata change. Aborted in its destructor unless committed.
@@ -113,19 +118,39 @@ class WriteTxn : public ReadTxn {
   using ReadTxn::ReadTxn;
 };
 
+// What Index::walk found: a whole index read through.
+struct IndexWalk {
+  uint64_t txnid = 0;       // the transaction the walk read
+  uint64_t entries = 0;     // rows of the named dbs
+  uint64_t free_pages = 0;  // pages listed in LMDB's free list
+  uint64_t file_bytes = 0;  // data.mdb's size
+  uint64_t used_bytes = 0;  // (last page + 1) * page size
+};
+
 class Index {
  public:
   struct Options {
     bool create = false;     // create the environment (layer init)
     bool read_only = false;  // MDB_RDONLY
     bool no_lock = false;    // MDB_NOLOCK: only for nbdkit's get_ready validation
+    // The map size to start with; 0: kMapSizeBytes, doubled while data.mdb holds more than a
+    // third of it (an index that grew). LMDB never maps less than the data needs.
+    uint64_t map_size_bytes = 0;
+    // How far the committer may grow the map after MDB_MAP_FULL; 0: kMaxMapSizeBytes.
+    uint64_t max_map_size_bytes = 0;
   };
   static constexpr uint64_t kMapSizeBytes = 64ULL << 30;
+  // The map only reserves address space (no MDB_WRITEMAP: data.mdb grows as pages are written),
+  // so growing it costs nothing until the data is there.
+  static constexpr uint64_t kMaxMapSizeBytes = 1ULL << 40;
   static constexpr unsigned kMaxReaders = 1024;
+  // How long a resize waits for the transactions of other threads to end before giving up.
+  static constexpr std::chrono::seconds kResizeWait{10};
 
   // Opens the environment in directory `dir` (which must exist) and its named dbs.
-  // Errors: ENOENT (no index there), EACCES, EIO (LMDB failure or a lock.mdb with fewer than
-  // kMaxReaders reader slots), EINVAL.
+  // Errors: ENOENT (no index there), EACCES, EUCLEAN (not an LMDB file, or damaged: LMDB's
+  // MDB_INVALID, MDB_CORRUPTED, MDB_PAGE_NOTFOUND, MDB_VERSION_MISMATCH), EIO (another LMDB
+  // failure or a lock.mdb with fewer than kMaxReaders reader slots), EINVAL.
   static Result<std::unique_ptr<Index>> open(const std::string& dir, const Options& options);
   ~Index();
   Index(const Index&) = delete;
@@ -142,18 +167,52 @@ class Index {
   bool read_only() const { return read_only_; }
   const std::string& dir() const { return dir_; }
 
+  // The size of this process's map of the index, and the limit grow_map() grows it to.
+  uint64_t map_size() const;
+  uint64_t max_map_size() const { return max_map_size_; }
+  // The id of the last committed transaction (any process's).
+  uint64_t last_txnid() const;
+  // Grows this process's map (doubling, at most to max_map_size()): what the committer does
+  // after MDB_MAP_FULL. Waits up to kResizeWait for other threads' transactions to end.
+  // Returns the new size. Errors: ENOSPC (at the limit already), EAGAIN (this thread holds a
+  // transaction, or others' did not end in time), EIO.
+  Result<uint64_t> grow_map();
+  // How many times grow_map() grew the map (tests, logs).
+  uint64_t map_grows() const { return map_grows_.load(); }
+
+  // Writes a compact copy of the index (mdb_env_copyfd2 with MDB_CP_COMPACT: free pages
+  // omitted, pages renumbered) as of one read transaction to `fd`, an empty file the caller
+  // syncs. Returns the copied transaction's id. Errors: EIO, ENOSPC, EUCLEAN (damage found).
+  Result<uint64_t> copy_compact(int fd);
+
+  // Reads the whole index in one read transaction: every page of every named db, LMDB's own
+  // main and free-list dbs, every key and value touched (first byte, every 4 KiB, last byte),
+  // keys in order, entry counts equal to the dbs' records, free-list page numbers within the
+  // file, and the file long enough for its last page. LMDB keeps no checksums: a damaged page
+  // can also crash the reader (SIGSEGV, SIGBUS, an assertion), so callers run this in a child
+  // process (index_check.h). Errors: EUCLEAN naming what is damaged, EIO.
+  Result<IndexWalk> walk();
+
  private:
   friend class ReadTxn;
   friend class WriteTxn;
   friend class Committer;
   Index() = default;
-  Result<MDB_txn*> begin(unsigned flags, std::shared_lock<std::shared_mutex>& lock);
+  Result<MDB_txn*> begin(unsigned flags, std::shared_lock<std::shared_timed_mutex>& lock);
+  // Runs fn with the resize lock held exclusively, after waiting up to kResizeWait for the
+  // transactions of other threads. Errors: EAGAIN (this thread holds a transaction, or the wait
+  // timed out), fn's.
+  Status with_resize_lock(const char* why, const std::function<Status()>& fn);
 
   MDB_env* env_ = nullptr;
   unsigned int dbi_[static_cast<int>(Db::kCount)] = {};  // MDB_dbi
   bool read_only_ = false;
   std::string dir_;
-  std::shared_mutex resize_mu_;  // shared by every open transaction; exclusive for a resize
+  uint64_t max_map_size_ = kMaxMapSizeBytes;
+  std::atomic<uint64_t> map_grows_{0};
+  // Shared by every open transaction (and every reader of the map: mdb_env_info); exclusive
+  // for a resize.
+  mutable std::shared_timed_mutex resize_mu_;
 };
 
 // Runs every write transaction of a process on one thread, batching the jobs that queue up
@@ -175,7 +234,9 @@ class Committer {
   Status run(Job job);
 
   // Test seam: the next n batches that would commit abort instead, and their jobs fail with
-  // `error` (ENOSPC models a full map, MDB_MAP_FULL).
+  // `error` (ENOSPC models a full map, MDB_MAP_FULL). A real full map (Index::Options'
+  // map_size_bytes) fails a batch with ENOSPC too; the committer then grows the map
+  // (Index::grow_map) before it answers, so the next batch can succeed.
   void fail_next_commits(int n, Error error);
 
   // How often the thread clears reader slots of dead processes (mdb_reader_check), busy or not.

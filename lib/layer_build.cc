@@ -1,6 +1,7 @@
 // layer_build.cc — LayerBuild: the intent, lock, publish and rollback of a layer being built.
 #include "layer_build.h"
 
+#include "index_restore.h"
 #include "layers.h"
 
 namespace layer {
@@ -113,6 +114,13 @@ Result<bool> roll_back_build(Pool& pool, uint64_t intent_id, const IntentRecord&
   LAYER_ASSIGN(const bool deleted,
                delete_build_rows(pool, intent.layer, intent_id, /*owner=*/false));
   if (!deleted) return false;
+  // After an index restore, a build the copy calls interrupted may have finished later and
+  // hold data (a merged layer, a delta a snapshot switched to): its file is set aside.
+  LAYER_ASSIGN(const bool restored, index_was_restored(pool));
+  if (restored) {
+    LAYER_TRY(pool.store(Tier::kSsd).set_aside(intent.layer, pool.paths().root + "/lost+found"));
+    return true;
+  }
   LAYER_TRY(pool.store(Tier::kSsd).remove(intent.layer));
   return true;
 }

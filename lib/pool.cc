@@ -26,6 +26,7 @@
 #include <cstring>
 #include <set>
 
+#include "index_restore.h"
 #include "intents.h"
 #include "layers.h"
 #include "names.h"
@@ -178,6 +179,18 @@ Result<std::string> meta_string(ReadTxn& txn, std::string_view key, const std::s
 
 }  // namespace
 
+Result<uint64_t> incompat_features(ReadTxn& txn) {
+  LAYER_ASSIGN(auto v, txn.get(Db::kMeta, kMetaIncompat));
+  if (!v) return uint64_t{0};
+  auto bits = decode_uint(*v);
+  if (!bits) return make_error(EIO, "index: corrupt incompatible feature bits");
+  return *bits;
+}
+
+Status set_incompat_features(WriteTxn& txn, uint64_t bits) {
+  return txn.put(Db::kMeta, kMetaIncompat, key_u64(bits));
+}
+
 uint64_t now_unix() {
   return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::seconds>(
                                    std::chrono::system_clock::now().time_since_epoch())
@@ -264,7 +277,10 @@ Result<std::unique_ptr<Pool>> Pool::open(const std::string& root, const OpenOpti
   pool->paths_.index_dir = abs + "/index";
   pool->paths_.run_dir = abs + "/run";
   LAYER_ASSIGN(pool->index_,
-               Index::open(pool->paths_.index_dir, Index::Options{.read_only = options.read_only}));
+               Index::open(pool->paths_.index_dir,
+                           Index::Options{.read_only = options.read_only,
+                                          .map_size_bytes = options.index_map_bytes,
+                                          .max_map_size_bytes = options.index_max_map_bytes}));
   {
     LAYER_ASSIGN(auto txn, pool->index_->begin_read());
     LAYER_TRY(check_format(txn, abs));
@@ -509,6 +525,7 @@ Status Pool::remove_container(const std::string& name) {
     LAYER_ASSIGN(auto current, get_container(txn, name));
     if (current.id != rec.id) return make_error(EBUSY, "container \"{}\" changed meanwhile", name);
     LAYER_TRY(txn.del(Db::kContainers, name));
+    LAYER_TRY(clear_stale(txn, current.id));  // the writes a restore found go with it
     // Its snapshots go with it (their layers stay while clones or images use them).
     std::vector<std::pair<std::string, LayerId>> snaps;
     LAYER_TRY(txn.scan(Db::kSnapshots, key_u64(current.id),

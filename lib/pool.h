@@ -40,7 +40,10 @@ namespace layer {
 
 constexpr uint32_t kFormatVersion = 1;
 // Feature bits in `meta` "features.incompat": an unknown bit makes open fail (ENOTSUP).
-constexpr uint64_t kKnownIncompatFeatures = 0;
+// Bit 0: some container is marked stale after an index restore (index_restore.h); a build that
+// does not know the marks would serve its old map silently.
+constexpr uint64_t kIncompatStaleContainers = 1;
+constexpr uint64_t kKnownIncompatFeatures = kIncompatStaleContainers;
 constexpr uint32_t kDefaultBlockSize = 4096;
 constexpr uint32_t kMinBlockSize = 4096;
 constexpr uint32_t kMaxBlockSize = 1 << 20;
@@ -76,6 +79,10 @@ class Pool {
 
   struct OpenOptions {
     bool read_only = false;  // no writes, no committer (fsck, ls)
+    // The index's map size and growth limit (Index::Options; 0: the defaults). Tests fill a
+    // small map to see MDB_MAP_FULL.
+    uint64_t index_map_bytes = 0;
+    uint64_t index_max_map_bytes = 0;
   };
   // Opens a pool; a writable open then finishes the removals a crash interrupted (best effort:
   // finish_interrupted, intents.h). Errors: ENOENT (not a pool: names the path), ENOTSUP
@@ -185,5 +192,10 @@ class Pool {
 };
 
 uint64_t now_unix();
+
+// The pool's incompatible feature bits (`meta` "features.incompat"), and their replacement.
+// Errors: EIO (a corrupt value).
+Result<uint64_t> incompat_features(ReadTxn& txn);
+Status set_incompat_features(WriteTxn& txn, uint64_t bits);
 
 }  // namespace layer

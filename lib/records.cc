@@ -308,6 +308,44 @@ Result<TierPolicy> decode_tier_policy(std::string_view bytes) {
   return p;
 }
 
+std::string encode(const StaleRecord& r) {
+  Encoder e;
+  e.u64(r.container_id);
+  e.str(r.container);
+  e.u64(r.delta);
+  e.u64(r.blocks);
+  e.u64(r.restored_unix);
+  e.str(r.backup);
+  return e.take();
+}
+
+Result<StaleRecord> decode_stale(std::string_view bytes) {
+  Decoder d(bytes, "meta stale");
+  StaleRecord r;
+  const bool ok = d.version() && d.u64(&r.container_id) && d.str(&r.container) && d.u64(&r.delta) &&
+                  d.u64(&r.blocks) && d.u64(&r.restored_unix) && d.str(&r.backup);
+  LAYER_TRY(d.finish(ok));
+  return r;
+}
+
+std::string encode(const RestoreRecord& r) {
+  Encoder e;
+  e.str(r.backup);
+  e.u64(r.backup_txnid);
+  e.u64(r.restored_unix);
+  e.u64(r.first_unknown_layer);
+  return e.take();
+}
+
+Result<RestoreRecord> decode_restore(std::string_view bytes) {
+  Decoder d(bytes, "meta restore");
+  RestoreRecord r;
+  const bool ok = d.version() && d.str(&r.backup) && d.u64(&r.backup_txnid) &&
+                  d.u64(&r.restored_unix) && d.u64(&r.first_unknown_layer);
+  LAYER_TRY(d.finish(ok));
+  return r;
+}
+
 std::string encode(const IntentRecord& r) {
   Encoder e;
   e.u8(static_cast<uint8_t>(r.kind));

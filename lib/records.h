@@ -160,6 +160,32 @@ struct TierPolicy {
 std::string encode(const TierPolicy& p);
 Result<TierPolicy> decode_tier_policy(std::string_view bytes);
 
+// `meta` key "stale." + key_u64(container id): a container whose delta file holds blocks that
+// its map, restored from an older copy of the index, does not know (index_restore.h). Such a
+// container is not served or changed until `layer fsck --repair` adopts the blocks.
+struct StaleRecord {
+  uint64_t container_id = 0;
+  std::string container;  // its name, for messages
+  LayerId delta = 0;
+  uint64_t blocks = 0;  // blocks with data in the file that the map does not mark data
+  uint64_t restored_unix = 0;
+  std::string backup;  // the copy the index was restored from
+};
+std::string encode(const StaleRecord& r);
+Result<StaleRecord> decode_stale(std::string_view bytes);
+
+// `meta` key "restore": the index was restored from an older copy (index_restore.h). While it
+// is there, repairs set files aside instead of deleting them; `layer fsck --repair` deletes it
+// once no container is stale.
+struct RestoreRecord {
+  std::string backup;  // the copy's name
+  uint64_t backup_txnid = 0;
+  uint64_t restored_unix = 0;
+  LayerId first_unknown_layer = 0;  // layer ids from this one on were given after the copy
+};
+std::string encode(const RestoreRecord& r);
+Result<RestoreRecord> decode_restore(std::string_view bytes);
+
 // `sums` db, key key_u64_u32(layer, row): xxh3-64 of groups row*64 .. row*64+63 of 64 KiB.
 // A zero entry means "no data in that group" (nothing to verify).
 constexpr uint32_t kSumGroupBytes = 64 * 1024;

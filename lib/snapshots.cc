@@ -21,6 +21,7 @@
 #include "block_map.h"
 #include "fsck.h"
 #include "index.h"
+#include "index_restore.h"
 #include "layer_build.h"
 #include "layers.h"
 #include "locks.h"
@@ -59,12 +60,14 @@ Result<LayerRecord> make_delta(WriteTxn& txn, const ContainerRecord& c, LayerId 
 }
 
 // The container's delta, frozen (not yet written back). Errors: EBUSY when it is not
-// expected_delta, EIO when the index says it is not writable.
+// expected_delta, EIO when the index says it is not writable, EUCLEAN when an index restore
+// marked the container (freezing its map would freeze it without its newest writes).
 Result<LayerRecord> frozen_delta(Pool& /*pool*/, WriteTxn& txn, const ContainerRecord& c,
                                  LayerId expected_delta) {
   if (expected_delta != 0 && c.delta_layer != expected_delta)
     return make_error(EBUSY, "container \"{}\" changed meanwhile (its delta is now layer {})",
                       c.name, c.delta_layer);
+  LAYER_TRY(check_not_stale(txn, c));
   LAYER_ASSIGN(auto d, get_layer(txn, c.delta_layer));
   if (d.state != LayerState::kWritable)
     return make_error(EIO, "container \"{}\": its delta layer {} is not writable", c.name, d.id);
@@ -184,6 +187,8 @@ Result<ContainerState> rollback_container(Pool& pool, std::string_view container
     LAYER_ASSIGN(auto target, get_snapshot(txn, c, snap));
     if (expected_delta != 0 && c.delta_layer != expected_delta)
       return make_error(EBUSY, "container \"{}\" changed meanwhile", container);
+    // Dropping a marked delta would discard writes its user may not know are there.
+    LAYER_TRY(check_not_stale(txn, c));
     if (keep_as) {
       const std::string key = snapshot_key(c.id, *keep_as);
       LAYER_ASSIGN(auto existing, txn.get(Db::kSnapshots, key));

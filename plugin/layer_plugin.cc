@@ -1,14 +1,16 @@
 // layer_plugin.cc — nbdkit callbacks over lib/:
 // `nbdkit layer pool=DIR [default=NAME] [hasher=on|off] [hash-rate=BYTES_PER_SEC]
-// [heat-interval=DURATION] [tier-interval=DURATION] [verify=on|off]`.
+// [heat-interval=DURATION] [tier-interval=DURATION] [index-backup-interval=DURATION]
+// [verify=on|off]`.
 //
 // Life cycle (nbdkit forks after config_complete/get_ready unless -f; with --run the server is
-// the child): config parses and makes paths absolute; get_ready only validates the pool
-// (read-only, no lock file writes, nothing left open); after_fork opens the pool (LMDB env,
-// committer thread, lock file) and starts the hasher, heat writer and tiering threads and the
-// control socket; cleanup stops them, flushes every open disk and closes the pool. No global object
-// has a destructor with side effects: the pool, hasher and disk table are heap pointers owned from
-// after_fork to cleanup.
+// the child): config parses and makes paths absolute; get_ready reads the whole index through
+// in a child process (a damaged one is refused with one line, not a crash) and validates the
+// pool (read-only, nothing created, nothing left open); after_fork opens the pool (LMDB env,
+// committer thread, lock file) and starts the hasher, heat writer, tiering and index copier
+// threads and the control socket; cleanup stops them, flushes every open disk and closes the pool.
+// No global object has a destructor with side effects: the pool, hasher and disk table are heap
+// pointers owned from after_fork to cleanup.
 //
 // Every callback catches everything (nothing may unwind into nbdkit) and reports failures
 // with nbdkit_error + nbdkit_set_error, mapping errors to the errnos NBD can carry.
@@ -39,6 +41,8 @@
 #include "control_ops.h"
 #include "disk.h"
 #include "hasher.h"
+#include "index_backup.h"
+#include "index_check.h"
 #include "mover.h"
 #include "names.h"
 #include "pool.h"
@@ -73,6 +77,9 @@ uint64_t g_max_per_export = 64;
 std::mutex g_conn_mu;
 std::map<std::string, uint64_t> g_conn_by_peer;    // GUARDED_BY(g_conn_mu)
 std::map<std::string, uint64_t> g_conn_by_export;  // GUARDED_BY(g_conn_mu)
+// index-backup-interval= (0: no copies)
+uint64_t g_backup_interval_s = layer::kDefaultIndexBackupInterval.count();
+layer::BackgroundBackup* g_backup = nullptr;  // null with index-backup-interval=0
 
 constexpr uint32_t kMaxRequestBytes = 32 << 20;
 
@@ -228,16 +235,20 @@ int layer_config(const char* key, const char* value) {
       (std::strcmp(key, "max-connections-per-peer") == 0 ? g_max_per_peer : g_max_per_export) = n;
       return 0;
     }
-    if (std::strcmp(key, "heat-interval") == 0 || std::strcmp(key, "tier-interval") == 0) {
+    if (std::strcmp(key, "heat-interval") == 0 || std::strcmp(key, "tier-interval") == 0 ||
+        std::strcmp(key, "index-backup-interval") == 0) {
       auto seconds = layer::parse_duration(value);
       if (!seconds) return fail(seconds.error());
-      (key[0] == 'h' ? g_heat_interval_s : g_tier_interval_s) = *seconds;
+      (key[0] == 'h'   ? g_heat_interval_s
+       : key[0] == 't' ? g_tier_interval_s
+                       : g_backup_interval_s) = *seconds;
       return 0;
     }
     nbdkit_error(
         "unknown parameter '%s' (expected pool=DIR, default=NAME, hasher=on|off, "
         "hash-rate=BYTES_PER_SEC, heat-interval=DURATION, tier-interval=DURATION, "
-        "verify=on|off, max-connections-per-peer=N or max-connections-per-export=N)",
+        "index-backup-interval=DURATION, verify=on|off, max-connections-per-peer=N or "
+        "max-connections-per-export=N)",
         key);
     return -1;
   });
@@ -253,7 +264,15 @@ int layer_config_complete() {
 
 int layer_get_ready() {
   // Runs before nbdkit forks and before it drops privileges: validate only, create nothing.
-  return guarded("get_ready", [] { return check(layer::Pool::validate(g_pool_path)); });
+  // The whole index is read first, in a child process: LMDB has no checksums and a damaged
+  // page can crash its reader; a damaged index is refused with one line saying what to do.
+  return guarded("get_ready", [] {
+    if (::access((g_pool_path + "/index/data.mdb").c_str(), F_OK) == 0) {
+      auto checked = layer::check_index(g_pool_path + "/index");
+      if (!checked) return fail(checked.error());
+    }
+    return check(layer::Pool::validate(g_pool_path));
+  });
 }
 
 // The peer of the current connection (open, list_exports: nbdkit's connection context), `tls`
@@ -409,13 +428,23 @@ int layer_after_fork() {
       if (!tiering) return fail(tiering.error());
       g_tiering = tiering->release();
     }
+    if (g_backup_interval_s != 0) {
+      layer::BackgroundBackup::Options options;
+      options.interval = std::chrono::seconds(g_backup_interval_s);
+      options.log = log_line;
+      auto backup = layer::BackgroundBackup::start(*g_pool, std::move(options));
+      if (!backup) return fail(backup.error());
+      g_backup = backup->release();
+    }
     return 0;
   });
 }
 
 void layer_cleanup() {
   guarded("cleanup", [] {
-    // First: no move or live change may start on a disk that is going away.
+    delete g_backup;  // a copy in progress finishes first
+    g_backup = nullptr;
+    // No move or live change may start on a disk that is going away.
     delete g_tiering;  // a move in progress finishes first
     g_tiering = nullptr;
     delete g_control;
@@ -703,7 +732,8 @@ struct nbdkit_plugin make_plugin() {
       "pool=<DIR>      (required) The pool directory (made by `layer init`).\n"
       "default=<NAME>  Container served to clients that give no export name.\n"
       "hasher=on|off   Checksum frozen layers in the background (default on).\n"
-      "hash-rate=<BYTES_PER_SEC>  The hasher's read rate (default 64M; 0: unlimited).";
+      "hash-rate=<BYTES_PER_SEC>  The hasher's read rate (default 64M; 0: unlimited).\n"
+      "index-backup-interval=<DURATION>  Copy the index this often (default 15m; 0: never).";
   p.magic_config_key = "pool";
   p.get_ready = layer_get_ready;
   p.after_fork = layer_after_fork;

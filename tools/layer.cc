@@ -38,6 +38,9 @@
 #include "images.h"
 #include "import.h"
 #include "index.h"
+#include "index_backup.h"
+#include "index_check.h"
+#include "index_restore.h"
 #include "layers.h"
 #include "locks.h"
 #include "mover.h"
@@ -129,6 +132,18 @@ std::unique_ptr<layer::Pool> open_pool(const Globals& g, bool writable) {
   return take(layer::Pool::open(resolve_pool(g), {.read_only = !writable}));
 }
 
+// A copy of the index before a bulk change (docs/design.md "Index copies"). A damaged index
+// stops the command before it changes anything; a copy that cannot be written (a full disk)
+// does not stop it (the change may be what frees space): a warning says so.
+void copy_index_before(layer::Pool& pool, const char* reason) {
+  // A copy taken in the last minute is close enough (a script's commands share one).
+  auto r = layer::backup_index(pool, reason, std::chrono::seconds(60));
+  if (r) return;
+  if (r.error().code == EUCLEAN) throw CliError{std::move(r).error()};
+  std::cerr << "layer: warning: no copy of the index was taken before this change: "
+            << r.error().message << '\n';
+}
+
 std::string absolute_path(const std::string& path) {
   std::error_code ec;
   auto abs = std::filesystem::absolute(path, ec);
@@ -189,6 +204,7 @@ int cmd_image_import(const Globals& g, const ImportArgs& a) {
       fail(EINVAL, fmt::format("block size {} is too large", a.block_size));
   }
   auto pool = open_pool(g, true);
+  copy_index_before(*pool, "image-import");
 
   // Progress goes to a terminal only: a script's stderr stays clean.
   const bool show_progress = isatty(STDERR_FILENO) == 1;
@@ -240,6 +256,7 @@ int cmd_image_ls(const Globals& g) {
 int cmd_image_rm(const Globals& g, const std::string& ref) {
   check(layer::validate_image_ref(ref));
   auto pool = open_pool(g, true);
+  copy_index_before(*pool, "image-rm");
   check(layer::remove_image(*pool, ref));
   print_result(g, {{"ok", true}, {"ref", ref}}, "removed image " + ref);
   return 0;
@@ -439,6 +456,7 @@ int cmd_audit(const Globals& g, const AuditArgs& a) {
 int cmd_rm(const Globals& g, const std::string& name) {
   check(layer::validate_name(name, "container name"));
   auto pool = open_pool(g, true);
+  copy_index_before(*pool, "rm");
   check(pool->remove_container(name));
   print_result(g, {{"ok", true}, {"name", name}}, "removed container " + name);
   return 0;
@@ -580,6 +598,7 @@ int cmd_snapshot_rm(const Globals& g, const SnapshotArgs& a) {
   check(layer::validate_name(a.container, "container name"));
   check(layer::validate_name(a.name, "snapshot name"));
   auto pool = open_pool(g, true);
+  copy_index_before(*pool, "snapshot-rm");
   // A served container's server removes it, so that it can merge layers its disk reads.
   const json reply = route_change(
       *pool, a.container, {{"op", "snapshot-rm"}, {"container", a.container}, {"name", a.name}},
@@ -908,6 +927,7 @@ int cmd_rollback(const Globals& g, const RollbackArgs& a) {
     keep = a.keep_as;
   }
   auto pool = open_pool(g, true);
+  copy_index_before(*pool, "rollback");
   json request = {{"op", "rollback"}, {"container", a.container}, {"name", a.snapshot}};
   if (keep) request["keep_as"] = *keep;
   const Changed c = change_container(
@@ -965,6 +985,7 @@ int cmd_commit(const Globals& g, const CommitArgs& a) {
 int cmd_flatten(const Globals& g, const std::string& container) {
   check(layer::validate_name(container, "container name"));
   auto pool = open_pool(g, true);
+  copy_index_before(*pool, "flatten");
   const Changed c = change_container(
       *pool, container, {{"op", "flatten"}, {"container", container}}, true, "", [&] {
         std::vector<uint64_t> drops;
@@ -1027,6 +1048,7 @@ int cmd_diff(const Globals& g, const std::string& a, const std::string& b) {
 
 int cmd_gc(const Globals& g, bool hash) {
   auto pool = open_pool(g, true);
+  copy_index_before(*pool, "gc");
   auto r = take(layer::gc(*pool));
   // Hidden layers that only a server's disk reads: that server merges them, live.
   for (const auto& info : take(pool->list_containers())) {
@@ -1254,7 +1276,12 @@ struct FsckArgs {
 
 int cmd_fsck(const Globals& g, const FsckArgs& a) {
   const std::string root = resolve_pool(g);
+  // First the whole index, read in a child process: LMDB has no checksums, and a damaged page
+  // can crash its reader. A damaged index stops here with what to do (EUCLEAN, exit 2).
+  if (access((root + "/index/data.mdb").c_str(), F_OK) == 0)
+    take(layer::check_index(absolute_path(root) + "/index"));
   auto pool = open_pool(g, a.repair);
+  if (a.repair) copy_index_before(*pool, "fsck-repair");
   const auto r = take(layer::fsck(*pool, a.full, a.repair));
   if (g.json) {
     print_json({{"ok", r.problems.empty()},
@@ -1282,6 +1309,75 @@ int cmd_fsck(const Globals& g, const FsckArgs& a) {
                              r.problems.size(), r.problems.size() == 1 ? "" : "s", root);
   }
   return kExitUser;
+}
+
+// ---- index copies ----
+
+json backup_json(const layer::IndexBackup& b) {
+  return {{"name", b.name}, {"path", b.path},     {"created", b.created_unix},
+          {"txn", b.txnid}, {"reason", b.reason}, {"bytes", b.bytes}};
+}
+
+int cmd_index_backup(const Globals& g) {
+  auto pool = open_pool(g, false);
+  const auto r = take(layer::backup_index(*pool, "manual"));
+  std::string text = r.taken ? fmt::format("index copied to {} ({}, transaction {})", r.backup.path,
+                                           human_size(r.backup.bytes), r.backup.txnid)
+                             : fmt::format("index unchanged since copy {} (transaction {})",
+                                           r.backup.path, r.backup.txnid);
+  for (const auto& name : r.removed) text += "\nremoved the older copy " + name;
+  print_result(
+      g,
+      {{"ok", true}, {"taken", r.taken}, {"backup", backup_json(r.backup)}, {"removed", r.removed}},
+      text);
+  return 0;
+}
+
+int cmd_index_ls(const Globals& g) {
+  const std::string root = absolute_path(resolve_pool(g));
+  const auto copies = take(layer::list_index_backups(root + "/index"));
+  if (g.json) {
+    json j = json::array();
+    for (const auto& b : copies) j.push_back(backup_json(b));
+    print_json(j);
+    return 0;
+  }
+  std::vector<std::vector<std::string>> rows = {{"NAME", "TAKEN", "TXN", "BY", "SIZE"}};
+  for (const auto& b : copies)
+    rows.push_back({b.name, format_time(b.created_unix), std::to_string(b.txnid), b.reason,
+                    human_size(b.bytes)});
+  print_table(rows);
+  return 0;
+}
+
+int cmd_index_restore(const Globals& g, const std::string& name) {
+  const std::string root = absolute_path(resolve_pool(g));
+  const auto r = take(layer::restore_index(root, name));
+  if (g.json) {
+    json stale = json::array();
+    for (const auto& c : r.stale)
+      stale.push_back({{"container", c.name}, {"layer", c.delta}, {"blocks", c.blocks}});
+    print_json({{"ok", true},
+                {"restored", backup_json(r.from)},
+                {"replaced", r.replaced.empty() ? json(nullptr) : json(r.replaced)},
+                {"first_unknown_layer", r.first_unknown_layer},
+                {"stale", stale},
+                {"notes", r.notes}});
+    return 0;
+  }
+  std::cout << fmt::format(
+      "restored the index of pool {} from copy {} (taken {}, transaction {})\n", root, r.from.name,
+      format_time(r.from.created_unix), r.from.txnid);
+  if (!r.replaced.empty()) std::cout << "the index it replaced is kept as " << r.replaced << '\n';
+  for (const auto& note : r.notes) std::cout << note << '\n';
+  for (const auto& c : r.stale)
+    std::cout << fmt::format(
+        "container {}: its delta (layer {}) holds {} blocks written after the copy; not served "
+        "until `layer fsck --repair` adopts them\n",
+        c.name, c.delta, c.blocks);
+  std::cout << fmt::format("next: layer --pool {} fsck{}\n", root,
+                           r.stale.empty() ? "" : " --repair");
+  return 0;
 }
 
 struct ScrubArgs {
@@ -1618,6 +1714,16 @@ int run(int argc, char** argv) {
   fsck_cmd->add_flag("--full", fsck.full, "also verify every checksum");
   fsck_cmd->add_flag("--repair", fsck.repair, "roll back interrupted imports, remove orphan files");
 
+  auto* index_cmd = app.add_subcommand("index", "copies of the pool's index: take, list, restore");
+  index_cmd->require_subcommand(1);
+  auto* index_backup_cmd = index_cmd->add_subcommand("backup", "take a compact copy of the index");
+  auto* index_ls_cmd = index_cmd->add_subcommand("ls", "list the copies, newest first");
+  std::string restore_name;
+  auto* index_restore_cmd = index_cmd->add_subcommand(
+      "restore", "replace the index with a copy (no server may have the pool open)");
+  index_restore_cmd->add_option("COPY", restore_name, "a copy's name (default: the newest)")
+      ->type_name("");
+
   ScrubArgs scrub;
   auto* scrub_cmd = app.add_subcommand(
       "scrub", "read frozen layers back and verify them against their checksums");
@@ -1633,11 +1739,11 @@ int run(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     if (e.get_exit_code() == 0) return app.exit(e);  // --help
     // CLI11 reports "bogus" as a missing subcommand; name the word the user typed instead.
-    CLI::App* level = *image_cmd ? image_cmd : &app;
+    CLI::App* level = *image_cmd ? image_cmd : *index_cmd ? index_cmd : &app;
     if (dynamic_cast<const CLI::RequiredError*>(&e) != nullptr &&
         level->get_subcommands().empty()) {
       const auto extra = app.remaining(true);  // extras fall through to the root
-      const std::string prefix = level == &app ? "" : "image ";
+      const std::string prefix = level == &app ? "" : level == image_cmd ? "image " : "index ";
       if (extra.empty()) fail(EINVAL, fmt::format("no command given (see layer {}--help)", prefix));
       fail(EINVAL, fmt::format("unknown command \"{}{}\" (see layer {}--help)", prefix,
                                extra.front(), prefix));
@@ -1678,6 +1784,9 @@ int run(int argc, char** argv) {
   if (*tier_run_cmd) return cmd_tier_run(g, tier_run);
   if (*fsck_cmd) return cmd_fsck(g, fsck);
   if (*scrub_cmd) return cmd_scrub(g, scrub);
+  if (*index_backup_cmd) return cmd_index_backup(g);
+  if (*index_ls_cmd) return cmd_index_ls(g);
+  if (*index_restore_cmd) return cmd_index_restore(g, restore_name);
   if (*version_cmd) return cmd_version(g);
   fail(EINVAL, "no command given");
 }

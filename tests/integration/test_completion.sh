@@ -2,8 +2,8 @@
 # test_completion.sh — the bash completion (packaging/bash-completion/layer), loaded as
 # bash-completion loads it: commands, image and snapshot subcommands, options of a command,
 # container names from `layer ls --json`, image references (with their colon) from `layer image ls
-# --json` and snapshot names from `layer snapshot ls CONTAINER --json` of the pool named by --pool
-# or LAYER_POOL, and directories for --pool.
+# --json`, snapshot names from `layer snapshot ls CONTAINER --json` and index copies from `layer
+# index ls --json` of the pool named by --pool or LAYER_POOL, and directories for --pool.
 # shellcheck source=functions.sh
 source "$(dirname "${BASH_SOURCE[0]}")/functions.sh"
 
@@ -64,8 +64,9 @@ expect() {
   log "'$line' -> ${got//$'\n'/ }"
 }
 
-expect "layer " access audit clone commit diff flatten fsck gc image init inspect ls pool rm rollback scrub serve snapshot tier version
-expect "layer i" image init inspect
+expect "layer " access audit clone commit diff flatten fsck gc image index init inspect ls pool rm rollback scrub serve snapshot tier version
+expect "layer i" image index init inspect
+expect "layer index " backup ls restore
 expect "layer image " history import ls rm
 expect "layer --json fsck --" --full --repair --pool --json --help
 expect "layer gc --" --no-hash --pool --json --help
@@ -89,6 +90,10 @@ expect "layer --pool $pool image history busybox:" 1 1.36
 expect "layer --pool $pool snapshot " create ls rm db1 web1 web2
 expect "layer --pool $pool snapshot ls w" web1 web2
 expect "layer --pool $pool snapshot rm web1 " monday tuesday
+# The index copies the imports and clones above left (taken before each import).
+mapfile -t copies < <(layer --json index ls | json_get '"\n".join(c["name"] for c in j)')
+((${#copies[@]} > 0)) || fail "no index copies in the pool"
+expect "layer --pool $pool index restore " "${copies[@]}"
 expect "layer --pool $pool snapshot web1 "
 expect "layer --pool $pool rollback web1 t" tuesday
 expect "layer --pool $pool rollback web1 monday --" --keep-as --force --pool --json --help

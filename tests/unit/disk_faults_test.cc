@@ -1,11 +1,13 @@
 // Fault and interleaving tests for lib/disk.h: a flush queued behind a failed fdatasync, a copy-up
 // racing a trim, missing and short layer files, exceptions inside a flush round, a failed
-// directory fsync after a layer file's rename. Interleavings are forced with Disk's and
+// directory fsync after a layer file's rename, a failed index commit (injected, and a real full
+// LMDB map). Interleavings are forced with Disk's and
 // FaultInjectingStore's test hooks, not with sleeps.
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <filesystem>
+#include <map>
 #include <mutex>
 #include <thread>
 
@@ -325,4 +327,65 @@ TEST_CASE("a failed index commit leaves the rows dirty for the next flush", "[di
   faults->simulate_power_loss(false, 3);
   disk = d.open();
   check_disk(*disk, m);
+}
+
+TEST_CASE("a full index map fails the flush with ENOSPC; the grown map takes the same rows",
+          "[disk][faults][mapfull]") {
+  // Real LMDB, no injected error: the pool is reopened with a map no larger than what the
+  // index holds, so the flush round's transaction meets MDB_MAP_FULL.
+  const uint64_t chunk_bytes = uint64_t{kBlocksPerChunk} * 4096;  // one `maps` row per 16 MiB
+  const uint32_t chunks = 300;                                    // about 150 pages of rows
+  test::PoolFixture f;
+  f.import("base:1", 16 * 4096, 4096, 83);
+  MUST(f.pool->clone("base:1", "c", chunks * chunk_bytes));
+  const uint64_t index_bytes = std::filesystem::file_size(f.root + "/index/data.mdb");
+  f.pool.reset();
+  f.pool = MUST(Pool::open(
+      f.root, Pool::OpenOptions{.index_map_bytes = index_bytes, .index_max_map_bytes = 64 << 20}));
+  FaultInjectingStore* faults = install_store<FaultInjectingStore>(*f.pool);
+  const LayerId delta = MUST(f.pool->inspect("c")).container.delta_layer;
+  auto disk = MUST(Disk::open(*f.pool, "c", true));
+  // Block 1 of every chunk, and what it holds.
+  std::map<uint64_t, std::vector<uint8_t>> want;
+  for (uint32_t c = 0; c < chunks; ++c) {
+    const uint64_t block = uint64_t{c} * kBlocksPerChunk + 1;
+    want[block] = pattern(4096, 100 + c);
+    REQUIRE_OK(disk->write(want[block].data(), 4096, block * 4096, false));
+  }
+
+  int failures = 0;
+  for (;;) {
+    Status s = disk->flush();
+    if (s.ok()) break;
+    INFO(s.error().message);
+    REQUIRE(s.error().code == ENOSPC);
+    CHECK(s.error().message.find("MDB_MAP_FULL") != std::string::npos);
+    // Nothing committed, nothing damaged: the index reads through, fsck finds it consistent.
+    CHECK(MUST(committed_data_blocks(*f.pool, delta)).empty());
+    MUST(f.pool->index().walk());
+    CHECK(MUST(fsck(*f.pool, false, false)).problems.empty());
+    // The disk goes on serving and taking writes between the attempts.
+    require_same(read_range(*disk, 4096, 4096), want[1], 4096);
+    const uint64_t extra = 2 + static_cast<uint64_t>(failures);
+    want[extra] = pattern(4096, 900 + failures);
+    REQUIRE_OK(disk->write(want[extra].data(), 4096, extra * 4096, false));
+    REQUIRE(++failures < 10);
+  }
+  CHECK(failures >= 1);
+  CHECK(f.pool->index().map_grows() == static_cast<uint64_t>(failures));
+  std::vector<uint64_t> blocks;
+  for (const auto& [block, data] : want) blocks.push_back(block);
+  CHECK(MUST(committed_data_blocks(*f.pool, delta)) == blocks);
+
+  // Everything the flush acknowledged survives a power loss.
+  disk.reset();
+  faults->simulate_power_loss(false, 7);
+  f.reopen();
+  disk = MUST(Disk::open(*f.pool, "c", false));
+  for (const auto& [block, data] : want) {
+    INFO("block " << block);
+    require_same(read_range(*disk, block * 4096, 4096), data, block * 4096);
+  }
+  disk.reset();
+  CHECK(MUST(fsck(*f.pool, false, false)).problems.empty());
 }

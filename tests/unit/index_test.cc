@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <map>
+#include <optional>
 #include <set>
 #include <thread>
 
@@ -514,4 +515,157 @@ TEST_CASE("a Committer job that throws fails alone and the committer goes on",
   CHECK(st.error().code == EIO);
   REQUIRE_OK(committer.run([](WriteTxn& t) { return t.put(Db::kMeta, "after", "1"); }));
   CHECK(read_key(*index, Db::kMeta, "after") == "1");
+}
+
+// ---- the map: full, grown, resized by another process; walk; compact copy ----
+
+namespace {
+
+std::unique_ptr<Index> open_small(const test::TempDir& dir, uint64_t map_bytes, uint64_t max_bytes,
+                                  bool create) {
+  Index::Options opt;
+  opt.create = create;
+  opt.map_size_bytes = map_bytes;
+  opt.max_map_size_bytes = max_bytes;
+  return MUST(Index::open(dir.path(), opt));
+}
+
+// A job writing `rows` rows of 1 KiB into kMaps under keys (tag, i): two rows per 4 KiB page.
+Committer::Job put_rows(uint64_t tag, int rows) {
+  return [tag, rows](WriteTxn& txn) -> Status {
+    for (int i = 0; i < rows; ++i)
+      LAYER_TRY(txn.put(Db::kMaps, key_u64_u32(tag, static_cast<uint32_t>(i)),
+                        std::string(1024, static_cast<char>('a' + i % 26))));
+    return {};
+  };
+}
+
+uint64_t count_rows(Index& index, uint64_t tag) {
+  ReadTxn txn = MUST(index.begin_read());
+  uint64_t n = 0;
+  REQUIRE_OK(txn.scan(Db::kMaps, key_u64(tag), [&](std::string_view, std::string_view v) {
+    REQUIRE(v.size() == 1024);
+    ++n;
+    return Result<bool>(true);
+  }));
+  return n;
+}
+
+}  // namespace
+
+TEST_CASE("a full map fails the batch with ENOSPC, the committer grows it, a retry commits",
+          "[index][committer][mapfull]") {
+  test::TempDir dir;
+  auto index = open_small(dir, 256 << 10, 1 << 20, true);
+  REQUIRE(index->map_size() == 256 << 10);
+  auto committer = MUST(Committer::start(*index));
+  REQUIRE_OK(committer->run(put_rows(1, 10)));
+
+  // 150 rows (about 300 KiB of pages) do not fit in 256 KiB: real MDB_MAP_FULL from LMDB.
+  Status full = committer->run(put_rows(2, 150));
+  REQUIRE_FALSE(full.ok());
+  CHECK(full.error().code == ENOSPC);
+  INFO(full.error().message);
+  CHECK(full.error().message.find("MDB_MAP_FULL") != std::string::npos);
+  CHECK(full.error().message.find("grown to 524288 bytes") != std::string::npos);
+  CHECK(index->map_size() == 512 << 10);
+  CHECK(index->map_grows() == 1);
+  // Nothing of the failed job, everything from before.
+  CHECK(count_rows(*index, 2) == 0);
+  CHECK(count_rows(*index, 1) == 10);
+  CHECK(MUST(index->walk()).entries == 10);
+
+  // The same job again: it fits now.
+  REQUIRE_OK(committer->run(put_rows(2, 150)));
+  CHECK(count_rows(*index, 2) == 150);
+  CHECK(index->map_grows() == 1);
+
+  // Grown once more, then at the limit: ENOSPC says so, the map stays, the index is unharmed.
+  const Error grew = ERROR_OF(committer->run(put_rows(3, 600)));
+  CHECK(grew.code == ENOSPC);
+  CHECK(index->map_size() == 1 << 20);
+  const Error limit = ERROR_OF(committer->run(put_rows(3, 600)));
+  CHECK(limit.code == ENOSPC);
+  INFO(limit.message);
+  CHECK(limit.message.find("at its limit of 1048576 bytes") != std::string::npos);
+  CHECK(index->map_size() == 1 << 20);
+  CHECK(index->map_grows() == 2);
+  CHECK(count_rows(*index, 3) == 0);
+  committer.reset();
+  index.reset();
+  index = open_small(dir, 0, 0, false);
+  CHECK(count_rows(*index, 1) == 10);
+  CHECK(count_rows(*index, 2) == 150);
+  CHECK(MUST(index->walk()).entries == 160);
+  CHECK(index->map_size() == Index::kMapSizeBytes);
+}
+
+TEST_CASE("a map another process grew is adopted (MDB_MAP_RESIZED)", "[index][resize]") {
+  test::TempDir dir;
+  auto index = open_small(dir, 256 << 10, 0, true);
+  {
+    auto committer = MUST(Committer::start(*index));
+    REQUIRE_OK(committer->run(put_rows(1, 5)));
+  }
+  CHECK(count_rows(*index, 1) == 5);
+  std::optional<ReadTxn> held;
+  if (GENERATE(false, true)) held.emplace(MUST(index->begin_read()));
+  // Another process maps 4 MiB and writes past the end of this process's 256 KiB map.
+  test::Child grower([&] {
+    auto other = Index::open(dir.path(), Index::Options{.map_size_bytes = 4 << 20});
+    if (!other) return 1;
+    auto committer = Committer::start(**other);
+    if (!committer) return 2;
+    return (*committer)->run(put_rows(2, 300)).ok() ? 0 : 3;
+  });
+  REQUIRE(grower.wait() == 0);
+  if (held) {
+    // This thread cannot resize its map while its own transaction uses it: it is told to try
+    // again rather than left waiting for itself. Its old snapshot still reads.
+    CHECK_ERRNO(index->begin_read(), EAGAIN);
+    CHECK(index->map_size() == 256 << 10);
+    CHECK(MUST(held->get(Db::kMaps, key_u64_u32(1, 0))).has_value());
+    held.reset();
+  }
+  // With no transaction open, the next one adopts the larger map and sees the rows.
+  CHECK(count_rows(*index, 2) == 300);
+  CHECK(index->map_size() >= 4 << 20);
+  auto committer = MUST(Committer::start(*index));
+  REQUIRE_OK(committer->run(put_rows(3, 100)));
+  CHECK(count_rows(*index, 3) == 100);
+}
+
+TEST_CASE("walk reads a healthy index; copy_compact writes one that opens and holds the rows",
+          "[index][walk]") {
+  test::TempDir dir;
+  auto index = open_new(dir);
+  {
+    auto committer = MUST(Committer::start(*index));
+    REQUIRE_OK(committer->run(put_rows(1, 300)));
+    REQUIRE_OK(committer->run([](WriteTxn& txn) -> Status {  // some free pages
+      LAYER_TRY(txn.del_prefix(Db::kMaps, key_u64(1), 200));
+      return {};
+    }));
+    REQUIRE_OK(committer->run(put_rows(2, 3)));
+  }
+  const IndexWalk w = MUST(index->walk());
+  CHECK(w.entries == 103);
+  CHECK(w.free_pages > 0);
+  CHECK(w.file_bytes >= w.used_bytes);
+  CHECK(w.txnid == index->last_txnid());
+
+  test::TempDir copy_dir;
+  {
+    test::Fd fd(
+        ::open(copy_dir.sub("data.mdb").c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644));
+    REQUIRE(fd.get() >= 0);
+    CHECK(MUST(index->copy_compact(fd.get())) == index->last_txnid());
+  }
+  auto copy = MUST(Index::open(copy_dir.path(), Index::Options{.read_only = true}));
+  const IndexWalk cw = MUST(copy->walk());
+  CHECK(cw.entries == 103);
+  CHECK(cw.free_pages == 0);  // compacted
+  CHECK(cw.file_bytes < w.file_bytes);
+  CHECK(count_rows(*copy, 1) == 100);
+  CHECK(count_rows(*copy, 2) == 3);
 }
