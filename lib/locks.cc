@@ -37,6 +37,16 @@ int ofd_lock(int fd, short type, uint64_t offset) {
 
 }  // namespace
 
+pid_t holder_pid(std::string_view note) {
+  if (!note.starts_with("pid ")) return 0;
+  pid_t pid = 0;
+  for (char c : note.substr(4)) {
+    if (c < '0' || c > '9') break;
+    pid = pid * 10 + (c - '0');
+  }
+  return pid;
+}
+
 Lock::Lock(Lock&& o) noexcept : table_(o.table_), offset_(o.offset_), exclusive_(o.exclusive_) {
   o.table_ = nullptr;
 }
