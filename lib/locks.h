@@ -32,7 +32,8 @@ enum class LockKind : uint8_t { kContainer = 0, kLayer = 1, kMove = 2 };
 
 class LockTable;
 
-// The process id a holder note ("pid N", LockTable::holder_of) names; 0 when it names none.
+// The process id a holder note ("pid N", LockTable::holder_of) names; 0 when it names none
+// (no "pid ", no digits, or a number larger than a pid_t).
 pid_t holder_pid(std::string_view note);
 
 // A held lock; released (the last holder unlocks the byte) in the destructor.
