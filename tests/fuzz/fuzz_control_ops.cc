@@ -18,11 +18,16 @@
 //   has a positive "code", its "errno" and a message (control_status reads it back so);
 // - no exception leaves the handler (one would reach the client as EIO: a request with a field
 //   of the wrong type must be EINVAL);
+// - a request with a field its op reads (docs/cli-spec.md) of the wrong type fails with EINVAL:
+//   it is neither done as if the field were absent nor refused for some other reason;
 // - after a request that succeeded, fsck finds the pool consistent.
 #include <fcntl.h>
 #include <unistd.h>
 
 #include <filesystem>
+#include <map>
+#include <string_view>
+#include <vector>
 
 #include "control.h"
 #include "control_ops.h"
@@ -119,6 +124,33 @@ World& world() {
   return w;
 }
 
+// The fields each op reads, with their type: "layer" an unsigned number, the rest strings.
+// A name of a field of `request`'s op that is present with another type, or nullptr.
+const char* mistyped_field(const json& request) {
+  static const std::map<std::string, std::vector<const char*>> fields = {
+      {"snapshot", {"container", "name"}},
+      {"rollback", {"container", "name", "keep_as"}},
+      {"commit", {"container", "image", "description"}},
+      {"flatten", {"container"}},
+      {"snapshot-rm", {"container", "name"}},
+      {"merge", {"container"}},
+      {"move", {"layer", "tier", "container"}},
+      {"moved", {"layer"}},
+  };
+  const auto op = request.find("op");
+  if (op == request.end() || !op->is_string()) return nullptr;
+  const auto it = fields.find(op->get<std::string>());
+  if (it == fields.end()) return nullptr;
+  for (const char* key : it->second) {
+    const auto field = request.find(key);
+    if (field == request.end()) continue;
+    const bool ok =
+        std::string_view(key) == "layer" ? field->is_number_unsigned() : field->is_string();
+    if (!ok) return key;
+  }
+  return nullptr;
+}
+
 // A request built from the input's bytes: for each key a choice of absent, a likely value, any
 // printable string, or a number, bool, null, array or object.
 json request_from(fuzz::FuzzInput& in) {
@@ -198,6 +230,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   FUZZ_CHECK(reply.is_object() && reply.contains("ok") && reply["ok"].is_boolean(),
              "a reply without a boolean ok: " + reply.dump());
   const Status status = control_status(reply);
+  if (const char* key = mistyped_field(request))
+    FUZZ_CHECK(!reply["ok"].get<bool>() && reply["code"] == EINVAL,
+               std::string("a request whose \"") + key +
+                   "\" has the wrong type: " + request.dump() + " -> " + reply.dump());
   if (!reply["ok"].get<bool>()) {
     FUZZ_CHECK(!status.ok() && status.error().code > 0,
                "an error reply control_status does not read");
