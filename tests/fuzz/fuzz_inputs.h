@@ -35,6 +35,15 @@ enum TextMode : uint8_t {
   kTextModes
 };
 
+// fuzz_access: first byte % kAccessModes picks what is fuzzed.
+enum AccessMode : uint8_t {
+  kAccessSubject,
+  kAccessPolicy,
+  kAccessDecision,
+  kAuditLog,
+  kAccessModes
+};
+
 // fuzz_control: an even first byte fuzzes the server, an odd one the client.
 constexpr uint8_t kControlServer = 0;
 constexpr uint8_t kControlClient = 1;

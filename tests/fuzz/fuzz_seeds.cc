@@ -68,8 +68,23 @@ void records(Seeds& s) {
   container.created_unix = 1700000001;
   container.generation = 2;
   s["records/container"] = with(fuzz::kContainer, encode(container));
+  // The first layout of the row: no access rules (their count, 4 bytes, at the end).
+  const std::string bare = encode(container);
+  s["records/container-first-layout"] = with(fuzz::kContainer, bare.substr(0, bare.size() - 4));
   container.labels = {{"env", "prod"}, {"owner", "ops"}};
   s["records/container-labels"] = with(fuzz::kContainer, encode(container));
+  AccessRule allow_uid;
+  allow_uid.subject = AccessRule::Subject::kUid;
+  allow_uid.id = 1000;
+  allow_uid.read_only = true;
+  allow_uid.label = "user:alice";
+  AccessRule deny_net;
+  deny_net.subject = AccessRule::Subject::kAddr;
+  deny_net.addr = "10.0.0.0/8";
+  deny_net.deny = true;
+  deny_net.label = "addr:10.0.0.0/8";
+  container.access = {allow_uid, deny_net};
+  s["records/container-access"] = with(fuzz::kContainer, encode(container));
 
   SnapshotRecord snapshot;
   snapshot.name = "before-upgrade";
@@ -107,9 +122,14 @@ void records(Seeds& s) {
 
   TierPolicy policy;
   s["records/tier-policy-default"] = with(fuzz::kTierPolicy, encode(policy));
+  // The first layout: no move_rate (8 bytes at the end).
+  const std::string first = encode(policy);
+  s["records/tier-policy-first-layout"] =
+      with(fuzz::kTierPolicy, first.substr(0, first.size() - 8));
   policy.high_water = TierPolicy::HighWater::kPercent;
   policy.high_water_value = 80;
   policy.cold_after_s = 3600;
+  policy.move_rate = 0;
   s["records/tier-policy-percent"] = with(fuzz::kTierPolicy, encode(policy));
 
   s["records/sums-empty"] = with(fuzz::kSums, encode_sums({}));
@@ -149,6 +169,50 @@ void text(Seeds& s) {
   };
   for (const auto& [name, seed] : seeds)
     s[std::string("text/") + name] = with(seed.first, seed.second);
+}
+
+void access(Seeds& s) {
+  const std::pair<const char*, std::pair<fuzz::AccessMode, std::string>> seeds[] = {
+      {"access-uid", {fuzz::kAccessSubject, "uid:1000"}},
+      {"access-user", {fuzz::kAccessSubject, "user:root"}},
+      {"access-addr4", {fuzz::kAccessSubject, "addr:10.1.2.3/8"}},
+      {"access-addr6", {fuzz::kAccessSubject, "addr:fd00::1/8"}},
+      {"access-policy", {fuzz::kAccessPolicy, "rules"}},
+      // fuzz_access's access_decisions reads these bytes: a TCP peer 1.0.0.1 with TLS (only the
+      // values 0, 1, 0x80, 0x81 make its bytes), an allow rule addr:1.0.0.0/8 read-only (0x32)
+      // and a deny rule uid:1 (0x18).
+      {"access-decision",
+       {fuzz::kAccessDecision,
+        std::string("\x02\x08\x00\x00\x01\x00\x00\x01\x02\x32\x01\x00\x00\x00\x08"
+                    "\x18\x01",
+                    17)}},
+  };
+  for (const auto& [name, seed] : seeds)
+    s[std::string("access/") + name] = with(seed.first, seed.second);
+  // Audit lines as AuditLog::append writes them (audit.h), at a fixed time; the byte after the
+  // selector: bit 0 filters container "web1", bit 1 lines since 1700000000.
+  nlohmann::ordered_json open, refuse, close;
+  open["time"] = 1700000000.25;
+  open["event"] = "open";
+  open["export"] = "web1";
+  open["container"] = "web1";
+  open["pid"] = 4242;
+  open["peer"] = {{"kind", "unix"}, {"uid", 1000}, {"gid", 1000}, {"pid", 77}};
+  open["tls"] = false;
+  open["read_only"] = false;
+  open["why"] = "allowed by rule allow uid:1000";
+  refuse = open;
+  refuse["event"] = "refuse";
+  refuse["peer"] = {{"kind", "tcp"}, {"addr", "10.1.2.3"}};
+  refuse["why"] = "a client from a non-loopback address needs TLS";
+  close = open;
+  close["event"] = "close";
+  close["read_bytes"] = 4096;
+  close["written_bytes"] = 0;
+  close["seconds"] = 1.5;
+  std::string trail;
+  for (const auto& l : {open, refuse, close}) trail += l.dump() + "\n";
+  s["access/audit-log"] = with(fuzz::kAuditLog, std::string(1, '\x03') + trail);
 }
 
 std::string line(const json& j) { return j.dump() + "\n"; }
@@ -212,6 +276,7 @@ int main(int argc, char** argv) {
   records(seeds);
   keys(seeds);
   text(seeds);
+  access(seeds);
   control(seeds);
   control_ops(seeds);
   int bad = 0;

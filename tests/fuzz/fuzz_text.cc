@@ -1,6 +1,7 @@
 // fuzz_text.cc — libFuzzer target: the parsers of text that users, clients and files give:
 // names, image refs NAME:VER, snapshot refs C@SNAP, NBD export names (C, C@SNAP, C@A..B),
 // sizes, durations, tier names, errno names (control replies) and holder notes (run/holders).
+// (Access subjects and the audit trail: fuzz_access.)
 //
 // Input: one selector byte (modulo kTextModes picks the parser), then the text. Each parser is held
 // to a reference written here another way (a regex for names, 128-bit arithmetic for sizes and
@@ -27,14 +28,8 @@ using u128 = unsigned __int128;
 
 using Mode = fuzz::TextMode;
 using namespace fuzz;
-
-std::string quoted(std::string_view s) {
-  std::string out = "\"";
-  for (unsigned char c : s)
-    out +=
-        c >= 0x20 && c < 0x7f ? std::string(1, static_cast<char>(c)) : fmt::format("\\x{:02x}", c);
-  return out + "\"";
-}
+using fuzz::check_refusal;
+using fuzz::printable;
 
 // names.h's rule, as its comment states it: [a-z0-9][a-z0-9._-]{0,63} without "..".
 bool reference_name(std::string_view s) {
@@ -43,19 +38,12 @@ bool reference_name(std::string_view s) {
          s.find("..") == std::string_view::npos;
 }
 
-template <typename R>
-void check_refusal(const R& r, std::string_view text, const char* what) {
-  if (!r.ok())
-    FUZZ_CHECK(r.error().code == EINVAL, std::string(what) + " " + quoted(text) + ": errno " +
-                                             std::to_string(r.error().code) + ", not EINVAL");
-}
-
 void names(Mode mode, std::string_view text) {
   switch (mode) {
     case kName: {
       const auto r = validate_name(text, "fuzzed name");
       check_refusal(r, text, "validate_name");
-      FUZZ_CHECK(r.ok() == reference_name(text), "validate_name " + quoted(text));
+      FUZZ_CHECK(r.ok() == reference_name(text), "validate_name " + printable(text));
       if (!r.ok())
         FUZZ_CHECK(r.error().message.find("fuzzed name") != std::string::npos,
                    "the message does not say what was named");
@@ -67,7 +55,7 @@ void names(Mode mode, std::string_view text) {
       const size_t colon = text.find(':');
       const bool want = colon != std::string_view::npos && reference_name(text.substr(0, colon)) &&
                         reference_name(text.substr(colon + 1));
-      FUZZ_CHECK(r.ok() == want, "validate_image_ref " + quoted(text));
+      FUZZ_CHECK(r.ok() == want, "validate_image_ref " + printable(text));
       break;
     }
     case kSnapshotRef: {
@@ -75,15 +63,15 @@ void names(Mode mode, std::string_view text) {
       check_refusal(r, text, "parse_snapshot_ref");
       const size_t at = text.find('@');
       if (at == std::string_view::npos) {
-        FUZZ_CHECK(r.ok() && !r->has_value(), "parse_snapshot_ref without '@' " + quoted(text));
+        FUZZ_CHECK(r.ok() && !r->has_value(), "parse_snapshot_ref without '@' " + printable(text));
         break;
       }
       const bool want = reference_name(text.substr(0, at)) && reference_name(text.substr(at + 1));
-      FUZZ_CHECK(r.ok() == want, "parse_snapshot_ref " + quoted(text));
+      FUZZ_CHECK(r.ok() == want, "parse_snapshot_ref " + printable(text));
       if (r.ok()) {
-        FUZZ_CHECK(r->has_value(), "parse_snapshot_ref lost the '@' of " + quoted(text));
+        FUZZ_CHECK(r->has_value(), "parse_snapshot_ref lost the '@' of " + printable(text));
         FUZZ_CHECK((*r)->first + "@" + (*r)->second == text,
-                   "parse_snapshot_ref does not split " + quoted(text));
+                   "parse_snapshot_ref does not split " + printable(text));
       }
       break;
     }
@@ -100,12 +88,12 @@ void names(Mode mode, std::string_view text) {
                    ? reference_name(snap)
                    : reference_name(snap.substr(0, dots)) && reference_name(snap.substr(dots + 2));
       }
-      FUZZ_CHECK(r.ok() == want, "parse_export_name " + quoted(text));
+      FUZZ_CHECK(r.ok() == want, "parse_export_name " + printable(text));
       if (r.ok()) {
         std::string back = r->container;
         if (!r->snapshot.empty())
           back += "@" + (r->since.empty() ? "" : r->since + "..") + r->snapshot;
-        FUZZ_CHECK(back == text, "parse_export_name does not give back " + quoted(text));
+        FUZZ_CHECK(back == text, "parse_export_name does not give back " + printable(text));
         FUZZ_CHECK(r->since.empty() || !r->snapshot.empty(), "a diff export without its snapshot");
       }
       break;
@@ -140,9 +128,9 @@ void sizes(std::string_view text) {
   const auto r = parse_size(text);
   check_refusal(r, text, "parse_size");
   const auto want = reference_size(text);
-  FUZZ_CHECK(r.ok() == want.has_value(), "parse_size " + quoted(text));
+  FUZZ_CHECK(r.ok() == want.has_value(), "parse_size " + printable(text));
   if (!r.ok()) return;
-  FUZZ_CHECK(*r == *want, "parse_size " + quoted(text) + " = " + std::to_string(*r));
+  FUZZ_CHECK(*r == *want, "parse_size " + printable(text) + " = " + std::to_string(*r));
   const auto again = parse_size(std::to_string(*r));
   FUZZ_CHECK(again.ok() && *again == *r, "parse_size does not read back " + std::to_string(*r));
 }
@@ -205,9 +193,9 @@ void durations(std::string_view text) {
   const auto r = parse_duration(text);
   check_refusal(r, text, "parse_duration");
   const auto want = reference_duration(text);
-  FUZZ_CHECK(r.ok() == want.has_value(), "parse_duration " + quoted(text));
+  FUZZ_CHECK(r.ok() == want.has_value(), "parse_duration " + printable(text));
   if (!r.ok()) return;
-  FUZZ_CHECK(*r == *want, "parse_duration " + quoted(text) + " = " + std::to_string(*r));
+  FUZZ_CHECK(*r == *want, "parse_duration " + printable(text) + " = " + std::to_string(*r));
   check_format_duration(*r);
   // What `layer tier policy` prints, the same command takes back.
   const auto again = parse_duration(format_duration(*r));
@@ -218,8 +206,8 @@ void durations(std::string_view text) {
 void tiers(std::string_view text) {
   const auto r = parse_tier(text);
   check_refusal(r, text, "parse_tier");
-  FUZZ_CHECK(r.ok() == (text == "ssd" || text == "hdd"), "parse_tier " + quoted(text));
-  if (r.ok()) FUZZ_CHECK(to_string(*r) == text, "to_string(parse_tier(" + quoted(text) + "))");
+  FUZZ_CHECK(r.ok() == (text == "ssd" || text == "hdd"), "parse_tier " + printable(text));
+  if (r.ok()) FUZZ_CHECK(to_string(*r) == text, "to_string(parse_tier(" + printable(text) + "))");
 }
 
 // errno names cross the control socket ("errno":"EBUSY"); a reply may hold any string.
@@ -233,10 +221,10 @@ void errnos(fuzz::FuzzInput& in) {
     FUZZ_CHECK(errno_code(name) == EIO, "errno_code(" + name + ")");
   const std::string_view text = in.rest();
   const int back = errno_code(text);
-  FUZZ_CHECK(back > 0, "errno_code(" + quoted(text) + ") = " + std::to_string(back));
+  FUZZ_CHECK(back > 0, "errno_code(" + printable(text) + ") = " + std::to_string(back));
   if (back != EIO &&
       text != "EOPNOTSUPP")  // glibc's name of ENOTSUP's value, which we call ENOTSUP
-    FUZZ_CHECK(errno_name(back) == text, "errno_name(errno_code(" + quoted(text) + "))");
+    FUZZ_CHECK(errno_name(back) == text, "errno_name(errno_code(" + printable(text) + "))");
 }
 
 // A holder note names the pid that serves a container; the file may hold anything.
@@ -250,7 +238,7 @@ void holder_notes(std::string_view text) {
     }
   if (want > INT32_MAX) want = 0;
   FUZZ_CHECK(static_cast<u128>(pid) == want,
-             "holder_pid(" + quoted(text) + ") = " + std::to_string(pid));
+             "holder_pid(" + printable(text) + ") = " + std::to_string(pid));
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 // Thread-safety: FuzzInput is a plain value; FUZZ_CHECK may be used from any thread.
 #pragma once
 
+#include <cerrno>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -45,5 +46,28 @@ class FuzzInput {
  private:
   std::string_view in_;
 };
+
+// `s` quoted, with bytes outside printable ASCII as \xNN.
+inline std::string printable(std::string_view s) {
+  std::string out = "\"";
+  for (unsigned char c : s) {
+    if (c >= 0x20 && c < 0x7f) {
+      out += static_cast<char>(c);
+    } else {
+      char hex[5];
+      std::snprintf(hex, sizeof hex, "\\x%02x", c);
+      out += hex;
+    }
+  }
+  return out + "\"";
+}
+
+// A parser's refusal of `text` must be EINVAL (a Result or Status `r`).
+template <typename R>
+void check_refusal(const R& r, std::string_view text, const char* what) {
+  if (!r.ok())
+    FUZZ_CHECK(r.error().code == EINVAL, std::string(what) + " " + printable(text) + ": errno " +
+                                             std::to_string(r.error().code) + ", not EINVAL");
+}
 
 }  // namespace fuzz
