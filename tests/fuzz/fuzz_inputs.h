@@ -17,6 +17,8 @@ enum RecordKind : uint8_t {
   kTierPolicy,
   kSums,
   kMapRow,
+  kStale,
+  kRestore,
   kRecordKinds
 };
 

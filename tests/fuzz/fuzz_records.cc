@@ -1,5 +1,6 @@
-// fuzz_records.cc — libFuzzer target: the decoding of index values (records.h, and the `maps`
-// rows of block_map.h), which come from disk and are untrusted (docs/format.md).
+// fuzz_records.cc — libFuzzer target: the decoding of index values (records.h: layers, images,
+// containers, snapshots, intents, heat, the tier policy, sums, stale and restore marks; and the
+// `maps` rows of block_map.h), which come from disk and are untrusted (docs/format.md).
 //
 // Input: one selector byte, then the value. The selector's low 7 bits modulo kRecordKinds pick the
 // decoder (fuzz_seeds.cc writes one seed per kind with this byte in front); its high bit, for a
@@ -109,6 +110,10 @@ Decoded decode(Kind kind, std::string_view bytes, bool wrong_id) {
                      "block " + std::to_string(i) + " decoded in state 11");
       return from(std::move(r), [](const ChunkBits& v) { return encode_chunk(v); });
     }
+    case kStale:
+      return from(decode_stale(bytes), [](const StaleRecord& v) { return encode(v); });
+    case kRestore:
+      return from(decode_restore(bytes), [](const RestoreRecord& v) { return encode(v); });
     case kRecordKinds:
       break;
   }

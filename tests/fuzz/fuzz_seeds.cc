@@ -137,6 +137,21 @@ void records(Seeds& s) {
   for (size_t i = 0; i < sums.size(); ++i) sums[i] = i % 3 == 0 ? 0 : 0x9e3779b97f4a7c15ULL * i;
   s["records/sums-full"] = with(fuzz::kSums, encode_sums(sums));
 
+  StaleRecord stale;
+  stale.container_id = 3;
+  stale.container = "web1";
+  stale.delta = 43;
+  stale.blocks = 17;
+  stale.restored_unix = 1700000005;
+  stale.backup = "index-20231114T221320Z-t812-server.mdb";
+  s["records/stale"] = with(fuzz::kStale, encode(stale));
+  RestoreRecord restore;
+  restore.backup = stale.backup;
+  restore.backup_txnid = 812;
+  restore.restored_unix = 1700000005;
+  restore.first_unknown_layer = 46;
+  s["records/restore"] = with(fuzz::kRestore, encode(restore));
+
   s["records/maprow-uniform"] = with(fuzz::kMapRow, encode_chunk(ChunkBits(BlockState::kData)));
   ChunkBits bits;
   for (uint32_t i = 0; i < kBlocksPerChunk; ++i) bits.set(i, static_cast<BlockState>(i % 3));
