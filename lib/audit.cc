@@ -8,6 +8,7 @@
 
 #include <fmt/format.h>
 #include <chrono>
+#include <cmath>
 #include <fstream>
 
 namespace layer {
@@ -15,6 +16,37 @@ namespace {
 
 double now_seconds() {
   return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+// Whether a line has the shape audit.h documents, so that a reader (`layer audit`) can take
+// its fields as they are: a "time" that is a number of seconds a uint64_t holds, and each
+// other field, when present, of its type. The file may hold anything (a damaged or foreign
+// line), and the line's values are used as they are: a time of 1e300 cast to whole seconds, or
+// a "container" that is a number compared with a name, is undefined behaviour or an exception.
+bool well_formed(const nlohmann::ordered_json& j) {
+  if (!j.is_object()) return false;
+  const auto time = j.find("time");
+  if (time == j.end() || !time->is_number()) return false;
+  const double t = time->get<double>();
+  if (!std::isfinite(t) || t < 0 || t >= 18446744073709551616.0) return false;  // 2^64
+  auto is = [&](const nlohmann::ordered_json& o, const char* key, auto type_ok) {
+    const auto it = o.find(key);
+    return it == o.end() || type_ok(*it);
+  };
+  auto string = [](const nlohmann::ordered_json& v) { return v.is_string(); };
+  auto boolean = [](const nlohmann::ordered_json& v) { return v.is_boolean(); };
+  auto count = [](const nlohmann::ordered_json& v) { return v.is_number_unsigned(); };
+  auto integer = [](const nlohmann::ordered_json& v) { return v.is_number_integer(); };
+  auto number = [](const nlohmann::ordered_json& v) { return v.is_number(); };
+  if (!is(j, "event", string) || !is(j, "export", string) || !is(j, "container", string) ||
+      !is(j, "why", string) || !is(j, "tls", boolean) || !is(j, "read_only", boolean) ||
+      !is(j, "read_bytes", count) || !is(j, "written_bytes", count) || !is(j, "seconds", number) ||
+      !is(j, "pid", integer))
+    return false;
+  const auto peer = j.find("peer");
+  if (peer == j.end()) return true;
+  return peer->is_object() && is(*peer, "kind", string) && is(*peer, "addr", string) &&
+         is(*peer, "uid", integer) && is(*peer, "gid", integer) && is(*peer, "pid", integer);
 }
 
 }  // namespace
@@ -115,7 +147,7 @@ Result<std::vector<nlohmann::ordered_json>> read_audit(const std::string& dir,
     while (std::getline(in, text)) {
       if (text.empty()) continue;
       auto j = nlohmann::ordered_json::parse(text, nullptr, false);
-      if (j.is_discarded() || !j.is_object() || !j.contains("time") || !j["time"].is_number()) {
+      if (j.is_discarded() || !well_formed(j)) {
         if (bad) ++*bad;
         continue;
       }

@@ -63,7 +63,9 @@ std::string audit_dir(const std::string& pool_root);
 
 // The lines of the audit trail in `dir`, oldest first (rotated files first), those whose
 // container is `container` (all when empty) and whose time is at or after `since` (unix s).
-// A line that does not parse is skipped and counted in *bad (when not null).
+// A line that does not parse, or lacks the shape above (a "time" of whole seconds a uint64_t
+// holds; each other field, when present, of its type), is skipped and counted in *bad (when
+// not null): what is returned can be used without checking types.
 // Errors: EACCES, EIO of the reads (a missing log is no lines).
 Result<std::vector<nlohmann::ordered_json>> read_audit(const std::string& dir,
                                                        const std::string& container, double since,

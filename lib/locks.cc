@@ -12,6 +12,7 @@
 
 #include <cstdio>
 #include <fstream>
+#include <limits>
 #include <sstream>
 
 namespace layer {
@@ -36,6 +37,19 @@ int ofd_lock(int fd, short type, uint64_t offset) {
 }
 
 }  // namespace
+
+pid_t holder_pid(std::string_view note) {
+  if (!note.starts_with("pid ")) return 0;
+  // The file may hold anything: a number no pid_t holds names no process (and must not wrap
+  // around to one that exists).
+  int64_t pid = 0;
+  for (char c : note.substr(4)) {
+    if (c < '0' || c > '9') break;
+    pid = pid * 10 + (c - '0');
+    if (pid > std::numeric_limits<pid_t>::max()) return 0;
+  }
+  return static_cast<pid_t>(pid);
+}
 
 Lock::Lock(Lock&& o) noexcept : table_(o.table_), offset_(o.offset_), exclusive_(o.exclusive_) {
   o.table_ = nullptr;

@@ -13,11 +13,14 @@
 // Thread-safety: LockTable is safe for concurrent use; a Lock belongs to its owner.
 #pragma once
 
+#include <sys/types.h>
+
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 
 #include "error.h"
 
@@ -28,6 +31,10 @@ namespace layer {
 enum class LockKind : uint8_t { kContainer = 0, kLayer = 1, kMove = 2 };
 
 class LockTable;
+
+// The process id a holder note ("pid N", LockTable::holder_of) names; 0 when it names none
+// (no "pid ", no digits, or a number larger than a pid_t).
+pid_t holder_pid(std::string_view note);
 
 // A held lock; released (the last holder unlocks the byte) in the destructor.
 class Lock {

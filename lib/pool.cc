@@ -372,14 +372,7 @@ Result<ContainerRecord> Pool::get_container(ReadTxn& txn, std::string_view name)
 }
 
 pid_t Pool::serving_pid(uint64_t container_id) const {
-  const std::string note = locks_->holder_of(container_id);
-  if (note.rfind("pid ", 0) != 0) return 0;
-  pid_t pid = 0;
-  for (char c : note.substr(4)) {
-    if (c < '0' || c > '9') break;
-    pid = pid * 10 + (c - '0');
-  }
-  return pid;
+  return holder_pid(locks_->holder_of(container_id));
 }
 
 // ---- containers ----

@@ -6,6 +6,7 @@
 
 #include <cerrno>
 #include <cinttypes>
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <utility>
@@ -23,6 +24,22 @@ using nlohmann::json;
 
 json error(int code, std::string message) {
   return layer::control_error(layer::Error{code, std::move(message)});
+}
+
+// The first of `keys` that `request` holds with a type other than a string, or nullptr. An
+// optional field of the wrong type is refused, not read as absent: a rollback's "keep_as": 5
+// must not discard the state it was meant to keep.
+const char* not_a_string(const json& request, std::initializer_list<const char*> keys) {
+  for (const char* key : keys) {
+    const auto it = request.find(key);
+    if (it != request.end() && !it->is_string()) return key;
+  }
+  return nullptr;
+}
+
+json wrong_type(const std::string& op, const char* key) {
+  return error(EINVAL,
+               "the \"" + std::string(key) + "\" of a \"" + op + "\" request must be a string");
 }
 
 // {"op": "moved", "layer": N}: the mover moved frozen layer N; the disks reading it switch to
@@ -54,6 +71,7 @@ json move(const ControlContext& ctx, const json& request) {
     return error(EINVAL, "a \"move\" request needs a \"layer\" number and a \"tier\" string");
   if (request.contains("rate") && !request["rate"].is_number_unsigned())
     return error(EINVAL, "a \"move\" request's \"rate\" is a number of bytes per second");
+  if (const char* key = not_a_string(request, {"container"})) return wrong_type("move", key);
   const uint64_t rate = request.value("rate", uint64_t{0});
   const layer::LayerId id = request["layer"];
   auto to = layer::parse_tier(request["tier"].get<std::string>());
@@ -129,6 +147,8 @@ json change(const ControlContext& ctx, const json& request) {
   };
   if (auto s = layer::validate_name(container, "container name"); !s)
     return layer::control_error(s.error());
+  if (const char* key = not_a_string(request, {"name", "keep_as", "image", "description"}))
+    return wrong_type(op, key);
   if (op != "snapshot" && op != "rollback" && op != "commit" && op != "snapshot-rm" &&
       op != "merge" && op != "flatten")
     return error(EINVAL, "unknown control operation \"" + op + "\"");

@@ -118,6 +118,32 @@ expect_error 'not found' clone m@nope x
 expect_error 'already exists' commit m base:1
 expect_error 'not found' diff m m@nope
 expect_error 'usage' snapshot m
+
+# A control request with a field of the wrong type is EINVAL: not done as if the field were
+# absent (a rollback's "keep_as": 5 would drop the state it asks to keep), nor an exception
+# answered as EIO ("container": 5 in a move). fuzz_control_ops found both.
+control_request() {
+  /usr/bin/python3 - "$LAYER_POOL/run/srv-$server_pid.sock" "$1" <<'PY'
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.sendall(sys.argv[2].encode() + b"\n")
+print(s.makefile().readline().strip())
+PY
+}
+"$LAYER_BIN" snapshot m typed >/dev/null
+before=$("$LAYER_BIN" --json snapshot ls m)
+for request in '{"op":"rollback","container":"m","name":"typed","keep_as":5}' \
+  '{"op":"commit","container":"m","image":"typed:1","description":5}' \
+  '{"op":"snapshot","container":"m","name":["typed-2"]}' \
+  '{"op":"move","layer":1,"tier":"hdd","container":5}'; do
+  reply=$(control_request "$request")
+  grep -q '"errno":"EINVAL"' <<<"$reply" || fail "control request $request: $reply"
+done
+[[ "$("$LAYER_BIN" --json snapshot ls m)" == "$before" ]] ||
+  fail "refused control requests changed m: $before -> $("$LAYER_BIN" --json snapshot ls m)"
+"$LAYER_BIN" image ls | grep -q typed && fail "a refused commit made an image"
+
 "$LAYER_BIN" gc >/dev/null
 "$LAYER_BIN" fsck >/dev/null || fail "fsck at the end: $("$LAYER_BIN" fsck 2>&1)"
 log "ok"

@@ -1,6 +1,7 @@
 // Unit tests for lib/locks.h: counted holders within a process, conflicts within and across
 // processes (forked children with their own LockTable), holder names and the life of holder
-// records, is_locked's errors, and locks vanishing when their process exits.
+// records, is_locked's errors, locks vanishing when their process exits, and holder notes read
+// back as pids.
 #include "locks.h"
 
 #include <unistd.h>
@@ -380,4 +381,21 @@ TEST_CASE("held_by_others counts this process's extra holders, not its own", "[l
   CHECK(child.wait() == 0);
   CHECK_FALSE(MUST(table->held_by_others(LockKind::kLayer, 5, 1)));
   for (int fd : {to_child[0], to_child[1], from_child[0], from_child[1]}) ::close(fd);
+}
+
+TEST_CASE("holder_pid reads the pid of a holder note, and 0 from anything else", "[locks]") {
+  CHECK(holder_pid("pid 1234") == 1234);
+  CHECK(holder_pid("pid 1234\n") == 1234);
+  CHECK(holder_pid("pid 7 (web1)") == 7);
+  CHECK(holder_pid("pid 2147483647") == 2147483647);
+  for (const char* none : {"", "another process", "pid ", "pid x", "pid -5", "PID 5", " pid 5"}) {
+    INFO("note \"" << none << "\"");
+    CHECK(holder_pid(none) == 0);
+  }
+  // fuzz_text found these: a number past INT_MAX overflowed pid_t (undefined behaviour; in
+  // practice 2^32 + 1234 came out as 1234, another process).
+  CHECK(holder_pid("pid 2147483648") == 0);
+  CHECK(holder_pid("pid 4294968530") == 0);
+  CHECK(holder_pid("pid 1232147483647:") == 0);
+  CHECK(holder_pid("pid 99999999999999999999999999") == 0);
 }
