@@ -253,7 +253,10 @@ BackgroundBackup::~BackgroundBackup() {
 }
 
 void BackgroundBackup::run() {
-  do {
+  // The first copy after one interval, not at start: a start changes nothing in the index (the
+  // CLI copies it before bulk changes), and a copy is a fork of the whole server, which a
+  // sanitizer build's runtime may not survive while other threads start up.
+  while (stop_.wait_until(std::chrono::steady_clock::now() + options_.interval)) {
     try {
       auto r = backup_index(pool_, "server");
       if (options_.log) {
@@ -266,7 +269,7 @@ void BackgroundBackup::run() {
     } catch (...) {
       // Nothing may end the thread; the next interval tries again.
     }
-  } while (stop_.wait_until(std::chrono::steady_clock::now() + options_.interval));
+  }
 }
 
 }  // namespace layer

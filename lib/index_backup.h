@@ -70,9 +70,8 @@ Result<BackupResult> backup_index(Pool& pool, std::string_view reason,
 Status copy_backup_file(const std::string& from, const std::string& dest);
 
 // A server's copier: a thread taking backup_index(pool, "server") every `interval`, the first
-// one at start. Failures are logged and retried at the next interval. The destructor stops it
-// (a copy in progress finishes first) and joins.
-// REQUIRES: the Pool outlives it.
+// one an interval after start. Failures are logged and retried at the next interval. The destructor
+// stops it (a copy in progress finishes first) and joins. REQUIRES: the Pool outlives it.
 class BackgroundBackup {
  public:
   struct Options {

@@ -42,7 +42,13 @@ bool write_all(int fd, std::string_view s) {
   return true;
 }
 
-[[noreturn]] void child_main(int out_fd, const std::function<Result<std::string>()>& body) {
+[[noreturn]] void child_main(int out_fd, pid_t parent,
+                             const std::function<Result<std::string>()>& body) {
+  // The child shares the parent's open files, its run/locks descriptor among them (and with it
+  // the parent's container and layer locks): it must not outlive a parent that is killed, or a
+  // restarted server would find its containers held by nobody it can name.
+  ::prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+  if (::getppid() != parent) ::_exit(4);  // the parent died before the line above
   struct rlimit none = {0, 0};
   ::setrlimit(RLIMIT_CORE, &none);
   ::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
@@ -77,6 +83,7 @@ Result<std::string> run_isolated(const std::string& what, std::chrono::seconds t
                                  const std::function<Result<std::string>()>& body) {
   int fds[2];
   if (::pipe2(fds, O_CLOEXEC) != 0) return sys_error(errno, "{}: pipe", what);
+  const pid_t parent = ::getpid();
   const pid_t pid = ::fork();
   if (pid < 0) {
     const int err = errno;
@@ -86,7 +93,7 @@ Result<std::string> run_isolated(const std::string& what, std::chrono::seconds t
   }
   if (pid == 0) {
     ::close(fds[0]);
-    child_main(fds[1], body);
+    child_main(fds[1], parent, body);
   }
   ::close(fds[1]);
   // Read the answer until EOF (the child exited or died) or the deadline.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # test_index.sh — copies of the index and a damaged index, with a real server and real clients:
-# the server copies the index at start; `layer index restore` is refused while it runs; after a
+# the server copies the index every interval (2 s here); `layer index restore` is refused while it runs; after a
 # restore from a copy older than the container's last writes, `layer fsck` names the container,
 # the server refuses to open it, `layer fsck --repair` adopts the writes and the server then
 # serves every byte the client wrote. Then random bytes in a copy of data.mdb, again and again:
@@ -28,9 +28,9 @@ $script" "$uri" "$@"
 }
 
 # ---- copies, restore, marks, adoption ----
-start_server s "$pool" -- index-backup-interval=1h
+start_server s "$pool" -- index-backup-interval=2s
 server_copy() { layer --json index ls | grep -q '"reason":"server"'; }
-wait_until 30 server_copy || fail "the server took no copy of the index at start"
+wait_until 30 server_copy || fail "the server took no copy of the index after its interval"
 
 nbd_io "$(uri web1 "$server_sock")" '
 h.pwrite(b"\x11" * 4096, 4096 * 3)
