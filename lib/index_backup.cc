@@ -24,15 +24,6 @@ constexpr std::string_view kPrefix = "index-";
 constexpr std::string_view kSuffix = ".mdb";
 constexpr std::string_view kTempPrefix = ".tmp-";
 
-std::string utc_stamp(uint64_t unix_s) {
-  const time_t t = static_cast<time_t>(unix_s);
-  struct tm tm {};
-  gmtime_r(&t, &tm);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y%m%dT%H%M%SZ", &tm);
-  return buf;
-}
-
 std::optional<uint64_t> parse_stamp(std::string_view s) {
   struct tm tm {};
   const std::string text(s);
@@ -99,6 +90,15 @@ void remove_stale_temps(const std::string& dir) {
 std::atomic<uint64_t> g_temp_counter{0};
 
 }  // namespace
+
+std::string utc_stamp(uint64_t unix_s) {
+  const time_t t = static_cast<time_t>(unix_s);
+  struct tm tm {};
+  gmtime_r(&t, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y%m%dT%H%M%SZ", &tm);
+  return buf;
+}
 
 std::string index_backup_dir(const std::string& index_dir) { return index_dir + "/backup"; }
 

@@ -47,6 +47,8 @@ struct IndexBackup {
 
 // POOL/index/backup for the index in index_dir.
 std::string index_backup_dir(const std::string& index_dir);
+// A UTC time stamp for file names: "20261207T121500Z".
+std::string utc_stamp(uint64_t unix_s);
 
 // The copies of the index in index_dir, newest first (files not named as above are ignored).
 // Errors: EIO, EACCES (none yet: an empty list).

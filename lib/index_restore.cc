@@ -83,15 +83,6 @@ class IndexOpenGuard {
   int fd_ = -1;
 };
 
-std::string utc_stamp(uint64_t unix_s) {
-  const time_t t = static_cast<time_t>(unix_s);
-  struct tm tm {};
-  gmtime_r(&t, &tm);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y%m%dT%H%M%SZ", &tm);
-  return buf;
-}
-
 Result<uint64_t> read_counter(ReadTxn& txn, std::string_view name) {
   const std::string key = fmt::format("next.{}", name);
   LAYER_ASSIGN(auto v, txn.get(Db::kMeta, key));
