@@ -14,6 +14,7 @@
 
 #include "index.h"
 #include "index_check.h"
+#include "isolate.h"
 #include "layer_file.h"
 #include "pool.h"
 
@@ -164,6 +165,17 @@ Status copy_backup_file(const std::string& from, const std::string& dest) {
   return s;
 }
 
+namespace {
+
+// In the child: a compact copy of the index in directory `index_dir` into `fd`; its txnid.
+Result<std::string> copy_compact_into(const std::string& index_dir, int fd) {
+  LAYER_ASSIGN(auto index, Index::open(index_dir, Index::Options{.read_only = true}));
+  LAYER_ASSIGN(uint64_t txnid, index->copy_compact(fd));
+  return std::to_string(txnid);
+}
+
+}  // namespace
+
 Result<BackupResult> backup_index(Pool& pool, std::string_view reason,
                                   std::chrono::seconds fresh_enough) {
   if (!valid_reason(reason)) return make_error(EINVAL, "index copy: bad reason \"{}\"", reason);
@@ -185,13 +197,9 @@ Result<BackupResult> backup_index(Pool& pool, std::string_view reason,
   if (fd < 0) return sys_error(errno, "create {}", temp);
   struct stat st {};
   ::stat((index_dir + "/data.mdb").c_str(), &st);
-  auto copied = run_isolated(
-      fmt::format("copying index {}", index_dir),
-      index_read_timeout(static_cast<uint64_t>(st.st_size)), [&]() -> Result<std::string> {
-        LAYER_ASSIGN(auto index, Index::open(index_dir, Index::Options{.read_only = true}));
-        LAYER_ASSIGN(uint64_t txnid, index->copy_compact(fd));
-        return std::to_string(txnid);
-      });
+  auto copied = run_isolated(fmt::format("copying index {}", index_dir),
+                             index_read_timeout(static_cast<uint64_t>(st.st_size)),
+                             copy_compact_into, index_dir, fd);
   Status synced;
   if (copied && ::fsync(fd) != 0) synced = sys_error(errno, "fsync {}", temp);
   ::close(fd);

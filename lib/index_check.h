@@ -4,30 +4,19 @@
 // pointer (SIGSEGV), read past the end of the file (SIGBUS) or fail an assertion (SIGABRT).
 // Whatever reads a whole index that nothing has vouched for — fsck's first look, a server's
 // get_ready, a backup's compact copy, a restore's check of the copy it is about to install — does
-// so in a forked child without core dumps, and a crash there becomes an error naming the damage
-// and what to do ("index damaged"), never a crash of the caller.
+// so in a child process (isolate.h), and a crash there becomes an error naming the damage and
+// what to do ("index damaged"), never a crash of the caller.
 //
 // Thread-safety: the functions may be called from any thread; the child runs only the body.
 #pragma once
 
 #include <chrono>
-#include <functional>
 #include <string>
 
 #include "error.h"
 #include "index.h"
 
 namespace layer {
-
-// Runs body in a forked child that cannot dump core and returns what it returned (a payload
-// string, or its error as it is). Waits at most `timeout`. `what` names the work in messages
-// ("the check of index /srv/pool/index"). Errors: EUCLEAN when the child crashed (SIGSEGV,
-// SIGBUS, SIGABRT, SIGFPE, SIGILL) or did not finish in time (a loop through damaged pages),
-// naming the signal; EIO when it died otherwise or could not be started; body's own.
-// REQUIRES: body uses no lock another thread of this process may hold (it runs in a copy of
-// the process with only the calling thread).
-Result<std::string> run_isolated(const std::string& what, std::chrono::seconds timeout,
-                                 const std::function<Result<std::string>()>& body);
 
 // A time limit for reading an index file of `bytes`: generous (2 minutes, plus one per GiB),
 // since exceeding it reads as damage.

@@ -43,6 +43,7 @@
 #include "hasher.h"
 #include "index_backup.h"
 #include "index_check.h"
+#include "isolate.h"
 #include "mover.h"
 #include "names.h"
 #include "pool.h"
@@ -386,6 +387,10 @@ layer::LocalServer local_server() {
 
 int layer_after_fork() {
   return guarded("after_fork", [] {
+    // Before the first thread (the pool's committer): index copies fork their children from
+    // this single-threaded helper, never from a server whose threads may hold locks.
+    if (auto forks = layer::start_fork_server(); !forks)
+      nbdkit_debug("layer: %s; index copies fork from the server", forks.error().message.c_str());
     auto pool = layer::Pool::open(g_pool_path, layer::Pool::OpenOptions{});
     if (!pool) return fail(pool.error());
     g_pool = pool->release();
@@ -463,6 +468,7 @@ void layer_cleanup() {
     g_audit = nullptr;
     delete g_pool;
     g_pool = nullptr;
+    layer::stop_fork_server();
     return 0;
   });
 }

@@ -41,6 +41,7 @@
 #include "index_backup.h"
 #include "index_check.h"
 #include "index_restore.h"
+#include "isolate.h"
 #include "layers.h"
 #include "locks.h"
 #include "mover.h"
@@ -1265,6 +1266,7 @@ int cmd_serve(const Globals& g, const ServeArgs& a) {
   std::vector<char*> argv;
   for (auto& arg : args) argv.push_back(arg.data());
   argv.push_back(nullptr);
+  layer::stop_fork_server();  // reaped now: nbdkit would leave it a zombie
   execvp(argv[0], argv.data());
   const int err = errno;
   fail(err, fmt::format("cannot run nbdkit: {}", std::strerror(err)));
@@ -1805,6 +1807,10 @@ bool wants_json(int argc, char** argv) {
 
 int main(int argc, char** argv) {
   const bool json_errors = wants_json(argc, argv);
+  // While this process has one thread: index checks and copies fork their children from it,
+  // never from a process whose committer thread may hold a lock (isolate.h). Without it they
+  // fork from here, as before.
+  (void)layer::start_fork_server();
   try {
     int code = run(argc, argv);
     std::cout.flush();

@@ -179,9 +179,12 @@ flood=$(cat "$tmp/flood.json")
 log "flood: $flood"
 [[ "$(json_get 'j["held"] <= 16 and j["pending"] == 0' <<<"$flood")" == True ]] ||
   fail "more than 16 held, or some never answered: $flood"
-# Refused connections come and go on threads of their own: a few hundred at once at most,
-# never one per attempt.
-[[ "$(json_get 'j["max_threads"] - j["threads_before"] < 1000' <<<"$flood")" == True ]] ||
+# Refused connections come and go on threads of their own (nbdkit's, one per accepted
+# connection until preconnect turns it away): a few hundred at once at most, never one per
+# attempt. ASan's thread start and exit are slow enough that more overlap (1,169 seen in CI).
+thread_bound=1000
+[[ -z "${LAYER_NBDKIT_PRELOAD:-}" ]] || thread_bound=2500
+[[ "$(json_get "j['max_threads'] - j['threads_before'] < $thread_bound" <<<"$flood")" == True ]] ||
   fail "the server's threads grew without bound: $flood"
 rss_bound=$((256 * 1024))  # KiB; ASan's allocator keeps more
 [[ -z "${LAYER_NBDKIT_PRELOAD:-}" ]] || rss_bound=$((1024 * 1024))

@@ -1,9 +1,7 @@
-// Unit tests for lib/index_check.h: work in a child process (crashes become EUCLEAN), and the
-// check of a whole index — healthy, truncated, not LMDB at all, and thousands of random byte
-// flips, after each of which neither the check nor fsck behind it may crash the caller.
+// Unit tests for lib/index_check.h: the check of a whole index — healthy, truncated, not LMDB
+// at all, and thousands of random byte flips, after each of which neither the check nor fsck
+// behind it may crash the caller.
 #include "index_check.h"
-
-#include <signal.h>
 
 #include <filesystem>
 #include <map>
@@ -44,39 +42,6 @@ std::string copy_pool(const std::string& from, const std::string& to) {
 }
 
 }  // namespace
-
-TEST_CASE("run_isolated returns the child's answer, its error, or EUCLEAN for a crash",
-          "[index_check]") {
-  CHECK(MUST(run_isolated("t", std::chrono::seconds(30), [] {
-          return Result<std::string>(std::string("payload 1 2"));
-        })) == "payload 1 2");
-  auto err = run_isolated("t", std::chrono::seconds(30),
-                          []() -> Result<std::string> { return make_error(ENOENT, "gone"); });
-  REQUIRE_FALSE(err.ok());
-  CHECK(err.error().code == ENOENT);
-  CHECK(err.error().message == "gone");
-  for (int sig : {SIGSEGV, SIGBUS, SIGABRT}) {
-    auto crash =
-        run_isolated("reading x", std::chrono::seconds(30), [sig]() -> Result<std::string> {
-          ::raise(sig);
-          return std::string();
-        });
-    REQUIRE_FALSE(crash.ok());
-    CHECK(crash.error().code == EUCLEAN);
-    INFO(crash.error().message);
-    CHECK(crash.error().message.starts_with("reading x crashed with SIG"));
-  }
-  auto loop = run_isolated("spinning", std::chrono::seconds(1), []() -> Result<std::string> {
-    for (;;) ::pause();
-  });
-  REQUIRE_FALSE(loop.ok());
-  CHECK(loop.error().code == EUCLEAN);
-  CHECK(loop.error().message.find("did not finish in 1 s") != std::string::npos);
-  auto quit = run_isolated("quitting", std::chrono::seconds(30),
-                           []() -> Result<std::string> { ::_exit(5); });
-  REQUIRE_FALSE(quit.ok());
-  CHECK(quit.error().code == EIO);
-}
 
 TEST_CASE("check_index reads a healthy pool's index, also while the pool is open",
           "[index_check]") {
