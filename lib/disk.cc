@@ -537,6 +537,7 @@ Status Disk::write_range(View& v, const uint8_t* buf, uint64_t len, uint64_t off
     const uint64_t from = std::max(offset, bstart), to = std::min(end, bstart + blen);
     std::memcpy(tmp.data() + (from - bstart), buf + (from - offset), to - from);
     LAYER_TRY(file->write(tmp.data(), blen, bstart));
+    at("write.copied_up");  // in the delta file, not yet marked in its map
     if (b == first) direct_from = std::max(direct_from, bstart + blen);
     if (b == last) direct_to = std::min(direct_to, bstart);
   }
@@ -714,6 +715,7 @@ Status Disk::flush_round(View& v) {
       }
     }
     v.synced_seq = seq;
+    at("flush.synced");  // data durable, the rows naming it not committed
   }
   // Bounded transactions: LMDB has one writer for every process of the pool, so a round of
   // many dirty chunks commits in pieces rather than holding the write lock for long. Each

@@ -28,6 +28,7 @@
 #include "chain.h"
 #include "delta_map.h"
 #include "error.h"
+#include "failpoint.h"
 #include "heat.h"
 #include "layer_build.h"
 #include "layer_file.h"
@@ -326,6 +327,7 @@ class Disk {
   Status fail_if_broken() const;
   void at(std::string_view point) {
     if (hook_) hook_(point);
+    failpoint(point);
   }
 
   Pool& pool_;

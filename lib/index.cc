@@ -28,6 +28,8 @@
 #include <system_error>
 #include <type_traits>
 
+#include "failpoint.h"
+
 static_assert(std::is_same_v<MDB_dbi, unsigned int>, "index.h stores MDB_dbi as unsigned int");
 
 namespace layer {
@@ -676,10 +678,12 @@ void Committer::run_batch(std::deque<std::shared_ptr<Pending>>& batch) noexcept 
           any = true;
       }
       if (any) {
+        failpoint("index.commit");  // the batch built, not committed
         if (auto fault = take_commit_fault())
           batch_status = std::move(*fault);  // txn aborts
         else
           batch_status = txn->commit();
+        if (batch_status.ok()) failpoint("index.committed");  // committed, nobody answered
       }
     }
   } catch (...) {

@@ -26,6 +26,7 @@
 #include <cstring>
 #include <set>
 
+#include "failpoint.h"
 #include "index_restore.h"
 #include "intents.h"
 #include "layers.h"
@@ -272,7 +273,6 @@ Result<std::unique_ptr<Pool>> Pool::open(const std::string& root, const OpenOpti
   LAYER_ASSIGN(std::string abs, pool_root(root));
   std::unique_ptr<Pool> pool(new Pool());
   pool->read_only_ = options.read_only;
-  if (const char* fp = std::getenv("LAYER_FAILPOINT")) pool->failpoint_ = fp;
   pool->paths_.root = abs;
   pool->paths_.index_dir = abs + "/index";
   pool->paths_.run_dir = abs + "/run";
@@ -305,7 +305,7 @@ Pool::~Pool() = default;
 
 void Pool::test_point(std::string_view point) {
   if (test_hook_) test_hook_(point);
-  if (!failpoint_.empty() && point == failpoint_) ::kill(::getpid(), SIGKILL);
+  failpoint(point);
 }
 
 Status Pool::check_writable() const {

@@ -142,9 +142,9 @@ class Pool {
   // mover's (mover.h). Unset in production. REQUIRES: set before the operations it observes start.
   using TestHook = std::function<void(std::string_view point)>;
   void set_test_hook(TestHook hook) { test_hook_ = std::move(hook); }
-  // Calls the test hook, if any (lib/ modules mark their points with it). A process started
-  // with LAYER_FAILPOINT=POINT kills itself (SIGKILL) when it reaches POINT: the crash tests'
-  // way to stop a CLI or a server between two steps of an operation.
+  // Calls the test hook, if any (lib/ modules mark their points with it), and failpoint(point)
+  // (failpoint.h: LAYER_FAILPOINT=POINT[@N] kills the process there, the crash tests' way to
+  // stop a CLI or a server between two steps of an operation).
   void test_point(std::string_view point);
 
   // Errors: ENOENT `container "x" not found in pool P`.
@@ -188,7 +188,6 @@ class Pool {
   bool verify_reads_ = false;
   VerifierTable verifiers_;
   TestHook test_hook_;
-  std::string failpoint_;  // LAYER_FAILPOINT at open
 };
 
 uint64_t now_unix();

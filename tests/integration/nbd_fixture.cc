@@ -521,7 +521,9 @@ Server::Server(const TempDir& dir, const Pool& pool, ServerOptions options)
   posix_spawn_file_actions_addopen(actions.get(), 1, logfile_.c_str(),
                                    O_WRONLY | O_CREAT | O_APPEND, 0644);
   posix_spawn_file_actions_adddup2(actions.get(), 1, 2);
-  spawned_ = spawn(argv, nbdkit_env(report_prefix_), actions);
+  std::vector<std::string> env = nbdkit_env(report_prefix_);
+  env.insert(env.end(), options_.env.begin(), options_.env.end());
+  spawned_ = spawn(argv, env, actions);
   watchdog_add_pid(spawned_);
   // ASan makes a start a few times slower; the deadline only bounds a hung start.
   try {
@@ -653,6 +655,14 @@ std::string Server::stop() {
   forget();
   check_sanitizer_reports();
   return how;
+}
+
+bool Server::wait_exit(std::chrono::milliseconds timeout) {
+  if (pid_ <= 0) return true;
+  if (!poll_until([&] { return reap_if_dead(pid_, nullptr); }, timeout)) return false;
+  forget();
+  check_sanitizer_reports();
+  return true;
 }
 
 void Server::kill9() {

@@ -141,6 +141,7 @@ struct ServerOptions {
   // (else /dev/null after the fork). Always on when LAYER_NBDKIT_PRELOAD is set.
   bool verbose = false;
   std::vector<std::string> extra_args;  // before the plugin
+  std::vector<std::string> env;         // "NAME=VALUE" added to nbdkit's environment
 };
 
 // A running nbdkit serving the layer plugin on a unix socket in `dir`, owned by this object: the
@@ -171,6 +172,9 @@ class Server {
   std::string stop();
   // SIGKILL and reap: nothing in the server gets to run.
   void kill9();
+  // Waits up to `timeout` for the server to die on its own (a failpoint); true, and reaped, if
+  // it did.
+  bool wait_exit(std::chrono::milliseconds timeout);
 
  private:
   void wait_ready(pid_t spawned, std::chrono::steady_clock::time_point deadline);

@@ -1,0 +1,20 @@
+// failpoint.h — named points where a crash test can kill the process.
+//
+// LAYER_FAILPOINT=NAME kills the process (SIGKILL: no handler, no flush, no destructor runs)
+// the first time it passes point NAME; NAME@N the Nth time. Crash tests use it to land a crash
+// exactly inside a window a random kill rarely hits: between a delta's fdatasync and the index
+// commit that names the data, between a commit and its answer, in a copy-up. Points are named
+// "module.event" (docs/design.md lists them). Unset, a point costs one relaxed load.
+//
+// Thread-safety: any thread; the count is shared by the process.
+#pragma once
+
+#include <string_view>
+
+namespace layer {
+
+// Counts a pass of `point`; SIGKILLs the process when LAYER_FAILPOINT names it and this is the
+// pass it names.
+void failpoint(std::string_view point);
+
+}  // namespace layer
