@@ -1,4 +1,4 @@
-// failpoint.cc — LAYER_FAILPOINT, read once.
+// failpoint.cc — LAYER_FAILPOINT, read at the first point and again at each rearm.
 #include "failpoint.h"
 
 #include <signal.h>
@@ -6,20 +6,20 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <memory>
+#include <mutex>
 #include <string>
+#include <vector>
 
 namespace layer {
 namespace {
 
 struct Armed {
-  std::string name;  // empty: none
+  std::string name;
   uint64_t nth = 1;
   std::atomic<uint64_t> passes{0};
 
-  Armed() {
-    const char* env = std::getenv("LAYER_FAILPOINT");
-    if (env == nullptr) return;
-    std::string_view spec(env);
+  explicit Armed(std::string_view spec) {
     if (const auto at = spec.rfind('@'); at != std::string_view::npos) {
       char* end = nullptr;
       const std::string count(spec.substr(at + 1));
@@ -33,18 +33,29 @@ struct Armed {
   }
 };
 
-const Armed& armed() {
-  static Armed a;  // thread-safe initialisation
+Armed* from_env() {
+  const char* env = std::getenv("LAYER_FAILPOINT");
+  if (env == nullptr || *env == '\0') return nullptr;
+  // Replaced ones stay reachable (a thread may still be reading one): rearming is for tests.
+  static std::mutex mu;
+  static std::vector<std::unique_ptr<Armed>> all;
+  std::lock_guard lock(mu);
+  return all.emplace_back(std::make_unique<Armed>(env)).get();
+}
+
+std::atomic<Armed*>& armed() {
+  static std::atomic<Armed*> a{from_env()};  // thread-safe initialisation
   return a;
 }
 
 }  // namespace
 
 void failpoint(std::string_view point) {
-  const Armed& a = armed();
-  if (a.name.empty() || point != a.name) return;
-  if (const_cast<Armed&>(a).passes.fetch_add(1, std::memory_order_relaxed) + 1 == a.nth)
-    ::kill(::getpid(), SIGKILL);
+  Armed* a = armed().load(std::memory_order_acquire);
+  if (a == nullptr || point != a->name) return;
+  if (a->passes.fetch_add(1, std::memory_order_relaxed) + 1 == a->nth) ::kill(::getpid(), SIGKILL);
 }
+
+void rearm_failpoint() { armed().store(from_env(), std::memory_order_release); }
 
 }  // namespace layer

@@ -271,6 +271,7 @@ Status Pool::validate(const std::string& root) {
 
 Result<std::unique_ptr<Pool>> Pool::open(const std::string& root, const OpenOptions& options) {
   LAYER_ASSIGN(std::string abs, pool_root(root));
+  rearm_failpoint();
   std::unique_ptr<Pool> pool(new Pool());
   pool->read_only_ = options.read_only;
   pool->paths_.root = abs;
