@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # test_clients.sh — real NBD clients against the plugin: nbdinfo (--list, --map), nbdcopy in
-# both directions, qemu-img compare and qemu-io, each checked against the raw files the test made.
+# both directions, qemu-img compare, qemu-img convert (an export to qcow2 and raw, a qcow2 into
+# an export) and qemu-io (120 random unaligned writes with their own patterns, read back), each
+# checked against the raw files the test made.
 # shellcheck source=functions.sh
 source "$(dirname "${BASH_SOURCE[0]}")/functions.sh"
 
@@ -23,7 +25,7 @@ done
 
 layer image import base:1 "$tmp/base.img" >/dev/null
 layer image import sparse:1 "$tmp/sparse.img" >/dev/null
-for c in a b; do layer clone base:1 "$c" >/dev/null; done
+for c in a b q; do layer clone base:1 "$c" >/dev/null; done
 layer clone sparse:1 sp >/dev/null
 
 start_server s "$pool"
@@ -31,14 +33,14 @@ sock=$server_sock
 
 # ---- nbdinfo --list shows every container ----
 nbdinfo --list "nbd+unix://?socket=$sock" >"$tmp/list.txt"
-for c in a b sp; do
+for c in a b q sp; do
   grep -qx "export=\"$c\":" "$tmp/list.txt" || fail "nbdinfo --list lacks $c: $(cat "$tmp/list.txt")"
 done
 listed=$(nbdinfo --list --json "nbd+unix://?socket=$sock" |
   json_get '" ".join(sorted(e["export-name"] for e in j["exports"] if "@" not in e["export-name"]))')
 known=$(layer --json ls | json_get '" ".join(sorted(c["name"] for c in j))')
 [[ "$listed" == "$known" ]] || fail "nbdinfo --list: '$listed', layer ls: '$known'"
-[[ "$known" == "a b sp" ]] || fail "layer ls: $known"
+[[ "$known" == "a b q sp" ]] || fail "layer ls: $known"
 log "nbdinfo --list: $listed"
 
 # ---- nbdcopy out of a clone equals the image ----
@@ -91,6 +93,65 @@ if got != bytes(want):
     at = next(i for i in range(len(got)) if got[i] != want[i])
     sys.exit(f"first difference at {at}")
 EOF
+
+# ---- qemu-img convert: an export to qcow2 and to raw, and a qcow2 into an export ----
+qemu-img convert -f raw -O qcow2 "$(uri b "$sock")" "$tmp/b.qcow2" || fail "convert to qcow2"
+qemu-img compare -f qcow2 -F raw "$tmp/b.qcow2" "$tmp/other.img" || fail "b.qcow2 differs"
+qemu-img convert -f raw -O raw "$(uri b "$sock")" "$tmp/b.raw" || fail "convert to raw"
+cmp "$tmp/other.img" "$tmp/b.raw" || fail "b.raw differs"
+# Into an existing export (-n: do not create): clone q becomes b's content.
+qemu-img convert -n -f qcow2 -O raw "$tmp/b.qcow2" "$(uri q "$sock")" || fail "convert into q"
+qemu-img compare -f raw -F raw "$tmp/other.img" "$(uri q "$sock")" || fail "q after convert"
+rm -f "$tmp/b.qcow2" "$tmp/b.raw"
+
+# ---- qemu-io: random, unaligned writes, each with its own pattern, read back ----
+# 120 requests into 120 slots 128 KiB apart over q (16 MiB): offset and length random and unaligned
+# inside the slot; a second qemu-io session (read-only) reads each back with -P.
+/usr/bin/python3 - "$tmp" <<'EOF' || fail "cannot make the qemu-io script"
+import random, sys
+tmp = sys.argv[1]
+rng = random.Random(1207)
+w, r, model = [], [], []
+for slot in range(120):
+    off = slot * 131072 + rng.randrange(0, 30000)
+    n = rng.randrange(1, 35000)
+    pat = 1 + slot % 254
+    w.append(f"write -P {pat} {off} {n}")
+    r.append(f"read -P {pat} {off} {n}")
+    model.append(f"{off} {n} {pat}")
+open(f"{tmp}/qio.write", "w").write("\n".join(w) + "\n")
+open(f"{tmp}/qio.read", "w").write("\n".join(r) + "\n")
+open(f"{tmp}/qio.model", "w").write("\n".join(model) + "\n")
+EOF
+# qio_args FILE: "-c CMD" for every line of FILE, NUL-separated.
+qio_args() {
+  local a=() c
+  while read -r c; do a+=(-c "$c"); done <"$1"
+  printf '%s\0' "${a[@]}"
+}
+mapfile -d '' wargs < <(qio_args "$tmp/qio.write")
+mapfile -d '' rargs < <(qio_args "$tmp/qio.read")
+qemu-io -f raw "${wargs[@]}" "$(uri q "$sock")" >"$tmp/qemu-io.out" 2>&1 ||
+  fail "qemu-io random writes: $(tail -5 "$tmp/qemu-io.out")"
+[[ $(grep -c '^wrote ' "$tmp/qemu-io.out") == 120 ]] || fail "qemu-io: $(tail -5 "$tmp/qemu-io.out")"
+qemu-io -f raw -r "${rargs[@]}" "$(uri q "$sock")" >"$tmp/qemu-io.out" 2>&1 ||
+  fail "qemu-io reads: $(tail -5 "$tmp/qemu-io.out")"
+! grep -q 'Pattern verification failed' "$tmp/qemu-io.out" || fail "qemu-io: a pattern differs"
+[[ $(grep -c '^read ' "$tmp/qemu-io.out") == 120 ]] || fail "qemu-io: $(tail -5 "$tmp/qemu-io.out")"
+# And byte for byte, everything else is still what convert wrote.
+nbdcopy "$(uri q "$sock")" "$tmp/q.out"
+/usr/bin/python3 - "$tmp/other.img" "$tmp/q.out" "$tmp/qio.model" <<'EOF' || fail "q after qemu-io"
+import sys
+want = bytearray(open(sys.argv[1], "rb").read())
+for line in open(sys.argv[3]):
+    off, n, pat = map(int, line.split())
+    want[off:off + n] = bytes([pat]) * n
+got = open(sys.argv[2], "rb").read()
+if got != bytes(want):
+    at = next(i for i in range(len(got)) if got[i] != want[i])
+    sys.exit(f"first difference at {at}")
+EOF
+log "qemu-img convert (to qcow2, to raw, into an export) and 120 random qemu-io writes: ok"
 
 stop_server s
 layer fsck >"$tmp/fsck.out" 2>&1 || fail "fsck after the clients: $(cat "$tmp/fsck.out")"
