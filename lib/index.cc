@@ -311,6 +311,11 @@ Result<std::unique_ptr<Index>> Index::open(const std::string& dir, const Options
       if (rc == MDB_NOTFOUND)
         return make_error(EUCLEAN, "index {}: db \"{}\" is missing", dir,
                           db_name(static_cast<Db>(i)));
+      // The main db's record of a named db is damaged (its flags, or the pages it names).
+      if (!options.create &&
+          (rc == MDB_INCOMPATIBLE || rc == MDB_CORRUPTED || rc == MDB_PAGE_NOTFOUND))
+        return make_error(EUCLEAN, "index {}: db \"{}\" cannot be opened: {}", dir,
+                          db_name(static_cast<Db>(i)), mdb_strerror(rc));
       return lmdb_error(rc, fmt::format("open db {}", db_name(static_cast<Db>(i))));
     }
   }
