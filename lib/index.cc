@@ -247,6 +247,10 @@ Result<std::unique_ptr<Index>> Index::open(const std::string& dir, const Options
   struct stat st {};
   if (!options.create && ::stat((dir + "/data.mdb").c_str(), &st) != 0)
     return make_error(ENOENT, "no index at {}", dir);
+  // An empty data.mdb (truncated, or a crash before its first page) is damage: LMDB would
+  // fail read-only with EBADF, and a writer would quietly make a new, empty index over it.
+  if (!options.create && st.st_size == 0)
+    return make_error(EUCLEAN, "index {}: data.mdb is empty (0 bytes)", dir);
   std::unique_ptr<Index> index(new Index());
   index->dir_ = dir;
   index->read_only_ = options.read_only;
@@ -307,6 +311,11 @@ Result<std::unique_ptr<Index>> Index::open(const std::string& dir, const Options
       if (rc == MDB_NOTFOUND)
         return make_error(EUCLEAN, "index {}: db \"{}\" is missing", dir,
                           db_name(static_cast<Db>(i)));
+      // The main db's record of a named db is damaged (its flags, or the pages it names).
+      if (!options.create &&
+          (rc == MDB_INCOMPATIBLE || rc == MDB_CORRUPTED || rc == MDB_PAGE_NOTFOUND))
+        return make_error(EUCLEAN, "index {}: db \"{}\" cannot be opened: {}", dir,
+                          db_name(static_cast<Db>(i)), mdb_strerror(rc));
       return lmdb_error(rc, fmt::format("open db {}", db_name(static_cast<Db>(i))));
     }
   }

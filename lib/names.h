@@ -27,5 +27,8 @@ Status validate_image_ref(std::string_view ref);
 Result<std::optional<std::pair<std::string, std::string>>> parse_snapshot_ref(std::string_view ref);
 // Parses sizes like "4096", "512M", "10G", "1T" (binary units). Errors: EINVAL.
 Result<uint64_t> parse_size(std::string_view text);
+// `text` with its control characters (below 0x20, and 0x7f) as \xNN: for a line of a log or a
+// table that quotes what a client or a file gave (an export name with a newline stays one line).
+std::string escape_control(std::string_view text);
 
 }  // namespace layer

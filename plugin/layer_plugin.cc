@@ -547,9 +547,11 @@ void* layer_open(int readonly) {
                                  {"container", ""},
                                  {"peer", peer_json(peer)},
                                  {"tls", peer.tls}};
-    // Every refusal: one error line for the server's log, one audit line, the errno.
+    // Every refusal: one error line for the server's log, one audit line, the errno. The
+    // message quotes the client's export name: its control characters are escaped in the log,
+    // so a name with a newline cannot split the line or forge another.
     auto refuse = [&](int code, const std::string& message) -> void* {
-      nbdkit_error("%s", message.c_str());
+      nbdkit_error("%s", layer::escape_control(message).c_str());
       event["why"] = message;
       audit(event);
       nbdkit_set_error(code);

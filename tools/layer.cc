@@ -15,6 +15,7 @@
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <cerrno>
+#include <charconv>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -111,7 +112,8 @@ int report_error(const Error& error, int exit_code, bool json_errors) {
         {"message", error.message}, {"errno", errno_name(error.code)}, {"exit", exit_code}};
     std::cerr << dump(j) << '\n';
   } else {
-    std::cerr << "layer: error: " << error.message << '\n';
+    // One line, whatever the message quotes (a name with a newline, say).
+    std::cerr << "layer: error: " << layer::escape_control(error.message) << '\n';
   }
   return exit_code;
 }
@@ -172,6 +174,21 @@ uint64_t parse_sector_size(const std::string& text, const char* what) {
     fail(EINVAL, fmt::format("{} {}: must be a positive multiple of 512 bytes", what, text));
   }
   return bytes;
+}
+
+// An option given an empty value (`--size ""`, `--rate=`): refused, not taken as "not given"
+// (the commands read an empty string as the default). Free text may be empty.
+void refuse_empty_values(const CLI::App& app) {
+  for (const CLI::Option* opt : app.get_options()) {
+    if (opt->count() == 0 || !opt->nonpositional() || opt->get_type_size() == 0 ||
+        opt->get_name() == "--description")
+      continue;
+    for (const std::string& value : opt->results()) {
+      if (value.empty())
+        fail(EINVAL, fmt::format("{}: the value must not be empty", opt->get_name()));
+    }
+  }
+  for (const CLI::App* sub : app.get_subcommands()) refuse_empty_values(*sub);
 }
 
 // ---- commands ----
@@ -401,15 +418,19 @@ int cmd_pool(const Globals& g, const std::string& access) {
 }
 
 struct AuditArgs {
-  std::string container, since;
-  size_t limit = 0;
+  std::string container, since, limit;
 };
 
 // --since: a unix time, or a duration back from now ("1h").
 double parse_since(const std::string& text) {
   if (text.empty()) return 0;
-  if (text.find_first_not_of("0123456789") == std::string::npos && text.size() >= 9)
-    return std::stod(text);
+  if (text.find_first_not_of("0123456789") == std::string::npos && text.size() >= 9) {
+    uint64_t t = 0;
+    const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), t);
+    if (ec != std::errc() || end != text.data() + text.size())
+      fail(EINVAL, fmt::format("--since {}: not a unix time (too large)", text));
+    return static_cast<double>(t);
+  }
   const uint64_t back = take(layer::parse_duration(text));
   return static_cast<double>(layer::now_unix()) - static_cast<double>(back);
 }
@@ -422,8 +443,15 @@ int cmd_audit(const Globals& g, const AuditArgs& a) {
   size_t bad = 0;
   auto lines =
       take(layer::read_audit(layer::audit_dir(absolute_path(root)), a.container, since, &bad));
-  if (a.limit != 0 && lines.size() > a.limit)
-    lines.erase(lines.begin(), lines.end() - static_cast<std::ptrdiff_t>(a.limit));
+  // --limit N: a whole number (CLI11 took "-1" for a size_t as 2^64-1, and ignored overflow).
+  size_t limit = 0;
+  if (!a.limit.empty()) {
+    const auto [end, ec] = std::from_chars(a.limit.data(), a.limit.data() + a.limit.size(), limit);
+    if (ec != std::errc() || end != a.limit.data() + a.limit.size())
+      fail(EINVAL, fmt::format("--limit {}: not a whole number of events", a.limit));
+  }
+  if (limit != 0 && lines.size() > limit)
+    lines.erase(lines.begin(), lines.end() - static_cast<std::ptrdiff_t>(limit));
   if (g.json) {
     json arr = json::array();
     for (auto& l : lines) arr.push_back(std::move(l));
@@ -444,10 +472,10 @@ int cmd_audit(const Globals& g, const AuditArgs& a) {
     if (event != "refuse") access = l.value("read_only", false) ? "ro" : "rw";
     const bool closed = event == "close";
     rows.push_back({format_time(static_cast<uint64_t>(l["time"].get<double>())), event,
-                    l.value("export", std::string()), peer, access,
+                    layer::escape_control(l.value("export", std::string())), peer, access,
                     closed ? human_size(l.value("read_bytes", uint64_t{0})) : "",
                     closed ? human_size(l.value("written_bytes", uint64_t{0})) : "",
-                    event == "refuse" ? l.value("why", std::string()) : ""});
+                    event == "refuse" ? layer::escape_control(l.value("why", std::string())) : ""});
   }
   print_table(rows);
   if (bad != 0) std::cerr << fmt::format("layer: {} unreadable audit lines skipped\n", bad);
@@ -1337,6 +1365,11 @@ int cmd_index_backup(const Globals& g) {
 
 int cmd_index_ls(const Globals& g) {
   const std::string root = absolute_path(resolve_pool(g));
+  // Not Pool::validate: the index itself may be damaged (that is when its copies matter), but
+  // a path without an index directory is no pool, not one with no copies.
+  if (!std::filesystem::exists(root)) fail(ENOENT, fmt::format("pool {} does not exist", root));
+  if (!std::filesystem::is_directory(root + "/index"))
+    fail(ENOENT, fmt::format("{} is not a layer pool (no index directory)", root));
   const auto copies = take(layer::list_index_backups(root + "/index"));
   if (g.json) {
     json j = json::array();
@@ -1752,6 +1785,7 @@ int run(int argc, char** argv) {
     }
     fail(EINVAL, e.what());
   }
+  refuse_empty_values(app);
 
   if (*init_cmd) return cmd_init(g, init);
   if (*import_cmd) return cmd_image_import(g, import);

@@ -67,3 +67,12 @@ TEST_CASE("parse_snapshot_ref splits CONTAINER@SNAP and checks both names", "[na
   REQUIRE_FALSE(st.ok());
   CHECK_THAT(st.error().message, Catch::Contains("snapshot name"));
 }
+
+TEST_CASE("escape_control", "[names]") {
+  CHECK(escape_control("c1") == "c1");
+  CHECK(escape_control("") == "");
+  CHECK(escape_control("c1\nforged: line") == "c1\\x0aforged: line");
+  CHECK(escape_control(std::string_view("a\0b", 3)) == "a\\x00b");
+  CHECK(escape_control("\t\x7f\x1b[0m") == "\\x09\\x7f\\x1b[0m");
+  CHECK(escape_control("c1\xc3\xa9") == "c1\xc3\xa9");  // UTF-8 passes
+}
