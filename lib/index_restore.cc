@@ -29,6 +29,7 @@
 
 #include "index_check.h"
 #include "layers.h"
+#include "pool.h"
 
 namespace layer {
 namespace {
@@ -105,9 +106,9 @@ Status prepare_copy(const std::string& root, const std::string& stage, const Ind
   {
     LAYER_ASSIGN(auto txn, index->begin_read());
     for (int t = 0; t < 2; ++t) {
-      LAYER_ASSIGN(auto v, txn.get(Db::kMeta, t == 0 ? "tier.ssd" : "tier.hdd"));
-      if (!v) return make_error(EIO, "copy {}: meta has no tier paths", from.name);
-      tier_dir[t] = std::string(*v);
+      auto dir = tier_dir_of(txn, t, root);
+      if (!dir) return make_error(EIO, "copy {}: {}", from.name, dir.error().message);
+      tier_dir[t] = *dir;
     }
     LAYER_TRY(
         txn.scan(Db::kLayers, "", [&](std::string_view k, std::string_view v) -> Result<bool> {

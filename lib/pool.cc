@@ -180,6 +180,12 @@ Result<std::string> meta_string(ReadTxn& txn, std::string_view key, const std::s
 
 }  // namespace
 
+Result<std::string> tier_dir_of(ReadTxn& txn, int t, const std::string& root) {
+  LAYER_ASSIGN(std::string dir, meta_string(txn, t == 0 ? kMetaTierSsd : kMetaTierHdd, root));
+  if (!dir.empty() && dir[0] != '/') dir = root + "/" + dir;
+  return dir;
+}
+
 Result<uint64_t> incompat_features(ReadTxn& txn) {
   LAYER_ASSIGN(auto v, txn.get(Db::kMeta, kMetaIncompat));
   if (!v) return uint64_t{0};
@@ -238,8 +244,15 @@ Status Pool::create(const std::string& root, const std::string& ssd_dir,
   LAYER_TRY(txn.put(Db::kMeta, kMetaFormat, encode_u32(kFormatVersion)));
   LAYER_TRY(txn.put(Db::kMeta, kMetaIncompat, key_u64(0)));
   LAYER_TRY(txn.put(Db::kMeta, kMetaCompat, key_u64(0)));
-  LAYER_TRY(txn.put(Db::kMeta, kMetaTierSsd, ssd_abs));
-  LAYER_TRY(txn.put(Db::kMeta, kMetaTierHdd, hdd_abs));
+  // Inside the pool: relative to it (tier_dir_of), so that a copy of the pool is a pool of its
+  // own.
+  LAYER_ASSIGN(std::string root_real, real_path(abs));
+  auto stored = [&](const std::string& dir) {
+    const std::string prefix = root_real + "/";
+    return dir.starts_with(prefix) ? dir.substr(prefix.size()) : dir;
+  };
+  LAYER_TRY(txn.put(Db::kMeta, kMetaTierSsd, stored(ssd_abs)));
+  LAYER_TRY(txn.put(Db::kMeta, kMetaTierHdd, stored(hdd_abs)));
   LAYER_TRY(txn.put(Db::kMeta, kMetaCreated, key_u64(now_unix())));
   LAYER_TRY(txn.put(Db::kMeta, kMetaPoolId, pool_id));
   return txn.commit();
@@ -264,8 +277,8 @@ Status Pool::validate(const std::string& root) {
   LAYER_ASSIGN(auto txn, index->begin_read());
   LAYER_TRY(check_format(txn, root));
   std::string tiers[2];
-  LAYER_ASSIGN(tiers[0], meta_string(txn, kMetaTierSsd, root));
-  LAYER_ASSIGN(tiers[1], meta_string(txn, kMetaTierHdd, root));
+  LAYER_ASSIGN(tiers[0], tier_dir_of(txn, 0, root));
+  LAYER_ASSIGN(tiers[1], tier_dir_of(txn, 1, root));
   return check_tier_markers(txn, root, tiers);
 }
 
@@ -285,8 +298,8 @@ Result<std::unique_ptr<Pool>> Pool::open(const std::string& root, const OpenOpti
   {
     LAYER_ASSIGN(auto txn, pool->index_->begin_read());
     LAYER_TRY(check_format(txn, abs));
-    LAYER_ASSIGN(pool->paths_.tier_dir[0], meta_string(txn, kMetaTierSsd, abs));
-    LAYER_ASSIGN(pool->paths_.tier_dir[1], meta_string(txn, kMetaTierHdd, abs));
+    LAYER_ASSIGN(pool->paths_.tier_dir[0], tier_dir_of(txn, 0, abs));
+    LAYER_ASSIGN(pool->paths_.tier_dir[1], tier_dir_of(txn, 1, abs));
     LAYER_TRY(check_tier_markers(txn, abs, pool->paths_.tier_dir));
   }
   LAYER_ASSIGN(pool->locks_, LockTable::open(pool->paths_.run_dir));

@@ -192,6 +192,13 @@ class Pool {
 
 uint64_t now_unix();
 
+// The directory of tier `t` (0 ssd, 1 hdd) of the pool at `root`, from the index's meta: a
+// tier inside the pool is stored relative to it ("tiers/ssd", since pools made after
+// 2026-12-07), so a pool copied or moved whole (cp -a, mv) uses its own tiers, not the
+// original's; a tier elsewhere (init --ssd DIR) and older pools' tiers are stored absolute.
+// Errors: EIO (missing), those of the read.
+Result<std::string> tier_dir_of(ReadTxn& txn, int t, const std::string& root);
+
 // The pool's incompatible feature bits (`meta` "features.incompat"), and their replacement.
 // Errors: EIO (a corrupt value).
 Result<uint64_t> incompat_features(ReadTxn& txn);

@@ -555,9 +555,9 @@ intact_check "cli"
 log "cli: ${count[cli]} cases"
 
 # ================================ pool-damage: on copies ==================================
-# Layer files are named by absolute tier paths in the index, so a `cp -a` copy of a pool still
-# points at the original's tiers: each damaged copy is bind-mounted over the pool's path in a
-# private mount namespace (unshare -m, root only), where fsck and nbdkit see the copy alone.
+# Each damaged copy is bind-mounted over the pool's path in a private mount namespace
+# (unshare -m, root only), where fsck and nbdkit see the copy alone: a pool made before tiers
+# were stored relative to it (or with tiers outside it) names the original's tier directories.
 stop_server s
 pool_files() {
   (cd "$pool" && find . -type f ! -name lock.mdb ! -path './run/*' ! -path './log/*' -print0 |

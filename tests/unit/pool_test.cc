@@ -84,6 +84,37 @@ TEST_CASE("Pool::create with tier directories elsewhere", "[pool]") {
         std::filesystem::canonical(tmp.sub("slow/x")).string());
 }
 
+TEST_CASE("a pool copied whole (cp -a) is a pool of its own", "[pool][tiers]") {
+  // Its tiers inside it are stored relative to it: the copy reads and writes its own layer
+  // files, never the original's.
+  test::PoolFixture f;
+  f.import("base:1", 1 << 20, 4096, 3);
+  MUST(f.pool->clone("base:1", "c", std::nullopt));
+  const std::vector<uint8_t> before(4096, 0x11), after(4096, 0x22);
+  {
+    auto disk = MUST(Disk::open(*f.pool, "c", true));
+    REQUIRE_OK(disk->write(before.data(), before.size(), 8192, false));
+    REQUIRE_OK(disk->flush());
+  }
+  f.pool.reset();
+  const std::string copy = f.tmp.sub("copy");
+  std::filesystem::copy(f.root, copy, std::filesystem::copy_options::recursive);
+  {
+    auto pool = MUST(Pool::open(copy, Pool::OpenOptions{}));
+    for (int t = 0; t < 2; ++t)
+      CHECK(pool->paths().tier_dir[t].starts_with(std::filesystem::canonical(copy).string() + "/"));
+    auto disk = MUST(Disk::open(*pool, "c", true));
+    REQUIRE_OK(disk->write(after.data(), after.size(), 8192, false));
+    REQUIRE_OK(disk->flush());
+  }
+  f.reopen();
+  auto disk = MUST(Disk::open(*f.pool, "c", false));
+  std::vector<uint8_t> got(4096);
+  REQUIRE_OK(disk->read(got.data(), got.size(), 8192));
+  CHECK(got == before);
+  REQUIRE_FSCK_CLEAN(f.pool, true);
+}
+
 TEST_CASE("Pool::create refuses an existing pool or a non-empty directory", "[pool]") {
   test::TempDir tmp;
   const std::string root = tmp.sub("p");
