@@ -409,7 +409,7 @@ Result<ContainerInfo> Pool::container_info(ReadTxn& txn, const ContainerRecord& 
 }
 
 Result<ContainerInfo> Pool::clone(const std::string& source, const std::string& name,
-                                  std::optional<uint64_t> size_bytes) {
+                                  std::optional<uint64_t> size_bytes, const Resources& resources) {
   LAYER_TRY(check_writable());
   LAYER_ASSIGN(auto snap, parse_snapshot_ref(source));
   if (!snap) LAYER_TRY(validate_image_ref(source));
@@ -457,8 +457,8 @@ Result<ContainerInfo> Pool::clone(const std::string& source, const std::string& 
     LayerRecord delta{delta_id, base.id,   Tier::kSsd, size, block_size, LayerState::kWritable,
                       1,        now_unix()};
     LAYER_TRY(txn.put(Db::kLayers, key_u64(delta_id), encode(delta)));
-    rec = ContainerRecord{name,       container_id, image_ref, delta_id, size,
-                          block_size, now_unix(),   1,         {},       {}};
+    rec = ContainerRecord{name, container_id, image_ref, delta_id, size, block_size, now_unix(),
+                          1,    {},           {},        resources};
     return txn.put(Db::kContainers, name, encode(rec));
   }));
   LAYER_ASSIGN(auto txn, index_->begin_read());

@@ -153,9 +153,10 @@ class Pool {
   // A new container on image_ref ("NAME:VER", or "CONTAINER@SNAP": on that snapshot, with the
   // source container's image ref): one transaction, no file work. size_bytes defaults to the
   // image's size and may only grow it (multiple of 512, at most kMaxDiskBytes and what the
-  // tiers' filesystems hold in one file: check_tiers_hold). Errors: ENOENT, EEXIST, EINVAL.
+  // tiers' filesystems hold in one file: check_tiers_hold). `resources` are recorded as given
+  // (qos.h: apply_change validates them). Errors: ENOENT, EEXIST, EINVAL.
   Result<ContainerInfo> clone(const std::string& image_ref, const std::string& name,
-                              std::optional<uint64_t> size_bytes);
+                              std::optional<uint64_t> size_bytes, const Resources& resources = {});
   Result<std::vector<ContainerInfo>> list_containers();
   // The names of the first `limit` containers in name order (byte order), reading nothing but
   // the keys: what nbdkit's list_exports needs. Errors: EIO.

@@ -13,6 +13,8 @@ namespace layer {
 namespace {
 
 constexpr uint8_t kRecordVersion = 1;
+// Opens a container record's resources (a later trailing field would come after them).
+constexpr uint8_t kResourcesTag = 1;
 
 class Encoder {
  public:
@@ -196,6 +198,19 @@ std::string encode(const ContainerRecord& r) {
     e.u8(static_cast<uint8_t>((a.deny ? 1 : 0) | (a.read_only ? 2 : 0)));
     e.str(a.label);
   }
+  if (!r.resources.is_default()) {
+    const Resources& q = r.resources;
+    e.u8(kResourcesTag);
+    e.u64(q.cpu_millis);
+    e.u64(q.memory_bytes);
+    e.u64(q.net_bps);
+    e.u64(q.iops);
+    e.u64(q.bandwidth);
+    e.u8(q.priority);
+    e.u64(q.timed.iops);
+    e.u64(q.timed.bandwidth);
+    e.u64(q.timed.until_ms);
+  }
   return e.take();
 }
 
@@ -223,6 +238,16 @@ Result<ContainerRecord> decode_container(std::string_view bytes, std::string_vie
     a.deny = flags & 1;
     a.read_only = flags & 2;
     if (ok) r.access.push_back(std::move(a));
+  }
+  if (ok && !d.at_end()) {
+    uint8_t tag = 0;
+    Resources& q = r.resources;
+    ok = d.u8(&tag) && d.u64(&q.cpu_millis) && d.u64(&q.memory_bytes) && d.u64(&q.net_bps) &&
+         d.u64(&q.iops) && d.u64(&q.bandwidth) && d.u8(&q.priority) && d.u64(&q.timed.iops) &&
+         d.u64(&q.timed.bandwidth) && d.u64(&q.timed.until_ms);
+    if (ok && (tag != kResourcesTag || q.priority < 1 || q.priority > 10))
+      return make_error(EIO, "container {}: corrupt record (resources tag {}, priority {})", name,
+                        tag, q.priority);
   }
   LAYER_TRY(d.finish(ok));
   return r;

@@ -71,6 +71,41 @@ struct AccessRule {
   std::string label;       // the subject as the user gave it: "user:alice", "uid:1000"
 };
 
+// A container's resources (issue 14 item 1; docs/design.md "Resources and QoS"). cpu, memory
+// and net are recorded for the scripts that provision what uses the disk (`layer inspect
+// --json`); iops and bandwidth are enforced by the server per export (qos.h). 0: unset, i.e.
+// unlimited.
+struct Resources {
+  static constexpr uint64_t kKeep = UINT64_MAX;  // an override field that keeps the base value
+  static constexpr uint8_t kDefaultPriority = 5;
+  uint64_t cpu_millis = 0;  // thousandths of a CPU: 2 CPUs = 2000
+  uint64_t memory_bytes = 0;
+  uint64_t net_bps = 0;                 // bytes per second
+  uint64_t iops = 0;                    // requests per second
+  uint64_t bandwidth = 0;               // bytes per second read and written
+  uint8_t priority = kDefaultPriority;  // 1..10
+  // A time-bounded change of iops/bandwidth, in force while the clock is before until_ms
+  // (unix milliseconds; 0: none). It reverts by itself: the effective values are computed from
+  // the clock, nothing rewrites the record when it ends.
+  struct Timed {
+    uint64_t iops = kKeep;
+    uint64_t bandwidth = kKeep;
+    uint64_t until_ms = 0;
+    bool operator==(const Timed&) const = default;
+  } timed;
+
+  bool operator==(const Resources&) const = default;
+  bool is_default() const { return *this == Resources{}; }
+  // The override is in force at `now_ms` (unix milliseconds).
+  bool timed_active(uint64_t now_ms) const { return timed.until_ms > now_ms; }
+  uint64_t effective_iops(uint64_t now_ms) const {
+    return timed_active(now_ms) && timed.iops != kKeep ? timed.iops : iops;
+  }
+  uint64_t effective_bandwidth(uint64_t now_ms) const {
+    return timed_active(now_ms) && timed.bandwidth != kKeep ? timed.bandwidth : bandwidth;
+  }
+};
+
 struct ContainerRecord {
   std::string name;
   uint64_t id = 0;  // lock byte and run/ file names use the id
@@ -83,6 +118,9 @@ struct ContainerRecord {
   std::map<std::string, std::string> labels;
   // Who may open it (access.h); added after the first layout: absent in older rows (none).
   std::vector<AccessRule> access;
+  // Added after `access`: absent in older rows (the defaults), and not written while default,
+  // so such a row stays byte for byte what an older build wrote.
+  Resources resources;
 };
 std::string encode(const ContainerRecord& r);
 Result<ContainerRecord> decode_container(std::string_view bytes, std::string_view name);

@@ -129,6 +129,30 @@ json move(const ControlContext& ctx, const json& request) {
               {"caught_up_bytes", r.caught_up_bytes}};
 }
 
+// {"op": "resources", "container": C}: C's resources changed (`layer set`); the limiter of C,
+// if this server has one, applies them from the record at once. Reply {"ok": true,
+// "container": C, "served": B, "iops": N, "bandwidth": N, "until_ms": N} (the limits in force).
+json resources(const ControlContext& ctx, const json& request) {
+  if (!request.contains("container") || !request["container"].is_string())
+    return error(EINVAL, "a \"resources\" request needs a \"container\" string");
+  const std::string container = request["container"];
+  if (auto s = layer::validate_name(container, "container name"); !s)
+    return layer::control_error(s.error());
+  auto r = layer::load_resources(ctx.pool, container);
+  if (!r) return layer::control_error(r.error());
+  const bool served = ctx.limiters.apply(container, *r);
+  const uint64_t now_ms = layer::now_unix_ms();
+  nbdkit_debug("resources of container %s: iops %" PRIu64 ", bandwidth %" PRIu64 "%s",
+               container.c_str(), r->effective_iops(now_ms), r->effective_bandwidth(now_ms),
+               served ? "" : " (not served here)");
+  return json{{"ok", true},
+              {"container", container},
+              {"served", served},
+              {"iops", r->effective_iops(now_ms)},
+              {"bandwidth", r->effective_bandwidth(now_ms)},
+              {"until_ms", r->timed_active(now_ms) ? r->timed.until_ms : 0}};
+}
+
 // A live change of container C (DESIGN.md "Locking"): the container is acquired as a
 // connection would (opening it if no client has), changed through its Disk with the write gate
 // closed, and released. Requests: {"op": "snapshot"|"rollback"|"commit"|"flatten",
@@ -224,6 +248,7 @@ json handle_control(const ControlContext& ctx, const json& request) {
   const std::string op = request["op"];
   if (op == "moved") return moved(ctx, request);
   if (op == "move") return move(ctx, request);
+  if (op == "resources") return resources(ctx, request);
   return change(ctx, request);
 }
 

@@ -1,8 +1,8 @@
 // control_ops.h — what a server does when the CLI asks on its control socket
 // (POOL/run/srv-PID.sock, DESIGN.md "Locking"): live changes of a served container (snapshot,
-// rollback, commit, flatten, snapshot rm and merges), reloads after a frozen layer moved, and
-// tier moves (a served delta's, live). The protocol is lib/control.h's; the requests and
-// replies are docs/cli-spec.md's.
+// rollback, commit, flatten, snapshot rm and merges), changed resources (qos.h), reloads after a
+// frozen layer moved, and tier moves (a served delta's, live). The protocol is lib/control.h's; the
+// requests and replies are docs/cli-spec.md's.
 //
 // Thread-safety: called on the control socket's worker threads, up to ControlServer::kWorkers
 // requests at once; live operations on one disk are serialised by the disk (Disk::live_mu_).
@@ -13,6 +13,7 @@
 #include "disk.h"
 #include "hasher.h"
 #include "pool.h"
+#include "qos.h"
 
 namespace layer_plugin {
 
@@ -21,6 +22,7 @@ struct ControlContext {
   layer::Pool& pool;
   layer::DiskTable& disks;
   layer::BackgroundHasher* hasher;  // null with hasher=off
+  layer::LimiterTable& limiters;
 };
 
 // Answers one request: a reply object, or layer::control_error's. Logs failures with

@@ -47,6 +47,7 @@
 #include "mover.h"
 #include "names.h"
 #include "pool.h"
+#include "qos.h"
 #include "snapshots.h"
 #include "tier.h"
 #include "version.h"
@@ -62,6 +63,8 @@ bool g_verify = false;                                // verify=on|off
 uint64_t g_hash_rate = layer::kDefaultHashRateBytes;  // hash-rate=BYTES_PER_SEC (0: unlimited)
 layer::Pool* g_pool = nullptr;
 layer::DiskTable* g_disks = nullptr;
+// Each served container's iops and bandwidth limits (qos.h), shared by its connections.
+layer::LimiterTable* g_limiters = nullptr;
 layer::BackgroundHasher* g_hasher = nullptr;    // null with hasher=off
 uint64_t g_heat_interval_s = 5;                 // heat-interval= (0: heat is not written)
 uint64_t g_tier_interval_s = 0;                 // tier-interval= (0: no policy passes)
@@ -137,6 +140,7 @@ auto guarded(const char* what, F&& f) -> decltype(f()) {
 
 struct Handle {
   std::shared_ptr<layer::Disk> disk;
+  std::shared_ptr<layer::Limiter> limiter;  // the container's: every request passes it
   bool readonly = false;
   // For the audit trail's close line.
   std::string export_name, container;
@@ -336,18 +340,21 @@ void audit(nlohmann::ordered_json event) {
   if (auto s = g_audit->append(event); !s) nbdkit_error("audit log: %s", s.error().message.c_str());
 }
 
-// Whether `peer` may open container `container` (access.h), read from one read transaction.
+// Whether `peer` may open container `container` (access.h), and the container's resources
+// (qos.h), read from one read transaction.
 layer::Result<layer::AccessDecision> access_for(const std::string& container,
-                                                const layer::Peer& peer) {
+                                                const layer::Peer& peer,
+                                                layer::Resources* resources) {
   LAYER_ASSIGN(auto txn, g_pool->index().begin_read());
   LAYER_ASSIGN(const auto policy, layer::load_access_policy(txn));
   LAYER_ASSIGN(auto c, g_pool->get_container(txn, container));
+  *resources = c.resources;
   return layer::decide_access(policy, c.access, peer);
 }
 
 // The control socket's requests (control_ops.h), on its worker threads.
 nlohmann::json handle_control(const nlohmann::json& request) {
-  return layer_plugin::handle_control({*g_pool, *g_disks, g_hasher}, request);
+  return layer_plugin::handle_control({*g_pool, *g_disks, g_hasher, *g_limiters}, request);
 }
 
 // A background thread's line for nbdkit's log: failures as errors, the rest as debug output.
@@ -396,6 +403,7 @@ int layer_after_fork() {
     g_pool = pool->release();
     g_pool->set_verify_reads(g_verify);
     g_disks = new layer::DiskTable(*g_pool);
+    g_limiters = new layer::LimiterTable();
     g_audit = new layer::AuditLog(layer::audit_dir(g_pool->paths().root));
     // Before the control socket, whose handler nudges it.
     if (g_hasher_on) {
@@ -464,6 +472,8 @@ void layer_cleanup() {
     g_heat = nullptr;
     delete g_disks;
     g_disks = nullptr;
+    delete g_limiters;
+    g_limiters = nullptr;
     delete g_audit;
     g_audit = nullptr;
     delete g_pool;
@@ -491,7 +501,8 @@ int layer_list_exports(int /*readonly*/, int is_tls, struct nbdkit_exports* expo
     for (const auto& name : *names) {
       const std::string container = name.substr(0, name.find('@'));
       if (container != last_container) {
-        auto decision = access_for(container, peer);
+        layer::Resources unused;
+        auto decision = access_for(container, peer, &unused);
         last_container = container;
         last_allowed = decision && decision->allowed;
       }
@@ -570,7 +581,8 @@ void* layer_open(int readonly) {
     event["container"] = parsed->container;
     if (!g_disks) return refuse(EIO, "pool is not open");
     // Who may open it: the container's rules (a snapshot's are its container's).
-    auto access = access_for(parsed->container, peer);
+    layer::Resources resources;
+    auto access = access_for(parsed->container, peer, &resources);
     if (!access) {
       const auto& e = access.error();
       return refuse(nbd_errno(e.code),
@@ -602,6 +614,7 @@ void* layer_open(int readonly) {
     }
     auto handle = std::make_unique<Handle>();
     handle->disk = std::move(*disk);
+    handle->limiter = g_limiters->acquire(parsed->container, resources);
     handle->readonly = readonly != 0 || is_snapshot || access->read_only;
     handle->export_name = name;
     handle->container = parsed->container;
@@ -667,7 +680,9 @@ int layer_can_cache(void*) { return NBDKIT_CACHE_NATIVE; }
 
 int layer_pread(void* h, void* buf, uint32_t count, uint64_t offset, uint32_t /*flags*/) {
   return guarded("pread", [&] {
-    static_cast<Handle*>(h)->read_bytes.fetch_add(count, std::memory_order_relaxed);
+    auto* handle = static_cast<Handle*>(h);
+    handle->limiter->admit(count);
+    handle->read_bytes.fetch_add(count, std::memory_order_relaxed);
     return check(disk_of(h).read(buf, count, offset));
   });
 }
@@ -679,6 +694,7 @@ int layer_pwrite(void* h, const void* buf, uint32_t count, uint64_t offset, uint
       nbdkit_set_error(EPERM);
       return -1;
     }
+    static_cast<Handle*>(h)->limiter->admit(count);
     static_cast<Handle*>(h)->written_bytes.fetch_add(count, std::memory_order_relaxed);
     return check(disk_of(h).write(buf, count, offset, flags & NBDKIT_FLAG_FUA));
   });
@@ -689,12 +705,15 @@ int layer_flush(void* h, uint32_t /*flags*/) {
 }
 
 int layer_trim(void* h, uint32_t count, uint64_t offset, uint32_t flags) {
-  return guarded("trim",
-                 [&] { return check(disk_of(h).trim(count, offset, flags & NBDKIT_FLAG_FUA)); });
+  return guarded("trim", [&] {
+    static_cast<Handle*>(h)->limiter->admit(0);
+    return check(disk_of(h).trim(count, offset, flags & NBDKIT_FLAG_FUA));
+  });
 }
 
 int layer_zero(void* h, uint32_t count, uint64_t offset, uint32_t flags) {
   return guarded("zero", [&] {
+    static_cast<Handle*>(h)->limiter->admit(0);
     const bool fast = flags & NBDKIT_FLAG_FAST_ZERO;
     auto s = disk_of(h).zero(count, offset, flags & NBDKIT_FLAG_FUA, fast);
     if (fast && !s && s.error().code == ENOTSUP) {
@@ -723,7 +742,10 @@ int layer_extents(void* h, uint32_t count, uint64_t offset, uint32_t flags,
 }
 
 int layer_cache(void* h, uint32_t count, uint64_t offset, uint32_t /*flags*/) {
-  return guarded("cache", [&] { return check(disk_of(h).cache(count, offset)); });
+  return guarded("cache", [&] {
+    static_cast<Handle*>(h)->limiter->admit(0);
+    return check(disk_of(h).cache(count, offset));
+  });
 }
 
 void layer_dump_plugin() { std::printf("layer_format_version=%u\n", layer::kFormatVersion); }

@@ -49,6 +49,7 @@
 #include "names.h"
 #include "output.h"
 #include "pool.h"
+#include "qos.h"
 #include "records.h"
 #include "scrub.h"
 #include "snapshots.h"
@@ -280,8 +281,63 @@ int cmd_image_rm(const Globals& g, const std::string& ref) {
   return 0;
 }
 
+// The resource options of clone and set (issue 14 item 1; qos.h).
+struct ResourceArgs {
+  std::optional<std::string> cpu, memory, net, iops, bandwidth, priority, for_;
+};
+
+void add_resource_options(CLI::App* cmd, ResourceArgs& a, bool timed) {
+  cmd->add_option("--cpu", a.cpu, "CPUs for the provisioning scripts (e.g. 2, 0.5; none)")
+      ->type_name("N");
+  cmd->add_option("--memory", a.memory, "memory for the provisioning scripts (e.g. 1G; none)")
+      ->type_name("SIZE");
+  cmd->add_option("--net", a.net, "network bytes/s for the provisioning scripts (e.g. 100M; none)")
+      ->type_name("RATE");
+  cmd->add_option("--iops", a.iops, "requests per second, enforced by the server (none: no limit)")
+      ->type_name("N");
+  cmd->add_option("--bandwidth", a.bandwidth,
+                  "bytes per second read and written, enforced by the server (e.g. 50M; none)")
+      ->type_name("RATE");
+  cmd->add_option("--priority", a.priority, "1 (lowest) to 10 (highest); default 5")
+      ->type_name("1..10");
+  if (timed)
+    cmd->add_option("--for", a.for_,
+                    "only for this long (e.g. 90s, 1h): --iops and --bandwidth, then they revert")
+        ->type_name("DURATION");
+}
+
+// The options given, checked. Errors: EINVAL naming the option and the value.
+layer::ResourceChange parse_resources(const ResourceArgs& a) {
+  layer::ResourceChange c;
+  auto parse = [](const char* option, const std::string& text, auto parser) {
+    auto v = parser(text);
+    if (!v) fail(EINVAL, fmt::format("{} {}: {}", option, text, v.error().message));
+    return *v;
+  };
+  auto size = [](std::string_view text) -> Result<uint64_t> {
+    if (text == "none") return uint64_t{0};
+    return layer::parse_size(text);
+  };
+  if (a.cpu) c.cpu_millis = parse("--cpu", *a.cpu, layer::parse_cpu);
+  if (a.memory) c.memory_bytes = parse("--memory", *a.memory, size);
+  if (a.net) c.net_bps = parse("--net", *a.net, size);
+  if (a.iops) c.iops = parse("--iops", *a.iops, layer::parse_count);
+  if (a.bandwidth) c.bandwidth = parse("--bandwidth", *a.bandwidth, size);
+  if (a.priority) {
+    c.priority = parse("--priority", *a.priority, layer::parse_count);
+    if (*c.priority < 1 || *c.priority > 10)
+      fail(EINVAL, fmt::format("--priority {}: must be 1 to 10", *a.priority));
+  }
+  if (a.for_) {
+    c.for_ms = parse("--for", *a.for_, layer::parse_duration) * 1000;
+    if (c.for_ms == 0) fail(EINVAL, fmt::format("--for {}: must be longer than 0", *a.for_));
+  }
+  return c;
+}
+
 struct CloneArgs {
   std::string image, name, size;
+  ResourceArgs resources;
 };
 
 int cmd_clone(const Globals& g, const CloneArgs& a) {
@@ -289,8 +345,11 @@ int cmd_clone(const Globals& g, const CloneArgs& a) {
   check(layer::validate_name(a.name, "container name"));
   std::optional<uint64_t> size;
   if (!a.size.empty()) size = parse_sector_size(a.size, "size");
+  const auto change = parse_resources(a.resources);
+  layer::Resources resources;
+  if (!change.empty()) resources = take(layer::apply_change({}, change, layer::now_unix_ms()));
   auto pool = open_pool(g, true);
-  const auto info = take(pool->clone(a.image, a.name, size));
+  const auto info = take(pool->clone(a.image, a.name, size, resources));
   print_result(
       g, container_detail_json(*pool, info),
       fmt::format("cloned {} as {} ({})", a.image, a.name, human_size(info.container.size_bytes)));
@@ -343,6 +402,7 @@ int cmd_inspect(const Globals& g, const std::string& name) {
   std::string rules;
   for (const auto& rule : c.access) rules += (rules.empty() ? "" : "; ") + layer::describe(rule);
   std::cout << "access: " << (rules.empty() ? "- (the pool's policy)" : rules) << '\n'
+            << "resources: " << resources_text(c.resources, layer::now_unix_ms()) << '\n'
             << "chain (top first):\n";
   std::vector<std::vector<std::string>> rows = {{"  LAYER", "STATE", "TIER", "DATA", "PATH"}};
   for (const auto& layer : j["chain"]) {
@@ -352,6 +412,50 @@ int cmd_inspect(const Globals& g, const std::string& name) {
                     layer["path"].get<std::string>()});
   }
   print_table(rows);
+  return 0;
+}
+
+struct SetArgs {
+  std::string container;
+  ResourceArgs resources;
+};
+
+// layer set: changes a container's resources in one transaction, then tells the server that
+// serves it, which applies them to the running export at once (qos.h). A server that does not
+// serve it reads them when it opens it.
+int cmd_set(const Globals& g, const SetArgs& a) {
+  check(layer::validate_name(a.container, "container name"));
+  const auto change = parse_resources(a.resources);
+  auto pool = open_pool(g, true);
+  const uint64_t now_ms = layer::now_unix_ms();
+  const auto r = take(layer::change_resources(*pool, a.container, change, now_ms));
+  bool live = false;
+  std::string warning;
+  const auto info = take(pool->inspect(a.container));
+  const pid_t pid = pool->serving_pid(info.container.id);
+  // A holder note outlives a server killed before it let go: only a held lock means a server.
+  if (pid != 0 && take(pool->locks().is_locked(layer::LockKind::kContainer, info.container.id))) {
+    const auto reply = layer::control_request(
+        layer::control_socket_path(pool->paths().run_dir, pid),
+        {{"op", "resources"}, {"container", a.container}}, std::chrono::seconds(10));
+    const Status status = reply.ok() ? layer::control_status(*reply) : reply.error();
+    if (status.ok()) {
+      live = reply->value("served", false);
+    } else {
+      // Recorded all the same: the server applies them at its next open of the container.
+      warning = fmt::format("its server (pid {}) did not apply them now: {}", pid,
+                            status.error().message);
+    }
+  }
+  json j{{"ok", true},
+         {"container", a.container},
+         {"resources", resources_json(r, now_ms)},
+         {"live", live}};
+  if (!warning.empty()) j["warning"] = warning;
+  if (!warning.empty() && !g.json) std::cerr << "layer: warning: " << warning << '\n';
+  print_result(g, j,
+               fmt::format("{}: {}{}", a.container, resources_text(r, now_ms),
+                           live ? " (applied live)" : ""));
   return 0;
 }
 
@@ -1569,6 +1673,14 @@ int run(int argc, char** argv) {
   clone_cmd->add_option("--size", clone.size, "disk size (default and minimum: the image's)")
       ->type_name("SIZE");
 
+  add_resource_options(clone_cmd, clone.resources, false);
+
+  SetArgs set_args;
+  auto* set_cmd = app.add_subcommand(
+      "set", "change a container's resources (iops and bandwidth apply live to a served export)");
+  set_cmd->add_option("CONTAINER", set_args.container, "container name")->type_name("")->required();
+  add_resource_options(set_cmd, set_args.resources, true);
+
   auto* ls_cmd = app.add_subcommand("ls", "list containers");
   std::string container;
   auto* inspect_cmd = app.add_subcommand("inspect", "show one container");
@@ -1811,6 +1923,7 @@ int run(int argc, char** argv) {
   if (*rm_cmd) return cmd_rm(g, container);
   if (*serve_cmd) return cmd_serve(g, serve);
   if (*access_cmd) return cmd_access(g, access_args);
+  if (*set_cmd) return cmd_set(g, set_args);
   if (*audit_cmd) return cmd_audit(g, audit_args);
   if (*pool_show_cmd) return cmd_pool(g, "");
   if (*pool_set_cmd) return cmd_pool(g, pool_access);

@@ -112,7 +112,49 @@ json container_detail_json(layer::Pool& pool, const layer::ContainerInfo& info) 
   for (const auto& [key, value] : info.container.labels) j["labels"][key] = value;
   j["access"] = json::array();
   for (const auto& rule : info.container.access) j["access"].push_back(access_rule_json(rule));
+  j["resources"] = resources_json(info.container.resources, layer::now_unix_ms());
   return j;
+}
+
+json resources_json(const layer::Resources& r, uint64_t now_ms) {
+  json j{{"cpu", static_cast<double>(r.cpu_millis) / 1000},
+         {"cpu_millis", r.cpu_millis},
+         {"memory", r.memory_bytes},
+         {"net", r.net_bps},
+         {"iops", r.iops},
+         {"bandwidth", r.bandwidth},
+         {"priority", r.priority}};
+  if (r.timed_active(now_ms)) {
+    auto field = [](uint64_t v) { return v == layer::Resources::kKeep ? json(nullptr) : json(v); };
+    j["timed"] = {{"iops", field(r.timed.iops)},
+                  {"bandwidth", field(r.timed.bandwidth)},
+                  {"until_ms", r.timed.until_ms},
+                  {"left_s", static_cast<double>(r.timed.until_ms - now_ms) / 1000}};
+  } else {
+    j["timed"] = nullptr;
+  }
+  j["effective"] = {{"iops", r.effective_iops(now_ms)},
+                    {"bandwidth", r.effective_bandwidth(now_ms)}};
+  return j;
+}
+
+std::string resources_text(const layer::Resources& r, uint64_t now_ms) {
+  auto rate = [](uint64_t v) { return v == 0 ? std::string("-") : human_size(v) + "/s"; };
+  std::string s =
+      fmt::format("cpu {}, memory {}, net {}, iops {}, bandwidth {}, priority {}",
+                  r.cpu_millis == 0 ? "-" : layer::format_cpu(r.cpu_millis),
+                  r.memory_bytes == 0 ? "-" : human_size(r.memory_bytes), rate(r.net_bps),
+                  r.iops == 0 ? "-" : std::to_string(r.iops), rate(r.bandwidth), r.priority);
+  if (r.timed_active(now_ms)) {
+    std::string what;
+    if (r.timed.iops != layer::Resources::kKeep)
+      what += fmt::format("iops {}", r.timed.iops == 0 ? "-" : std::to_string(r.timed.iops));
+    if (r.timed.bandwidth != layer::Resources::kKeep)
+      what += fmt::format("{}bandwidth {}", what.empty() ? "" : ", ", rate(r.timed.bandwidth));
+    s += fmt::format("; for now {} until {} ({}s left)", what, format_time(r.timed.until_ms / 1000),
+                     (r.timed.until_ms - now_ms + 999) / 1000);
+  }
+  return s;
 }
 
 }  // namespace layer_cli

@@ -9,6 +9,7 @@
 
 #include "images.h"
 #include "pool.h"
+#include "qos.h"
 #include "records.h"
 
 namespace layer_cli {
@@ -31,7 +32,14 @@ json container_json(const layer::ContainerInfo& info);
 // One access rule: {"rule":"allow"|"deny","subject":"user:alice","uid":N|"gid":N|"addr":CIDR,
 // "read_only":B}.
 json access_rule_json(const layer::AccessRule& rule);
-// container_json plus the chain (delta first), labels and access rules: `clone`, `inspect`.
+// container_json plus the chain (delta first), labels, access rules and resources: `clone`,
+// `inspect`.
 json container_detail_json(layer::Pool& pool, const layer::ContainerInfo& info);
+// A container's resources at `now_ms` (0: unset / unlimited): {"cpu":X,"cpu_millis":N,
+// "memory":N,"net":N,"iops":N,"bandwidth":N,"priority":N,"timed":null|{"iops":N|null,
+// "bandwidth":N|null,"until_ms":N,"left_s":X},"effective":{"iops":N,"bandwidth":N}}.
+json resources_json(const layer::Resources& r, uint64_t now_ms);
+// The same on one line: "cpu 2, memory 1.0 GiB, ..., priority 5; for now iops 4000 until ...".
+std::string resources_text(const layer::Resources& r, uint64_t now_ms);
 
 }  // namespace layer_cli

@@ -64,7 +64,7 @@ expect() {
   log "'$line' -> ${got//$'\n'/ }"
 }
 
-expect "layer " access audit clone commit diff flatten fsck gc image index init inspect ls pool rm rollback scrub serve snapshot tier version
+expect "layer " access audit clone commit diff flatten fsck gc image index init inspect ls pool rm rollback scrub serve set snapshot tier version
 expect "layer i" image index init inspect
 expect "layer index " backup ls restore
 expect "layer image " history import ls rm
@@ -74,6 +74,9 @@ expect "layer pool " set show
 expect "layer pool set --access " open rules
 expect "layer --pool $pool access w" web1 web2
 expect "layer access --" --allow --read-only --deny --remove --clear --pool --json --help
+expect "layer --pool $pool set w" web1 web2
+expect "layer set web1 --" --cpu --memory --net --iops --bandwidth --priority --for --pool --json --help
+expect "layer set web1 --priority 1" 1 10
 expect "layer --pool $tmp/dirs/pool-" "$tmp/dirs/pool-a" "$tmp/dirs/pool-b"
 expect "layer --pool $pool inspect " db1 web1 web2
 expect "layer rm --pool $pool w" web1 web2
