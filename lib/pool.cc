@@ -181,8 +181,7 @@ Result<std::string> meta_string(ReadTxn& txn, std::string_view key, const std::s
 }  // namespace
 
 Result<std::string> tier_dir_of(ReadTxn& txn, int t, const std::string& root) {
-  LAYER_ASSIGN(std::string stored,
-               meta_string(txn, t == 0 ? kMetaTierSsd : kMetaTierHdd, root));
+  LAYER_ASSIGN(std::string stored, meta_string(txn, t == 0 ? kMetaTierSsd : kMetaTierHdd, root));
   if (stored.starts_with('/')) return stored;
   return fmt::format("{}/{}", root, stored);
 }

@@ -34,6 +34,7 @@
 #include "fsck.h"
 #include "fuzz_util.h"
 #include "import.h"
+#include "qos.h"
 #include "snapshots.h"
 
 using namespace layer;
@@ -70,7 +71,7 @@ class World {
         static_cast<unsigned long long>(total_changes_), static_cast<unsigned long long>(pools_));
   }
 
-  layer_plugin::ControlContext context() { return {*pool_, *disks_, nullptr}; }
+  layer_plugin::ControlContext context() { return {*pool_, *disks_, nullptr, limiters_}; }
   Pool& pool() { return *pool_; }
   void changed() {
     ++total_changes_;
@@ -115,6 +116,7 @@ class World {
   std::string dir_;
   std::unique_ptr<Pool> pool_;
   std::unique_ptr<DiskTable> disks_;
+  LimiterTable limiters_;  // the "resources" requests apply to it
   int changes_ = 0;
   uint64_t total_changes_ = 0, pools_ = 0;
 };
@@ -137,6 +139,7 @@ const char* mistyped_field(const json& request) {
       {"merge", {"container"}},
       {"move", {"layer", "tier", "container", "rate"}},
       {"moved", {"layer"}},
+      {"resources", {"container"}},
   };
   const auto op = request.find("op");
   if (op == request.end() || !op->is_string()) return nullptr;
@@ -158,7 +161,8 @@ const char* mistyped_field(const json& request) {
 json request_from(fuzz::FuzzInput& in) {
   static const std::vector<std::pair<const char*, std::vector<const char*>>> keys = {
       {"op",
-       {"snapshot", "rollback", "commit", "flatten", "snapshot-rm", "merge", "move", "moved"}},
+       {"snapshot", "rollback", "commit", "flatten", "snapshot-rm", "merge", "move", "moved",
+        "resources"}},
       {"container", {"c0", "c1", "c2", "C0", ""}},
       {"name", {"s0", "s1", "k", "s0..s1", ""}},
       {"keep_as", {"k", "s0", "s1", ""}},
