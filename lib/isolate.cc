@@ -349,14 +349,14 @@ Status start_fork_server() {
   if (threads != 1) return make_error(EBUSY, "no fork server: the process has {} threads", threads);
   int sv[2];
   if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0)
-    return sys_error(EIO, "fork server: socketpair: {}", std::strerror(errno));
+    return Error{EIO, sys_error(errno, "fork server: socketpair").message};
   const pid_t parent = ::getpid();
   const pid_t pid = ::fork();
   if (pid < 0) {
     const int err = errno;
     ::close(sv[0]);
     ::close(sv[1]);
-    return make_error(EIO, "fork server: fork: {}", std::strerror(err));
+    return Error{EIO, sys_error(err, "fork server: fork").message};
   }
   if (pid == 0) {
     ::prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);

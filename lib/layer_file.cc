@@ -608,8 +608,8 @@ Status LocalStore::check_can_hold(uint64_t size_bytes) {
   if (rc != 0 && (err == EFBIG || err == EINVAL))
     return make_error(EINVAL,
                       "size {} is larger than the filesystem of tier {} can hold in one file "
-                      "(ftruncate: {}); choose a smaller size or a tier on another filesystem",
-                      size_bytes, dir_, std::strerror(err));
+                      "({}); choose a smaller size or a tier on another filesystem",
+                      size_bytes, dir_, sys_error(err, "ftruncate").message);
   if (rc != 0) return sys_error(err, "probe file size limit in tier {}", dir_);
   return {};
 }

@@ -85,6 +85,34 @@ void check_answers() {
   ::close(fds[0]);
 }
 
+// Runs `body` while another thread exists: that thread runs `hold` first (what it returns, a
+// lock for instance, it keeps) and parks until body has returned. Returns body's result.
+template <typename Hold, typename Body>
+auto with_parked_thread(Hold hold, Body body) {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool ready = false, done = false;
+  std::thread other([&] {
+    std::unique_lock lock(mu);
+    [[maybe_unused]] auto kept = hold();
+    ready = true;
+    cv.notify_all();
+    cv.wait(lock, [&] { return done; });
+  });
+  {
+    std::unique_lock lock(mu);
+    cv.wait(lock, [&] { return ready; });
+  }
+  auto result = body();
+  {
+    std::lock_guard lock(mu);
+    done = true;
+  }
+  cv.notify_all();
+  other.join();
+  return result;
+}
+
 // Starts the fork server; false (and says why) when this build cannot: TSan's runtime keeps a
 // thread of its own, so the process never has one thread.
 bool start_or_explain() {
@@ -119,27 +147,9 @@ TEST_CASE("a fork server's child does not inherit a lock another thread holds", 
   // Another thread takes the lock and keeps it while this one runs work that needs it: forked
   // from here, the child would start with the lock held by a thread it does not have, and
   // wait for ever (the deadline reads it as damage). The fork server forked before.
-  std::mutex mu;
-  std::condition_variable cv;
-  bool held = false, done = false;
-  std::thread holder([&] {
-    std::unique_lock lock(mu);
-    std::lock_guard hold(g_held);
-    held = true;
-    cv.notify_all();
-    cv.wait(lock, [&] { return done; });
-  });
-  {
-    std::unique_lock lock(mu);
-    cv.wait(lock, [&] { return held; });
-  }
-  auto r = run_isolated("taking a lock", std::chrono::seconds(30), take_held);
-  {
-    std::lock_guard lock(mu);
-    done = true;
-  }
-  cv.notify_all();
-  holder.join();
+  auto r = with_parked_thread(
+      [] { return std::unique_lock(g_held); },
+      [] { return run_isolated("taking a lock", std::chrono::seconds(30), take_held); });
   REQUIRE(r.ok());
   CHECK(*r == "took it");
   stop_fork_server();
@@ -157,26 +167,7 @@ TEST_CASE("a dead fork server is replaced by forks of the caller", "[isolate]") 
 
 TEST_CASE("a fork server starts only in a process of one thread", "[isolate]") {
   stop_fork_server();
-  std::mutex mu;
-  std::condition_variable cv;
-  bool started = false, done = false;
-  std::thread other([&] {
-    std::unique_lock lock(mu);
-    started = true;
-    cv.notify_all();
-    cv.wait(lock, [&] { return done; });
-  });
-  {
-    std::unique_lock lock(mu);
-    cv.wait(lock, [&] { return started; });
-  }
-  auto r = start_fork_server();
-  {
-    std::lock_guard lock(mu);
-    done = true;
-  }
-  cv.notify_all();
-  other.join();
+  auto r = with_parked_thread([] { return 0; }, [] { return start_fork_server(); });
   REQUIRE_FALSE(r.ok());
   CHECK(r.error().code == EBUSY);
   CHECK(fork_server_pid() == -1);
