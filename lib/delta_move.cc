@@ -224,6 +224,31 @@ Result<MoveResult> Disk::move_delta(LayerId id, Tier to, const MoveOptions& opti
   m.result.state = LayerState::kWritable;
   if (delta.tier == to) return m.result;
   LAYER_TRY(loaded_view());  // the view to wrap (no request may have come yet)
+  // Rounds commit to the index while the delta moves (the tracker and the comparison see the
+  // disk's blocks, not the journal's zone): the journal is folded and closed first, and
+  // opened again by the first round after the move.
+  std::shared_ptr<JournalState> journal;
+  {
+    std::shared_ptr<View> v = pin();
+    LAYER_TRY(flush());
+    hold_rounds();
+    Status s = retire_journal(*v);
+    if (s && v->journal) {
+      journal = v->journal;
+      std::lock_guard<std::mutex> lk(journal->mu);
+      ++journal->suspended;
+    }
+    release_rounds();
+    LAYER_TRY(s);
+  }
+  struct Resume {
+    std::shared_ptr<JournalState> j;
+    ~Resume() {
+      if (!j) return;
+      std::lock_guard<std::mutex> lk(j->mu);
+      --j->suspended;
+    }
+  } resume{journal};
   LAYER_ASSIGN(m.intent_id, begin_move(pool_, id, to));
   // Until the switch commits, a failure unwraps the delta's file, then removes the copy and
   // the intent (a failure of that leaves the intent to recover_move).

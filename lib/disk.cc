@@ -31,6 +31,7 @@
 
 #include "index.h"
 #include "index_restore.h"
+#include "journal.h"
 #include "layers.h"
 #include "names.h"
 
@@ -45,6 +46,10 @@ constexpr int kStale = 3;       // a live change committed but the disk could no
 // quiesce(): flush rounds with the gate open before closing it, until one takes less than this.
 constexpr int kQuiesceRounds = 4;
 constexpr auto kQuiesceQuickFlush = std::chrono::milliseconds(5);
+
+// How long after a journaled round its rows wait to be folded into the index: the folds of
+// the rounds meanwhile are one transaction.
+constexpr auto kFoldDelay = std::chrono::milliseconds(50);
 
 }  // namespace
 
@@ -198,7 +203,14 @@ Status Disk::take_sizes() {
 }
 
 Disk::Disk(Pool& pool) : pool_(pool) {}
-Disk::~Disk() = default;
+Disk::~Disk() {
+  // A fold queued for later must not write this journal's rows over what the next opener
+  // recovers and writes (it may run after that opener's commits).
+  if (auto v = pin(); v && v->journal) {
+    std::lock_guard<std::mutex> lk(v->journal->mu);
+    v->journal->abandoned = true;
+  }
+}
 
 // The index is input from outside: a row that would make the maps or the files disagree is
 // refused here rather than served.
@@ -266,6 +278,9 @@ Result<std::shared_ptr<Disk::View>> Disk::load_view(const View* previous) {
   auto v = std::make_shared<View>();
   v->chain = chain_;
   v->delta_layer = delta_layer_;
+  // Our delta's journal from before a crash (we hold its lock): into the index before the
+  // delta's rows are read.
+  if (writable_ && !snapshot_) LAYER_TRY(journal::recover(pool_, delta_layer_.id));
   LAYER_ASSIGN(auto txn, pool_.index().begin_read());
   LAYER_ASSIGN(v->chain_map,
                pool_.chains().get(txn, v->chain, previous ? previous->chain_map.get() : nullptr));
@@ -284,6 +299,15 @@ Result<std::shared_ptr<Disk::View>> Disk::load_view(const View* previous) {
   v->delta_heat = pool_.heat().counter(v->delta_layer.id);
   const LayerId delta_id = v->delta_layer.id;
   const uint64_t nchunks = (size_blocks_ + kBlocksPerChunk - 1) / kBlocksPerChunk;
+  if (writable_) {
+    auto j = std::make_shared<JournalState>();
+    j->layer = delta_id;
+    j->zone = journal::zone_offset(size_bytes_);
+    j->enabled = pool_.journal();
+    LAYER_ASSIGN(auto st, journal::get_state(txn, delta_id));
+    j->written = j->folded = st.checkpoint;
+    v->journal = std::move(j);
+  }
   bool delta_has_data = false;
   LAYER_TRY(for_each_map_row(txn, delta_id, [&](uint32_t c, const ChunkBits& bits) -> Result<bool> {
     if (c >= nchunks) return make_error(EIO, "layer {}: map row outside the disk", delta_id);
@@ -691,6 +715,68 @@ class DirtyRowsGuard {
 
 }  // namespace
 
+namespace {
+
+// Writes j's unfolded rows and its checkpoint (the last record written) with the journal's
+// state `open` in txn. Returns the checkpoint written; std::nullopt when there was nothing to
+// fold (the journal not open, or every record folded) and `open` is what the index says.
+Result<std::optional<uint64_t>> write_fold(WriteTxn& txn, JournalState& j, bool open) {
+  journal::Rows rows;
+  uint64_t upto = 0;
+  {
+    std::lock_guard<std::mutex> lk(j.mu);
+    if (!j.open || (open && j.written == j.folded)) return std::optional<uint64_t>();
+    rows = j.unfolded_rows();
+    upto = j.written;
+  }
+  LAYER_TRY(journal::put_rows(txn, j.layer, rows));
+  LAYER_TRY(
+      txn.put(Db::kMeta, journal::key(j.layer), journal::encode_state(journal::State{upto, open})));
+  return std::optional<uint64_t>(upto);
+}
+
+// Queues a fold of j's unfolded rows into the index (Committer::post), kFoldDelay from now.
+// REQUIRES: j->posted set by the caller (one fold queued at a time).
+void post_fold(Committer& committer, std::shared_ptr<JournalState> j) {
+  struct Taken {
+    uint64_t upto = 0;
+    bool any = false;
+  };
+  auto taken = std::make_shared<Taken>();
+  auto job = [j, taken](WriteTxn& txn) -> Status {
+    {
+      std::lock_guard<std::mutex> lk(j->mu);
+      if (j->abandoned || j->retiring) return {};
+    }
+    LAYER_ASSIGN(auto upto, write_fold(txn, *j, true));
+    if (upto) {
+      taken->upto = *upto;
+      taken->any = true;
+    }
+    return {};
+  };
+  auto done = [&committer, j, taken](Status s) {
+    {
+      std::lock_guard<std::mutex> lk(j->mu);
+      if (s.ok() && taken->any) j->folded_upto(taken->upto);
+      // Rounds journaled meanwhile, or a failed fold's rows: another fold. (A fold that keeps
+      // failing keeps its rows in the journal; the next round's commit, classic or not, or
+      // recovery, folds them.)
+      if (!(j->open && !j->retiring && !j->abandoned && j->written != j->folded && s.ok())) {
+        j->posted = false;
+        return;
+      }
+    }
+    post_fold(committer, j);
+  };
+  if (!committer.post(std::move(job), std::move(done), kFoldDelay)) {
+    std::lock_guard<std::mutex> lk(j->mu);
+    j->posted = false;
+  }
+}
+
+}  // namespace
+
 Status Disk::flush_round(View& v) {
   // A mark dropped for want of memory would never be committed: no flush may succeed again.
   if (v.delta->lost_marks()) {
@@ -717,27 +803,162 @@ Status Disk::flush_round(View& v) {
     v.synced_seq = seq;
     at("flush.synced");  // data durable, the rows naming it not committed
   }
-  // Bounded transactions: LMDB has one writer for every process of the pool, so a round of
-  // many dirty chunks commits in pieces rather than holding the write lock for long. Each
-  // piece names synced data only, so a failure midway leaves a consistent index.
+  if (rows.empty()) return {};
+  if (v.journal) {
+    LAYER_ASSIGN(bool journaled, journal_round(v, rows));
+    if (journaled) {
+      guard.committed();
+      return {};
+    }
+  }
+  // Into the index now, with the journal's unfolded rows (older: this round's win) and its
+  // checkpoint, which opens the journal for the next rounds. Bounded transactions: LMDB has
+  // one writer for every process of the pool, so a round of many dirty chunks commits in
+  // pieces rather than holding the write lock for long. Each piece names synced data only, so
+  // a failure midway leaves a consistent index.
   const LayerId delta_id = v.delta_layer.id;
-  for (size_t i = 0; i < rows.size(); i += kMaxRowsPerTxn) {
-    const size_t end = std::min(rows.size(), i + kMaxRowsPerTxn);
+  journal::Rows all;
+  uint64_t upto = 0;
+  bool open_journal = false;
+  if (v.journal) {
+    std::lock_guard<std::mutex> lk(v.journal->mu);
+    all = v.journal->unfolded_rows();
+    upto = v.journal->written;
+    open_journal = v.journal->enabled && v.journal->suspended == 0;
+  }
+  if (all.empty()) {
+    all = rows;
+  } else {
+    std::map<uint32_t, std::string> merged(all.begin(), all.end());
+    for (const auto& [chunk, row] : rows) merged[chunk] = row;
+    all.assign(merged.begin(), merged.end());
+  }
+  for (size_t i = 0; i < all.size(); i += kMaxRowsPerTxn) {
+    const size_t end = std::min(all.size(), i + kMaxRowsPerTxn);
+    const bool last = end == all.size();
     LAYER_TRY(pool_.committer().run([&](WriteTxn& txn) -> Status {
-      for (size_t j = i; j < end; ++j) {
-        const auto& [chunk, row] = rows[j];
-        const std::string key = key_u64_u32(delta_id, chunk);
-        if (row.size() == 1 && row[0] == static_cast<char>(BlockState::kAbsent)) {
-          LAYER_TRY(txn.del(Db::kMaps, key));
-        } else {
-          LAYER_TRY(txn.put(Db::kMaps, key, row));
-        }
-      }
+      LAYER_TRY(journal::put_rows(txn, delta_id,
+                                  journal::Rows(all.begin() + static_cast<ptrdiff_t>(i),
+                                                all.begin() + static_cast<ptrdiff_t>(end))));
+      if (last && v.journal)
+        LAYER_TRY(txn.put(Db::kMeta, journal::key(delta_id),
+                          journal::encode_state(journal::State{upto, open_journal})));
       return {};
     }));
   }
   guard.committed();
+  if (v.journal) {
+    std::lock_guard<std::mutex> lk(v.journal->mu);
+    v.journal->folded_upto(upto);
+    v.journal->open = open_journal;
+  }
   return {};
+}
+
+Result<bool> Disk::journal_round(View& v, const DeltaMap::Rows& rows) {
+  JournalState& j = *v.journal;
+  LayerFile* f = v.file_raw.load(std::memory_order_acquire);
+  uint64_t seq = 0, at_offset = 0;
+  {
+    std::lock_guard<std::mutex> lk(j.mu);
+    if (!f || !j.enabled || !j.open || j.suspended > 0 || j.retiring) return false;
+    seq = j.written + 1;
+    // Back to the zone's start once every record written is folded (journal.h).
+    at_offset = j.folded == j.written ? 0 : j.tail;
+  }
+  const std::string record = journal::encode_record(seq, j.layer, rows);
+  if (at_offset + record.size() > journal::kZoneBytes) return false;
+  // A failed write (a full disk) leaves at most garbage where the next record goes: the round
+  // commits to the index instead.
+  if (!f->write(record.data(), record.size(), j.zone + at_offset)) return false;
+  at("journal.written");  // the record written, not synced
+  // The data was synced before the record was written: a record never names data that is
+  // not durable, as an index commit never does.
+  if (auto s = f->sync(); !s) {
+    broken_.store(kSyncFailed, std::memory_order_release);
+    return make_error(EIO, "container \"{}\": {}", name_, s.error().message);
+  }
+  at("journal.synced");  // the round durable, its rows not folded
+  std::shared_ptr<JournalState> post;
+  {
+    std::lock_guard<std::mutex> lk(j.mu);
+    j.written = seq;
+    j.tail = at_offset + record.size();
+    for (const auto& [chunk, row] : rows) j.unfolded[chunk] = {seq, row};
+    if (!j.posted) {
+      j.posted = true;
+      post = v.journal;
+    }
+  }
+  if (post) post_fold(pool_.committer(), std::move(post));
+  return true;
+}
+
+Status Disk::retire_journal(View& v) {
+  if (!v.journal) return {};
+  JournalState& j = *v.journal;
+  {
+    std::lock_guard<std::mutex> lk(j.mu);
+    if (!j.open) return {};
+    j.retiring = true;
+  }
+  std::optional<uint64_t> upto;
+  Status s = pool_.committer().run([&](WriteTxn& txn) -> Status {
+    LAYER_ASSIGN(upto, write_fold(txn, j, false));
+    return {};
+  });
+  {
+    std::lock_guard<std::mutex> lk(j.mu);
+    j.retiring = false;
+    if (!s) return s;
+    if (upto) j.folded_upto(*upto);
+    j.open = false;
+    j.tail = 0;
+  }
+  // Every record is folded and the journal closed: the zone's space goes back (its bytes are
+  // never read again; a journal opened later starts at the zone's start).
+  if (LayerFile* f = v.file_raw.load(std::memory_order_acquire)) {
+    auto size = f->size();
+    if (size && *size > j.zone) (void)f->punch(j.zone, *size - j.zone);
+  }
+  return {};
+}
+
+Status Disk::fold_journal() {
+  std::shared_ptr<View> v = pin();
+  if (!v || !v->journal) return {};
+  JournalState& j = *v->journal;
+  std::optional<uint64_t> upto;
+  LAYER_TRY(pool_.committer().run([&](WriteTxn& txn) -> Status {
+    {
+      std::lock_guard<std::mutex> lk(j.mu);
+      if (j.retiring) return {};
+    }
+    LAYER_ASSIGN(upto, write_fold(txn, j, true));
+    return {};
+  }));
+  if (upto) {
+    std::lock_guard<std::mutex> lk(j.mu);
+    j.folded_upto(*upto);
+  }
+  return {};
+}
+
+Status Disk::close_journal() {
+  if (!writable_) return {};
+  LAYER_TRY(flush());
+  std::shared_ptr<View> v = pin();
+  // No I/O yet: the view that would have recovered a journal left by an earlier process (or
+  // Disk) is not loaded; recover it here (we hold the delta's lock).
+  if (!v) {
+    if (snapshot_) return {};
+    LAYER_TRY(journal::recover(pool_, delta_layer_.id));
+    return {};
+  }
+  hold_rounds();
+  Status s = retire_journal(*v);
+  release_rounds();
+  return s;
 }
 
 Status Disk::quiesce(const std::function<Status()>& fn) {
@@ -750,7 +971,8 @@ Status Disk::quiesce(const std::function<Status()>& fn) {
     if (std::chrono::steady_clock::now() - start < kQuiesceQuickFlush) break;
   }
   std::unique_lock<WriteGate> closed(gate_);
-  LAYER_TRY(flush());
+  // Everything in the index, as fn (a snapshot, a rollback...) reads it from there.
+  LAYER_TRY(close_journal());
   return fn();
 }
 
@@ -809,6 +1031,7 @@ std::shared_ptr<Disk::View> Disk::view_with_file(View& v, std::shared_ptr<LayerF
   out->delta_layer = v.delta_layer;
   out->delta_layer.tier = tier;
   out->delta = v.delta;
+  out->journal = v.journal;
   if (file) adopt_delta_file(*out, std::move(file));
   if (same_file) {
     // No write is in flight (the gate is closed) and no round runs on v any more once the new
@@ -1076,7 +1299,7 @@ Status DiskTable::release(std::shared_ptr<Disk> disk) {
   lk.unlock();
   // A clean disconnect keeps everything written, flushed or not. Meanwhile an acquire may
   // take the Disk back (users > 0 again), and release it again (another closer).
-  Status s = closing->flush();
+  Status s = closing->close_journal();
   lk.lock();
   closing.reset();
   it = disks_.find(name);  // still there: closers > 0 keeps it
@@ -1117,7 +1340,7 @@ Status DiskTable::flush_all() {
   }
   Status result;
   for (auto& d : all) {
-    auto s = d->flush();
+    auto s = d->close_journal();
     if (!s && result.ok()) result = s;
   }
   return result;

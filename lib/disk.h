@@ -30,6 +30,7 @@
 #include "error.h"
 #include "failpoint.h"
 #include "heat.h"
+#include "journal.h"
 #include "layer_build.h"
 #include "layer_file.h"
 #include "locks.h"
@@ -88,6 +89,38 @@ struct ExportName {
 // Errors: EINVAL naming the rule broken.
 Result<ExportName> parse_export_name(std::string_view name);
 
+// A writable delta's journal (journal.h) as its Disk keeps it; shared with the folds posted
+// to the committer, which may run after the Disk is gone (they then find nothing to do).
+struct JournalState {
+  std::mutex mu;
+  LayerId layer = 0;
+  uint64_t zone = 0;    // the zone's offset in the delta's file
+  bool enabled = true;  // the pool journals (Pool::journal)
+  // GUARDED_BY(mu) from here.
+  bool open = false;       // the index's state says open: rounds may journal
+  int suspended = 0;       // live moves running: rounds commit to the index
+  bool retiring = false;   // a retire's fold is queued: posted folds do nothing
+  bool abandoned = false;  // the Disk is gone: posted folds do nothing (recovery folds)
+  uint64_t written = 0;    // the last record durable in the zone (or the checkpoint)
+  uint64_t folded = 0;     // the index's checkpoint
+  uint64_t tail = 0;       // the next record's offset in the zone
+  bool posted = false;     // a fold is queued
+  // Rows journaled and not folded yet: chunk -> (record seq, row).
+  std::map<uint32_t, std::pair<uint64_t, std::string>> unfolded;
+
+  journal::Rows unfolded_rows() const {
+    journal::Rows rows;
+    rows.reserve(unfolded.size());
+    for (const auto& [chunk, e] : unfolded) rows.emplace_back(chunk, e.second);
+    return rows;
+  }
+  // After a commit of every row journaled up to `upto`: those rows are folded.
+  void folded_upto(uint64_t upto) {
+    folded = std::max(folded, upto);
+    std::erase_if(unfolded, [&](const auto& e) { return e.second.first <= upto; });
+  }
+};
+
 class Disk {
  public:
   // Opens container `name`, taking its exclusive lock (writable) or a shared one, and shared
@@ -122,8 +155,16 @@ class Disk {
   // As zero(): trimmed ranges read back as zeroes.
   Status trim(uint64_t len, uint64_t offset, bool fua);
   // Makes every write completed before this call durable (group commit: concurrent flushes
-  // share one round).
+  // share one round). A round appends the map rows it makes durable to the delta's journal
+  // (journal.h) when it can, and folds them into the index later.
   Status flush();
+  // flush(), then folds the journal into the index and closes it (its index state no longer
+  // open): what a clean close does, so that the index alone describes the delta. Errors: the
+  // flush's, the fold's commit's.
+  Status close_journal();
+  // Folds the rounds journaled so far into the index now (it otherwise lags them by a moment,
+  // journal.h): `layer diff` of a served container reads the index. Errors: the commit's.
+  Status fold_journal();
   // Calls fn(offset, len, is_data) for consecutive extents covering [offset, offset+len);
   // !is_data means hole+zero. From the maps, never from the files.
   Status extents(uint64_t len, uint64_t offset,
@@ -243,6 +284,8 @@ class Disk {
     // it moved since the last successful sync.
     std::atomic<uint64_t> write_seq{0};
     uint64_t synced_seq = 0;  // GUARDED_BY(flush rounds: only the running round touches it)
+    // The delta's map journal; shared like `delta`. Null for a snapshot disk.
+    std::shared_ptr<JournalState> journal;
   };
   // One write, zero or trim: the write gate held shared from its first write to its mark,
   // and the view pinned under it.
@@ -324,6 +367,13 @@ class Disk {
   // One flush round (DESIGN.md "Durability"); flush() leads it. Catches exceptions (ENOMEM).
   Status run_round() noexcept;
   Status flush_round(View& v);
+  // A round's rows appended to the journal and synced. Returns false when the round must
+  // commit them to the index instead (no journal yet, a move runs, the zone is full, the
+  // record could not be written). Errors: EIO after a failed sync (the disk is broken).
+  Result<bool> journal_round(View& v, const DeltaMap::Rows& rows);
+  // Folds the journal into the index and closes it. REQUIRES: rounds held (hold_rounds).
+  Status retire_journal(View& v);
+
   Status fail_if_broken() const;
   void at(std::string_view point) {
     if (hook_) hook_(point);

@@ -5,7 +5,8 @@
 // - refcounts equal the references found (child layers, images, containers, snapshots);
 // - every map row belongs to a known layer, decodes and lies within the layer's size; every
 //   sums and heat row belongs to a known layer; heat rows and the tier policy decode;
-// - every layer with data rows has its file, and every existing file has the layer's size;
+// - every layer with data rows has its file, and every existing file has the layer's size
+//   (a writable delta's, or a frozen layer's that was one, may also hold a journal zone);
 // - files in the tier directories that no layer names (orphans; --repair moves them to
 //   POOL/lost+found/, and removes leftovers of unfinished creates);
 // - refcounts (--repair sets them to the references found, except to 0);
@@ -34,6 +35,7 @@
 #include "checksum.h"
 #include "index_restore.h"
 #include "intents.h"
+#include "journal.h"
 #include "layers.h"
 #include "tier.h"
 
@@ -77,6 +79,7 @@ struct FsckState {
   std::vector<OrphanFile> orphans;
   std::vector<StaleRecord> stale;         // containers a restore marked
   std::optional<RestoreRecord> restored;  // the index was restored from a copy
+  std::set<LayerId> journaled;            // layers with a journal row (journal.h)
 
   void problem(std::string line) { report.problems.push_back(std::move(line)); }
 };
@@ -315,6 +318,21 @@ Status find_leaked_rows(FsckState& st, ReadTxn& txn) {
     }
     return true;
   }));
+  // Journal rows go with their layer's row too (retire_layer).
+  LAYER_TRY(txn.scan(Db::kMeta, journal::kKeyPrefix,
+                     [&](std::string_view k, std::string_view v) -> Result<bool> {
+                       auto id = decode_key_u64(k.substr(journal::kKeyPrefix.size()));
+                       if (!id) {
+                         st.problem(fmt::format("meta: a journal key of {} bytes", k.size()));
+                       } else if (!st.layers.count(*id)) {
+                         st.problem(fmt::format("meta: journal row of unknown layer {}", *id));
+                       } else if (auto s = journal::decode_state(v); !s) {
+                         st.problem(fmt::format("layer {}: {}", *id, s.error().message));
+                       } else {
+                         st.journaled.insert(*id);
+                       }
+                       return true;
+                     }));
   if (auto policy = load_tier_policy(txn); !policy) st.problem(policy.error().message);
   return {};
 }
@@ -379,7 +397,11 @@ void check_files(FsckState& st) {
                                id, path, f.data_blocks));
       continue;
     }
-    if (**size != f.rec.size_bytes)
+    // A delta's file also holds its journal's zone past the disk's end (journal.h); a frozen
+    // layer keeps the (punched) zone of the delta it was.
+    if (**size < f.rec.size_bytes ||
+        (**size > f.rec.size_bytes &&
+         (!st.journaled.count(id) || **size > journal::max_file_size(f.rec.size_bytes))))
       st.problem(fmt::format("layer {}: file {} is {} bytes, index says {}", id, path, **size,
                              f.rec.size_bytes));
   }

@@ -569,6 +569,8 @@ struct Committer::Pending {
   Job job;
   bool done = false;
   Status result;
+  Done on_done;  // posted jobs: called after the batch, outside mu_
+  std::chrono::steady_clock::time_point due;
 };
 
 Committer::Committer(Index& index) : index_(index) {}
@@ -610,6 +612,25 @@ Status Committer::run(Job job) {
   return p->result;
 }
 
+Status Committer::post(Job job, Done done, std::chrono::milliseconds delay) {
+  try {
+    auto p = std::make_shared<Pending>();
+    p->job = std::move(job);
+    p->on_done = std::move(done);
+    p->due = std::chrono::steady_clock::now() + delay;
+    std::lock_guard<std::mutex> lk(mu_);
+    if (stop_) return make_error(ESHUTDOWN, "index committer is stopped");
+    if (delay.count() <= 0)
+      queue_.push_back(std::move(p));
+    else
+      delayed_.push_back(std::move(p));
+  } catch (const std::bad_alloc&) {
+    return Error{ENOMEM, "out of memory"};
+  }
+  cv_.notify_all();
+  return {};
+}
+
 void Committer::fail_next_commits(int n, Error error) {
   std::lock_guard<std::mutex> lk(mu_);
   failing_commits_ = n;
@@ -627,12 +648,30 @@ void Committer::loop() {
   auto last_reader_check = std::chrono::steady_clock::now();
   std::unique_lock<std::mutex> lk(mu_);
   for (;;) {
-    cv_.wait_for(lk, kReaderCheckInterval, [&] { return stop_ || !queue_.empty(); });
+    auto wake = std::chrono::steady_clock::now() + kReaderCheckInterval;
+    for (const auto& p : delayed_) wake = std::min(wake, p->due);
+    cv_.wait_until(lk, wake, [&] {
+      if (stop_ || !queue_.empty()) return true;
+      const auto now = std::chrono::steady_clock::now();
+      for (const auto& p : delayed_)
+        if (p->due <= now) return true;
+      return false;
+    });
     // Reader slots of dead processes are cleared on a timer, busy or idle: a busy pool is the
     // one that runs out of slots.
     if (std::chrono::steady_clock::now() - last_reader_check >= kReaderCheckInterval) {
       index_.check_readers();
       last_reader_check = std::chrono::steady_clock::now();
+    }
+    // Posted jobs that are due (all of them once stopping) join the batch.
+    const auto now = std::chrono::steady_clock::now();
+    for (auto it = delayed_.begin(); it != delayed_.end();) {
+      if (stop_ || (*it)->due <= now) {
+        queue_.push_back(std::move(*it));
+        it = delayed_.erase(it);
+      } else {
+        ++it;
+      }
     }
     if (queue_.empty()) {
       if (stop_) return;
@@ -642,6 +681,14 @@ void Committer::loop() {
     batch.swap(queue_);
     lk.unlock();
     run_batch(batch);
+    for (auto& p : batch) {
+      if (!p->on_done) continue;
+      try {
+        p->on_done(p->result);
+      } catch (...) {
+        // A callback may not end the thread; its owner sees its job as never done.
+      }
+    }
     lk.lock();
     cv_.notify_all();
   }

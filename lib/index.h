@@ -232,6 +232,12 @@ class Committer {
   // Runs job in a write transaction and commits it. A job that throws fails alone with ENOMEM
   // (std::bad_alloc) or EIO. Errors: the job's own, or the commit's (EIO, ENOSPC), ENOMEM.
   Status run(Job job);
+  // Queues job for a batch that starts no sooner than `delay` from now and returns at once;
+  // done(result) runs on the committer thread after that batch, outside the committer's lock
+  // (it must not call run()). Jobs still queued when the committer stops run then. Errors
+  // (only when nothing was queued): ENOMEM, ESHUTDOWN.
+  using Done = std::function<void(Status)>;
+  Status post(Job job, Done done, std::chrono::milliseconds delay);
 
   // Test seam: the next n batches that would commit abort instead, and their jobs fail with
   // `error` (ENOSPC models a full map, MDB_MAP_FULL). A real full map (Index::Options'
@@ -252,6 +258,7 @@ class Committer {
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<std::shared_ptr<Pending>> queue_;
+  std::vector<std::shared_ptr<Pending>> delayed_;  // GUARDED_BY(mu_): posted, not yet due
   bool stop_ = false;
   int failing_commits_ = 0;  // GUARDED_BY(mu_)
   Error commit_fault_;       // GUARDED_BY(mu_)

@@ -3,6 +3,7 @@
 
 #include "block_map.h"
 #include "chain.h"
+#include "journal.h"
 #include "pool.h"
 
 namespace layer {
@@ -48,6 +49,7 @@ Status retire_layer(WriteTxn& txn, const LayerRecord& layer, std::vector<uint64_
   // steps under a drop intent (finish_drop), so this transaction stays short.
   LAYER_TRY(txn.del(Db::kLayers, key_u64(layer.id)));
   LAYER_TRY(txn.del(Db::kHeat, key_u64(layer.id)));
+  LAYER_TRY(txn.del(Db::kMeta, journal::key(layer.id)));
   LAYER_ASSIGN(uint64_t intent_id, txn.next_id("intent"));
   IntentRecord intent{IntentRecord::Kind::kDrop, layer.id, to_string(layer.tier), now_unix()};
   LAYER_TRY(txn.put(Db::kIntents, key_u64(intent_id), encode(intent)));

@@ -29,6 +29,7 @@
 #include "failpoint.h"
 #include "index_restore.h"
 #include "intents.h"
+#include "journal.h"
 #include "layers.h"
 #include "names.h"
 #include "snapshots.h"
@@ -311,6 +312,10 @@ Result<std::unique_ptr<Pool>> Pool::open(const std::string& root, const OpenOpti
     // Best effort: a pool whose disk is full must still open (to remove things); a drop that
     // fails now stays for the next open or fsck --repair.
     (void)finish_interrupted(*pool);
+    // Journals that a server stopped without folding (a crash): into the index now, so that
+    // every tool reads a delta's map from the index alone (the containers' own servers, if
+    // alive, hold their locks and are left alone).
+    (void)journal::recover_all(*pool);
   }
   return pool;
 }

@@ -108,6 +108,11 @@ class Pool {
   bool verify_reads() const { return verify_reads_; }
   void set_verify_reads(bool on) { verify_reads_ = on; }
   VerifierTable& verifiers() { return verifiers_; }
+  // Whether disks journal their flush rounds' map rows (journal.h; plugin journal=on|off,
+  // default on). Off: every round commits its rows to the index before it answers.
+  // REQUIRES: set before any disk opens.
+  bool journal() const { return journal_; }
+  void set_journal(bool on) { journal_ = on; }
   bool read_only() const { return read_only_; }
   // Errors: EACCES `pool P is open read-only` when it is.
   Status check_writable() const;
@@ -187,6 +192,7 @@ class Pool {
   ChainCache chains_;
   HeatTable heat_;
   bool verify_reads_ = false;
+  bool journal_ = true;
   VerifierTable verifiers_;
   TestHook test_hook_;
 };

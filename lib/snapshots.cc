@@ -22,6 +22,7 @@
 #include "fsck.h"
 #include "index.h"
 #include "index_restore.h"
+#include "journal.h"
 #include "layer_build.h"
 #include "layers.h"
 #include "locks.h"
@@ -117,6 +118,18 @@ Result<std::map<uint32_t, ChunkBits>> load_rows(ReadTxn& txn, LayerId id) {
   return rows;
 }
 
+// The container's delta journal folded into the index (journal.h) before a change reads the
+// delta's rows from it. Errors: those of journal::recover_delta; ENOENT (container).
+Status recover_journal_of(Pool& pool, std::string_view container) {
+  LayerId delta = 0;
+  {
+    LAYER_ASSIGN(auto txn, pool.index().begin_read());
+    LAYER_ASSIGN(auto c, pool.get_container(txn, container));
+    delta = c.delta_layer;
+  }
+  return journal::recover_delta(pool, delta);
+}
+
 }  // namespace
 
 // ---- snapshot / commit / rollback ----
@@ -126,6 +139,7 @@ Result<ContainerState> snapshot_container(Pool& pool, std::string_view container
                                           LayerBuild* premade) {
   LAYER_TRY(validate_name(container, "container name"));
   LAYER_TRY(validate_snapshot_name(snap));
+  LAYER_TRY(recover_journal_of(pool, container));
   ContainerState state;
   LAYER_TRY(pool.committer().run([&](WriteTxn& txn) -> Status {
     LAYER_ASSIGN(auto c, pool.get_container(txn, container));
@@ -152,6 +166,7 @@ Result<ContainerState> commit_container(Pool& pool, std::string_view container,
                                         LayerId expected_delta, LayerBuild* premade) {
   LAYER_TRY(validate_name(container, "container name"));
   LAYER_TRY(validate_image_ref(image_ref));
+  LAYER_TRY(recover_journal_of(pool, container));
   ContainerState state;
   LAYER_TRY(pool.committer().run([&](WriteTxn& txn) -> Status {
     LAYER_ASSIGN(auto c, pool.get_container(txn, container));
@@ -180,6 +195,7 @@ Result<ContainerState> rollback_container(Pool& pool, std::string_view container
   LAYER_TRY(validate_name(container, "container name"));
   LAYER_TRY(validate_snapshot_name(snap));
   if (keep_as) LAYER_TRY(validate_snapshot_name(*keep_as));
+  LAYER_TRY(recover_journal_of(pool, container));
   ContainerState state;
   LAYER_TRY(pool.committer().run([&](WriteTxn& txn) -> Status {
     drops->clear();

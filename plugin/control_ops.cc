@@ -240,6 +240,23 @@ json change(const ControlContext& ctx, const json& request) {
               {"generation", state->container.generation}};
 }
 
+// {"op": "fold", "container": C}: C's journaled rounds folded into the index now, so that a
+// reader of the index (`layer diff`) sees it as of its last flush.
+json fold(const ControlContext& ctx, const json& request) {
+  if (!request.contains("container") || !request["container"].is_string())
+    return error(EINVAL, "a control request needs \"op\" and \"container\" strings");
+  const std::string container = request["container"];
+  if (auto s = layer::validate_name(container, "container name"); !s)
+    return layer::control_error(s.error());
+  auto disk = ctx.disks.acquire(container, true);
+  if (!disk) return layer::control_error(disk.error());
+  auto folded = (*disk)->fold_journal();
+  auto released = ctx.disks.release(std::move(*disk));
+  if (!folded) return layer::control_error(folded.error());
+  if (!released) return layer::control_error(released.error());
+  return json{{"ok", true}, {"container", container}};
+}
+
 }  // namespace
 
 json handle_control(const ControlContext& ctx, const json& request) {
@@ -249,6 +266,7 @@ json handle_control(const ControlContext& ctx, const json& request) {
   if (op == "moved") return moved(ctx, request);
   if (op == "move") return move(ctx, request);
   if (op == "resources") return resources(ctx, request);
+  if (op == "fold") return fold(ctx, request);
   return change(ctx, request);
 }
 

@@ -1,7 +1,7 @@
 // layer_plugin.cc — nbdkit callbacks over lib/:
 // `nbdkit layer pool=DIR [default=NAME] [hasher=on|off] [hash-rate=BYTES_PER_SEC]
 // [heat-interval=DURATION] [tier-interval=DURATION] [index-backup-interval=DURATION]
-// [verify=on|off]`.
+// [verify=on|off] [journal=on|off]`.
 //
 // Life cycle (nbdkit forks after config_complete/get_ready unless -f; with --run the server is
 // the child): config parses and makes paths absolute; get_ready reads the whole index through
@@ -60,6 +60,7 @@ std::string g_pool_path;                              // set by config
 std::string g_default_name;                           // default=NAME
 bool g_hasher_on = true;                              // hasher=on|off
 bool g_verify = false;                                // verify=on|off
+bool g_journal = true;                                // journal=on|off
 uint64_t g_hash_rate = layer::kDefaultHashRateBytes;  // hash-rate=BYTES_PER_SEC (0: unlimited)
 layer::Pool* g_pool = nullptr;
 layer::DiskTable* g_disks = nullptr;
@@ -221,10 +222,10 @@ int layer_config(const char* key, const char* value) {
       g_hasher_on = on != 0;
       return 0;
     }
-    if (std::strcmp(key, "verify") == 0) {
+    if (std::strcmp(key, "verify") == 0 || std::strcmp(key, "journal") == 0) {
       const int on = nbdkit_parse_bool(value);
       if (on == -1) return -1;
-      g_verify = on != 0;
+      (key[0] == 'v' ? g_verify : g_journal) = on != 0;
       return 0;
     }
     if (std::strcmp(key, "hash-rate") == 0) {
@@ -252,7 +253,8 @@ int layer_config(const char* key, const char* value) {
     nbdkit_error(
         "unknown parameter '%s' (expected pool=DIR, default=NAME, hasher=on|off, "
         "hash-rate=BYTES_PER_SEC, heat-interval=DURATION, tier-interval=DURATION, "
-        "index-backup-interval=DURATION, verify=on|off, max-connections-per-peer=N or "
+        "index-backup-interval=DURATION, verify=on|off, journal=on|off, "
+        "max-connections-per-peer=N or "
         "max-connections-per-export=N)",
         key);
     return -1;
@@ -402,6 +404,7 @@ int layer_after_fork() {
     if (!pool) return fail(pool.error());
     g_pool = pool->release();
     g_pool->set_verify_reads(g_verify);
+    g_pool->set_journal(g_journal);
     g_disks = new layer::DiskTable(*g_pool);
     g_limiters = new layer::LimiterTable();
     g_audit = new layer::AuditLog(layer::audit_dir(g_pool->paths().root));
@@ -763,7 +766,8 @@ struct nbdkit_plugin make_plugin() {
       "default=<NAME>  Container served to clients that give no export name.\n"
       "hasher=on|off   Checksum frozen layers in the background (default on).\n"
       "hash-rate=<BYTES_PER_SEC>  The hasher's read rate (default 64M; 0: unlimited).\n"
-      "index-backup-interval=<DURATION>  Copy the index this often (default 15m; 0: never).";
+      "index-backup-interval=<DURATION>  Copy the index this often (default 15m; 0: never).\n"
+      "journal=on|off  Flushes append map rows to the delta's journal (default on).";
   p.magic_config_key = "pool";
   p.get_ready = layer_get_ready;
   p.after_fork = layer_after_fork;

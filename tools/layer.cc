@@ -1158,6 +1158,13 @@ int cmd_image_history(const Globals& g, const std::string& ref) {
 
 int cmd_diff(const Globals& g, const std::string& a, const std::string& b) {
   auto pool = open_pool(g, false);
+  // A served container's head is read from the index: its server folds the rounds it
+  // journaled first, so the diff sees the head as of its last flush.
+  for (const std::string& point : {a, b}) {
+    if (point.find('@') != std::string::npos || !pool->inspect(point)) continue;
+    (void)route_change(*pool, point, {{"op", "fold"}, {"container", point}}, true, "",
+                       [] { return json::object(); });
+  }
   const auto d = take(layer::diff(*pool, a, b));
   uint64_t total = 0;
   for (const auto& [off, len] : d.ranges) total += len;

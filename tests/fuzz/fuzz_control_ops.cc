@@ -140,6 +140,7 @@ const char* mistyped_field(const json& request) {
       {"move", {"layer", "tier", "container", "rate"}},
       {"moved", {"layer"}},
       {"resources", {"container"}},
+      {"fold", {"container"}},
   };
   const auto op = request.find("op");
   if (op == request.end() || !op->is_string()) return nullptr;
@@ -162,7 +163,7 @@ json request_from(fuzz::FuzzInput& in) {
   static const std::vector<std::pair<const char*, std::vector<const char*>>> keys = {
       {"op",
        {"snapshot", "rollback", "commit", "flatten", "snapshot-rm", "merge", "move", "moved",
-        "resources"}},
+        "resources", "fold"}},
       {"container", {"c0", "c1", "c2", "C0", ""}},
       {"name", {"s0", "s1", "k", "s0..s1", ""}},
       {"keep_as", {"k", "s0", "s1", ""}},
