@@ -213,6 +213,30 @@ else
 fi
 
 # ---- the examples ----
+# The schema is JSON; with python3-jsonschema, it is a valid 2020-12 schema that the examples and
+# this test's spec meet and some of the bad specs above do not.
+schema=$LAYER_SRC/docs/apply-spec.schema.json
+/usr/bin/python3 -c 'import json, sys; json.load(open(sys.argv[1]))' "$schema" || fail "$schema is not JSON"
+if /usr/bin/python3 -c 'import jsonschema' 2>/dev/null; then
+  /usr/bin/python3 - "$schema" "$spec" "$LAYER_SRC"/scripts/examples/*.json <<'EOF' || fail "schema check"
+import json, sys, jsonschema
+schema = json.load(open(sys.argv[1]))
+jsonschema.Draft202012Validator.check_schema(schema)
+v = jsonschema.Draft202012Validator(schema)
+for f in sys.argv[2:]:
+    errors = [e.message for e in v.iter_errors(json.load(open(f)))]
+    if errors:
+        sys.exit(f"{f}: {errors}")
+for bad in ({"version": 1, "containers": [{"name": "n1", "imag": "new:1"}]},
+            {"version": 1, "containers": [{"name": "n1", "image": "new:1", "resources": {"priority": 11}}]},
+            {"version": 2}):
+    if v.is_valid(bad):
+        sys.exit(f"the schema takes {bad}")
+EOF
+  log "schema: valid; the examples meet it"
+else
+  log "schema: not checked (no python3-jsonschema)"
+fi
 for example in "$LAYER_SRC"/scripts/examples/*.json; do
   name=$(basename "$example" .json)
   dir=$tmp/examples/scripts/examples
