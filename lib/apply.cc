@@ -247,7 +247,7 @@ void parse_container(const json& j, const std::string& field, std::vector<Contai
         fmt::format("with count, the name is a pattern holding {{i}} once (e.g. \"web-{{i}}\"), "
                     "not {}",
                     in_quotes(name)));
-  // The pattern's longest name must be valid too: check the first and the last.
+  // Checked with the first number even when count is 0 (each name made is checked below).
   check_name(expand(name, start), sub(field, "name"), "container name");
   if (out->size() + count > kMaxApplyContainers)
     bad(sub(field, "count"), fmt::format("the spec would name {} containers, more than {}",
