@@ -26,6 +26,36 @@ Status validate_image_ref(std::string_view ref) {
   return validate_name(ref.substr(colon + 1), "image version");
 }
 
+Status validate_label(std::string_view key, std::string_view value) {
+  auto alnum = [](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9');
+  };
+  bool ok = !key.empty() && key.size() <= 63 && alnum(key[0]);
+  for (char c : key) ok = ok && (alnum(c) || c == '.' || c == '_' || c == '/' || c == '-');
+  if (!ok)
+    return make_error(EINVAL,
+                      "invalid label key \"{}\": use 1-63 characters a-z A-Z 0-9 . _ / -, "
+                      "starting with a letter or digit",
+                      escape_control(key));
+  if (value.size() > 256)
+    return make_error(EINVAL, "label \"{}\": the value is {} bytes, more than 256", key,
+                      value.size());
+  for (size_t i = 0; i < value.size();) {
+    const auto c = static_cast<unsigned char>(value[i]);
+    if (c < 0x20 || c == 0x7f)
+      return make_error(EINVAL, "label \"{}\": the value holds a control character", key);
+    // UTF-8: a lead byte and its continuation bytes, no overlong forms or surrogates checked
+    // beyond the byte patterns (the JSON it came from was UTF-8 already).
+    size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+    bool good = n != 0 && i + n <= value.size();
+    for (size_t k = 1; good && k < n; ++k)
+      good = (static_cast<unsigned char>(value[i + k]) & 0xc0) == 0x80;
+    if (!good) return make_error(EINVAL, "label \"{}\": the value is not UTF-8", key);
+    i += n;
+  }
+  return {};
+}
+
 Status validate_snapshot_name(std::string_view name) {
   return validate_name(name, "snapshot name");
 }

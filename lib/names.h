@@ -23,6 +23,10 @@ Status validate_name(std::string_view name, std::string_view what);
 Status validate_snapshot_name(std::string_view name);
 // "name:version" -> checked. Errors: EINVAL.
 Status validate_image_ref(std::string_view ref);
+// A container label (records.h ContainerRecord::labels): the key 1-63 characters
+// [a-zA-Z0-9._/-] starting with a letter or digit; the value at most 256 bytes of UTF-8
+// without control characters. Errors: EINVAL naming the key and the rule.
+Status validate_label(std::string_view key, std::string_view value);
 // "CONTAINER@SNAP" split; std::nullopt when `ref` has no '@'. Errors: EINVAL for bad names.
 Result<std::optional<std::pair<std::string, std::string>>> parse_snapshot_ref(std::string_view ref);
 // Parses sizes like "4096", "512M", "10G", "1T" (binary units). Errors: EINVAL.

@@ -413,7 +413,8 @@ Result<ContainerInfo> Pool::container_info(ReadTxn& txn, const ContainerRecord& 
 }
 
 Result<ContainerInfo> Pool::clone(const std::string& source, const std::string& name,
-                                  std::optional<uint64_t> size_bytes, const Resources& resources) {
+                                  std::optional<uint64_t> size_bytes, const Resources& resources,
+                                  const std::map<std::string, std::string>& labels) {
   LAYER_TRY(check_writable());
   LAYER_ASSIGN(auto snap, parse_snapshot_ref(source));
   if (!snap) LAYER_TRY(validate_image_ref(source));
@@ -462,11 +463,25 @@ Result<ContainerInfo> Pool::clone(const std::string& source, const std::string& 
                       1,        now_unix()};
     LAYER_TRY(txn.put(Db::kLayers, key_u64(delta_id), encode(delta)));
     rec = ContainerRecord{name, container_id, image_ref, delta_id, size, block_size, now_unix(),
-                          1,    {},           {},        resources};
+                          1,    labels,       {},        resources};
     return txn.put(Db::kContainers, name, encode(rec));
   }));
   LAYER_ASSIGN(auto txn, index_->begin_read());
   return container_info(txn, rec);
+}
+
+Result<std::map<std::string, std::string>> Pool::set_labels(
+    const std::string& name, const std::map<std::string, std::string>& labels) {
+  LAYER_TRY(check_writable());
+  for (const auto& [key, value] : labels) LAYER_TRY(validate_label(key, value));
+  std::map<std::string, std::string> before;
+  LAYER_TRY(committer_->run([&](WriteTxn& txn) -> Status {
+    LAYER_ASSIGN(auto rec, get_container(txn, name));
+    before = rec.labels;
+    rec.labels = labels;
+    return txn.put(Db::kContainers, name, encode(rec));
+  }));
+  return before;
 }
 
 Result<std::vector<ContainerInfo>> Pool::list_containers() {

@@ -159,9 +159,15 @@ class Pool {
   // source container's image ref): one transaction, no file work. size_bytes defaults to the
   // image's size and may only grow it (multiple of 512, at most kMaxDiskBytes and what the
   // tiers' filesystems hold in one file: check_tiers_hold). `resources` are recorded as given
-  // (qos.h: apply_change validates them). Errors: ENOENT, EEXIST, EINVAL.
+  // (qos.h: apply_change validates them), and so are `labels` (names.h validate_label checks
+  // them). Errors: ENOENT, EEXIST, EINVAL.
   Result<ContainerInfo> clone(const std::string& image_ref, const std::string& name,
-                              std::optional<uint64_t> size_bytes, const Resources& resources = {});
+                              std::optional<uint64_t> size_bytes, const Resources& resources = {},
+                              const std::map<std::string, std::string>& labels = {});
+  // Replaces the labels of container `name` in one transaction; returns the labels it had.
+  // Errors: ENOENT, EINVAL (a bad label), EACCES (read-only pool), EIO.
+  Result<std::map<std::string, std::string>> set_labels(
+      const std::string& name, const std::map<std::string, std::string>& labels);
   Result<std::vector<ContainerInfo>> list_containers();
   // The names of the first `limit` containers in name order (byte order), reading nothing but
   // the keys: what nbdkit's list_exports needs. Errors: EIO.

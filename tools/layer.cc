@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "access.h"
+#include "apply_cmd.h"
 #include "audit.h"
 #include "control.h"
 #include "disk.h"
@@ -1886,6 +1887,16 @@ int run(int argc, char** argv) {
       ->type_name("");
   scrub_cmd->add_option("--rate", scrub.rate, "read at most SIZE per second")->type_name("SIZE");
 
+  ApplyArgs apply_args;
+  auto* apply_cmd = app.add_subcommand(
+      "apply", "make the pool match a spec of images and containers (docs/apply.md)");
+  apply_cmd->add_option("SPEC", apply_args.spec, "spec file (JSON; - reads stdin)")
+      ->type_name("")
+      ->required();
+  apply_cmd->add_flag("--dry-run", apply_args.dry_run, "print the plan, change nothing");
+  apply_cmd->add_flag("--prune", apply_args.prune,
+                      "also remove this spec's containers it no longer names");
+
   auto* version_cmd = app.add_subcommand("version", "print the version");
 
   try {
@@ -1943,6 +1954,7 @@ int run(int argc, char** argv) {
   if (*index_backup_cmd) return cmd_index_backup(g);
   if (*index_ls_cmd) return cmd_index_ls(g);
   if (*index_restore_cmd) return cmd_index_restore(g, restore_name);
+  if (*apply_cmd) return take(run_apply(resolve_pool(g), g.json, apply_args));
   if (*version_cmd) return cmd_version(g);
   fail(EINVAL, "no command given");
 }

@@ -270,6 +270,23 @@ void control_ops(Seeds& s) {
       std::string("B\x01\x06\x01\x00\x00\x00\x00\x00\x03\x03\x01\x01", 13);
 }
 
+// Specs of `layer apply` (docs/apply.md): the documented shapes and a few near misses.
+void apply(Seeds& s) {
+  s["apply/minimal"] = R"({"version":1})";
+  s["apply/full"] =
+      R"({"version":1,"name":"web","images":[{"ref":"busybox:1","file":"busybox.img",)"
+      R"("block_size":"4K","description":"rootfs"}],"containers":[{"name":"web1",)"
+      R"("image":"busybox:1","size":"128M","resources":{"cpu":2,"memory":"1G",)"
+      R"("net":"100M","iops":2000,"bandwidth":"50M","priority":7},"labels":)"
+      R"({"role":"web","team/owner":"ops"},"snapshots":["base"]}]})";
+  s["apply/count"] = R"({"version":1,"containers":[{"name":"worker-{i}","count":3,"start":0,)"
+                     R"("image":"busybox:1","resources":{"cpu":0.5,"iops":"none"}}]})";
+  s["apply/duplicate-name"] = R"({"version":1,"containers":[{"name":"a-2","image":"b:1"},)"
+                              R"({"name":"a-{i}","count":2,"image":"b:1"}]})";
+  s["apply/duplicate-key"] = R"({"version":1,"containers":[],"containers":[]})";
+  s["apply/bad-type"] = R"({"version":1,"containers":[{"name":"a","image":"b:1","size":true}]})";
+}
+
 std::optional<std::string> read_file(const std::filesystem::path& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return std::nullopt;
@@ -294,6 +311,7 @@ int main(int argc, char** argv) {
   access(seeds);
   control(seeds);
   control_ops(seeds);
+  apply(seeds);
   int bad = 0;
   for (const auto& [name, bytes] : seeds) {
     const auto path = dir / name;

@@ -332,6 +332,7 @@ access
 pool set
 tier move
 tier move c1
+apply
 EOF
 while read -r -a cmd; do
   cli_error "${cmd[*]}: an unknown flag" "${P[@]}" "${cmd[@]}" --no-such-flag
@@ -369,12 +370,17 @@ index backup
 index ls
 index restore
 version
+apply /dev/null
 EOF
 cli_error "an unknown command" "${P[@]}" frobnicate
 cli_error "an unknown image subcommand" "${P[@]}" image frobnicate
 cli_error "an unknown tier subcommand" "${P[@]}" tier frobnicate
 cli_error "an unknown index subcommand" "${P[@]}" index frobnicate
 cli_error "an unknown global flag" "${P[@]}" --verbose ls
+# Specs of layer apply that are not specs (test_apply.sh has the bad fields).
+cli_error "apply: an empty spec" "${P[@]}" apply /dev/null
+cli_error "apply: a directory" "${P[@]}" apply "$tmp"
+cli_error "apply: no such spec" "${P[@]}" apply "$tmp/no-such-spec.json"
 
 # Bad sizes, wherever a size is taken.
 for bad in -5 1.5X 99999999999999999999T 0 1000 12Q "" " " 1e9 0x1000 4K4 -0 18446744073709551616; do

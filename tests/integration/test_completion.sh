@@ -64,7 +64,9 @@ expect() {
   log "'$line' -> ${got//$'\n'/ }"
 }
 
-expect "layer " access audit clone commit diff flatten fsck gc image index init inspect ls pool rm rollback scrub serve set snapshot tier version
+expect "layer " access apply audit clone commit diff flatten fsck gc image index init inspect ls pool rm rollback scrub serve set snapshot tier version
+expect "layer a" access apply audit
+expect "layer apply spec.json --" --dry-run --prune --pool --json --help
 expect "layer i" image index init inspect
 expect "layer index " backup ls restore
 expect "layer image " history import ls rm

@@ -76,3 +76,19 @@ TEST_CASE("escape_control", "[names]") {
   CHECK(escape_control("\t\x7f\x1b[0m") == "\\x09\\x7f\\x1b[0m");
   CHECK(escape_control("c1\xc3\xa9") == "c1\xc3\xa9");  // UTF-8 passes
 }
+
+TEST_CASE("labels: keys of a-z A-Z 0-9 . _ / -, values of printable UTF-8", "[names]") {
+  CHECK(layer::validate_label("role", "web").ok());
+  CHECK(layer::validate_label("team/owner", "").ok());
+  CHECK(layer::validate_label("A.b_c-9", std::string(256, 'x')).ok());
+  CHECK(layer::validate_label(std::string(63, 'k'), "ünïcode ✓").ok());
+  CHECK_ERRNO(layer::validate_label("", "v"), EINVAL);
+  CHECK_ERRNO(layer::validate_label(std::string(64, 'k'), "v"), EINVAL);
+  CHECK_ERRNO(layer::validate_label("-x", "v"), EINVAL);
+  CHECK_ERRNO(layer::validate_label("a b", "v"), EINVAL);
+  CHECK_ERRNO(layer::validate_label("k", std::string(257, 'x')), EINVAL);
+  CHECK_ERRNO(layer::validate_label("k", "a\nb"), EINVAL);
+  CHECK_ERRNO(layer::validate_label("k", "a\x7f"), EINVAL);
+  CHECK_ERRNO(layer::validate_label("k", "\xff"), EINVAL);
+  CHECK_ERRNO(layer::validate_label("k", "\xc3"), EINVAL);  // a lead byte alone
+}
