@@ -38,7 +38,13 @@ std::string sub(const std::string& parent, std::string_view key) {
   return parent.empty() ? std::string(key) : parent + "." + std::string(key);
 }
 
-std::string in_quotes(std::string_view s) { return "\"" + escape_control(s) + "\""; }
+// (Appended piece by piece: GCC 12's -O3 reports a false -Wrestrict on `"\"" + str + "\""`.)
+std::string in_quotes(std::string_view s) {
+  std::string out = "\"";
+  out += escape_control(s);
+  out += '"';
+  return out;
+}
 
 // A JSON value in a message: short, one line.
 std::string shown(const json& v) {

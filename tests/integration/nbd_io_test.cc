@@ -739,15 +739,15 @@ TEST_CASE("crash torture: kill -9 at random moments under load keeps every flush
   // Every other round the server kills itself at a failpoint (lib/failpoint.h) instead of at a
   // random moment: inside the windows a random kill rarely lands in — a batch built but not
   // committed, committed but not answered, a delta synced but its rows not committed, a
-  // copy-up written but not marked. The Nth pass, N random, so it dies under load.
+  // journal record written but not synced, synced but not folded, a copy-up written but not
+  // marked. The Nth pass, N random, so it dies under load.
   struct Point {
     const char* name;
     unsigned max_n;
   };
-  constexpr Point kPoints[] = {{"index.commit", 40},
-                               {"index.committed", 40},
-                               {"flush.synced", 30},
-                               {"write.copied_up", 400}};
+  constexpr Point kPoints[] = {{"index.commit", 40},   {"index.committed", 40},
+                               {"flush.synced", 30},   {"journal.written", 30},
+                               {"journal.synced", 30}, {"write.copied_up", 400}};
   int failpoint_rounds = 0, failpoint_kills = 0;
   constexpr int kConns = 4;
   const uint64_t size = f.image.size();
