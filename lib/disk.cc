@@ -858,19 +858,41 @@ Status Disk::flush_round(View& v) {
 Result<bool> Disk::journal_round(View& v, const DeltaMap::Rows& rows) {
   JournalState& j = *v.journal;
   LayerFile* f = v.file_raw.load(std::memory_order_acquire);
-  uint64_t seq = 0, at_offset = 0;
+  uint64_t seq = 0, segment = 0, at_offset = 0;
+  size_t record_bytes = 0;
+  std::string record;
   {
     std::lock_guard<std::mutex> lk(j.mu);
     if (!f || !j.enabled || !j.open || j.suspended > 0 || j.retiring) return false;
     seq = j.written + 1;
-    // Back to the zone's start once every record written is folded (journal.h).
-    at_offset = j.folded == j.written ? 0 : j.tail;
+    record = journal::encode_record(seq, j.layer, rows);
+    record_bytes = record.size();
+    segment = j.segment;
+    at_offset = j.tail;
+    if (at_offset + record_bytes > journal::kSegmentBytes) {
+      // On at the next segment's start, once every record in it is folded.
+      segment = (segment + 1) % journal::kSegments;
+      at_offset = 0;
+      if (j.segment_last[segment] > j.folded || record_bytes > journal::kSegmentBytes) return false;
+    }
   }
-  const std::string record = journal::encode_record(seq, j.layer, rows);
-  if (at_offset + record.size() > journal::kZoneBytes) return false;
+  // The zone's blocks allocated once, so that records overwrite (journal.h). Everything in
+  // it is folded (the journal opened with a commit of every row): zeroes lose nothing.
+  bool zone_written = false;
+  {
+    std::lock_guard<std::mutex> lk(j.mu);
+    zone_written = j.zone_written;
+  }
+  if (!zone_written) {
+    const std::string zeroes(journal::kZoneBytes, '\0');
+    if (!f->write(zeroes.data(), zeroes.size(), j.zone)) return false;
+    std::lock_guard<std::mutex> lk(j.mu);
+    j.zone_written = true;
+  }
   // A failed write (a full disk) leaves at most garbage where the next record goes: the round
   // commits to the index instead.
-  if (!f->write(record.data(), record.size(), j.zone + at_offset)) return false;
+  const uint64_t offset = j.zone + segment * journal::kSegmentBytes + at_offset;
+  if (!f->write(record.data(), record_bytes, offset)) return false;
   at("journal.written");  // the record written, not synced
   // The data was synced before the record was written: a record never names data that is
   // not durable, as an index commit never does.
@@ -883,7 +905,9 @@ Result<bool> Disk::journal_round(View& v, const DeltaMap::Rows& rows) {
   {
     std::lock_guard<std::mutex> lk(j.mu);
     j.written = seq;
-    j.tail = at_offset + record.size();
+    j.segment = segment;
+    j.tail = at_offset + record_bytes;
+    j.segment_last[segment] = seq;
     for (const auto& [chunk, row] : rows) j.unfolded[chunk] = {seq, row};
     if (!j.posted) {
       j.posted = true;
@@ -913,7 +937,9 @@ Status Disk::retire_journal(View& v) {
     if (!s) return s;
     if (upto) j.folded_upto(*upto);
     j.open = false;
-    j.tail = 0;
+    j.zone_written = false;
+    j.segment = j.tail = 0;
+    j.segment_last.fill(0);
   }
   // Every record is folded and the journal closed: the zone's space goes back (its bytes are
   // never read again; a journal opened later starts at the zone's start).

@@ -11,6 +11,7 @@
 // connections. The Pool must outlive the Disk.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -97,14 +98,18 @@ struct JournalState {
   uint64_t zone = 0;    // the zone's offset in the delta's file
   bool enabled = true;  // the pool journals (Pool::journal)
   // GUARDED_BY(mu) from here.
-  bool open = false;       // the index's state says open: rounds may journal
-  int suspended = 0;       // live moves running: rounds commit to the index
-  bool retiring = false;   // a retire's fold is queued: posted folds do nothing
-  bool abandoned = false;  // the Disk is gone: posted folds do nothing (recovery folds)
-  uint64_t written = 0;    // the last record durable in the zone (or the checkpoint)
-  uint64_t folded = 0;     // the index's checkpoint
-  uint64_t tail = 0;       // the next record's offset in the zone
-  bool posted = false;     // a fold is queued
+  bool open = false;          // the index's state says open: rounds may journal
+  int suspended = 0;          // live moves running: rounds commit to the index
+  bool retiring = false;      // a retire's fold is queued: posted folds do nothing
+  bool abandoned = false;     // the Disk is gone: posted folds do nothing (recovery folds)
+  uint64_t written = 0;       // the last record durable in the zone (or the checkpoint)
+  uint64_t folded = 0;        // the index's checkpoint
+  bool zone_written = false;  // the zone's blocks allocated (zeroes) since the journal opened
+  uint64_t segment = 0;       // the segment records go to (journal.h)
+  uint64_t tail = 0;          // the next record's offset in that segment
+  // The last record written into each segment (0: none since the journal opened).
+  std::array<uint64_t, journal::kSegments> segment_last{};
+  bool posted = false;  // a fold is queued
   // Rows journaled and not folded yet: chunk -> (record seq, row).
   std::map<uint32_t, std::pair<uint64_t, std::string>> unfolded;
 

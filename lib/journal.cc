@@ -136,18 +136,25 @@ Result<std::vector<Record>> read_records(LayerFile& file, const LayerRecord& lay
                            kBlocksPerChunk;
   std::string buf(zone_len, '\0');
   LAYER_TRY(file.read(buf.data(), zone_len, zone));
-  std::string_view rest(buf);
-  std::optional<uint64_t> prev;
-  while (!rest.empty()) {
-    auto rec = decode_record(rest, layer.id, nchunks);
-    if (!rec) break;
-    if (prev && rec->first.seq != *prev + 1) break;
-    prev = rec->first.seq;
-    rest.remove_prefix(std::min<uint64_t>(rec->second, rest.size()));
-    if (rec->first.seq > checkpoint) out.push_back(std::move(rec->first));
+  std::map<uint64_t, Record> found;  // by seq
+  for (uint64_t seg = 0; seg < zone_len; seg += kSegmentBytes) {
+    std::string_view rest = std::string_view(buf).substr(seg, kSegmentBytes);
+    std::optional<uint64_t> prev;
+    while (!rest.empty()) {
+      auto rec = decode_record(rest, layer.id, nchunks);
+      if (!rec || rec->second > rest.size()) break;
+      if (prev && rec->first.seq != *prev + 1) break;
+      prev = rec->first.seq;
+      rest.remove_prefix(rec->second);
+      if (rec->first.seq > checkpoint) found.emplace(rec->first.seq, std::move(rec->first));
+    }
   }
   // Past the checkpoint, only the next record continues the folded ones.
-  if (!out.empty() && out.front().seq != checkpoint + 1) out.clear();
+  for (uint64_t want = checkpoint + 1;; ++want) {
+    auto it = found.find(want);
+    if (it == found.end()) break;
+    out.push_back(std::move(it->second));
+  }
   return out;
 }
 

@@ -10,11 +10,18 @@
 // Sequence numbers grow by one per record over the delta's whole life. The index keeps, per
 // delta, a `meta` row "journal.<id>" = { checkpoint u64 | open u8 }: every record up to the
 // checkpoint is folded into the `maps` rows; open says records past it may exist (a server
-// journals into the file). The writer starts again at the zone's start only when every record
-// written is folded, so a zone read from its start is: records up to the checkpoint, then
-// consecutive records past it, then something that is not the next record (an older record,
-// a torn one, zeroes) — where reading stops.
-//
+// journals into the file).
+// The zone is kSegments segments of kSegmentBytes. The writer appends records to one segment
+// and, when the next record does not fit, goes on at the start of the next segment — only if
+// every record in that one is folded (otherwise the round commits to the index instead). So
+// read from a segment's start, a segment holds consecutive records, newest first written,
+// then bytes that are not the next record (older records, a torn one, zeroes); and the records
+// past the checkpoint, gathered from every segment, are consecutive from checkpoint + 1. Under
+// a steady stream of flushes the writer cycles through the segments, whose blocks the first
+// record of an open journal allocates by writing the whole zone (zeroes): a record's sync then
+// writes data only, with no filesystem metadata to commit (measured: an fdatasync after a
+// write into a hole costs what the data's own allocating fdatasync does, ~0.4 ms here; one
+// after an overwrite about half that). The zone (1 MiB) is punched when the journal closes.
 // Ordering (a round): the delta's data fdatasync, then the record's write and a second
 // fdatasync of the same file: a record is durable only after every write whose mark it holds,
 // as an LMDB commit is in the classic round. The fold (one LMDB transaction of the rows and
@@ -45,7 +52,9 @@ class WriteTxn;
 namespace journal {
 
 constexpr uint64_t kZoneAlign = uint64_t{1} << 20;
-constexpr uint64_t kZoneBytes = uint64_t{8} << 20;
+constexpr uint64_t kSegmentBytes = uint64_t{128} << 10;
+constexpr uint64_t kSegments = 8;
+constexpr uint64_t kZoneBytes = kSegmentBytes * kSegments;
 constexpr uint64_t kRecordAlign = 4096;
 constexpr size_t kHeaderBytes = 40;
 
@@ -87,8 +96,9 @@ Result<State> decode_state(std::string_view value);
 // The delta's state; all zero without a row. Errors: EIO.
 Result<State> get_state(ReadTxn& txn, LayerId layer);
 
-// The records of `file`'s zone past `checkpoint`, in order (reading stops as the layout above
-// says). Errors: EIO (a read failed).
+// The records of `file`'s zone past `checkpoint`, in order: each segment read from its start
+// as the layout above says, then the consecutive run from checkpoint + 1 (none when there is
+// no checkpoint + 1: an index older than the journal). Errors: EIO (a read failed).
 Result<std::vector<Record>> read_records(LayerFile& file, const LayerRecord& layer,
                                          uint64_t checkpoint);
 

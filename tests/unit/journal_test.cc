@@ -104,6 +104,19 @@ TEST_CASE("a zone reads from its start: past the checkpoint, consecutive records
   // A torn 6: only 5.
   f.bytes[zone + journal::kRecordAlign + 100] ^= 1;
   CHECK(seqs(4) == std::vector<uint64_t>{5});
+  // The writer went on at the next segment's start: 7 and 8 there, and an older record after
+  // them (from a cycle before) ends that segment's reading.
+  f.bytes[zone + journal::kRecordAlign + 100] ^= 1;  // 6 whole again
+  const uint64_t seg1 = zone + journal::kSegmentBytes;
+  f.put(seg1, journal::encode_record(7, 5, some_rows(7)));
+  f.put(seg1 + journal::kRecordAlign, journal::encode_record(8, 5, {}));
+  f.put(seg1 + 2 * journal::kRecordAlign, journal::encode_record(2, 5, {}));
+  CHECK(seqs(4) == std::vector<uint64_t>{5, 6, 7, 8});
+  CHECK(seqs(5) == std::vector<uint64_t>{6, 7, 8});
+  CHECK(seqs(6) == std::vector<uint64_t>{7, 8});
+  // 6 lost (torn): 7 and 8 cannot follow 5.
+  f.bytes[zone + journal::kRecordAlign + 100] ^= 1;
+  CHECK(seqs(4) == std::vector<uint64_t>{5});
 }
 
 TEST_CASE("journaled flush rounds survive power loss; the next open folds them",
@@ -163,7 +176,11 @@ TEST_CASE("journaled flush rounds survive power loss; the next open folds them",
   disk = d.open();
   check_disk(*disk, m);
   check_extents(*disk, m, 0, size);
-  // And it journals on.
+  // And it journals on, across segments: a round per write, more records than a segment holds.
+  for (int i = 0; i < 700; ++i) {
+    do_write(*disk, m, (rng() % blocks) * 4096, pattern(4096, rng()));
+    REQUIRE_OK(disk->flush());
+  }
   do_write(*disk, m, 3 * 4096, pattern(4096, 77));
   REQUIRE_OK(disk->flush());
   do_write(*disk, m, 9 * 4096 + 7, pattern(100, 78));
