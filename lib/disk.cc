@@ -822,16 +822,15 @@ Status Disk::flush_round(View& v) {
   bool open_journal = false;
   if (v.journal) {
     std::lock_guard<std::mutex> lk(v.journal->mu);
-    all = v.journal->unfolded_rows();
     upto = v.journal->written;
+    // This round's rows join the unfolded ones (as of the last record, and erased with them
+    // once this commit is done): a fold that runs before then must not write a chunk's older
+    // journaled row over this newer one.
+    for (const auto& [chunk, row] : rows) v.journal->unfolded[chunk] = {upto, row};
+    all = v.journal->unfolded_rows();
     open_journal = v.journal->enabled && v.journal->suspended == 0;
-  }
-  if (all.empty()) {
-    all = rows;
   } else {
-    std::map<uint32_t, std::string> merged(all.begin(), all.end());
-    for (const auto& [chunk, row] : rows) merged[chunk] = row;
-    all.assign(merged.begin(), merged.end());
+    all = rows;
   }
   for (size_t i = 0; i < all.size(); i += kMaxRowsPerTxn) {
     const size_t end = std::min(all.size(), i + kMaxRowsPerTxn);
