@@ -129,9 +129,11 @@ start_server() {  # start_server PEER TARGET LOG  (TARGET: container name or ima
   case $peer in
     # hasher=off: the background hasher would read snapshot layers beside the measured I/O
     # and, holding a layer's lock, keep a measured merge from happening.
+    # shellcheck disable=SC2206
     layer) cmd=(nbdkit --log=stderr -U "$SOCK" -P "$PIDFILE" --threads "$THREADS" "$PLUGIN"
-                "pool=$POOL" hasher=off) ;;
-    file)  cmd=(nbdkit --log=stderr -U "$SOCK" -P "$PIDFILE" --threads "$THREADS" file
+                "pool=$POOL" hasher=off ${BENCH_LAYER_OPTS:-}) ;;
+    file|file-sparse)
+           cmd=(nbdkit --log=stderr -U "$SOCK" -P "$PIDFILE" --threads "$THREADS" file
                 "file=$target") ;;
     qcow2|qcow2-xl2)
            cmd=(qemu-nbd --fork --pid-file="$PIDFILE" -t -k "$SOCK" -x "$peer" --shared="$SHARED"
@@ -157,7 +159,7 @@ stop_server() { stop_pid "$CUR_PID"; CUR_PID=""; }
 uri_for() {  # uri_for PEER TARGET
   case $1 in
     layer) echo "nbd+unix:///$2?socket=$SOCK" ;;
-    file) echo "nbd+unix:///?socket=$SOCK" ;;
+    file|file-sparse) echo "nbd+unix:///?socket=$SOCK" ;;
     *) echo "nbd+unix:///$1?socket=$SOCK" ;;
   esac
 }

@@ -442,34 +442,34 @@ Result<PoolState> observe_pool(Pool& pool) {
   return state;
 }
 
-const char* to_string(Step::Kind kind) {
+const char* to_string(ApplyStep::Kind kind) {
   switch (kind) {
-    case Step::Kind::kImport:
+    case ApplyStep::Kind::kImport:
       return "import";
-    case Step::Kind::kCreate:
+    case ApplyStep::Kind::kCreate:
       return "create";
-    case Step::Kind::kResources:
+    case ApplyStep::Kind::kResources:
       return "resources";
-    case Step::Kind::kLabels:
+    case ApplyStep::Kind::kLabels:
       return "labels";
-    case Step::Kind::kSnapshot:
+    case ApplyStep::Kind::kSnapshot:
       return "snapshot";
-    case Step::Kind::kRemove:
+    case ApplyStep::Kind::kRemove:
       return "remove";
   }
   return "?";
 }
 
-std::string describe(const Step& step) {
-  if (step.kind == Step::Kind::kSnapshot)
+std::string describe(const ApplyStep& step) {
+  if (step.kind == ApplyStep::Kind::kSnapshot)
     return fmt::format("snapshot {}@{}", step.target, step.snapshot);
   return fmt::format("{} {}", to_string(step.kind), step.target);
 }
 
-Result<Plan> make_plan(const Spec& spec, const PoolState& state, const PlanOptions& options) {
-  Plan plan;
+Result<ApplyPlan> make_plan(const Spec& spec, const PoolState& state, const PlanOptions& options) {
+  ApplyPlan plan;
   plan.spec = spec.name;
-  std::vector<Step> imports, creates, resources, labels, snapshots, removals;
+  std::vector<ApplyStep> imports, creates, resources, labels, snapshots, removals;
   // The size of every image a container may use: in the pool, or to be imported.
   std::map<std::string, uint64_t> image_size;
   for (const auto& [ref, img] : state.images) image_size[ref] = img.size_bytes;
@@ -503,8 +503,8 @@ Result<Plan> make_plan(const Spec& spec, const PoolState& state, const PlanOptio
                           escape_control(img.file));
       }
     }
-    Step s;
-    s.kind = Step::Kind::kImport;
+    ApplyStep s;
+    s.kind = ApplyStep::Kind::kImport;
     s.field = img.field;
     s.image = img;
     s.target = img.ref;
@@ -530,16 +530,16 @@ Result<Plan> make_plan(const Spec& spec, const PoolState& state, const PlanOptio
       if (c.size_bytes && size != image_size.end() && *c.size_bytes < size->second)
         return make_error(EINVAL, "{}.size: {} is smaller than image {} ({} bytes)", field,
                           *c.size_bytes, c.image, size->second);
-      Step s;
-      s.kind = Step::Kind::kCreate;
+      ApplyStep s;
+      s.kind = ApplyStep::Kind::kCreate;
       s.field = c.field;
       s.target = c.name;
       s.container = c;
       s.container.labels = desired_labels;
       creates.push_back(std::move(s));
       for (const auto& snap : c.snapshots) {
-        Step t;
-        t.kind = Step::Kind::kSnapshot;
+        ApplyStep t;
+        t.kind = ApplyStep::Kind::kSnapshot;
         t.field = c.field;
         t.target = c.name;
         t.snapshot = snap;
@@ -566,8 +566,8 @@ Result<Plan> make_plan(const Spec& spec, const PoolState& state, const PlanOptio
                         "resize)",
                         field, in_quotes(c.name), rec.size_bytes, *c.size_bytes);
     if (!same_base(rec.resources, c.resources)) {
-      Step s;
-      s.kind = Step::Kind::kResources;
+      ApplyStep s;
+      s.kind = ApplyStep::Kind::kResources;
       s.field = c.field;
       s.target = c.name;
       s.resources_from = rec.resources;
@@ -582,8 +582,8 @@ Result<Plan> make_plan(const Spec& spec, const PoolState& state, const PlanOptio
       resources.push_back(std::move(s));
     }
     if (rec.labels != desired_labels) {
-      Step s;
-      s.kind = Step::Kind::kLabels;
+      ApplyStep s;
+      s.kind = ApplyStep::Kind::kLabels;
       s.field = c.field;
       s.target = c.name;
       s.labels_from = rec.labels;
@@ -592,8 +592,8 @@ Result<Plan> make_plan(const Spec& spec, const PoolState& state, const PlanOptio
     }
     for (const auto& snap : c.snapshots) {
       if (have.snapshots.contains(snap)) continue;
-      Step t;
-      t.kind = Step::Kind::kSnapshot;
+      ApplyStep t;
+      t.kind = ApplyStep::Kind::kSnapshot;
       t.field = c.field;
       t.target = c.name;
       t.snapshot = snap;
@@ -611,8 +611,8 @@ Result<Plan> make_plan(const Spec& spec, const PoolState& state, const PlanOptio
                           "--prune: container {} is served ({}): stop serving it, or name it in "
                           "the spec",
                           in_quotes(name), *have.served_by);
-      Step s;
-      s.kind = Step::Kind::kRemove;
+      ApplyStep s;
+      s.kind = ApplyStep::Kind::kRemove;
       s.target = name;
       removals.push_back(std::move(s));
     }
@@ -684,53 +684,53 @@ Status PoolApplyActions::remove_image(const std::string& ref) {
   return layer::remove_image(pool_, ref);
 }
 
-Status execute_plan(const Plan& plan, ApplyActions& actions, ApplyOutcome* outcome,
-                    const std::function<void(const Step&)>& progress) {
+Status execute_plan(const ApplyPlan& plan, ApplyActions& actions, ApplyOutcome* outcome,
+                    const std::function<void(const ApplyStep&)>& progress) {
   ApplyOutcome local;
   ApplyOutcome& out = outcome != nullptr ? *outcome : local;
   out = {};
-  auto run = [&](const Step& s) -> Status {
+  auto run = [&](const ApplyStep& s) -> Status {
     switch (s.kind) {
-      case Step::Kind::kImport:
+      case ApplyStep::Kind::kImport:
         return actions.import_image(s.image);
-      case Step::Kind::kCreate:
+      case ApplyStep::Kind::kCreate:
         return actions.create(s.container);
-      case Step::Kind::kResources:
+      case ApplyStep::Kind::kResources:
         return actions.set_resources(s.target, s.resources_to);
-      case Step::Kind::kLabels:
+      case ApplyStep::Kind::kLabels:
         return actions.set_labels(s.target, s.labels_to);
-      case Step::Kind::kSnapshot:
+      case ApplyStep::Kind::kSnapshot:
         return actions.snapshot(s.target, s.snapshot);
-      case Step::Kind::kRemove:
+      case ApplyStep::Kind::kRemove:
         return actions.remove_container(s.target);
     }
     return make_error(EINVAL, "unknown step");
   };
   // What undoes a done step, and its words; none for removals and for snapshots of the
   // containers this run created (their removal takes them).
-  auto undo = [&](const Step& s) -> std::optional<std::pair<std::string, Status>> {
+  auto undo = [&](const ApplyStep& s) -> std::optional<std::pair<std::string, Status>> {
     switch (s.kind) {
-      case Step::Kind::kImport:
+      case ApplyStep::Kind::kImport:
         return std::pair{"removed image " + s.target, actions.remove_image(s.target)};
-      case Step::Kind::kCreate:
+      case ApplyStep::Kind::kCreate:
         return std::pair{"removed container " + s.target, actions.remove_container(s.target)};
-      case Step::Kind::kResources:
+      case ApplyStep::Kind::kResources:
         return std::pair{"put back the resources of " + s.target,
                          actions.set_resources(s.target, s.resources_from)};
-      case Step::Kind::kLabels:
+      case ApplyStep::Kind::kLabels:
         return std::pair{"put back the labels of " + s.target,
                          actions.set_labels(s.target, s.labels_from)};
-      case Step::Kind::kSnapshot:
+      case ApplyStep::Kind::kSnapshot:
         if (s.new_container) return std::nullopt;
         return std::pair{fmt::format("removed snapshot {}@{}", s.target, s.snapshot),
                          actions.remove_snapshot(s.target, s.snapshot)};
-      case Step::Kind::kRemove:
+      case ApplyStep::Kind::kRemove:
         return std::nullopt;
     }
     return std::nullopt;
   };
   for (size_t i = 0; i < plan.steps.size(); ++i) {
-    const Step& step = plan.steps[i];
+    const ApplyStep& step = plan.steps[i];
     if (progress) progress(step);
     Status status = run(step);
     if (status) {
@@ -740,7 +740,7 @@ Status execute_plan(const Plan& plan, ApplyActions& actions, ApplyOutcome* outco
     Error error = std::move(status).error();
     size_t removals_done = 0;
     for (size_t k = i; k-- > 0;) {
-      if (plan.steps[k].kind == Step::Kind::kRemove) {
+      if (plan.steps[k].kind == ApplyStep::Kind::kRemove) {
         ++removals_done;
         continue;
       }

@@ -5,7 +5,7 @@
 // - parse_spec: the JSON text -> Spec, every field checked; containers given by `count` and a
 //   name pattern are expanded. A bad spec is one EINVAL whose message starts with the field
 //   ("containers[2].resources.iops: ...").
-// - make_plan: Spec + the pool's state (observe_pool) -> Plan, the steps that make the pool
+// - make_plan: Spec + the pool's state (observe_pool) -> ApplyPlan, the steps that make the pool
 //   match. An empty plan means the pool matches already (apply is idempotent). A spec that
 //   cannot be met without losing data (an existing container on another image or of another
 //   size, a container another spec manages, a served container to prune) is refused here, so
@@ -103,7 +103,7 @@ struct PoolState {
 // Errors: EIO.
 Result<PoolState> observe_pool(Pool& pool);
 
-struct Step {
+struct ApplyStep {
   enum class Kind { kImport, kCreate, kResources, kLabels, kSnapshot, kRemove };
   Kind kind = Kind::kImport;
   std::string field;                       // the spec field it comes from ("" for a removal)
@@ -116,11 +116,11 @@ struct Step {
   bool new_container = false;            // kSnapshot of a container this plan creates
   std::optional<std::string> served_by;  // the container is served: done live by its server
 };
-const char* to_string(Step::Kind kind);
+const char* to_string(ApplyStep::Kind kind);
 
-struct Plan {
+struct ApplyPlan {
   std::string spec;  // the spec's name
-  std::vector<Step> steps;
+  std::vector<ApplyStep> steps;
   bool empty() const { return steps.empty(); }
 };
 
@@ -134,7 +134,7 @@ struct PlanOptions {
 // container that exists on another image or with another size; one that another spec manages;
 // an image that exists with another block size; a size below its image's), EBUSY (--prune
 // would remove a served container).
-Result<Plan> make_plan(const Spec& spec, const PoolState& state, const PlanOptions& options);
+Result<ApplyPlan> make_plan(const Spec& spec, const PoolState& state, const PlanOptions& options);
 
 // The changes execute_plan makes, one call each; PoolApplyActions does them on a Pool, the
 // CLI routes those of served containers to their server.
@@ -182,10 +182,10 @@ struct ApplyOutcome {
 // cannot be undone and is left as done), fills *outcome and returns step k's error, its
 // message prefixed with the step ("create web3 (containers[2]): ...") and followed by what
 // was undone, or not. `progress` (may be empty) is called before each step.
-Status execute_plan(const Plan& plan, ApplyActions& actions, ApplyOutcome* outcome,
-                    const std::function<void(const Step&)>& progress = {});
+Status execute_plan(const ApplyPlan& plan, ApplyActions& actions, ApplyOutcome* outcome,
+                    const std::function<void(const ApplyStep&)>& progress = {});
 
 // "import busybox:1", "create web1", "snapshot web1@base": a step in a message.
-std::string describe(const Step& step);
+std::string describe(const ApplyStep& step);
 
 }  // namespace layer

@@ -27,11 +27,11 @@
 namespace layer_cli {
 namespace {
 
+using layer::ApplyStep;
 using layer::Error;
 using layer::make_error;
 using layer::Result;
 using layer::Status;
-using layer::Step;
 
 // The changes of served containers go to their server (DESIGN.md "Locking"); the rest are
 // PoolApplyActions'. Remembers which were applied live, for the output.
@@ -155,41 +155,41 @@ std::string resources_summary(const layer::Resources& r) {
   return s.empty() ? "none" : s;
 }
 
-json step_json(const Step& s, const CliActions* done) {
+json step_json(const ApplyStep& s, const CliActions* done) {
   json j{{"op", layer::to_string(s.kind)}};
   switch (s.kind) {
-    case Step::Kind::kImport:
+    case ApplyStep::Kind::kImport:
       j["image"] = s.target;
       j["file"] = s.image.file;
       j["block_size"] = s.image.block_size.value_or(layer::kDefaultBlockSize);
       break;
-    case Step::Kind::kCreate:
+    case ApplyStep::Kind::kCreate:
       j["container"] = s.target;
       j["image"] = s.container.image;
       j["size"] = s.container.size_bytes ? json(*s.container.size_bytes) : json(nullptr);
       j["resources"] = spec_resources_json(s.container.resources);
       j["labels"] = labels_json(s.container.labels);
       break;
-    case Step::Kind::kResources:
+    case ApplyStep::Kind::kResources:
       j["container"] = s.target;
       j["from"] = spec_resources_json(s.resources_from);
       j["to"] = spec_resources_json(s.resources_to);
       break;
-    case Step::Kind::kLabels:
+    case ApplyStep::Kind::kLabels:
       j["container"] = s.target;
       j["from"] = labels_json(s.labels_from);
       j["to"] = labels_json(s.labels_to);
       break;
-    case Step::Kind::kSnapshot:
+    case ApplyStep::Kind::kSnapshot:
       j["container"] = s.target;
       j["snapshot"] = s.snapshot;
       break;
-    case Step::Kind::kRemove:
+    case ApplyStep::Kind::kRemove:
       j["container"] = s.target;
       break;
   }
   j["field"] = s.field.empty() ? json(nullptr) : json(s.field);
-  if (s.kind == Step::Kind::kResources || s.kind == Step::Kind::kSnapshot) {
+  if (s.kind == ApplyStep::Kind::kResources || s.kind == ApplyStep::Kind::kSnapshot) {
     if (done != nullptr)
       j["live"] = done->live.contains(s.target);
     else
@@ -198,11 +198,11 @@ json step_json(const Step& s, const CliActions* done) {
   return j;
 }
 
-std::string step_text(const Step& s) {
+std::string step_text(const ApplyStep& s) {
   switch (s.kind) {
-    case Step::Kind::kImport:
+    case ApplyStep::Kind::kImport:
       return fmt::format("import {} from {}", s.target, layer::escape_control(s.image.file));
-    case Step::Kind::kCreate: {
+    case ApplyStep::Kind::kCreate: {
       auto labels = s.container.labels;
       labels.erase(layer::kApplySpecLabel);
       return fmt::format(
@@ -211,17 +211,17 @@ std::string step_text(const Step& s) {
           resources_summary(s.container.resources), labels_text(labels),
           s.container.snapshots.empty() ? "" : "; then snapshots");
     }
-    case Step::Kind::kResources:
+    case ApplyStep::Kind::kResources:
       return fmt::format("set {}: resources {} -> {}{}", s.target,
                          resources_summary(s.resources_from), resources_summary(s.resources_to),
                          s.served_by ? " (served: applied live)" : "");
-    case Step::Kind::kLabels:
+    case ApplyStep::Kind::kLabels:
       return fmt::format("set {}: labels {} -> {}", s.target, labels_text(s.labels_from),
                          labels_text(s.labels_to));
-    case Step::Kind::kSnapshot:
+    case ApplyStep::Kind::kSnapshot:
       return fmt::format("snapshot {}@{}{}", s.target, s.snapshot,
                          s.served_by ? " (served: taken live)" : "");
-    case Step::Kind::kRemove:
+    case ApplyStep::Kind::kRemove:
       return fmt::format("remove {} (no longer in the spec)", s.target);
   }
   return "?";
@@ -304,7 +304,7 @@ Result<int> run_apply(const std::string& pool_root, bool as_json, const ApplyArg
   CliActions actions(*pool);
   layer::ApplyOutcome outcome;
   // Text: each step as it starts, so a long import shows what it is doing.
-  const auto progress = [&](const Step& s) {
+  const auto progress = [&](const ApplyStep& s) {
     if (!as_json) std::cout << step_text(s) << '\n' << std::flush;
   };
   LAYER_TRY(layer::execute_plan(*plan, actions, &outcome, progress));

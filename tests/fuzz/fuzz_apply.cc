@@ -69,8 +69,8 @@ void check_plans(const Spec& s) {
   if (p.ok()) {
     size_t creates = 0;
     for (const auto& step : p->steps) {
-      FUZZ_CHECK(step.kind != Step::Kind::kRemove, "a removal planned on an empty pool");
-      if (step.kind == Step::Kind::kCreate) ++creates;
+      FUZZ_CHECK(step.kind != ApplyStep::Kind::kRemove, "a removal planned on an empty pool");
+      if (step.kind == ApplyStep::Kind::kCreate) ++creates;
     }
     FUZZ_CHECK(creates == s.containers.size(), "not every container created once");
   }

@@ -191,7 +191,7 @@ struct PoolFixture {
                           "containers":[{}]}})",
                        image_file, images, containers);
   }
-  Plan plan(const std::string& text, bool prune = false) {
+  ApplyPlan plan(const std::string& text, bool prune = false) {
     const Spec spec = parse_ok(text);
     const PoolState state = MUST(observe_pool(*pool));
     return MUST(make_plan(spec, state, {.prune = prune}));
@@ -222,7 +222,7 @@ struct PoolFixture {
   }
 };
 
-std::vector<std::string> kinds(const Plan& p) {
+std::vector<std::string> kinds(const ApplyPlan& p) {
   std::vector<std::string> out;
   for (const auto& s : p.steps) out.push_back(describe(s));
   return out;
@@ -263,7 +263,7 @@ TEST_CASE("apply: creates what the spec names; a second plan is empty", "[apply]
       R"({"name":"web1","image":"base:1","size":"2M","resources":{"iops":100,"cpu":2},
           "labels":{"role":"web"},"snapshots":["s1","s2"]},
          {"name":"w-{i}","count":2,"image":"base:1"})");
-  Plan p = f.plan(text);
+  ApplyPlan p = f.plan(text);
   CHECK(kinds(p) == std::vector<std::string>{"import base:1", "create web1", "create w-1",
                                              "create w-2", "snapshot web1@s1", "snapshot web1@s2"});
   f.apply(text);
@@ -292,7 +292,7 @@ TEST_CASE("apply: changes resources and labels in place; prunes only its own", "
   const LayerId delta = MUST(f.pool->inspect("a")).container.delta_layer;
   const std::string changed =
       f.spec_text(R"({"name":"a","image":"base:1","resources":{"iops":200},"labels":{"x":"y"}})");
-  Plan p = f.plan(changed, true);
+  ApplyPlan p = f.plan(changed, true);
   CHECK(kinds(p) == std::vector<std::string>{"resources a", "labels a", "remove b"});
   REQUIRE(p.steps[0].resources_from.iops == 100);
   REQUIRE(p.steps[0].resources_to.iops == 200);
@@ -364,7 +364,7 @@ TEST_CASE("apply: a step failing half-way undoes what the run did", "[apply]") {
                       "snapshots":["s"]},
                      {"name":"n-{i}","count":3,"image":"base:2","snapshots":["first"]})",
                   R"(,{"ref":"base:2","file":")" + f.image_file + "\"}");
-  const Plan p = f.plan(text);
+  const ApplyPlan p = f.plan(text);
   // import, 3 creates, resources, labels, 4 snapshots.
   REQUIRE(p.steps.size() == 10);
   for (int fail_at = 1; fail_at <= static_cast<int>(p.steps.size()); ++fail_at) {
