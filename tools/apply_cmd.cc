@@ -124,17 +124,6 @@ json labels_json(const std::map<std::string, std::string>& labels) {
   return j;
 }
 
-// Base resources in the shape of inspect's RES (docs/cli-spec.md), without the timed part.
-json spec_resources_json(const layer::Resources& r) {
-  return {{"cpu", static_cast<double>(r.cpu_millis) / 1000},
-          {"cpu_millis", r.cpu_millis},
-          {"memory", r.memory_bytes},
-          {"net", r.net_bps},
-          {"iops", r.iops},
-          {"bandwidth", r.bandwidth},
-          {"priority", r.priority}};
-}
-
 std::string labels_text(const std::map<std::string, std::string>& labels) {
   std::string s;
   for (const auto& [k, v] : labels)
@@ -167,13 +156,13 @@ json step_json(const ApplyStep& s, const CliActions* done) {
       j["container"] = s.target;
       j["image"] = s.container.image;
       j["size"] = s.container.size_bytes ? json(*s.container.size_bytes) : json(nullptr);
-      j["resources"] = spec_resources_json(s.container.resources);
+      j["resources"] = base_resources_json(s.container.resources);
       j["labels"] = labels_json(s.container.labels);
       break;
     case ApplyStep::Kind::kResources:
       j["container"] = s.target;
-      j["from"] = spec_resources_json(s.resources_from);
-      j["to"] = spec_resources_json(s.resources_to);
+      j["from"] = base_resources_json(s.resources_from);
+      j["to"] = base_resources_json(s.resources_to);
       break;
     case ApplyStep::Kind::kLabels:
       j["container"] = s.target;

@@ -116,14 +116,18 @@ json container_detail_json(layer::Pool& pool, const layer::ContainerInfo& info) 
   return j;
 }
 
+json base_resources_json(const layer::Resources& r) {
+  return {{"cpu", static_cast<double>(r.cpu_millis) / 1000},
+          {"cpu_millis", r.cpu_millis},
+          {"memory", r.memory_bytes},
+          {"net", r.net_bps},
+          {"iops", r.iops},
+          {"bandwidth", r.bandwidth},
+          {"priority", r.priority}};
+}
+
 json resources_json(const layer::Resources& r, uint64_t now_ms) {
-  json j{{"cpu", static_cast<double>(r.cpu_millis) / 1000},
-         {"cpu_millis", r.cpu_millis},
-         {"memory", r.memory_bytes},
-         {"net", r.net_bps},
-         {"iops", r.iops},
-         {"bandwidth", r.bandwidth},
-         {"priority", r.priority}};
+  json j = base_resources_json(r);
   if (r.timed_active(now_ms)) {
     auto field = [](uint64_t v) { return v == layer::Resources::kKeep ? json(nullptr) : json(v); };
     j["timed"] = {{"iops", field(r.timed.iops)},

@@ -39,6 +39,8 @@ json container_detail_json(layer::Pool& pool, const layer::ContainerInfo& info);
 // "memory":N,"net":N,"iops":N,"bandwidth":N,"priority":N,"timed":null|{"iops":N|null,
 // "bandwidth":N|null,"until_ms":N,"left_s":X},"effective":{"iops":N,"bandwidth":N}}.
 json resources_json(const layer::Resources& r, uint64_t now_ms);
+// The base allocations alone (no timed override): what `layer apply` plans with.
+json base_resources_json(const layer::Resources& r);
 // The same on one line: "cpu 2, memory 1.0 GiB, ..., priority 5; for now iops 4000 until ...".
 std::string resources_text(const layer::Resources& r, uint64_t now_ms);
 
