@@ -38,6 +38,7 @@ bench_build() {  # builds BUILD_DIR unless BENCH_NO_BUILD=1; sets PLUGIN and LAY
 # ---- work dir, cleanup ----
 CUR_PID=""      # the one server running, if any
 EXTRA_PIDS=()   # other processes of the bench to stop at exit (clients held open, fio)
+EXTRA_DIRS=()   # more dirs to remove at exit (e.g. a tmpfs run dir)
 bench_rundir() {  # makes BENCH_DIR/cache and a fresh run dir RUN, removed at exit
   mkdir -p "$BENCH_DIR/cache"
   BENCH_DIR=$(cd "$BENCH_DIR" && pwd)
@@ -50,7 +51,11 @@ cleanup() {
   local pid
   for pid in "${EXTRA_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   [[ -z $CUR_PID ]] || stop_pid "$CUR_PID"
-  if [[ ${BENCH_KEEP:-0} == 1 ]]; then echo "$BENCH_SELF: kept $RUN" >&2; else rm -rf "$RUN"; fi
+  if [[ ${BENCH_KEEP:-0} == 1 ]]; then
+    echo "$BENCH_SELF: kept $RUN ${EXTRA_DIRS[*]}" >&2
+  else
+    rm -rf "$RUN" "${EXTRA_DIRS[@]}"
+  fi
 }
 
 stop_pid() {  # stop_pid PID: SIGTERM, wait (a layer server flushes on exit), then SIGKILL
@@ -126,10 +131,10 @@ start_server() {  # start_server PEER TARGET LOG  (TARGET: container name or ima
   local peer=$1 target=$2 log=$3
   rm -f "$SOCK" "$PIDFILE"
   local -a cmd
+  # hasher=off: the background hasher would read snapshot layers beside the measured I/O
+  # and, holding a layer's lock, keep a measured merge from happening.
+  # shellcheck disable=SC2206  # BENCH_LAYER_OPTS splits into parameters on purpose
   case $peer in
-    # hasher=off: the background hasher would read snapshot layers beside the measured I/O
-    # and, holding a layer's lock, keep a measured merge from happening.
-    # shellcheck disable=SC2206
     layer) cmd=(nbdkit --log=stderr -U "$SOCK" -P "$PIDFILE" --threads "$THREADS" "$PLUGIN"
                 "pool=$POOL" hasher=off ${BENCH_LAYER_OPTS:-}) ;;
     file|file-sparse)

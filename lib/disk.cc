@@ -25,6 +25,7 @@
 #include "disk.h"
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstring>
 #include <map>
@@ -483,20 +484,18 @@ Status Disk::read_range(const View& v, uint8_t* buf, uint64_t len, uint64_t offs
 
 namespace {
 
-// Holds the stripes of a set of blocks, in ascending order (no deadlock between requests).
+// Holds a set of stripes, taken in ascending order (no deadlock between requests).
 class StripeGuard {
  public:
-  StripeGuard(std::mutex* stripes, size_t nstripes, const std::vector<uint64_t>& blocks)
-      : stripes_(stripes) {
-    held_.reserve(std::min(blocks.size(), nstripes));
-    for (uint64_t b : blocks) held_.push_back(b % nstripes);
-    std::sort(held_.begin(), held_.end());
-    held_.erase(std::unique(held_.begin(), held_.end()), held_.end());
+  StripeGuard(std::mutex* stripes, std::vector<size_t> held)
+      : stripes_(stripes), held_(std::move(held)) {
     for (size_t i : held_) stripes_[i].lock();
   }
   ~StripeGuard() {
     for (auto it = held_.rbegin(); it != held_.rend(); ++it) stripes_[*it].unlock();
   }
+  StripeGuard(const StripeGuard&) = delete;
+  StripeGuard& operator=(const StripeGuard&) = delete;
 
  private:
   std::mutex* stripes_;
@@ -504,6 +503,24 @@ class StripeGuard {
 };
 
 }  // namespace
+
+std::vector<size_t> Disk::stripes_for(const View& v, uint64_t first, uint64_t last, bool with_first,
+                                      bool with_last) const {
+  std::vector<size_t> held;
+  if (with_first) held.push_back(stripe_of(first));
+  if (with_last) held.push_back(stripe_of(last));
+  // Runs of the delta's own data are skipped word by word, and a block that is not data takes
+  // its whole group's stripe at once: a 1 MiB request costs a few steps, not one per block.
+  for (uint64_t b = first; b <= last;) {
+    b += v.delta->run(b, last - b + 1, BlockState::kData);
+    if (b > last) break;
+    held.push_back(stripe_of(b));
+    b = (b / kStripeBlocks + 1) * kStripeBlocks;
+  }
+  std::sort(held.begin(), held.end());
+  held.erase(std::unique(held.begin(), held.end()), held.end());
+  return held;
+}
 
 Status Disk::write(const void* buf, uint64_t len, uint64_t offset, bool fua) {
   LAYER_TRY(check_range(len, offset, true));
@@ -539,20 +556,17 @@ Status Disk::write_range(View& v, const uint8_t* buf, uint64_t len, uint64_t off
   };
   // The partial edge blocks are locked whatever their state now: one that is data here may be
   // a tombstone by the re-check below, and its copy-up must not race another's.
-  std::vector<uint64_t> locked;
-  for (uint64_t b = first; b <= last; ++b)
-    if (v.delta->get(b) != BlockState::kData || ((b == first || b == last) && partial(b)))
-      locked.push_back(b);
+  std::vector<size_t> held = stripes_for(v, first, last, partial(first), partial(last));
   at("write.stripes_chosen");
-  StripeGuard guard(stripes_.get(), kStripes, locked);
+  StripeGuard guard(stripes_.get(), std::move(held));
 
   // Copy up a partial head or tail block that is not (re-checked under its stripe) data yet:
   // its whole content through the chain, merged with the request, in one write.
   uint64_t direct_from = offset, direct_to = end;
   std::vector<uint8_t> tmp;
-  std::vector<uint64_t> edges{first};
-  if (last != first) edges.push_back(last);
-  for (uint64_t b : edges) {
+  const std::array<uint64_t, 2> edges{first, last};
+  for (size_t e = 0; e < (last == first ? 1u : 2u); ++e) {
+    const uint64_t b = edges[e];
     if (!partial(b) || v.delta->get(b) == BlockState::kData) continue;
     const uint64_t bstart = b * block_size_, blen = block_len(b);
     tmp.resize(blen);
@@ -611,10 +625,7 @@ Status Disk::trim(uint64_t len, uint64_t offset, bool fua) {
 }
 
 Status Disk::zero_whole_blocks(View& v, uint64_t first, uint64_t count) {
-  std::vector<uint64_t> locked;
-  for (uint64_t b = first; b < first + count; ++b)
-    if (v.delta->get(b) != BlockState::kData) locked.push_back(b);
-  StripeGuard guard(stripes_.get(), kStripes, locked);
+  StripeGuard guard(stripes_.get(), stripes_for(v, first, first + count - 1, false, false));
 
   if (LayerFile* f = v.file_raw.load(std::memory_order_acquire)) {
     const uint64_t from = first * block_size_;

@@ -369,6 +369,10 @@ class Disk {
   Status read_range(const View& v, uint8_t* buf, uint64_t len, uint64_t offset);
   Status write_range(View& v, const uint8_t* buf, uint64_t len, uint64_t offset);
   Status zero_whole_blocks(View& v, uint64_t first, uint64_t count);
+  // The stripes (ascending, unique) a mutation of blocks [first, last] holds: those of the
+  // blocks that are not the delta's data, and of the first/last block whatever their state.
+  std::vector<size_t> stripes_for(const View& v, uint64_t first, uint64_t last, bool with_first,
+                                  bool with_last) const;
   // One flush round (DESIGN.md "Durability"); flush() leads it. Catches exceptions (ENOMEM).
   Status run_round() noexcept;
   Status flush_round(View& v);
@@ -421,8 +425,11 @@ class Disk {
 
   // Striped locks: a write, zero or trim touching a block that is not yet data in the delta
   // holds the stripes of its blocks (ascending order), so no copy-up can resurrect lower data
-  // over a concurrent write.
+  // over a concurrent write. A stripe covers a group of kStripeBlocks consecutive blocks (64 KiB
+  // at 4 KiB blocks): a large aligned request takes one per group, not one per block.
   static constexpr size_t kStripes = 1024;
+  static constexpr uint64_t kStripeBlocks = 16;
+  static size_t stripe_of(uint64_t b) { return (b / kStripeBlocks) % kStripes; }
   std::unique_ptr<std::mutex[]> stripes_{new std::mutex[kStripes]};
 
   // Flush rounds (group commit): each flush takes a ticket; a round covers every ticket issued

@@ -122,15 +122,15 @@ TEST_CASE("the fault store keeps the undo record of a write that completes after
 
 TEST_CASE("a partial write always holds its edge block's stripe, even when the block was data",
           "[disk][faults][threads]") {
-  // Writer A spans blocks 5 (data: no stripe chosen before the fix) and 6 (not data: the slow
-  // path). A trim turns block 5 into a tombstone before A re-checks, so A copies it up;
-  // meanwhile writer C copies up the same block. Without A holding the stripe, C's bytes are
-  // overwritten by A's copy.
-  const uint64_t size = 16 * 4096;
+  // Writer A spans blocks 15 (data: no stripe chosen before the fix) and 16 (not data: the slow
+  // path); they are in different stripe groups (Disk::kStripeBlocks = 16). A trim turns block 15
+  // into a tombstone before A re-checks, so A copies it up; meanwhile writer C copies up the same
+  // block. Without A holding the stripe, C's bytes are overwritten by A's copy.
+  const uint64_t size = 32 * 4096;
   DiskFixture d(size, size, 4096, 47);
   auto disk = d.open();
   Model m = d.model;
-  do_write(*disk, m, 5 * 4096, pattern(4096, 3));
+  do_write(*disk, m, 15 * 4096, pattern(4096, 3));
   REQUIRE_OK(disk->flush());
 
   const auto a_id = std::this_thread::get_id();
@@ -143,10 +143,10 @@ TEST_CASE("a partial write always holds its edge block's stripe, even when the b
   disk->set_test_hook([&](std::string_view point) {
     if (std::this_thread::get_id() != a_id) return;
     if (point == "write.stripes_chosen") {
-      REQUIRE_OK(disk->trim(4096, 5 * 4096, false));
+      REQUIRE_OK(disk->trim(4096, 15 * 4096, false));
     } else if (point == "write.copy_up_read" && !c.joinable()) {
       c = std::thread([&] {
-        c_status = disk->write(y.data(), y.size(), 5 * 4096 + 20, false);
+        c_status = disk->write(y.data(), y.size(), 15 * 4096 + 20, false);
         std::lock_guard<std::mutex> lk(mu);
         c_done = true;
         cv.notify_all();
@@ -156,15 +156,15 @@ TEST_CASE("a partial write always holds its edge block's stripe, even when the b
       cv.wait_for(lk, std::chrono::milliseconds(300), [&] { return c_done; });
     }
   });
-  REQUIRE_OK(disk->write(x.data(), x.size(), 5 * 4096 + 100, false));
+  REQUIRE_OK(disk->write(x.data(), x.size(), 15 * 4096 + 100, false));
   REQUIRE(c.joinable());
   c.join();
   disk->set_test_hook(nullptr);
   REQUIRE_OK(c_status);
-  m.zero(5 * 4096, 4096);
-  m.write(5 * 4096 + 100, x.data(), x.size());
-  m.write(5 * 4096 + 20, y.data(), y.size());
-  check_read(*disk, m, 5 * 4096, 2 * 4096);
+  m.zero(15 * 4096, 4096);
+  m.write(15 * 4096 + 100, x.data(), x.size());
+  m.write(15 * 4096 + 20, y.data(), y.size());
+  check_read(*disk, m, 15 * 4096, 2 * 4096);
 }
 
 TEST_CASE("a delta whose file is missing fails with EIO instead of reading zeroes",
