@@ -736,6 +736,9 @@ Result<std::optional<uint64_t>> write_fold(WriteTxn& txn, JournalState& j, bool 
   uint64_t upto = 0;
   {
     std::lock_guard<std::mutex> lk(j.mu);
+    // A fold that keeps the journal open leaves it alone once its Disk is gone or it is being
+    // retired: the retiring (or recovering) owner folds what is left itself.
+    if (open && (j.abandoned || j.retiring)) return std::optional<uint64_t>();
     if (!j.open || (open && j.written == j.folded)) return std::optional<uint64_t>();
     rows = j.unfolded_rows();
     upto = j.written;
@@ -755,10 +758,6 @@ void post_fold(Committer& committer, std::shared_ptr<JournalState> j) {
   };
   auto taken = std::make_shared<Taken>();
   auto job = [j, taken](WriteTxn& txn) -> Status {
-    {
-      std::lock_guard<std::mutex> lk(j->mu);
-      if (j->abandoned || j->retiring) return {};
-    }
     LAYER_ASSIGN(auto upto, write_fold(txn, *j, true));
     if (upto) {
       taken->upto = *upto;
@@ -870,13 +869,18 @@ Result<bool> Disk::journal_round(View& v, const DeltaMap::Rows& rows) {
   LayerFile* f = v.file_raw.load(std::memory_order_acquire);
   uint64_t seq = 0, segment = 0, at_offset = 0;
   size_t record_bytes = 0;
-  std::string record;
+  auto usable = [&] { return f && j.enabled && j.open && j.suspended == 0 && !j.retiring; };
   {
     std::lock_guard<std::mutex> lk(j.mu);
-    if (!f || !j.enabled || !j.open || j.suspended > 0 || j.retiring) return false;
-    seq = j.written + 1;
-    record = journal::encode_record(seq, j.layer, rows);
-    record_bytes = record.size();
+    if (!usable()) return false;
+    seq = j.written + 1;  // rounds run one at a time: only this one moves written and the tail
+  }
+  // Encoded (and checksummed) outside the lock that the fold thread takes.
+  const std::string record = journal::encode_record(seq, j.layer, rows);
+  record_bytes = record.size();
+  {
+    std::lock_guard<std::mutex> lk(j.mu);
+    if (!usable()) return false;
     segment = j.segment;
     at_offset = j.tail;
     if (at_offset + record_bytes > journal::kSegmentBytes) {
@@ -966,10 +970,6 @@ Status Disk::fold_journal() {
   JournalState& j = *v->journal;
   std::optional<uint64_t> upto;
   LAYER_TRY(pool_.committer().run([&](WriteTxn& txn) -> Status {
-    {
-      std::lock_guard<std::mutex> lk(j.mu);
-      if (j.retiring) return {};
-    }
     LAYER_ASSIGN(upto, write_fold(txn, j, true));
     return {};
   }));

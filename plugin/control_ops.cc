@@ -37,6 +37,16 @@ const char* not_a_string(const json& request, std::initializer_list<const char*>
   return nullptr;
 }
 
+// The request's "container": a string that is a valid container name.
+layer::Result<std::string> requested_container(const json& request, const std::string& op) {
+  const auto it = request.find("container");
+  if (it == request.end() || !it->is_string())
+    return layer::Error{EINVAL, "a \"" + op + "\" request needs a \"container\" string"};
+  std::string container = it->get<std::string>();
+  LAYER_TRY(layer::validate_name(container, "container name"));
+  return container;
+}
+
 json wrong_type(const std::string& op, const char* key) {
   return error(EINVAL,
                "the \"" + std::string(key) + "\" of a \"" + op + "\" request must be a string");
@@ -133,11 +143,9 @@ json move(const ControlContext& ctx, const json& request) {
 // if this server has one, applies them from the record at once. Reply {"ok": true,
 // "container": C, "served": B, "iops": N, "bandwidth": N, "until_ms": N} (the limits in force).
 json resources(const ControlContext& ctx, const json& request) {
-  if (!request.contains("container") || !request["container"].is_string())
-    return error(EINVAL, "a \"resources\" request needs a \"container\" string");
-  const std::string container = request["container"];
-  if (auto s = layer::validate_name(container, "container name"); !s)
-    return layer::control_error(s.error());
+  auto named = requested_container(request, "resources");
+  if (!named) return layer::control_error(named.error());
+  const std::string& container = *named;
   auto r = layer::load_resources(ctx.pool, container);
   if (!r) return layer::control_error(r.error());
   const bool served = ctx.limiters.apply(container, *r);
@@ -161,16 +169,14 @@ json resources(const ControlContext& ctx, const json& request) {
 // this server's disk of C reads (Disk::merge_hidden), and {"op": "merge", "container": C},
 // which only merges them (`layer gc`), replying {"merged": [[OLD, NEW], ...]}.
 json change(const ControlContext& ctx, const json& request) {
-  if (!request.contains("container") || !request["container"].is_string())
-    return error(EINVAL, "a control request needs \"op\" and \"container\" strings");
   const std::string op = request["op"];
-  const std::string container = request["container"];
+  auto named = requested_container(request, op);
+  if (!named) return layer::control_error(named.error());
+  const std::string& container = *named;
   auto str = [&](const char* key) {
     auto it = request.find(key);
     return it != request.end() && it->is_string() ? it->get<std::string>() : std::string();
   };
-  if (auto s = layer::validate_name(container, "container name"); !s)
-    return layer::control_error(s.error());
   if (const char* key = not_a_string(request, {"name", "keep_as", "image", "description"}))
     return wrong_type(op, key);
   if (op != "snapshot" && op != "rollback" && op != "commit" && op != "snapshot-rm" &&
@@ -243,18 +249,15 @@ json change(const ControlContext& ctx, const json& request) {
 // {"op": "fold", "container": C}: C's journaled rounds folded into the index now, so that a
 // reader of the index (`layer diff`) sees it as of its last flush.
 json fold(const ControlContext& ctx, const json& request) {
-  if (!request.contains("container") || !request["container"].is_string())
-    return error(EINVAL, "a control request needs \"op\" and \"container\" strings");
-  const std::string container = request["container"];
-  if (auto s = layer::validate_name(container, "container name"); !s)
-    return layer::control_error(s.error());
-  auto disk = ctx.disks.acquire(container, true);
+  auto named = requested_container(request, "fold");
+  if (!named) return layer::control_error(named.error());
+  auto disk = ctx.disks.acquire(*named, true);
   if (!disk) return layer::control_error(disk.error());
   auto folded = (*disk)->fold_journal();
   auto released = ctx.disks.release(std::move(*disk));
   if (!folded) return layer::control_error(folded.error());
   if (!released) return layer::control_error(released.error());
-  return json{{"ok", true}, {"container", container}};
+  return json{{"ok", true}, {"container", *named}};
 }
 
 }  // namespace
