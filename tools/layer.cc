@@ -7,6 +7,7 @@
 #include <arpa/inet.h>
 #include <fmt/format.h>
 #include <netinet/in.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -1309,6 +1310,25 @@ std::string percent_encode_path(std::string_view path) {
   return out;
 }
 
+// Each open export costs nbdkit 3 fds (the connection's socket and its threads' wake-up pipe;
+// an idle export opens no layer file): a shell's usual soft limit of 1,024 would stop the
+// server near 330 exports. The soft limit is raised to the hard one; below what
+// max_connections needs, a warning says so (nbdkit then refuses connections past it).
+void raise_fd_limit(unsigned max_connections) {
+  rlimit lim{};
+  if (getrlimit(RLIMIT_NOFILE, &lim) != 0) return;
+  if (lim.rlim_cur < lim.rlim_max) {
+    const rlimit raised{lim.rlim_max, lim.rlim_max};
+    if (setrlimit(RLIMIT_NOFILE, &raised) == 0) lim = raised;
+  }
+  const rlim_t needed = static_cast<rlim_t>(max_connections) * 4 + 256;
+  if (max_connections != 0 && lim.rlim_cur != RLIM_INFINITY && lim.rlim_cur < needed)
+    std::cerr << fmt::format(
+        "layer: warning: the open files limit ({}) holds about {} connections, fewer than "
+        "--max-connections {} (raise it: ulimit -n, LimitNOFILE=)\n",
+        lim.rlim_cur, lim.rlim_cur > 256 ? (lim.rlim_cur - 256) / 4 : 0, max_connections);
+}
+
 // nbdkit refuses to bind over an existing path, and a killed server leaves its socket behind.
 // A socket nobody accepts on is stale and removed; a live one means another server.
 void clear_stale_socket(const std::string& path) {
@@ -1419,6 +1439,7 @@ int cmd_serve(const Globals& g, const ServeArgs& a) {
   for (auto& arg : args) argv.push_back(arg.data());
   argv.push_back(nullptr);
   layer::stop_fork_server();  // reaped now: nbdkit would leave it a zombie
+  raise_fd_limit(a.max_connections);
   execvp(argv[0], argv.data());
   const int err = errno;
   fail(err, fmt::format("cannot run nbdkit: {}", std::strerror(err)));

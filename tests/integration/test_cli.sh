@@ -164,8 +164,10 @@ odd="$tmp/my pool%41"
 "$LAYER_BIN" --pool "$odd" image import base:1 "$tmp/base.img" >/dev/null
 "$LAYER_BIN" --pool "$odd" clone base:1 w2 >/dev/null
 # shellcheck disable=SC2046
-background serve-odd env $(nbdkit_env "$tmp/serve-odd.sanitizer") "$LAYER_BIN" --pool "$odd" \
-  --json serve --threads 4 --default w2
+# Under a soft fd limit of 512 (300 connections below need ~900 fds): serve raises it to the hard.
+# shellcheck disable=SC2016
+background serve-odd bash -c 'ulimit -Sn 512 && exec "$@"' _ env $(nbdkit_env "$tmp/serve-odd.sanitizer") \
+  "$LAYER_BIN" --pool "$odd" --json serve --threads 4 --default w2
 serve_odd_pid=$bg_pid
 wait_until 30 eval "grep -q '\"uri\"' '$tmp/serve-odd.log'" ||
   fail "layer serve printed no URI: $(cat "$tmp/serve-odd.log")"
@@ -199,6 +201,8 @@ print(len(handles))
 EOF2
 ) || fail "300 connections: $held"
 [[ $held == 300 ]] || fail "one peer held $held connections of 300 under layer serve's defaults"
+read -r soft hard < <(awk '/^Max open files/ {print $4, $5}' "/proc/$serve_odd_pid/limits")
+[[ $soft == "$hard" ]] || fail "serve left the soft fd limit at $soft (hard $hard)"
 if [[ -n "${LAYER_NBDKIT_PRELOAD:-}" ]]; then
   kill -TERM "$serve_odd_pid"
   tolerate_exit_hang "$serve_odd_pid"
