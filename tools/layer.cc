@@ -73,7 +73,7 @@ constexpr int kExitUser = 1;
 constexpr int kExitInternal = 2;
 // nbdkit starts --threads workers for every connection: 1,000 open exports at 32 would be
 // 33,000 threads, past the common pid_max of 32,768, and 363 KiB of memory each; at 8, 9,000
-// threads and ~150 KiB (docs/performance.md, "Scale of one host").
+// threads and 141 KiB (docs/performance.md, "Scale of one host").
 constexpr unsigned kDefaultThreads = 8;
 constexpr const char* kDefaultListen = "127.0.0.1";
 constexpr const char* kDefaultSocketName = "nbd.sock";
