@@ -396,16 +396,25 @@ pid_t Pool::serving_pid(uint64_t container_id) const {
 
 // ---- containers ----
 
-Result<ContainerInfo> Pool::container_info(ReadTxn& txn, const ContainerRecord& rec) {
+Result<ContainerInfo> Pool::container_info(ReadTxn& txn, const ContainerRecord& rec,
+                                           BlockCounts* counts) {
   ContainerInfo info;
   info.container = rec;
   LAYER_ASSIGN(info.chain, chain_of(txn, rec.delta_layer));
   LAYER_TRY(count_blocks(txn, rec.delta_layer, &info.delta_data_blocks, &info.delta_zero_blocks));
   info.chain_data_blocks.push_back(info.delta_data_blocks);
   for (size_t i = 1; i < info.chain.size(); ++i) {
+    const LayerId id = info.chain[i].id;
+    if (counts != nullptr) {
+      if (auto it = counts->find(id); it != counts->end()) {
+        info.chain_data_blocks.push_back(it->second.first);
+        continue;
+      }
+    }
     uint64_t data = 0, zero = 0;
-    LAYER_TRY(count_blocks(txn, info.chain[i].id, &data, &zero));
+    LAYER_TRY(count_blocks(txn, id, &data, &zero));
     info.chain_data_blocks.push_back(data);
+    if (counts != nullptr) counts->emplace(id, std::make_pair(data, zero));
   }
   LAYER_ASSIGN(const bool served, locks_->is_locked(LockKind::kContainer, rec.id));
   if (served) info.served_by = locks_->holder_of(rec.id);
@@ -487,10 +496,13 @@ Result<std::map<std::string, std::string>> Pool::set_labels(
 Result<std::vector<ContainerInfo>> Pool::list_containers() {
   LAYER_ASSIGN(auto txn, index_->begin_read());
   std::vector<ContainerInfo> out;
+  // Every clone of an image shares the image's layers: counted once, not once per container
+  // (10,000 clones of a 1 GiB image: `layer ls` spent 0.5 s recounting its 64 map rows).
+  BlockCounts counts;
   LAYER_TRY(
       txn.scan(Db::kContainers, "", [&](std::string_view k, std::string_view v) -> Result<bool> {
         LAYER_ASSIGN(auto rec, decode_container(v, k));
-        LAYER_ASSIGN(auto info, container_info(txn, rec));
+        LAYER_ASSIGN(auto info, container_info(txn, rec, &counts));
         out.push_back(std::move(info));
         return true;
       }));

@@ -25,6 +25,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "chain.h"
@@ -184,7 +185,12 @@ class Pool {
 
  private:
   Pool() = default;
-  Result<ContainerInfo> container_info(ReadTxn& txn, const ContainerRecord& rec);
+  // Data and zero block counts of layers already counted in one read transaction.
+  using BlockCounts = std::map<LayerId, std::pair<uint64_t, uint64_t>>;
+  // `counts` (may be null) keeps each layer's counts for the next container read in `txn`:
+  // containers cloned from one image share its layers, so a listing counts them once.
+  Result<ContainerInfo> container_info(ReadTxn& txn, const ContainerRecord& rec,
+                                       BlockCounts* counts = nullptr);
 
   PoolPaths paths_;
   bool read_only_ = false;

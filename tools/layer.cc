@@ -7,6 +7,7 @@
 #include <arpa/inet.h>
 #include <fmt/format.h>
 #include <netinet/in.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -70,7 +71,10 @@ using namespace layer_cli;
 
 constexpr int kExitUser = 1;
 constexpr int kExitInternal = 2;
-constexpr unsigned kDefaultThreads = 32;
+// nbdkit starts --threads workers for every connection: 1,000 open exports at 32 would be
+// 33,000 threads, past the common pid_max of 32,768, and 363 KiB of memory each; at 8, 9,000
+// threads and 141 KiB (docs/performance.md, "Scale of one host").
+constexpr unsigned kDefaultThreads = 8;
 constexpr const char* kDefaultListen = "127.0.0.1";
 constexpr const char* kDefaultSocketName = "nbd.sock";
 
@@ -1267,6 +1271,7 @@ struct ServeArgs {
   std::string socket, listen, default_name, tier_interval, tls_psk, tls_certificates;
   bool tls_verify_peer = false;
   unsigned max_connections = 1024;
+  std::optional<unsigned> max_per_peer;  // unset: see cmd_serve
   int port = 0;
   unsigned threads = kDefaultThreads;
 };
@@ -1303,6 +1308,25 @@ std::string percent_encode_path(std::string_view path) {
       out += fmt::format("%{:02X}", c);
   }
   return out;
+}
+
+// Each open export costs nbdkit 3 fds (the connection's socket and its threads' wake-up pipe;
+// an idle export opens no layer file): a shell's usual soft limit of 1,024 would stop the
+// server near 330 exports. The soft limit is raised to the hard one; below what
+// max_connections needs, a warning says so (nbdkit then refuses connections past it).
+void raise_fd_limit(unsigned max_connections) {
+  rlimit lim{};
+  if (getrlimit(RLIMIT_NOFILE, &lim) != 0) return;
+  if (lim.rlim_cur < lim.rlim_max) {
+    const rlimit raised{lim.rlim_max, lim.rlim_max};
+    if (setrlimit(RLIMIT_NOFILE, &raised) == 0) lim = raised;
+  }
+  const rlim_t needed = static_cast<rlim_t>(max_connections) * 4 + 256;
+  if (max_connections != 0 && lim.rlim_cur != RLIM_INFINITY && lim.rlim_cur < needed)
+    std::cerr << fmt::format(
+        "layer: warning: the open files limit ({}) holds about {} connections, fewer than "
+        "--max-connections {} (raise it: ulimit -n, LimitNOFILE=)\n",
+        lim.rlim_cur, lim.rlim_cur > 256 ? (lim.rlim_cur - 256) / 4 : 0, max_connections);
 }
 
 // nbdkit refuses to bind over an existing path, and a killed server leaves its socket behind.
@@ -1390,6 +1414,14 @@ int cmd_serve(const Globals& g, const ServeArgs& a) {
   args.push_back(plugin_path());
   args.push_back("pool=" + root);
   if (a.max_connections != 0) args.push_back("limit=" + std::to_string(a.max_connections));
+  // On the unix socket every VM of the host may come from one local user (libvirt's qemu user):
+  // the plugin's per-peer default (256) would stop such a host at 256 exports, so there a peer
+  // may hold as many connections as the whole server. Over TCP a peer is an address and keeps
+  // the plugin's default.
+  if (a.max_per_peer)
+    args.push_back("max-connections-per-peer=" + std::to_string(*a.max_per_peer));
+  else if (a.port == 0)
+    args.push_back("max-connections-per-peer=" + std::to_string(a.max_connections));
   if (!a.default_name.empty()) args.push_back("default=" + a.default_name);
   if (!a.tier_interval.empty()) {
     take(layer::parse_duration(a.tier_interval));
@@ -1407,6 +1439,7 @@ int cmd_serve(const Globals& g, const ServeArgs& a) {
   for (auto& arg : args) argv.push_back(arg.data());
   argv.push_back(nullptr);
   layer::stop_fork_server();  // reaped now: nbdkit would leave it a zombie
+  raise_fd_limit(a.max_connections);
   execvp(argv[0], argv.data());
   const int err = errno;
   fail(err, fmt::format("cannot run nbdkit: {}", std::strerror(err)));
@@ -1754,7 +1787,8 @@ int run(int argc, char** argv) {
   serve_cmd->add_option("--listen", serve.listen, "TCP address (default 127.0.0.1)")
       ->type_name("ADDR")
       ->needs(port_opt);
-  serve_cmd->add_option("--threads", serve.threads, "nbdkit threads (default 32)")
+  serve_cmd
+      ->add_option("--threads", serve.threads, "nbdkit worker threads per connection (default 8)")
       ->type_name("N")
       ->check(CLI::Range(1u, 1024u));
   serve_cmd
@@ -1773,6 +1807,11 @@ int run(int argc, char** argv) {
   serve_cmd
       ->add_option("--max-connections", serve.max_connections,
                    "connections the server accepts at once (default 1024; 0: no limit)")
+      ->type_name("N");
+  serve_cmd
+      ->add_option("--max-connections-per-peer", serve.max_per_peer,
+                   "connections one peer (uid, or TCP address) may hold (default: "
+                   "--max-connections on a unix socket, 256 over TCP; 0: no limit)")
       ->type_name("N");
   serve_cmd->add_flag("--tls-verify-peer", serve.tls_verify_peer,
                       "with --tls-certificates: clients need certificates the CA signed");

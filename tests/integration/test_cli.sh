@@ -164,8 +164,10 @@ odd="$tmp/my pool%41"
 "$LAYER_BIN" --pool "$odd" image import base:1 "$tmp/base.img" >/dev/null
 "$LAYER_BIN" --pool "$odd" clone base:1 w2 >/dev/null
 # shellcheck disable=SC2046
-background serve-odd env $(nbdkit_env "$tmp/serve-odd.sanitizer") "$LAYER_BIN" --pool "$odd" \
-  --json serve --threads 4 --default w2
+# Under a soft fd limit of 512 (300 connections below need ~900 fds): serve raises it to the hard.
+# shellcheck disable=SC2016
+background serve-odd bash -c 'ulimit -Sn 512 && exec "$@"' _ env $(nbdkit_env "$tmp/serve-odd.sanitizer") \
+  "$LAYER_BIN" --pool "$odd" --json serve --threads 4 --default w2
 serve_odd_pid=$bg_pid
 wait_until 30 eval "grep -q '\"uri\"' '$tmp/serve-odd.log'" ||
   fail "layer serve printed no URI: $(cat "$tmp/serve-odd.log")"
@@ -176,6 +178,31 @@ wait_until 30 eval "nbdinfo --size '$printed_uri' >/dev/null 2>&1" ||
   fail "nbdinfo does not accept the printed URI $printed_uri: $(nbdinfo --size "$printed_uri" 2>&1)"
 size=$(nbdinfo --size "$printed_uri")
 ((size == 4 << 20)) || fail "layer serve with an odd pool path: size $size"
+# On its unix socket, serve lets one peer (here: this uid) hold as many connections as the
+# server (1,000 VMs of a host may all be qemu's): 300, past the plugin's own default of 256,
+# spread over 5 containers (each takes 64).
+grep '"argv"' "$tmp/serve-odd.log" | json_get '" ".join(j["argv"])' |
+  grep -q 'max-connections-per-peer=1024' || fail "serve's argv: $(grep '"argv"' "$tmp/serve-odd.log")"
+for i in 3 4 5 6 7; do "$LAYER_BIN" --pool "$odd" clone base:1 "w$i" >/dev/null; done
+held=$(/usr/bin/python3 - "$odd/run/nbd.sock" <<'EOF2'
+import sys, nbd
+handles = []
+for i in range(300):
+    h = nbd.NBD()
+    h.set_export_name(f"w{3 + i % 5}")
+    try:
+        h.connect_unix(sys.argv[1])
+        h.pread(512, 0)
+    except nbd.Error as e:
+        print(f"{len(handles)}: {e}")
+        break
+    handles.append(h)
+print(len(handles))
+EOF2
+) || fail "300 connections: $held"
+[[ $held == 300 ]] || fail "one peer held $held connections of 300 under layer serve's defaults"
+read -r soft hard < <(awk '/^Max open files/ {print $4, $5}' "/proc/$serve_odd_pid/limits")
+[[ $soft == "$hard" ]] || fail "serve left the soft fd limit at $soft (hard $hard)"
 if [[ -n "${LAYER_NBDKIT_PRELOAD:-}" ]]; then
   kill -TERM "$serve_odd_pid"
   tolerate_exit_hang "$serve_odd_pid"

@@ -4,10 +4,12 @@
 
 #include <sys/stat.h>
 
+#include <map>
 #include <set>
 
 #include "disk.h"
 #include "fsck.h"
+#include "snapshots.h"
 #include "test_util.h"
 
 using namespace layer;
@@ -466,6 +468,43 @@ TEST_CASE("clone", "[pool][clone]") {
   f.reopen();
   CHECK(MUST(f.pool->list_containers()).size() == 2);
   REQUIRE_FSCK_CLEAN(f.pool, true);
+}
+
+TEST_CASE("list_containers counts each chain's layers as inspect does", "[pool]") {
+  // list_containers counts a layer shared by many containers once: each container's counts
+  // must still be those of its own chain (two images, a written delta, a clone of a snapshot).
+  test::PoolFixture f;
+  f.import("a:1", 1 << 20, 4096, 1);
+  f.import("b:1", 1 << 19, 4096, 2);
+  for (const char* name : {"a1", "a2", "a3"}) MUST(f.pool->clone("a:1", name, std::nullopt));
+  MUST(f.pool->clone("b:1", "b1", std::nullopt));
+  {
+    const std::vector<uint8_t> block(3 * 4096, 0x5a);
+    auto disk = MUST(Disk::open(*f.pool, "a2", true));
+    REQUIRE_OK(disk->write(block.data(), block.size(), 8192, false));
+    REQUIRE_OK(disk->flush());
+  }
+  f.reopen();  // the written blocks in the index (a closed disk's journal folded)
+  MUST(snapshot_container(*f.pool, "a2", "s"));
+  MUST(f.pool->clone("a2@s", "a2s", std::nullopt));
+
+  const auto list = MUST(f.pool->list_containers());
+  REQUIRE(list.size() == 5);
+  std::map<std::string, std::vector<uint64_t>> counts;
+  for (const auto& info : list) {
+    const auto one = MUST(f.pool->inspect(info.container.name));
+    INFO(info.container.name);
+    REQUIRE(info.chain.size() == one.chain.size());
+    for (size_t i = 0; i < one.chain.size(); ++i) CHECK(info.chain[i].id == one.chain[i].id);
+    CHECK(info.chain_data_blocks == one.chain_data_blocks);
+    CHECK(info.delta_data_blocks == one.delta_data_blocks);
+    counts[info.container.name] = info.chain_data_blocks;
+  }
+  // Not all the same: the images differ in size, and a2s has the snapshot's 3 blocks above a:1.
+  CHECK(counts["a1"].back() != counts["b1"].back());
+  REQUIRE(counts["a2s"].size() == 3);
+  CHECK(counts["a2s"][1] == 3);
+  CHECK(counts["a2s"][2] == counts["a1"][1]);
 }
 
 // True when the filesystem of `dir` can hold a file of size_bytes (a sparse one).
