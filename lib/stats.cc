@@ -121,6 +121,7 @@ std::shared_ptr<IoCounters> StatsTable::acquire(uint64_t id, const std::string& 
   if (!item.counters) {
     item.name = name;
     item.counters = std::make_shared<IoCounters>();
+    item.active = std::chrono::steady_clock::now();
   }
   return item.counters;
 }
@@ -137,13 +138,24 @@ std::vector<StatsTable::Entry> StatsTable::totals() {
 
 std::vector<StatsTable::Entry> StatsTable::take_deltas() {
   std::vector<Entry> out;
+  const auto now = std::chrono::steady_clock::now();
   std::lock_guard<std::mutex> lk(mu_);
-  for (auto& [id, item] : items_) {
-    const StatsRecord now = item.counters->totals();
-    StatsRecord delta = difference(now, item.taken);
-    if (all_zero(delta)) continue;
-    item.taken = now;
-    out.push_back({id, item.name, std::move(delta)});
+  for (auto it = items_.begin(); it != items_.end();) {
+    Item& item = it->second;
+    // Only the table holds it: no connection can count into it (acquire() hands it out under
+    // mu_), so once its last counts are taken nothing is pending.
+    const bool held = item.counters.use_count() > 1;
+    const StatsRecord totals = item.counters->totals();
+    StatsRecord delta = difference(totals, item.taken);
+    if (held || !all_zero(delta)) item.active = now;
+    if (!all_zero(delta)) {
+      item.taken = totals;
+      out.push_back({it->first, item.name, std::move(delta)});
+    } else if (!held && (all_zero(totals) || now - item.active >= keep_idle_)) {
+      it = items_.erase(it);
+      continue;
+    }
+    ++it;
   }
   return out;
 }

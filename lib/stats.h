@@ -81,10 +81,15 @@ class IoCounters {
   Shard shards_[kShards];
 };
 
-// A server's counters, one per container it has served (by container id), kept for the
-// server's life so that its metrics stay cumulative across reconnects.
+// A server's counters, one per container it serves (by container id). A container's counters
+// stay while a connection holds them and for `keep_idle` after its last request, so that its
+// metrics stay cumulative across reconnects; then they go (a later open starts again from 0: a
+// counter reset to Prometheus). Counters that never counted go when no connection holds them
+// (nbdinfo --list opens every export).
 class StatsTable {
  public:
+  static constexpr std::chrono::minutes kKeepIdle{10};
+  explicit StatsTable(std::chrono::milliseconds keep_idle = kKeepIdle) : keep_idle_(keep_idle) {}
   // The counters of container `id` named `name`, made on first use.
   std::shared_ptr<IoCounters> acquire(uint64_t id, const std::string& name);
   struct Entry {
@@ -95,7 +100,8 @@ class StatsTable {
   // Every container's cumulative totals, in name order (the metrics socket).
   std::vector<Entry> totals();
   // What each container's counters gained since the last call (containers with nothing new
-  // left out); give_back() returns a failed write's deltas to the next call.
+  // left out); give_back() returns a failed write's deltas to the next call. Forgets the
+  // counters that nothing holds and that are idle (see above).
   std::vector<Entry> take_deltas();
   void give_back(const std::vector<Entry>& deltas);
   // Forgets container `id` (removed): its counters are no longer shown or written.
@@ -106,7 +112,9 @@ class StatsTable {
     std::string name;
     std::shared_ptr<IoCounters> counters;
     StatsRecord taken;  // the totals as of the last take_deltas, minus what was given back
+    std::chrono::steady_clock::time_point active;  // when last held or seen counting
   };
+  const std::chrono::milliseconds keep_idle_;
   std::mutex mu_;
   std::map<uint64_t, Item> items_;  // GUARDED_BY(mu_)
 };

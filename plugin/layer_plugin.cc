@@ -153,7 +153,7 @@ auto guarded(const char* what, F&& f) -> decltype(f()) {
 struct Handle {
   std::shared_ptr<layer::Disk> disk;
   std::shared_ptr<layer::Limiter> limiter;  // the container's: every request passes it
-  std::shared_ptr<layer::IoCounters> io;    // the container's: every request is counted
+  std::shared_ptr<layer::IoCounters> io;    // the container's: every request is counted (or null)
   bool readonly = false;
   // For the audit trail's close line.
   std::string export_name, container;
@@ -221,16 +221,22 @@ uint64_t monotonic_ns() {
 
 // Counts one request in its container's I/O history when it ends (however it ends): its
 // latency is from here (before the QoS wait: what the client sees) to the end of the scope.
+// Nothing without counters (stats-interval=0 and no metrics=).
 class Counted {
  public:
   Counted(void* h, layer::IoOp op, uint64_t bytes)
-      : io_(*static_cast<Handle*>(h)->io), op_(op), bytes_(bytes), start_ns_(monotonic_ns()) {}
-  ~Counted() { io_.record(op_, bytes_, monotonic_ns() - start_ns_); }
+      : io_(static_cast<Handle*>(h)->io.get()),
+        op_(op),
+        bytes_(bytes),
+        start_ns_(io_ ? monotonic_ns() : 0) {}
+  ~Counted() {
+    if (io_) io_->record(op_, bytes_, monotonic_ns() - start_ns_);
+  }
   Counted(const Counted&) = delete;
   Counted& operator=(const Counted&) = delete;
 
  private:
-  layer::IoCounters& io_;
+  layer::IoCounters* const io_;
   const layer::IoOp op_;
   const uint64_t bytes_;
   const uint64_t start_ns_;
@@ -696,7 +702,8 @@ void* layer_open(int readonly) {
     auto handle = std::make_unique<Handle>();
     handle->disk = std::move(*disk);
     handle->limiter = g_limiters->acquire(parsed->container, resources);
-    handle->io = g_stats->acquire(container_id, parsed->container);
+    // Without a writer the table forgets nothing: counters only for the metrics socket.
+    if (g_stats_writer || g_metrics) handle->io = g_stats->acquire(container_id, parsed->container);
     handle->readonly = readonly != 0 || is_snapshot || access->read_only;
     handle->export_name = name;
     handle->container = parsed->container;

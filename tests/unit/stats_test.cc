@@ -147,6 +147,33 @@ TEST_CASE("counters add up over threads, and deltas are taken once", "[concurren
   CHECK(d[0].totals[IoOp::kTrim].bytes == 65536);
 }
 
+TEST_CASE("counters nothing holds go once idle; those that never counted at once") {
+  StatsTable table(std::chrono::milliseconds(0));
+  auto held = table.acquire(1, "held");
+  table.acquire(2, "info-only");  // opened and closed without a request
+  {
+    auto c = table.acquire(3, "closed");
+    c->record(IoOp::kRead, 4096, 2000);
+  }
+  auto d = table.take_deltas();
+  REQUIRE(d.size() == 1);  // the closed one's last counts are taken before it goes
+  CHECK(d[0].name == "closed");
+  auto names = [&] {
+    std::vector<std::string> out;
+    for (const auto& e : table.totals()) out.push_back(e.name);
+    return out;
+  };
+  CHECK(names() == std::vector<std::string>{"closed", "held"});
+  CHECK(table.take_deltas().empty());
+  CHECK(names() == std::vector<std::string>{"held"});
+  // Kept for the default 10 minutes after the last request: still there.
+  StatsTable keeping;
+  keeping.acquire(3, "closed")->record(IoOp::kRead, 4096, 2000);
+  CHECK(keeping.take_deltas().size() == 1);
+  CHECK(keeping.take_deltas().empty());
+  CHECK(keeping.totals().size() == 1);
+}
+
 TEST_CASE("persist adds to the minute's row; prune drops old rows and orphans; rm drops history") {
   test::PoolFixture f;
   f.import("base:1", 16 * 4096, 4096, 1);
