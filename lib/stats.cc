@@ -477,7 +477,11 @@ void MetricsServer::run() {
     }
     if (fds[1].revents != 0) return;
     Fd conn{::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC)};
-    if (conn.fd < 0) continue;
+    if (conn.fd < 0) {
+      // Out of file descriptors (or memory): the listener stays readable; do not spin on it.
+      if (errno != EINTR && errno != EAGAIN && errno != ECONNABORTED) ::poll(nullptr, 0, 100);
+      continue;
+    }
     // A client that never reads cannot hold the thread for long.
     const timeval timeout{2, 0};
     ::setsockopt(conn.fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof timeout);
