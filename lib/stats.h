@@ -46,10 +46,10 @@ class Pool;
 
 // Latency buckets (kLatencyBuckets, records.h): bucket 0 holds latencies under 1024 ns; from
 // there each power of two is split in 4 (1024..1279 ns is bucket 1, 1280..1535 bucket 2, ...),
-// so a bucket's bounds are within 19% of each other; the last bucket holds everything from
-// 2^41 ns (36 minutes) on.
+// so a bucket spans at most a quarter of its lower bound; the last bucket holds everything from
+// 6 << 39 ns (55 minutes) on.
 int latency_bucket(uint64_t ns);
-// The smallest latency of bucket b; bucket_lower_ns(kLatencyBuckets) is the last one's end.
+// The smallest latency of bucket b (0 <= b < kLatencyBuckets).
 uint64_t bucket_lower_ns(int b);
 // The q-quantile (0 < q <= 1) of a histogram: the upper bound of the bucket where the running
 // count reaches q of the total (an over-estimate by less than one bucket). 0 when it is empty.
