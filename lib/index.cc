@@ -48,6 +48,9 @@ bool is_damage(int rc) {
          rc == MDB_VERSION_MISMATCH || rc == MDB_CURSOR_FULL;
 }
 
+// The dbs added after format version 1 (index.h): an index may lack them.
+bool is_added_db(Db db) { return db == Db::kStats; }
+
 Error lmdb_error(int rc, std::string_view what) {
   int code = EIO;
   if (rc == MDB_MAP_FULL) {
@@ -97,8 +100,8 @@ bool meta_asks_too_much(const std::string& dir, const struct stat& st) {
 }  // namespace
 
 const char* db_name(Db db) {
-  static const char* const kNames[] = {"meta",       "layers",    "maps", "sums",   "images",
-                                       "containers", "snapshots", "heat", "intents"};
+  static const char* const kNames[] = {"meta",       "layers",    "maps", "sums",    "images",
+                                       "containers", "snapshots", "heat", "intents", "stats"};
   return kNames[static_cast<int>(db)];
 }
 
@@ -151,6 +154,7 @@ void ReadTxn::release_resize_lock() {
 }
 
 Result<std::optional<std::string_view>> ReadTxn::get(Db db, std::string_view key) {
+  if (!index_->has_db(db)) return std::optional<std::string_view>();
   MDB_val k = val(key), v;
   int rc = mdb_get(txn_, index_->dbi_[static_cast<int>(db)], &k, &v);
   if (rc == MDB_NOTFOUND) return std::optional<std::string_view>();
@@ -160,11 +164,27 @@ Result<std::optional<std::string_view>> ReadTxn::get(Db db, std::string_view key
 
 Status ReadTxn::scan(Db db, std::string_view prefix,
                      const std::function<Result<bool>(std::string_view, std::string_view)>& fn) {
+  return scan_from(db, prefix, prefix, fn);
+}
+
+Result<std::optional<std::string>> ReadTxn::next_key(Db db, std::string_view from) {
+  std::optional<std::string> found;
+  LAYER_TRY(scan_from(db, "", from, [&](std::string_view k, std::string_view) -> Result<bool> {
+    found = std::string(k);
+    return false;
+  }));
+  return found;
+}
+
+Status ReadTxn::scan_from(
+    Db db, std::string_view prefix, std::string_view from,
+    const std::function<Result<bool>(std::string_view, std::string_view)>& fn) {
+  if (!index_->has_db(db)) return {};
   Cursor cur;
   int rc = mdb_cursor_open(txn_, index_->dbi_[static_cast<int>(db)], cur.out());
   if (rc != 0) return lmdb_error(rc, "cursor open");
-  MDB_val k = val(prefix), v;
-  rc = mdb_cursor_get(cur.get(), &k, &v, prefix.empty() ? MDB_FIRST : MDB_SET_RANGE);
+  MDB_val k = val(from), v;
+  rc = mdb_cursor_get(cur.get(), &k, &v, from.empty() ? MDB_FIRST : MDB_SET_RANGE);
   while (rc == 0) {
     std::string_view key = view(k);
     if (key.substr(0, prefix.size()) != prefix) break;
@@ -176,7 +196,13 @@ Status ReadTxn::scan(Db db, std::string_view prefix,
   return {};
 }
 
+// A db this open could not create (Index::has_db) takes no writes.
+static Status missing_db(Db db) {
+  return make_error(EIO, "index: db {} is missing (the index was opened read-only)", db_name(db));
+}
+
 Status WriteTxn::put(Db db, std::string_view key, std::string_view value) {
+  if (!index_->has_db(db)) return missing_db(db);
   MDB_val k = val(key), v = val(value);
   int rc = mdb_put(txn_, index_->dbi_[static_cast<int>(db)], &k, &v, 0);
   if (rc != 0) return lmdb_error(rc, fmt::format("put into {}", db_name(db)));
@@ -184,6 +210,7 @@ Status WriteTxn::put(Db db, std::string_view key, std::string_view value) {
 }
 
 Status WriteTxn::append(Db db, std::string_view key, std::string_view value) {
+  if (!index_->has_db(db)) return missing_db(db);
   MDB_val k = val(key), v = val(value);
   int rc = mdb_put(txn_, index_->dbi_[static_cast<int>(db)], &k, &v, MDB_APPEND);
   // Another process may have committed a higher key meanwhile (a delta's rows): then the
@@ -194,6 +221,7 @@ Status WriteTxn::append(Db db, std::string_view key, std::string_view value) {
 }
 
 Status WriteTxn::del(Db db, std::string_view key) {
+  if (!index_->has_db(db)) return {};
   MDB_val k = val(key);
   int rc = mdb_del(txn_, index_->dbi_[static_cast<int>(db)], &k, nullptr);
   if (rc != 0 && rc != MDB_NOTFOUND)
@@ -202,6 +230,7 @@ Status WriteTxn::del(Db db, std::string_view key) {
 }
 
 Result<uint64_t> WriteTxn::del_prefix(Db db, std::string_view prefix, uint64_t limit) {
+  if (!index_->has_db(db)) return uint64_t{0};
   Cursor cur;
   int rc = mdb_cursor_open(txn_, index_->dbi_[static_cast<int>(db)], cur.out());
   if (rc != 0) return lmdb_error(rc, "cursor open");
@@ -306,6 +335,8 @@ Result<std::unique_ptr<Index>> Index::open(const std::string& dir, const Options
   for (int i = 0; i < static_cast<int>(Db::kCount); ++i) {
     rc = mdb_dbi_open(txn, db_name(static_cast<Db>(i)), options.create ? MDB_CREATE : 0,
                       &index->dbi_[i]);
+    if (rc == MDB_NOTFOUND && is_added_db(static_cast<Db>(i))) continue;  // made below
+    if (rc == 0) index->has_db_[i] = true;
     if (rc != 0) {
       mdb_txn_abort(txn);
       if (rc == MDB_NOTFOUND)
@@ -321,6 +352,20 @@ Result<std::unique_ptr<Index>> Index::open(const std::string& dir, const Options
   }
   rc = mdb_txn_commit(txn);
   if (rc != 0) return lmdb_error(rc, "commit");
+  // The dbs added since format 1 that this index lacks: a writable open makes them (an older
+  // build ignores a db it does not know); a read-only one reads them as empty.
+  for (int i = 0; i < static_cast<int>(Db::kCount); ++i) {
+    if (index->has_db_[i] || options.read_only || options.no_lock) continue;
+    rc = mdb_txn_begin(index->env_, nullptr, 0, &txn);
+    if (rc != 0) return lmdb_error(rc, "begin");
+    rc = mdb_dbi_open(txn, db_name(static_cast<Db>(i)), MDB_CREATE, &index->dbi_[i]);
+    if (rc == 0)
+      rc = mdb_txn_commit(txn);
+    else
+      mdb_txn_abort(txn);
+    if (rc != 0) return lmdb_error(rc, fmt::format("create db {}", db_name(static_cast<Db>(i))));
+    index->has_db_[i] = true;
+  }
   return index;
 }
 
@@ -545,6 +590,7 @@ Result<IndexWalk> Index::walk() {
   // LMDB's main db (MAIN_DBI, 1): the named dbs' records.
   LAYER_TRY(walk_db(1, "(main)", false, [](const MDB_val&, const MDB_val&) { return Status{}; }));
   for (int i = 0; i < static_cast<int>(Db::kCount); ++i) {
+    if (!has_db_[i]) continue;
     const char* name = db_name(static_cast<Db>(i));
     uint64_t rows = 0;
     LAYER_TRY(walk_db(dbi_[i], name, false, [&](const MDB_val&, const MDB_val&) -> Status {

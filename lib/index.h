@@ -47,6 +47,9 @@ enum class Db : int {
   kSnapshots,
   kHeat,
   kIntents,
+  // Added after format version 1 was released: an index made before it lacks the db. A
+  // writable open creates it; a read-only one reads it as empty (Index::has_db).
+  kStats,
   kCount
 };
 const char* db_name(Db db);
@@ -79,6 +82,11 @@ class ReadTxn {
   // false. Errors: EIO; fn's own errors are returned as they are.
   Status scan(Db db, std::string_view prefix,
               const std::function<Result<bool>(std::string_view, std::string_view)>& fn);
+  // As scan, from the first key >= `from` (which should start with `prefix`).
+  Status scan_from(Db db, std::string_view prefix, std::string_view from,
+                   const std::function<Result<bool>(std::string_view, std::string_view)>& fn);
+  // The first key >= `from` in `db`, std::nullopt when there is none. Errors: EIO.
+  Result<std::optional<std::string>> next_key(Db db, std::string_view from);
 
  protected:
   friend class Index;
@@ -166,6 +174,9 @@ class Index {
   void check_readers();
   bool read_only() const { return read_only_; }
   const std::string& dir() const { return dir_; }
+  // False for a db added after the index was made (Db::kStats), when this open was read-only
+  // and so could not create it: it reads as empty, and writing to it fails with EIO.
+  bool has_db(Db db) const { return has_db_[static_cast<int>(db)]; }
 
   // The size of this process's map of the index, and the limit grow_map() grows it to.
   uint64_t map_size() const;
@@ -206,6 +217,7 @@ class Index {
 
   MDB_env* env_ = nullptr;
   unsigned int dbi_[static_cast<int>(Db::kCount)] = {};  // MDB_dbi
+  bool has_db_[static_cast<int>(Db::kCount)] = {};
   bool read_only_ = false;
   std::string dir_;
   uint64_t max_map_size_ = kMaxMapSizeBytes;

@@ -33,6 +33,7 @@
 #include "layers.h"
 #include "names.h"
 #include "snapshots.h"
+#include "stats.h"
 
 namespace layer {
 namespace {
@@ -579,9 +580,12 @@ Status Pool::remove_container(const std::string& name) {
     }
     return drop_layer(txn, current.delta_layer, &drops);
   }));
+  // Its I/O history (stats.h) goes after its row, so that no server adds a row for it later;
+  // rows an interruption leaves behind are pruned by the next server's stats writer.
+  auto history = drop_stats(*this, rec.id);
   // The container is gone; a crash from here on is finished by the next open or fsck --repair.
   LAYER_TRY(finish_drops_after_removal(*this, drops, fmt::format("container \"{}\"", name)));
-  return {};
+  return history;
 }
 
 }  // namespace layer

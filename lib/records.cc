@@ -5,6 +5,7 @@
 // Decoding reads untrusted bytes: every read is bounds-checked and trailing bytes are an error.
 #include "records.h"
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstring>
@@ -303,6 +304,65 @@ Result<HeatRecord> decode_heat(std::string_view bytes, uint64_t id) {
                   d.u64(&r.write_ops) && d.u64(&r.write_bytes) && d.u64(&r.last_access_unix) &&
                   d.f64(&r.read_rate) && d.f64(&r.write_rate) && d.f64(&r.read_bps) &&
                   d.f64(&r.write_bps) && d.u64(&r.rate_unix) && d.u64(&r.moved_unix);
+  LAYER_TRY(d.finish(ok));
+  return r;
+}
+
+const char* to_string(IoOp op) {
+  static const char* const kNames[] = {"read", "write", "trim", "zero", "flush"};
+  return kNames[static_cast<int>(op)];
+}
+
+bool StatsRecord::empty() const {
+  return std::all_of(op.begin(), op.end(), [](const IoOpStats& s) { return s.ops == 0; });
+}
+
+void StatsRecord::add(const StatsRecord& other) {
+  for (int i = 0; i < kIoOps; ++i) {
+    op[i].ops += other.op[i].ops;
+    op[i].bytes += other.op[i].bytes;
+    op[i].latency_ns_sum += other.op[i].latency_ns_sum;
+    for (int b = 0; b < kLatencyBuckets; ++b) op[i].latency[b] += other.op[i].latency[b];
+  }
+}
+
+// Sparse: only the buckets that counted something (a minute of 4 KiB reads fills a handful).
+std::string encode(const StatsRecord& r) {
+  Encoder e;
+  e.u8(kIoOps);
+  for (const auto& s : r.op) {
+    e.u64(s.ops);
+    e.u64(s.bytes);
+    e.u64(s.latency_ns_sum);
+    const auto used =
+        std::count_if(s.latency.begin(), s.latency.end(), [](uint64_t n) { return n != 0; });
+    e.u8(static_cast<uint8_t>(used));
+    for (int b = 0; b < kLatencyBuckets; ++b) {
+      if (s.latency[b] == 0) continue;
+      e.u8(static_cast<uint8_t>(b));
+      e.u64(s.latency[b]);
+    }
+  }
+  return e.take();
+}
+
+Result<StatsRecord> decode_stats(std::string_view bytes, std::string_view what) {
+  Decoder d(bytes, std::string(what));
+  StatsRecord r;
+  uint8_t ops = 0;
+  bool ok = d.version() && d.u8(&ops);
+  for (int i = 0; ok && i < ops; ++i) {
+    IoOpStats s;
+    uint8_t used = 0;
+    ok = d.u64(&s.ops) && d.u64(&s.bytes) && d.u64(&s.latency_ns_sum) && d.u8(&used);
+    for (int j = 0; ok && j < used; ++j) {
+      uint8_t b = 0;
+      uint64_t n = 0;
+      ok = d.u8(&b) && d.u64(&n);
+      s.latency[std::min<int>(b, kLatencyBuckets - 1)] += n;
+    }
+    if (i < kIoOps) r.op[i] = s;
+  }
   LAYER_TRY(d.finish(ok));
   return r;
 }

@@ -7,6 +7,7 @@
 // Thread-safety: plain values.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <map>
 #include <string>
@@ -180,6 +181,35 @@ struct HeatRecord {
 };
 std::string encode(const HeatRecord& r);
 Result<HeatRecord> decode_heat(std::string_view bytes, uint64_t id);
+
+// `stats` db, key key_u64_u32(container id, unix minute): what a container's exports served in
+// one minute (lib/stats.h). Per kind of request: how many, the bytes they moved (trim and zero:
+// the bytes they covered; flush: 0), the sum of their latencies, and a histogram of latencies in
+// kLatencyBuckets log-scale buckets (stats.h latency_bucket: 4 per power of two from 1 us).
+enum class IoOp : uint8_t { kRead = 0, kWrite = 1, kTrim = 2, kZero = 3, kFlush = 4 };
+constexpr int kIoOps = 5;
+const char* to_string(IoOp op);
+constexpr int kLatencyBuckets = 128;
+struct IoOpStats {
+  uint64_t ops = 0;
+  uint64_t bytes = 0;
+  uint64_t latency_ns_sum = 0;
+  std::array<uint64_t, kLatencyBuckets> latency{};  // requests per latency bucket
+  bool operator==(const IoOpStats&) const = default;
+};
+struct StatsRecord {
+  std::array<IoOpStats, kIoOps> op{};
+  const IoOpStats& operator[](IoOp o) const { return op[static_cast<int>(o)]; }
+  IoOpStats& operator[](IoOp o) { return op[static_cast<int>(o)]; }
+  bool empty() const;
+  // Adds every count of `other` (a minute's rows merged, a delta added).
+  void add(const StatsRecord& other);
+  bool operator==(const StatsRecord&) const = default;
+};
+std::string encode(const StatsRecord& r);
+// `what` names the row in messages. Ops beyond kIoOps (a newer build's) are read and dropped,
+// buckets beyond the last are counted in the last one.
+Result<StatsRecord> decode_stats(std::string_view bytes, std::string_view what);
 
 // `meta` key "tier.policy": the tiering policy (tier.h). Absent: the defaults.
 struct TierPolicy {

@@ -1,7 +1,8 @@
 // layer_plugin.cc — nbdkit callbacks over lib/:
 // `nbdkit layer pool=DIR [default=NAME] [hasher=on|off] [hash-rate=BYTES_PER_SEC]
 // [heat-interval=DURATION] [tier-interval=DURATION] [index-backup-interval=DURATION]
-// [verify=on|off] [journal=on|off]`.
+// [verify=on|off] [journal=on|off] [stats-interval=DURATION] [stats-retention=DURATION]
+// [metrics=PATH]`.
 //
 // Life cycle (nbdkit forks after config_complete/get_ready unless -f; with --run the server is
 // the child): config parses and makes paths absolute; get_ready reads the whole index through
@@ -19,6 +20,7 @@
 
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -49,6 +51,7 @@
 #include "pool.h"
 #include "qos.h"
 #include "snapshots.h"
+#include "stats.h"
 #include "tier.h"
 #include "version.h"
 
@@ -85,6 +88,14 @@ std::map<std::string, uint64_t> g_conn_by_export;  // GUARDED_BY(g_conn_mu)
 // index-backup-interval= (0: no copies)
 uint64_t g_backup_interval_s = layer::kDefaultIndexBackupInterval.count();
 layer::BackgroundBackup* g_backup = nullptr;  // null with index-backup-interval=0
+// Each served container's I/O counters (stats.h), shared by its connections; the writer of
+// their minute rows (null with stats-interval=0) and the metrics socket (null without metrics=).
+layer::StatsTable* g_stats = nullptr;
+layer::StatsWriter* g_stats_writer = nullptr;
+layer::MetricsServer* g_metrics = nullptr;
+uint64_t g_stats_interval_s = 10;              // stats-interval= (0: no history written)
+uint64_t g_stats_retention_s = 7 * 24 * 3600;  // stats-retention=
+std::string g_metrics_path;                    // metrics=PATH
 
 constexpr uint32_t kMaxRequestBytes = 32 << 20;
 
@@ -142,6 +153,7 @@ auto guarded(const char* what, F&& f) -> decltype(f()) {
 struct Handle {
   std::shared_ptr<layer::Disk> disk;
   std::shared_ptr<layer::Limiter> limiter;  // the container's: every request passes it
+  std::shared_ptr<layer::IoCounters> io;    // the container's: every request is counted (or null)
   bool readonly = false;
   // For the audit trail's close line.
   std::string export_name, container;
@@ -201,6 +213,35 @@ void uncount_export(const std::string& container) {
 
 layer::Disk& disk_of(void* h) { return *static_cast<Handle*>(h)->disk; }
 
+uint64_t monotonic_ns() {
+  timespec ts;
+  ::clock_gettime(CLOCK_MONOTONIC, &ts);  // vDSO: no system call
+  return static_cast<uint64_t>(ts.tv_sec) * 1'000'000'000 + static_cast<uint64_t>(ts.tv_nsec);
+}
+
+// Counts one request in its container's I/O history when it ends (however it ends): its
+// latency is from here (before the QoS wait: what the client sees) to the end of the scope.
+// Nothing without counters (stats-interval=0 and no metrics=).
+class Counted {
+ public:
+  Counted(void* h, layer::IoOp op, uint64_t bytes)
+      : io_(static_cast<Handle*>(h)->io.get()),
+        op_(op),
+        bytes_(bytes),
+        start_ns_(io_ ? monotonic_ns() : 0) {}
+  ~Counted() {
+    if (io_) io_->record(op_, bytes_, monotonic_ns() - start_ns_);
+  }
+  Counted(const Counted&) = delete;
+  Counted& operator=(const Counted&) = delete;
+
+ private:
+  layer::IoCounters* const io_;
+  const layer::IoOp op_;
+  const uint64_t bytes_;
+  const uint64_t start_ns_;
+};
+
 int layer_config(const char* key, const char* value) {
   return guarded("config", [&] {
     if (std::strcmp(key, "pool") == 0) {
@@ -241,6 +282,23 @@ int layer_config(const char* key, const char* value) {
       (std::strcmp(key, "max-connections-per-peer") == 0 ? g_max_per_peer : g_max_per_export) = n;
       return 0;
     }
+    if (std::strcmp(key, "stats-interval") == 0 || std::strcmp(key, "stats-retention") == 0) {
+      auto seconds = layer::parse_duration(value);
+      if (!seconds) return fail(seconds.error());
+      if (key[6] == 'r' && *seconds < 60) {
+        nbdkit_error("stats-retention=%s: keep at least one minute", value);
+        return -1;
+      }
+      (key[6] == 'i' ? g_stats_interval_s : g_stats_retention_s) = *seconds;
+      return 0;
+    }
+    if (std::strcmp(key, "metrics") == 0) {
+      char* abs = nbdkit_absolute_path(value);  // nbdkit changes directory after forking
+      if (!abs) return -1;
+      g_metrics_path = abs;
+      std::free(abs);
+      return 0;
+    }
     if (std::strcmp(key, "heat-interval") == 0 || std::strcmp(key, "tier-interval") == 0 ||
         std::strcmp(key, "index-backup-interval") == 0) {
       auto seconds = layer::parse_duration(value);
@@ -254,6 +312,7 @@ int layer_config(const char* key, const char* value) {
         "unknown parameter '%s' (expected pool=DIR, default=NAME, hasher=on|off, "
         "hash-rate=BYTES_PER_SEC, heat-interval=DURATION, tier-interval=DURATION, "
         "index-backup-interval=DURATION, verify=on|off, journal=on|off, "
+        "stats-interval=DURATION, stats-retention=DURATION, metrics=PATH, "
         "max-connections-per-peer=N or "
         "max-connections-per-export=N)",
         key);
@@ -346,11 +405,13 @@ void audit(nlohmann::ordered_json event) {
 // (qos.h), read from one read transaction.
 layer::Result<layer::AccessDecision> access_for(const std::string& container,
                                                 const layer::Peer& peer,
-                                                layer::Resources* resources) {
+                                                layer::Resources* resources,
+                                                uint64_t* container_id = nullptr) {
   LAYER_ASSIGN(auto txn, g_pool->index().begin_read());
   LAYER_ASSIGN(const auto policy, layer::load_access_policy(txn));
   LAYER_ASSIGN(auto c, g_pool->get_container(txn, container));
   *resources = c.resources;
+  if (container_id) *container_id = c.id;
   return layer::decide_access(policy, c.access, peer);
 }
 
@@ -407,6 +468,7 @@ int layer_after_fork() {
     g_pool->set_journal(g_journal);
     g_disks = new layer::DiskTable(*g_pool);
     g_limiters = new layer::LimiterTable();
+    g_stats = new layer::StatsTable();
     g_audit = new layer::AuditLog(layer::audit_dir(g_pool->paths().root));
     // Before the control socket, whose handler nudges it.
     if (g_hasher_on) {
@@ -444,6 +506,21 @@ int layer_after_fork() {
       if (!tiering) return fail(tiering.error());
       g_tiering = tiering->release();
     }
+    if (g_stats_interval_s != 0) {
+      layer::StatsWriter::Options options;
+      options.interval = std::chrono::seconds(g_stats_interval_s);
+      options.retention = std::chrono::seconds(g_stats_retention_s);
+      options.log_error = [](const std::string& line) { nbdkit_error("%s", line.c_str()); };
+      auto writer = layer::StatsWriter::start(*g_pool, *g_stats, std::move(options));
+      if (!writer) return fail(writer.error());
+      g_stats_writer = writer->release();
+    }
+    if (!g_metrics_path.empty()) {
+      auto metrics = layer::MetricsServer::start(
+          g_metrics_path, [] { return layer::prometheus_counters(g_stats->totals()); });
+      if (!metrics) return fail(metrics.error());
+      g_metrics = metrics->release();
+    }
     if (g_backup_interval_s != 0) {
       layer::BackgroundBackup::Options options;
       options.interval = std::chrono::seconds(g_backup_interval_s);
@@ -473,6 +550,12 @@ void layer_cleanup() {
     }
     delete g_heat;  // writes the last counts
     g_heat = nullptr;
+    delete g_metrics;
+    g_metrics = nullptr;
+    delete g_stats_writer;  // writes the last minute's counts
+    g_stats_writer = nullptr;
+    delete g_stats;
+    g_stats = nullptr;
     delete g_disks;
     g_disks = nullptr;
     delete g_limiters;
@@ -585,7 +668,8 @@ void* layer_open(int readonly) {
     if (!g_disks) return refuse(EIO, "pool is not open");
     // Who may open it: the container's rules (a snapshot's are its container's).
     layer::Resources resources;
-    auto access = access_for(parsed->container, peer, &resources);
+    uint64_t container_id = 0;
+    auto access = access_for(parsed->container, peer, &resources, &container_id);
     if (!access) {
       const auto& e = access.error();
       return refuse(nbd_errno(e.code),
@@ -618,6 +702,8 @@ void* layer_open(int readonly) {
     auto handle = std::make_unique<Handle>();
     handle->disk = std::move(*disk);
     handle->limiter = g_limiters->acquire(parsed->container, resources);
+    // Without a writer the table forgets nothing: counters only for the metrics socket.
+    if (g_stats_writer || g_metrics) handle->io = g_stats->acquire(container_id, parsed->container);
     handle->readonly = readonly != 0 || is_snapshot || access->read_only;
     handle->export_name = name;
     handle->container = parsed->container;
@@ -641,6 +727,7 @@ void layer_close(void* h) {
       auto s = g_disks->release(std::move(handle->disk));
       if (!s) nbdkit_error("flush on close: %s", s.error().message.c_str());
     }
+    if (g_stats_writer) g_stats_writer->nudge();  // the history shows this connection soon
     audit({{"event", "close"},
            {"export", handle->export_name},
            {"container", handle->container},
@@ -683,6 +770,7 @@ int layer_can_cache(void*) { return NBDKIT_CACHE_NATIVE; }
 
 int layer_pread(void* h, void* buf, uint32_t count, uint64_t offset, uint32_t /*flags*/) {
   return guarded("pread", [&] {
+    Counted counted(h, layer::IoOp::kRead, count);
     auto* handle = static_cast<Handle*>(h);
     handle->limiter->admit(count);
     handle->read_bytes.fetch_add(count, std::memory_order_relaxed);
@@ -697,6 +785,7 @@ int layer_pwrite(void* h, const void* buf, uint32_t count, uint64_t offset, uint
       nbdkit_set_error(EPERM);
       return -1;
     }
+    Counted counted(h, layer::IoOp::kWrite, count);
     static_cast<Handle*>(h)->limiter->admit(count);
     static_cast<Handle*>(h)->written_bytes.fetch_add(count, std::memory_order_relaxed);
     return check(disk_of(h).write(buf, count, offset, flags & NBDKIT_FLAG_FUA));
@@ -704,11 +793,15 @@ int layer_pwrite(void* h, const void* buf, uint32_t count, uint64_t offset, uint
 }
 
 int layer_flush(void* h, uint32_t /*flags*/) {
-  return guarded("flush", [&] { return check(disk_of(h).flush()); });
+  return guarded("flush", [&] {
+    Counted counted(h, layer::IoOp::kFlush, 0);
+    return check(disk_of(h).flush());
+  });
 }
 
 int layer_trim(void* h, uint32_t count, uint64_t offset, uint32_t flags) {
   return guarded("trim", [&] {
+    Counted counted(h, layer::IoOp::kTrim, count);
     static_cast<Handle*>(h)->limiter->admit(0);
     return check(disk_of(h).trim(count, offset, flags & NBDKIT_FLAG_FUA));
   });
@@ -716,6 +809,7 @@ int layer_trim(void* h, uint32_t count, uint64_t offset, uint32_t flags) {
 
 int layer_zero(void* h, uint32_t count, uint64_t offset, uint32_t flags) {
   return guarded("zero", [&] {
+    Counted counted(h, layer::IoOp::kZero, count);
     static_cast<Handle*>(h)->limiter->admit(0);
     const bool fast = flags & NBDKIT_FLAG_FAST_ZERO;
     auto s = disk_of(h).zero(count, offset, flags & NBDKIT_FLAG_FUA, fast);
@@ -767,7 +861,10 @@ struct nbdkit_plugin make_plugin() {
       "hasher=on|off   Checksum frozen layers in the background (default on).\n"
       "hash-rate=<BYTES_PER_SEC>  The hasher's read rate (default 64M; 0: unlimited).\n"
       "index-backup-interval=<DURATION>  Copy the index this often (default 15m; 0: never).\n"
-      "journal=on|off  Flushes append map rows to the delta's journal (default on).";
+      "journal=on|off  Flushes append map rows to the delta's journal (default on).\n"
+      "stats-interval=<DURATION>  Write the I/O history this often (default 10s; 0: never).\n"
+      "stats-retention=<DURATION>  Keep the I/O history this long (default 7d).\n"
+      "metrics=<PATH>  Answer each connection to this unix socket with Prometheus text.";
   p.magic_config_key = "pool";
   p.get_ready = layer_get_ready;
   p.after_fork = layer_after_fork;

@@ -55,6 +55,7 @@
 #include "records.h"
 #include "scrub.h"
 #include "snapshots.h"
+#include "stats_cmd.h"
 #include "tier.h"
 #include "version.h"
 
@@ -1833,6 +1834,20 @@ int run(int argc, char** argv) {
       ->type_name("SUBJECT");
   access_cmd->add_flag("--clear", access_args.clear, "remove every rule first");
 
+  StatsArgs stats_args;
+  auto* stats_cmd = app.add_subcommand(
+      "stats",
+      "a container's I/O history per minute or hour, or every container's as Prometheus text");
+  stats_cmd->add_option("CONTAINER", stats_args.container, "the container")->type_name("");
+  stats_cmd
+      ->add_option("--since", stats_args.since,
+                   "from DURATION ago (e.g. 1h; default) or a unix time")
+      ->type_name("WHEN");
+  stats_cmd->add_option("--per", stats_args.per, "one row per minute (default) or hour")
+      ->type_name("minute|hour");
+  stats_cmd->add_flag("--prometheus", stats_args.prometheus,
+                      "every container's current minute in the Prometheus text format");
+
   AuditArgs audit_args;
   auto* audit_cmd =
       app.add_subcommand("audit", "the access audit trail: opens, refusals and closes of exports");
@@ -1982,6 +1997,9 @@ int run(int argc, char** argv) {
   if (*access_cmd) return cmd_access(g, access_args);
   if (*set_cmd) return cmd_set(g, set_args);
   if (*audit_cmd) return cmd_audit(g, audit_args);
+  if (*stats_cmd)
+    return take(run_stats(resolve_pool(g), g.json, stats_args, parse_since(stats_args.since),
+                          layer::now_unix()));
   if (*pool_show_cmd) return cmd_pool(g, "");
   if (*pool_set_cmd) return cmd_pool(g, pool_access);
   if (*tier_move_cmd) return cmd_tier_move(g, tier_move);
