@@ -35,6 +35,12 @@ wait_until 30 server_copy || fail "the server took no copy of the index after it
 nbd_io "$(uri web1 "$server_sock")" '
 h.pwrite(b"\x11" * 4096, 4096 * 3)
 h.flush()'
+# The server writes the connection's I/O history (docs/stats.md) when it closes: an index
+# change of its own. Once it is in, the index stays as it is while nobody does I/O.
+flushed_in_history() {
+  [[ $(layer stats web1 --since 1d --json | json_get "j['totals']['flush_ops']") == 1 ]]
+}
+wait_until 30 flushed_in_history || fail "the server never wrote web1's I/O history"
 layer index backup >"$tmp/backup.out"
 grep -q "index copied to" "$tmp/backup.out" || fail "index backup: $(cat "$tmp/backup.out")"
 layer index backup | grep -q "index unchanged since copy" || fail "a second copy of an unchanged index"
