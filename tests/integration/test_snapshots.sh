@@ -34,6 +34,13 @@ seed=${LAYER_TEST_SEED:-$RANDOM}
 # the server's hasher (which takes no lock, so it never keeps a merge from happening).
 "$LAYER_BIN" clone base:1 m >/dev/null
 uri() { echo "nbd+unix:///$1?socket=$server_sock"; }
+# A client's exit does not wait for the server to close its export (and release the layers it
+# reads): wait for each close in the audit trail, which the server writes after the release.
+closed_all() {  # closed_all CONTAINER: every export of it opened so far is closed
+  "$LAYER_BIN" audit "$1" --json | json_get \
+    'sum(e["event"] == "open" for e in j["events"]) == sum(e["event"] == "close" for e in j["events"])' |
+    grep -qx True
+}
 qemu-io -f raw -c 'write -P 0x11 0 1M' "$(uri m)" >/dev/null
 "$LAYER_BIN" snapshot m m1 >/dev/null
 qemu-io -f raw -c 'write -P 0x22 512k 1M' "$(uri m)" >/dev/null
@@ -41,6 +48,7 @@ qemu-io -f raw -c 'write -P 0x22 512k 1M' "$(uri m)" >/dev/null
 qemu-io -f raw -c 'write -P 0x33 3M 4k' "$(uri m)" >/dev/null
 "$LAYER_BIN" snapshot m m3 >/dev/null
 for p in m m@m2 m@m3; do qemu-img convert -f raw -O raw "$(uri "$p")" "$tmp/before-${p/@/-}.raw"; done
+wait_until 30 closed_all m || fail "the server did not close m's exports"
 out=$("$LAYER_BIN" --json snapshot rm m m1)
 grep -q '"layer_fate":"merged"' <<<"$out" || fail "m1 was not merged: $out"
 for p in m m@m2 m@m3; do
@@ -78,6 +86,7 @@ qemu-io -f raw -c 'write -P 0x55 1M 2M' "$(uri lm)" >/dev/null
 "$LAYER_BIN" snapshot lm b >/dev/null
 qemu-io -f raw -c 'write -P 0x66 5M 4k' "$(uri lm)" >/dev/null
 for p in lm lm@b; do qemu-img convert -f raw -O raw "$(uri "$p")" "$tmp/before-${p/@/-}.raw"; done
+wait_until 30 closed_all lm || fail "the server did not close lm's exports"
 hold_connection "$(uri lm)"
 out=$("$LAYER_BIN" --json snapshot rm lm a)
 grep -q '"layer_fate":"merged"' <<<"$out" || fail "a was not merged live: $out"
