@@ -283,13 +283,14 @@ int layer_config(const char* key, const char* value) {
       return 0;
     }
     if (std::strcmp(key, "stats-interval") == 0 || std::strcmp(key, "stats-retention") == 0) {
+      const bool retention = std::strcmp(key, "stats-retention") == 0;
       auto seconds = layer::parse_duration(value);
       if (!seconds) return fail(seconds.error());
-      if (key[6] == 'r' && *seconds < 60) {
+      if (retention && *seconds < 60) {
         nbdkit_error("stats-retention=%s: keep at least one minute", value);
         return -1;
       }
-      (key[6] == 'i' ? g_stats_interval_s : g_stats_retention_s) = *seconds;
+      (retention ? g_stats_retention_s : g_stats_interval_s) = *seconds;
       return 0;
     }
     if (std::strcmp(key, "metrics") == 0) {
