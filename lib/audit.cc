@@ -1,6 +1,8 @@
 // audit.cc — the access audit trail (audit.h).
 #include "audit.h"
 
+#include "layer_file.h"
+
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/stat.h>
@@ -57,23 +59,41 @@ AuditLog::AuditLog(std::string dir, uint64_t max_bytes, int keep)
     : dir_(std::move(dir)), path_(dir_ + "/access.log"), max_bytes_(max_bytes), keep_(keep) {}
 
 AuditLog::~AuditLog() {
-  if (fd_ >= 0) ::close(fd_);
+  // Lines appended without waiting are made durable on the way out.
+  std::lock_guard<std::mutex> lk(mu_);
+  if (file_ && written_ > 0) ::fdatasync(file_->fd);
 }
 
+AuditLog::File::~File() { ::close(fd); }
+
 Status AuditLog::open_locked() {
-  if (fd_ >= 0) {
+  if (file_) {
     // Rotated away by another server: write to the new file.
     struct stat by_fd, by_path;
-    if (::fstat(fd_, &by_fd) == 0 && ::stat(path_.c_str(), &by_path) == 0 &&
+    if (::fstat(file_->fd, &by_fd) == 0 && ::stat(path_.c_str(), &by_path) == 0 &&
         by_fd.st_ino == by_path.st_ino && by_fd.st_dev == by_path.st_dev)
       return {};
-    ::close(fd_);
-    fd_ = -1;
+    // Lines this object wrote there are made durable before it is let go (a sync in flight may
+    // still hold it); the rotation's renames were synced by the server that made them.
+    if (::fdatasync(file_->fd) != 0) return sys_error(errno, "sync the audit log {}", path_);
+    syncs_.fetch_add(1, std::memory_order_relaxed);
+    file_.reset();
   }
   if (::mkdir(dir_.c_str(), 0750) != 0 && errno != EEXIST)
     return sys_error(errno, "make the audit log directory {}", dir_);
-  fd_ = ::open(path_.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
-  if (fd_ < 0) return sys_error(errno, "open the audit log {}", path_);
+  int fd = ::open(path_.c_str(), O_WRONLY | O_APPEND | O_CLOEXEC);
+  if (fd < 0 && errno == ENOENT) {
+    fd = ::open(path_.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
+    // A new file's name must survive a power cut with the lines in it.
+    if (fd >= 0) {
+      if (auto s = fsync_dir(dir_); !s) {
+        ::close(fd);
+        return s;
+      }
+    }
+  }
+  if (fd < 0) return sys_error(errno, "open the audit log {}", path_);
+  file_ = std::make_shared<File>(fd);
   return {};
 }
 
@@ -96,33 +116,60 @@ Status AuditLog::rotate_locked() {
           break;
         }
       }
+      // The renames, durable before any line goes to the new file.
+      if (status) status = fsync_dir(dir_);
     }
   }
   ::close(lock);  // releases the flock
   return status;
 }
 
-Status AuditLog::append(const nlohmann::ordered_json& event) {
+Status AuditLog::append(const nlohmann::ordered_json& event, bool durable) {
   nlohmann::ordered_json line;
   line["time"] = now_seconds();
   for (const auto& [k, v] : event.items())
     if (k != "time") line[k] = v;
   const std::string text =
       line.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
-  std::lock_guard<std::mutex> lk(mu_);
-  LAYER_TRY(open_locked());
-  struct stat st;
-  if (::fstat(fd_, &st) == 0 && static_cast<uint64_t>(st.st_size) >= max_bytes_) {
-    LAYER_TRY(rotate_locked());
-    ::close(fd_);
-    fd_ = -1;
+  uint64_t seq = 0;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
     LAYER_TRY(open_locked());
+    struct stat st;
+    if (::fstat(file_->fd, &st) == 0 && static_cast<uint64_t>(st.st_size) >= max_bytes_) {
+      LAYER_TRY(rotate_locked());
+      LAYER_TRY(open_locked());  // syncs and lets go of the renamed file
+    }
+    const ssize_t n = ::write(file_->fd, text.data(), text.size());
+    if (n < 0) return sys_error(errno, "write the audit log {}", path_);
+    if (static_cast<size_t>(n) != text.size())
+      return make_error(EIO, "write the audit log {}: short write ({} of {} bytes)", path_, n,
+                        text.size());
+    seq = ++written_;
   }
-  const ssize_t n = ::write(fd_, text.data(), text.size());
-  if (n < 0) return sys_error(errno, "write the audit log {}", path_);
-  if (static_cast<size_t>(n) != text.size())
-    return make_error(EIO, "write the audit log {}: short write ({} of {} bytes)", path_, n,
-                      text.size());
+  if (!durable) return {};
+  return sync_through(seq);
+}
+
+// Group commit: the first thread in syncs every line written so far; a thread that finds its
+// line covered by a sync that finished meanwhile returns at once.
+Status AuditLog::sync_through(uint64_t seq) {
+  std::lock_guard<std::mutex> sync_lk(sync_mu_);
+  if (synced_ >= seq) return {};
+  uint64_t target = 0;
+  std::shared_ptr<File> file;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    target = written_;
+    file = file_;  // lines in a file let go of before were synced by open_locked
+  }
+  if (!file) {  // let go of (and synced) by an append whose reopen then failed
+    synced_ = target;
+    return {};
+  }
+  if (::fdatasync(file->fd) != 0) return sys_error(errno, "sync the audit log {}", path_);
+  syncs_.fetch_add(1, std::memory_order_relaxed);
+  synced_ = target;
   return {};
 }
 

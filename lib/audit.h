@@ -14,12 +14,23 @@
 // Appends are single write(2)s of whole lines with O_APPEND, so lines of several servers never
 // interleave.
 //
+// Durability: append() returns once its line is on stable storage (fdatasync; the directory is
+// synced when the file is created or rotated), so an open that was served and a close that was
+// audited survive a crash or a power cut. Syncs are group-committed: threads appending at the
+// same time share one fdatasync (the first one in syncs every line written so far; the others
+// find theirs covered), so a burst of opens costs a few syncs, not one each. A refusal grants
+// nothing and is appended with `durable` false: written, not waited for (the next durable
+// append, or the log's destruction, syncs it), so that a flood of refused connections does not
+// hold a thread each for a sync.
+//
 // Thread-safety: AuditLog is safe for concurrent use; read_audit is a plain function.
 #pragma once
 
 #include <sys/types.h>
 
+#include <atomic>
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -41,21 +52,39 @@ class AuditLog {
   AuditLog(const AuditLog&) = delete;
   AuditLog& operator=(const AuditLog&) = delete;
 
-  // Appends `event` with "time" (now) first. Errors: those of mkdir, open, write (the caller
-  // logs them: an audit line that cannot be written does not stop the server).
-  Status append(const nlohmann::ordered_json& event);
+  // Appends `event` with "time" (now) first and, when `durable`, returns once the line is on
+  // stable storage. Errors: those of mkdir, open, write, fdatasync (the caller logs them: an
+  // audit line that cannot be written does not stop the server).
+  Status append(const nlohmann::ordered_json& event, bool durable = true);
+
+  // How many fdatasyncs of the log this object made (tests: a burst shares them).
+  uint64_t syncs() const { return syncs_.load(std::memory_order_relaxed); }
 
   const std::string& path() const { return path_; }
 
  private:
+  // An open log file, closed when the last user lets go: a sync may still hold the file that a
+  // rotation replaced.
+  struct File {
+    int fd;
+    explicit File(int f) : fd(f) {}
+    ~File();
+    File(const File&) = delete;
+    File& operator=(const File&) = delete;
+  };
   Status open_locked();
   Status rotate_locked();
+  Status sync_through(uint64_t seq);
 
   const std::string dir_, path_;
   const uint64_t max_bytes_;
   const int keep_;
   std::mutex mu_;
-  int fd_ = -1;  // GUARDED_BY(mu_)
+  std::shared_ptr<File> file_;  // GUARDED_BY(mu_)
+  uint64_t written_ = 0;        // GUARDED_BY(mu_): lines written by this object
+  std::mutex sync_mu_;          // one fdatasync at a time; taken before mu_, never inside it
+  uint64_t synced_ = 0;         // GUARDED_BY(sync_mu_): lines known durable
+  std::atomic<uint64_t> syncs_{0};
 };
 
 // POOL/log, where the audit trail is.

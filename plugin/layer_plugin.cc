@@ -395,11 +395,14 @@ nlohmann::ordered_json peer_json(const layer::Peer& peer) {
   return j;
 }
 
-// One line of the audit trail; a failure to write it is logged, and the server goes on.
+// One line of the audit trail; a failure to write it is logged, and the server goes on. Opens
+// and closes are durable before this returns; refusals are written, not waited for (audit.h).
 void audit(nlohmann::ordered_json event) {
   if (!g_audit) return;
   event["pid"] = ::getpid();
-  if (auto s = g_audit->append(event); !s) nbdkit_error("audit log: %s", s.error().message.c_str());
+  const bool durable = event.value("event", std::string()) != "refuse";
+  if (auto s = g_audit->append(event, durable); !s)
+    nbdkit_error("audit log: %s", s.error().message.c_str());
 }
 
 // Whether `peer` may open container `container` (access.h), and the container's resources

@@ -10,7 +10,9 @@
 # - the audit trail (`layer audit`): opens with their bytes, refusals with why, TLS noted;
 # - a flood of 5,000 connection attempts from one peer: refused beyond its limit, the server's
 #   threads and memory stay bounded, another peer is served throughout, and the server lets go
-#   of every slot once the flood is gone.
+#   of every slot once the flood is gone;
+# - a request flood (reads whose replies are never read): the server's memory stays within
+#   connections x threads x request size, and a neighbour's container is served right.
 source "$(dirname "${BASH_SOURCE[0]}")/functions.sh"
 requires nbdinfo
 requires nbdcopy
@@ -195,4 +197,29 @@ wait_until 10 eval '"${flooder[@]}" nbdinfo "$(nbd $target)" >/dev/null 2>&1' ||
   fail "the flooder's slots were not given back"
 for _ in $(seq 40); do "${flooder[@]}" nbdinfo "$(nbd $target)" >/dev/null || fail "slots leak"; done
 stop_server srv
+
+# ---- a request flood ----
+# 8 connections each send 16 reads of 4 MiB (the whole export) and read no reply. nbdkit takes
+# up at most --threads requests per connection, each into a per-thread buffer of the largest
+# request that thread has seen (kept until the connection ends): the server's memory is bounded
+# by connections x threads x request size (docs/security.md "Floods"), here 8 x 4 x 4 MiB =
+# 128 MiB, not by what the client sends (8 x 16 x 4 MiB = 512 MiB). Meanwhile a neighbour reads
+# its own container whole, again and again, and gets it right.
+layer clone base:1 nb >/dev/null
+start_server rf "$pool" --threads 4 -- max-connections-per-peer=16
+/usr/bin/python3 "$LAYER_SRC/tests/integration/reqflood.py" "$server_sock" "$server_pid" free \
+  8 16 $((4 << 20)) nb >"$tmp/reqflood.json" 2>"$tmp/reqflood.err" ||
+  fail "reqflood.py failed: $(cat "$tmp/reqflood.err")"
+rf=$(cat "$tmp/reqflood.json")
+log "request flood: $rf"
+[[ "$(json_get 'j["replies"]' <<<"$rf")" == 128 ]] || fail "not every flooded read was answered: $rf"
+[[ "$(json_get 'j["other_error"] is None and j["other_reads"] >= 1' <<<"$rf")" == True ]] ||
+  fail "the neighbour was not served during the request flood: $rf"
+[[ "$(json_get 'j["other_sha256"]' <<<"$rf")" == "$(sha256sum <"$tmp/base.raw" | cut -d' ' -f1)" ]] ||
+  fail "the neighbour read wrong data during the request flood: $rf"
+rf_bound=$(((8 * 4 * 4 + 64) * 1024))  # KiB: the bound above, 64 MiB for the rest (the neighbour)
+[[ -z "${LAYER_NBDKIT_PRELOAD:-}" ]] || rf_bound=$((rf_bound * 3))  # ASan's allocator
+[[ "$(json_get "j['max_rss_kib'] - j['rss_before_kib'] <= $rf_bound" <<<"$rf")" == True ]] ||
+  fail "the server's memory grew beyond connections x threads x request size: $rf"
+stop_server rf
 log "ok"
