@@ -4,7 +4,8 @@
 # - scripts/vm-launch --dry-run: the qemu command line built from `layer inspect --json`: -smp
 #   from cpu (rounded up, at least 1), -m from memory (512M unset; --max-memory when larger, and
 #   then the balloon to the allocation), the NBD drive, the balloon device, the QMP socket at
-#   POOL/run/vm-CONTAINER.qmp; an unknown container exits 1, bad options 2;
+#   POOL/run/vm-CONTAINER.qmp; an unknown container exits 1, bad options 2, a second launch of a
+#   container whose qemu runs 1;
 # - `layer set --memory` against a real qemu (-S: its CPU never runs) listening on that QMP
 #   socket with a virtio-balloon: the balloon command is accepted (state applied, live), a size
 #   above the -m it booted with is refused with the reason (above_maximum), `--memory none` asks
@@ -100,6 +101,13 @@ layer set c1 --memory 200M | grep -q '; guest: no guest running' ||
   fail "set --cpu reports a guest"
 
 start_qemu q1 -device virtio-balloon-pci,id=balloon0
+# One guest per container: vm-launch refuses (exit 1) while the qemu of its PID file runs.
+echo "$qemu_pid" >"$pool/run/vm-c1.pid"
+rc=0
+"$launch" c1 --pool "$pool" --socket "$qmp" --initrd "$tmp/initrd" --accel tcg 2>"$tmp/err" || rc=$?
+[[ $rc == 1 ]] && grep -q "c1 already has a guest (qemu pid $qemu_pid" "$tmp/err" ||
+  fail "a second vm-launch: exit $rc: $(cat "$tmp/err")"
+rm -f "$pool/run/vm-c1.pid"
 set_memory 192M
 [[ "$(field state) $(field live) $(field target) $(field maximum)" == "applied True 201326592 268435456" ]] ||
   fail "set --memory 192M on a guest: $guest"
