@@ -51,6 +51,7 @@
 #include "names.h"
 #include "output.h"
 #include "pool.h"
+#include "qmp.h"
 #include "qos.h"
 #include "records.h"
 #include "scrub.h"
@@ -459,9 +460,13 @@ int cmd_set(const Globals& g, const SetArgs& a) {
          {"live", live}};
   if (!warning.empty()) j["warning"] = warning;
   if (!warning.empty() && !g.json) std::cerr << "layer: warning: " << warning << '\n';
-  print_result(g, j,
-               fmt::format("{}: {}{}", a.container, resources_text(r, now_ms),
-                           live ? " (applied live)" : ""));
+  // --memory on a guest started by scripts/vm-launch: its balloon, through QMP (qmp.h).
+  const auto guest = apply_guest_memory(*pool, a.container, change);
+  if (!guest.json.is_null()) j["guest"] = guest.json;
+  print_result(
+      g, j,
+      fmt::format("{}: {}{}{}", a.container, resources_text(r, now_ms),
+                  live ? " (applied live)" : "", guest.text.empty() ? "" : "; " + guest.text));
   return 0;
 }
 
