@@ -26,12 +26,14 @@
 #include <cstring>
 #include <set>
 
+#include "capacity.h"
 #include "failpoint.h"
 #include "index_restore.h"
 #include "intents.h"
 #include "journal.h"
 #include "layers.h"
 #include "names.h"
+#include "qos.h"
 #include "snapshots.h"
 #include "stats.h"
 
@@ -474,6 +476,8 @@ Result<ContainerInfo> Pool::clone(const std::string& source, const std::string& 
     LAYER_TRY(txn.put(Db::kLayers, key_u64(delta_id), encode(delta)));
     rec = ContainerRecord{name, container_id, image_ref, delta_id, size, block_size, now_unix(),
                           1,    labels,       {},        resources};
+    // Admission against the pool's capacities, in this transaction (capacity.h).
+    LAYER_TRY(check_admission(txn, rec, nullptr, now_unix_ms()));
     return txn.put(Db::kContainers, name, encode(rec));
   }));
   LAYER_ASSIGN(auto txn, index_->begin_read());

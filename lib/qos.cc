@@ -4,7 +4,9 @@
 #include <algorithm>
 #include <charconv>
 #include <cmath>
+#include <system_error>
 
+#include "capacity.h"
 #include "index.h"
 #include "pool.h"
 
@@ -83,8 +85,10 @@ double TokenBucket::tokens(Nanos now) {
 
 void Limiter::update_locked(uint64_t now_ms) {
   const Nanos now = clock_.monotonic();
-  ops_.set_rate(resources_.effective_iops(now_ms), now);
-  bytes_.set_rate(resources_.effective_bandwidth(now_ms), now);
+  const uint64_t iops = resources_.effective_iops(now_ms);
+  const uint64_t bandwidth = resources_.effective_bandwidth(now_ms);
+  ops_.set_rate(iops == 0 ? 0 : iops + loan_iops_, now);
+  bytes_.set_rate(bandwidth == 0 ? 0 : bandwidth + loan_bandwidth_, now);
   switch_ms_ = resources_.timed_active(now_ms) ? resources_.timed.until_ms : 0;
   active_.store(ops_.rate() != 0 || bytes_.rate() != 0 || switch_ms_ != 0,
                 std::memory_order_relaxed);
@@ -106,6 +110,9 @@ Limiter::Limits Limiter::limits() {
 }
 
 void Limiter::admit_slow(uint64_t bytes) {
+  // Counted for the lending (LimiterTable::rebalance) and `layer pool status`.
+  count_ops_.fetch_add(1, std::memory_order_relaxed);
+  count_bytes_.fetch_add(bytes, std::memory_order_relaxed);
   std::unique_lock lock(mu_);
   for (;;) {
     if (switch_ms_ != 0) {
@@ -113,7 +120,11 @@ void Limiter::admit_slow(uint64_t bytes) {
       if (now_ms >= switch_ms_) update_locked(now_ms);
     }
     const Nanos now = clock_.monotonic();
-    Nanos wait = std::max(ops_.wait_time(now), bytes_.wait_time(now));
+    const Nanos wait_ops = ops_.wait_time(now);
+    const Nanos wait_bytes = bytes_.wait_time(now);
+    if (wait_ops > Nanos(0)) waited_ops_.store(true, std::memory_order_relaxed);
+    if (wait_bytes > Nanos(0)) waited_bytes_.store(true, std::memory_order_relaxed);
+    Nanos wait = std::max(wait_ops, wait_bytes);
     if (wait == Nanos(0)) {
       ops_.take(1, now);
       bytes_.take(bytes, now);
@@ -130,7 +141,143 @@ void Limiter::admit_slow(uint64_t bytes) {
   }
 }
 
+Limiter::Window Limiter::sample() {
+  Window w;
+  w.ops = count_ops_.exchange(0, std::memory_order_relaxed);
+  w.bytes = count_bytes_.exchange(0, std::memory_order_relaxed);
+  w.waited_ops = waited_ops_.exchange(false, std::memory_order_relaxed);
+  w.waited_bytes = waited_bytes_.exchange(false, std::memory_order_relaxed);
+  std::lock_guard lock(mu_);
+  const uint64_t now_ms = clock_.unix_ms();
+  w.iops = resources_.effective_iops(now_ms);
+  w.bandwidth = resources_.effective_bandwidth(now_ms);
+  w.priority = resources_.priority;
+  return w;
+}
+
+void Limiter::lend(uint64_t iops, uint64_t bandwidth) {
+  {
+    std::lock_guard lock(mu_);
+    if (iops == loan_iops_ && bandwidth == loan_bandwidth_) return;
+    loan_iops_ = iops;
+    loan_bandwidth_ = bandwidth;
+    update_locked(clock_.unix_ms());
+  }
+  changed_.notify_all();
+}
+
+// ---- lending ----
+
+std::vector<LendingShare> plan_loans(const std::vector<LendingInput>& in, uint64_t capacity) {
+  std::vector<LendingShare> out(in.size());
+  if (capacity == 0) return out;
+  double kept = 0, lendable = 0, weight = 0;
+  std::vector<double> spare(in.size(), 0);
+  for (size_t i = 0; i < in.size(); ++i) {
+    const auto& d = in[i];
+    if (d.reserved == 0) continue;
+    const double r = static_cast<double>(d.reserved);
+    out[i].busy = d.waited || d.used >= 0.9 * r;
+    if (out[i].busy) {
+      kept += r;
+      weight += d.priority;
+    } else {
+      const double keep = std::min(r, 2 * d.used);
+      kept += keep;
+      spare[i] = r - keep;
+      lendable += spare[i];
+    }
+  }
+  const double pot = static_cast<double>(capacity) - kept;
+  if (weight == 0 || pot <= 0) return out;
+  double handed = 0;
+  for (size_t i = 0; i < in.size(); ++i) {
+    if (!out[i].busy) continue;
+    out[i].borrowed = static_cast<uint64_t>(pot * in[i].priority / weight);
+    handed += static_cast<double>(out[i].borrowed);
+  }
+  // The idle owners' part of what was handed out (the rest is capacity nobody reserved).
+  const double from_owners = std::min(handed, lendable);
+  for (size_t i = 0; i < in.size(); ++i)
+    if (spare[i] > 0) out[i].lent = static_cast<uint64_t>(from_owners * spare[i] / lendable);
+  return out;
+}
+
 // ---- LimiterTable ----
+
+void LimiterTable::rebalance(const LendingCapacity& capacity) {
+  std::vector<std::pair<std::string, std::shared_ptr<Limiter>>> all;
+  {
+    std::lock_guard lock(mu_);
+    all.assign(limiters_.begin(), limiters_.end());
+  }
+  std::lock_guard round(round_mu_);
+  const Nanos now = clock_.monotonic();
+  std::vector<Limiter::Window> windows;
+  windows.reserve(all.size());
+  for (auto& [name, limiter] : all) windows.push_back(limiter->sample());
+  const bool first = !last_round_;
+  const double window_s =
+      first ? 0 : std::max(1e-3, static_cast<double>((now - *last_round_).count()) * 1e-9);
+  last_round_ = now;
+  if (first) return;
+  std::vector<LendingInput> iops(all.size()), bandwidth(all.size());
+  for (size_t i = 0; i < all.size(); ++i) {
+    const auto& w = windows[i];
+    iops[i] = {w.iops, static_cast<double>(w.ops) / window_s, w.waited_ops, w.priority};
+    bandwidth[i] = {w.bandwidth, static_cast<double>(w.bytes) / window_s, w.waited_bytes,
+                    w.priority};
+  }
+  const auto iops_plan = plan_loans(iops, capacity.iops);
+  const auto bandwidth_plan = plan_loans(bandwidth, capacity.bandwidth);
+  LendingStatus st;
+  st.capacity = capacity;
+  st.window_s = window_s;
+  for (size_t i = 0; i < all.size(); ++i) {
+    all[i].second->lend(iops_plan[i].borrowed, bandwidth_plan[i].borrowed);
+    ContainerLending c;
+    c.container = all[i].first;
+    c.priority = windows[i].priority;
+    c.measured = windows[i].iops != 0 || windows[i].bandwidth != 0;
+    c.iops = {iops[i].reserved, iops[i].used, iops_plan[i].borrowed, iops_plan[i].lent};
+    c.bandwidth = {bandwidth[i].reserved, bandwidth[i].used, bandwidth_plan[i].borrowed,
+                   bandwidth_plan[i].lent};
+    st.containers.push_back(std::move(c));
+  }
+  status_ = std::move(st);
+}
+
+LendingStatus LimiterTable::lending_status() {
+  std::lock_guard round(round_mu_);
+  return status_;
+}
+
+Status LimiterTable::start_lending(std::function<LendingCapacity()> capacity,
+                                   std::chrono::milliseconds interval) {
+  try {
+    thread_ = std::thread([this, capacity = std::move(capacity), interval] {
+      std::unique_lock lock(thread_mu_);
+      while (!stop_) {
+        lock.unlock();
+        rebalance(capacity());
+        lock.lock();
+        stop_cv_.wait_for(lock, interval, [this] { return stop_; });
+      }
+    });
+  } catch (const std::system_error& e) {
+    return make_error(EAGAIN, "lending thread: {}", e.what());
+  }
+  return {};
+}
+
+LimiterTable::~LimiterTable() {
+  {
+    std::lock_guard lock(thread_mu_);
+    stop_ = true;
+  }
+  stop_cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
 
 std::shared_ptr<Limiter> LimiterTable::acquire(const std::string& container, const Resources& r) {
   std::shared_ptr<Limiter> limiter;
@@ -204,7 +351,10 @@ Result<Resources> change_resources(Pool& pool, const std::string& name, const Re
   LAYER_TRY(pool.committer().run([&](WriteTxn& txn) -> Status {
     LAYER_ASSIGN(auto rec, pool.get_container(txn, name));
     LAYER_ASSIGN(after, apply_change(rec.resources, c, now_ms));
+    const ContainerRecord before = rec;
     rec.resources = after;
+    // Admission against the pool's capacities, in this transaction (capacity.h).
+    LAYER_TRY(check_admission(txn, rec, &before, now_ms));
     return txn.put(Db::kContainers, name, encode(rec));
   }));
   return after;

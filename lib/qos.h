@@ -17,12 +17,15 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
+#include <thread>
+#include <vector>
 
 #include "error.h"
 #include "records.h"
@@ -109,6 +112,19 @@ class Limiter {
     admit_slow(bytes);
   }
 
+  // What the limiter did since the last sample (the counts are reset). Only a limited export
+  // counts (admit_slow): the unlimited path stays one relaxed load.
+  struct Window {
+    uint64_t ops = 0, bytes = 0;
+    bool waited_ops = false, waited_bytes = false;  // a request waited on that bucket
+    uint64_t iops = 0, bandwidth = 0;               // the reservation (effective) now
+    uint8_t priority = Resources::kDefaultPriority;
+  };
+  Window sample();
+  // Adds a loan to the reservation: the buckets' rates become reservation + loan (a dimension
+  // without a reservation is unlimited and stays so). Waiting requests recompute at once.
+  void lend(uint64_t iops, uint64_t bandwidth);
+
   struct Limits {
     uint64_t iops = 0;       // 0: unlimited
     uint64_t bandwidth = 0;  // 0: unlimited
@@ -130,6 +146,56 @@ class Limiter {
   uint64_t switch_ms_ = 0;           // GUARDED_BY(mu_): when the limits change next; 0: never
   TokenBucket ops_;                  // GUARDED_BY(mu_)
   TokenBucket bytes_;                // GUARDED_BY(mu_)
+  uint64_t loan_iops_ = 0;           // GUARDED_BY(mu_): lent to it on top of its reservation
+  uint64_t loan_bandwidth_ = 0;      // GUARDED_BY(mu_)
+  std::atomic<uint64_t> count_ops_{0}, count_bytes_{0};
+  std::atomic<bool> waited_ops_{false}, waited_bytes_{false};
+};
+
+// Lending (issue 14 item 2; docs/design.md "Capacity, admission and lending"): one dimension
+// (iops or bandwidth) of one limiter over the last window, as plan_loans reads it.
+struct LendingInput {
+  uint64_t reserved = 0;  // its reservation; 0: unlimited, neither lends nor borrows
+  double used = 0;        // its measured rate over the window
+  bool waited = false;    // a request waited on its bucket in the window
+  uint8_t priority = Resources::kDefaultPriority;
+};
+struct LendingShare {
+  uint64_t borrowed = 0;  // added to its reservation
+  uint64_t lent = 0;      // of its reservation, lent to others
+  bool busy = false;      // it wants (at least) its whole reservation
+};
+// The loans of one dimension, given the pool's capacity of it (0: no capacity, nothing lent).
+// A limiter is busy when a request waited on its bucket or it used at least 90% of its
+// reservation; a busy one keeps its whole reservation; an idle one keeps twice what it used
+// (at most its reservation: the headroom for its demand to grow until the next rebalance) and
+// the rest is lendable. What the capacity leaves beyond what the limiters keep (the idle
+// limiters' lendable part, and capacity nobody reserved) is split among the busy ones in
+// proportion to their priority; `lent` attributes it to the idle owners in proportion to their
+// lendable parts. Sum of kept + borrowed <= capacity.
+std::vector<LendingShare> plan_loans(const std::vector<LendingInput>& in, uint64_t capacity);
+
+// What the pool gives, as the server's lending reads it (capacity.h PoolCapacity's two rates).
+struct LendingCapacity {
+  uint64_t iops = 0, bandwidth = 0;  // 0: no capacity, nothing lent in that dimension
+};
+
+// One container's part in the last rebalance (`layer pool status`).
+struct ContainerLending {
+  std::string container;
+  uint8_t priority = Resources::kDefaultPriority;
+  bool measured = false;  // it has a limit, so its requests were counted (else used is unknown)
+  struct Dim {
+    uint64_t reserved = 0;
+    double used = 0;  // per second, over the last window
+    uint64_t borrowed = 0, lent = 0;
+  } iops, bandwidth;
+};
+// The last rebalance's view, in container name order; the capacity it used; its window.
+struct LendingStatus {
+  LendingCapacity capacity;
+  double window_s = 0;  // 0: no round yet
+  std::vector<ContainerLending> containers;
 };
 
 // A server's limiters, one per container it has served. Kept for the server's life (a few
@@ -142,10 +208,29 @@ class LimiterTable {
   // Applies `r` to the limiter of `container`; false when this server has none (not served).
   bool apply(const std::string& container, const Resources& r);
 
+  // One lending round at the clock's now: samples every limiter over the window since the last
+  // round, plans the loans of each dimension (plan_loans) against `capacity` and lends them.
+  // The first round only starts the window. The rounds' caller is the lending thread (or a test).
+  void rebalance(const LendingCapacity& capacity);
+  // Starts the thread that calls rebalance(capacity()) every `interval` until the destructor.
+  // `capacity` is called on that thread. Errors: EAGAIN (no thread).
+  Status start_lending(std::function<LendingCapacity()> capacity,
+                       std::chrono::milliseconds interval);
+  ~LimiterTable();
+  // The last rebalance's view.
+  LendingStatus lending_status();
+
  private:
   Clock& clock_;
   std::mutex mu_;
   std::map<std::string, std::shared_ptr<Limiter>> limiters_;  // GUARDED_BY(mu_)
+  std::mutex round_mu_;  // one rebalance at a time; guards the members below
+  std::optional<std::chrono::nanoseconds> last_round_;
+  LendingStatus status_;
+  std::mutex thread_mu_;
+  std::condition_variable stop_cv_;
+  bool stop_ = false;  // GUARDED_BY(thread_mu_)
+  std::thread thread_;
 };
 
 // A change of a container's resources: the fields given. With for_ms > 0 it is time-bounded:

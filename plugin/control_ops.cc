@@ -3,6 +3,7 @@
 #include "control_ops.h"
 
 #include <nbdkit-plugin.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cinttypes>
@@ -161,6 +162,34 @@ json resources(const ControlContext& ctx, const json& request) {
               {"until_ms", r->timed_active(now_ms) ? r->timed.until_ms : 0}};
 }
 
+// {"op": "lending"}: the last lending round's view (qos.h LimiterTable::rebalance), for
+// `layer pool status`. Reply {"ok": true, "pid": N, "window_s": S (0: no round yet),
+// "capacity": {"iops", "bandwidth"}, "containers": [{"container", "priority", "iops":
+// {"reserved", "used", "borrowed", "lent"}, "bandwidth": {...}}]} (used: per second over the
+// window; null for a container without limits, whose requests are not counted; reserved 0:
+// unlimited).
+json lending(const ControlContext& ctx) {
+  const auto st = ctx.limiters.lending_status();
+  json containers = json::array();
+  for (const auto& c : st.containers) {
+    auto dim = [&](const layer::ContainerLending::Dim& d) {
+      return json{{"reserved", d.reserved},
+                  {"used", c.measured ? json(d.used) : json(nullptr)},
+                  {"borrowed", d.borrowed},
+                  {"lent", d.lent}};
+    };
+    containers.push_back({{"container", c.container},
+                          {"priority", c.priority},
+                          {"iops", dim(c.iops)},
+                          {"bandwidth", dim(c.bandwidth)}});
+  }
+  return json{{"ok", true},
+              {"pid", static_cast<int64_t>(::getpid())},
+              {"window_s", st.window_s},
+              {"capacity", {{"iops", st.capacity.iops}, {"bandwidth", st.capacity.bandwidth}}},
+              {"containers", containers}};
+}
+
 // A live change of container C (DESIGN.md "Locking"): the container is acquired as a
 // connection would (opening it if no client has), changed through its Disk with the write gate
 // closed, and released. Requests: {"op": "snapshot"|"rollback"|"commit"|"flatten",
@@ -270,6 +299,7 @@ json handle_control(const ControlContext& ctx, const json& request) {
   if (op == "move") return move(ctx, request);
   if (op == "resources") return resources(ctx, request);
   if (op == "fold") return fold(ctx, request);
+  if (op == "lending") return lending(ctx);
   return change(ctx, request);
 }
 

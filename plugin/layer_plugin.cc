@@ -39,6 +39,7 @@
 
 #include "access.h"
 #include "audit.h"
+#include "capacity.h"
 #include "control.h"
 #include "control_ops.h"
 #include "disk.h"
@@ -472,6 +473,16 @@ int layer_after_fork() {
     g_pool->set_journal(g_journal);
     g_disks = new layer::DiskTable(*g_pool);
     g_limiters = new layer::LimiterTable();
+    // Lending between the containers' limiters against the pool's capacities (capacity.h),
+    // read at every round so `layer pool set` applies within one.
+    if (auto lending = g_limiters->start_lending(
+            [last = layer::LendingCapacity{}]() mutable {
+              if (auto cap = layer::load_capacity(*g_pool)) last = {cap->iops, cap->bandwidth};
+              return last;
+            },
+            std::chrono::milliseconds(200));
+        !lending)
+      return fail(lending.error());
     g_stats = new layer::StatsTable();
     g_audit = new layer::AuditLog(layer::audit_dir(g_pool->paths().root));
     // Before the control socket, whose handler nudges it.

@@ -51,6 +51,7 @@
 #include "names.h"
 #include "output.h"
 #include "pool.h"
+#include "pool_cmd.h"
 #include "qmp.h"
 #include "qos.h"
 #include "records.h"
@@ -518,17 +519,6 @@ int cmd_access(const Globals& g, const AccessArgs& a) {
                 {"rules", list},
                 {"pool_access", std::string(layer::to_string(policy))}},
                text);
-  return 0;
-}
-
-int cmd_pool(const Globals& g, const std::string& access) {
-  const bool change = !access.empty();
-  auto pool = open_pool(g, change);
-  if (change) check(layer::save_access_policy(*pool, take(layer::parse_access_policy(access))));
-  const auto policy = take(layer::load_access_policy(*pool));
-  print_result(
-      g, {{"ok", true}, {"changed", change}, {"access", std::string(layer::to_string(policy))}},
-      fmt::format("access: {}", layer::to_string(policy)));
   return 0;
 }
 
@@ -1861,17 +1851,19 @@ int run(int argc, char** argv) {
       ->type_name("WHEN");
   audit_cmd->add_option("--limit", audit_args.limit, "only the last N events")->type_name("N");
 
-  std::string pool_access;
+  PoolSetArgs pool_set;
   auto* pool_cmd = app.add_subcommand("pool", "show or change pool-wide settings");
   pool_cmd->require_subcommand(1);
   auto* pool_show_cmd = pool_cmd->add_subcommand("show", "show the pool's settings");
   auto* pool_set_cmd = pool_cmd->add_subcommand("set", "change the pool's settings");
   pool_set_cmd
-      ->add_option("--access", pool_access,
+      ->add_option("--access", pool_set.access,
                    "open: containers without rules open to any client of the unix socket; "
                    "rules: only by rule")
-      ->type_name("open|rules")
-      ->required();
+      ->type_name("open|rules");
+  add_capacity_options(pool_set_cmd, pool_set);
+  auto* pool_status_cmd = pool_cmd->add_subcommand(
+      "status", "capacity, reserved, used now and lent iops/bandwidth, per container");
 
   auto* tier_cmd = app.add_subcommand("tier", "move layers between the ssd and hdd tiers");
   tier_cmd->require_subcommand(1);
@@ -2005,8 +1997,12 @@ int run(int argc, char** argv) {
   if (*stats_cmd)
     return take(run_stats(resolve_pool(g), g.json, stats_args, parse_since(stats_args.since),
                           layer::now_unix()));
-  if (*pool_show_cmd) return cmd_pool(g, "");
-  if (*pool_set_cmd) return cmd_pool(g, pool_access);
+  if (*pool_show_cmd) return take(run_pool_settings(resolve_pool(g), g.json, {}));
+  if (*pool_set_cmd) {
+    if (!pool_set.any()) fail(EINVAL, "nothing to change: give --access or a capacity");
+    return take(run_pool_settings(resolve_pool(g), g.json, pool_set));
+  }
+  if (*pool_status_cmd) return take(run_pool_status(resolve_pool(g), g.json));
   if (*tier_move_cmd) return cmd_tier_move(g, tier_move);
   if (*tier_status_cmd) return cmd_tier_status(g);
   if (*tier_policy_cmd) return cmd_tier_policy(g, tier_policy);

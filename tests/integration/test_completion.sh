@@ -72,7 +72,8 @@ expect "layer index " backup ls restore
 expect "layer image " history import ls rm
 expect "layer --json fsck --" --full --repair --pool --json --help
 expect "layer gc --" --no-hash --pool --json --help
-expect "layer pool " set show
+expect "layer pool " set show status
+expect "layer pool set --" --access --iops --bandwidth --ssd-bytes --overcommit --pool --json --help
 expect "layer pool set --access " open rules
 expect "layer --pool $pool access w" web1 web2
 expect "layer access --" --allow --read-only --deny --remove --clear --pool --json --help
