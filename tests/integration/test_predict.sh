@@ -32,7 +32,7 @@ if ((left < 90)); then
 fi
 
 layer init >/dev/null
-truncate -s 64M "$tmp/base.raw"
+make_image "$tmp/base.raw" 16 7  # with data: a layer without any never moves
 layer image import base:1 "$tmp/base.raw" >/dev/null
 for c in web flat quiet; do layer clone base:1 "$c" >/dev/null; done
 
@@ -78,7 +78,7 @@ expect_user_error "a floor above the ceiling" layer set flat --iops auto --iops-
 expect_user_error "a floor with a number" layer set flat --iops 300 --iops-floor 10
 
 start_server srv "$pool" --threads 8
-read_for warm flat 4096 0.5  # the server holds a limiter for flat from here on
+hold_connection "$(nbd flat)"  # the server holds flat (and its limiter) from here on
 out=$(layer --json set flat --iops auto --iops-floor 20 --iops-ceiling 5000)
 [[ "$(json_get '[j["live"], j["applied"]["iops"], j["resources"]["auto"]["iops"]["limit"], j["resources"]["effective"]["iops"]]' <<<"$out")" == '[true, 150, 150, 150]' ]] ||
   fail "set --iops auto: $out"
