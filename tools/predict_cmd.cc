@@ -95,10 +95,7 @@ Result<int> run_predict(const std::string& pool_root, bool as_json, const Predic
 Result<std::string> add_auto_limits(layer::Pool& pool, const layer::ContainerRecord& c,
                                     uint64_t now_ms, json& resources) {
   const auto& r = c.resources;
-  if (!layer::has_auto(r)) {
-    resources["auto"] = nullptr;
-    return std::string();
-  }
+  if (!layer::has_auto(r)) return std::string();  // the JSON as before auto limits
   layer::Forecast f;
   {
     LAYER_ASSIGN(auto txn, pool.index().begin_read());

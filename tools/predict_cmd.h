@@ -26,7 +26,8 @@ layer::Result<int> run_predict(const std::string& pool_root, bool json, const Pr
 // With an auto limit on, adds to `resources` (resources_json's object of container `c`)
 // "auto": {"iops": null|{"floor","ceiling","limit","peak"}, "bandwidth": ...} and sets its
 // "effective" values to the derived limits (unless a timed change is in force); with none on,
-// "auto": null. Returns a line for the human output ("" with none on). Errors: index reads.
+// leaves it as it is (no "auto"). Returns a line for the human output ("" with none on).
+// Errors: index reads.
 layer::Result<std::string> add_auto_limits(layer::Pool& pool, const layer::ContainerRecord& c,
                                            uint64_t now_ms, json& resources);
 

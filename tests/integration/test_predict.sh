@@ -87,7 +87,7 @@ out=$(layer --json inspect flat)
   fail "inspect --json with auto: $out"
 layer inspect flat | grep -q '^auto limits: iops 150 (follows the forecast: peak 100.0 x 1.5, floor 20, ceiling 5000)$' ||
   fail "inspect: $(layer inspect flat)"
-[[ "$(layer --json inspect web | json_get 'j["resources"]["auto"]')" == null ]] || fail "auto on web"
+[[ "$(layer --json inspect web | json_get 'j["resources"].get("auto")')" == null ]] || fail "auto on web"
 
 read_for auto flat 4096 6.5
 measured=$(rate auto 1.2 6.2 ops)
@@ -102,7 +102,7 @@ out=$(layer --json set flat --iops-ceiling 120)
 [[ "$(json_get '[j["applied"]["iops"], j["resources"]["auto"]["iops"]["ceiling"]]' <<<"$out")" == '[120, 120]' ]] ||
   fail "set --iops-ceiling: $out"
 out=$(layer --json set flat --iops 300)
-[[ "$(json_get '[j["applied"]["iops"], j["resources"]["auto"], j["resources"]["iops"]]' <<<"$out")" == '[300, null, 300]' ]] ||
+[[ "$(json_get '[j["applied"]["iops"], j["resources"].get("auto"), j["resources"]["iops"]]' <<<"$out")" == '[300, null, 300]' ]] ||
   fail "set --iops 300 after auto: $out"
 
 # ---- pre-promotion ----
