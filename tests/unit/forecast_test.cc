@@ -3,7 +3,9 @@
 // weekly slots after two weeks, the current hour left out), the auto limit's clamp, the auto
 // settings in the container record and in apply_change, and the forecast and the auto-limit
 // cache over a real pool's stats rows written by lib/stats's writer API.
+#include <atomic>
 #include <cmath>
+#include <thread>
 
 #include "forecast.h"
 #include "qos.h"
@@ -326,4 +328,68 @@ TEST_CASE("the forecast and the auto-limit cache over a pool's stats rows") {
   Resources plain;
   plain.iops = 42;
   CHECK(limiter_resources(*f.pool, cache, id, plain, ten).iops == 42);
+}
+
+TEST_CASE("the server's pass: auto limits applied to its limiters when derived anew, hourly") {
+  test::PoolFixture f;
+  f.import("base:1", 16 * 4096, 4096, 1);
+  MUST(f.pool->clone("base:1", "auto", std::nullopt));
+  MUST(f.pool->clone("base:1", "fixed", std::nullopt));
+  uint64_t id = 0;
+  {
+    auto txn = MUST(f.pool->index().begin_read());
+    id = MUST(f.pool->get_container(txn, "auto")).id;
+  }
+  // A day of history: every hour one minute of 6000 reads (a peak of 100/s).
+  StatsTable table;
+  auto counters = table.acquire(id, "auto");
+  for (uint64_t h = 0; h < 24; ++h) {
+    for (int i = 0; i < 6000; ++i) counters->record(IoOp::kRead, 4096, 1000);
+    MUST(persist_stats(*f.pool, table, (kDay0 + h * 3600) / 60 + 1));
+  }
+  ResourceChange fixed;
+  fixed.iops = 70;
+  MUST(change_resources(*f.pool, "fixed", fixed, 0));
+  ManualClock clock;
+  LimiterTable limiters(clock);
+  auto auto_limiter = limiters.acquire("auto", {});
+  auto fixed_limiter = limiters.acquire("fixed", MUST(load_resources(*f.pool, "fixed")));
+  AutoLimitCache cache;
+  const uint64_t now = kDay0 + kDay + 10 * 3600 + 60;
+  // Not auto yet: nothing to do.
+  CHECK(refresh_auto_limits(*f.pool, cache, limiters, now).empty());
+  CHECK(auto_limiter->limits().iops == 0);
+  ResourceChange c;
+  c.auto_iops = ResourceChange::AutoChange{true, 10, 1000};
+  MUST(change_resources(*f.pool, "auto", c, 0));
+  auto lines = refresh_auto_limits(*f.pool, cache, limiters, now);
+  REQUIRE(lines.size() == 1);
+  CHECK(lines[0] == "auto limits of auto: iops 150, bandwidth 0");
+  CHECK(auto_limiter->limits().iops == 150);
+  CHECK(fixed_limiter->limits().iops == 70);
+  // The same hour: nothing new. The next hour (whose slot and last hour were as busy): the same
+  // value, not applied again.
+  CHECK(refresh_auto_limits(*f.pool, cache, limiters, now + 600).empty());
+  CHECK(refresh_auto_limits(*f.pool, cache, limiters, now + 3600).empty());
+  // A lower ceiling is applied at the next pass.
+  c.auto_iops = ResourceChange::AutoChange{false, std::nullopt, 90};
+  MUST(change_resources(*f.pool, "auto", c, 0));
+  lines = refresh_auto_limits(*f.pool, cache, limiters, now + 3600);
+  REQUIRE(lines.size() == 1);
+  CHECK(auto_limiter->limits().iops == 90);
+}
+
+TEST_CASE("the stats writer calls each_minute on its thread with the clock's time") {
+  test::PoolFixture f;
+  StatsTable table;
+  ManualClock clock(1'800'000'000'000);
+  std::atomic<uint64_t> seen{0};
+  StatsWriter::Options o;
+  o.interval = std::chrono::milliseconds(10);
+  o.clock = &clock;
+  o.each_minute = [&](uint64_t now) { seen = now; };
+  auto writer = MUST(StatsWriter::start(*f.pool, table, o));
+  for (int i = 0; i < 1000 && seen == 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  CHECK(seen == 1'800'000'000);
 }
