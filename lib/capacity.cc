@@ -84,6 +84,22 @@ Reservation reservation_of(const ContainerRecord& rec, bool delta_on_ssd, uint64
     out.bandwidth = 0;
     out.unlimited_bandwidth = 1;
   }
+  // An automatic limit (forecast.h) may be set anywhere up to its ceiling: that is what it
+  // reserves (no ceiling: unlimited), or a timed change in force when that is larger.
+  auto automatic = [&](const Resources::AutoLimit& a, uint64_t timed, uint64_t& value,
+                       uint64_t& unlimited) {
+    if (!a.on) return;
+    const bool timed_on = r.timed_active(now_ms) && timed != Resources::kKeep;
+    if (a.ceiling == 0 || (timed_on && timed == 0)) {
+      value = 0;
+      unlimited = 1;
+      return;
+    }
+    value = std::max(a.ceiling, timed_on ? timed : 0);
+    unlimited = 0;
+  };
+  automatic(r.auto_iops, r.timed.iops, out.iops, out.unlimited_iops);
+  automatic(r.auto_bandwidth, r.timed.bandwidth, out.bandwidth, out.unlimited_bandwidth);
   if (delta_on_ssd) out.ssd_bytes = rec.size_bytes;
   return out;
 }

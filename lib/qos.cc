@@ -7,6 +7,7 @@
 #include <system_error>
 
 #include "capacity.h"
+#include "forecast.h"
 #include "index.h"
 #include "pool.h"
 
@@ -303,6 +304,13 @@ bool LimiterTable::apply(const std::string& container, const Resources& r) {
   return true;
 }
 
+std::vector<std::string> LimiterTable::names() {
+  std::lock_guard lock(mu_);
+  std::vector<std::string> out;
+  for (const auto& [name, limiter] : limiters_) out.push_back(name);
+  return out;
+}
+
 // ---- changes ----
 
 Result<Resources> apply_change(Resources r, const ResourceChange& c, uint64_t now_ms) {
@@ -315,6 +323,10 @@ Result<Resources> apply_change(Resources r, const ResourceChange& c, uint64_t no
       return make_error(EINVAL,
                         "a time-bounded change (--for) changes only iops and bandwidth; set cpu, "
                         "memory, net and priority without --for");
+    if (c.auto_iops || c.auto_bandwidth)
+      return make_error(EINVAL,
+                        "a time-bounded change (--for) sets a number: an auto limit lasts until "
+                        "changed");
     if (!c.iops && !c.bandwidth)
       return make_error(EINVAL, "a time-bounded change (--for) needs --iops or --bandwidth");
     if (c.iops) r.timed.iops = *c.iops;
@@ -332,6 +344,28 @@ Result<Resources> apply_change(Resources r, const ResourceChange& c, uint64_t no
   }
   if (c.bandwidth) {
     r.bandwidth = *c.bandwidth;
+    r.timed.bandwidth = Resources::kKeep;
+  }
+  if (c.iops) r.auto_iops = {};
+  if (c.bandwidth) r.auto_bandwidth = {};
+  auto change_auto = [](const char* what, Resources::AutoLimit& a,
+                        const ResourceChange::AutoChange& ch, uint64_t default_floor) -> Status {
+    if (!ch.on && !a.on)
+      return make_error(EINVAL, "{} is not auto: a floor or ceiling needs --{} auto", what, what);
+    if (ch.on && !a.on) a = {true, default_floor, 0};
+    if (ch.floor) a.floor = *ch.floor;
+    if (ch.ceiling) a.ceiling = *ch.ceiling;
+    if (a.ceiling != 0 && a.floor > a.ceiling)
+      return make_error(EINVAL, "{}: the floor ({}) is above the ceiling ({})", what, a.floor,
+                        a.ceiling);
+    return {};
+  };
+  if (c.auto_iops) {
+    LAYER_TRY(change_auto("iops", r.auto_iops, *c.auto_iops, kAutoIopsFloor));
+    r.timed.iops = Resources::kKeep;
+  }
+  if (c.auto_bandwidth) {
+    LAYER_TRY(change_auto("bandwidth", r.auto_bandwidth, *c.auto_bandwidth, kAutoBandwidthFloor));
     r.timed.bandwidth = Resources::kKeep;
   }
   if (r.timed.iops == Resources::kKeep && r.timed.bandwidth == Resources::kKeep) r.timed = {};

@@ -207,6 +207,8 @@ class LimiterTable {
   std::shared_ptr<Limiter> acquire(const std::string& container, const Resources& r);
   // Applies `r` to the limiter of `container`; false when this server has none (not served).
   bool apply(const std::string& container, const Resources& r);
+  // The containers that have a limiter here (served since the server started).
+  std::vector<std::string> names();
 
   // One lending round at the clock's now: samples every limiter over the window since the last
   // round, plans the loans of each dimension (plan_loans) against `capacity` and lends them.
@@ -239,8 +241,17 @@ struct ResourceChange {
   std::optional<uint64_t> cpu_millis, memory_bytes, net_bps, iops, bandwidth;
   std::optional<uint64_t> priority;
   uint64_t for_ms = 0;
+  // A limit that follows the forecast (forecast.h): on (`--iops auto`, with the floor and
+  // ceiling given, or the ones it had, or a default floor), or a change of the floor or ceiling
+  // of one already on (on false). A number for iops/bandwidth turns it off.
+  struct AutoChange {
+    bool on = false;
+    std::optional<uint64_t> floor, ceiling;
+  };
+  std::optional<AutoChange> auto_iops, auto_bandwidth;
   bool empty() const {
-    return !cpu_millis && !memory_bytes && !net_bps && !iops && !bandwidth && !priority;
+    return !cpu_millis && !memory_bytes && !net_bps && !iops && !bandwidth && !priority &&
+           !auto_iops && !auto_bandwidth;
   }
 };
 
@@ -248,7 +259,8 @@ struct ResourceChange {
 // its fields of the timed part and its end (now + for_ms, one end for the whole part); a
 // lasting change of iops or bandwidth sets the base and ends a timed change of that field.
 // Errors: EINVAL (nothing to change; priority outside 1..10; --for with cpu, memory, net or
-// priority, or without iops or bandwidth).
+// priority, or without iops or bandwidth, or with auto; a floor above the ceiling; a floor or
+// ceiling for a limit that is not auto).
 Result<Resources> apply_change(Resources r, const ResourceChange& c, uint64_t now_ms);
 
 // The resources of container `name`. Errors: ENOENT, those of the read.

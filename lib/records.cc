@@ -16,6 +16,8 @@ namespace {
 constexpr uint8_t kRecordVersion = 1;
 // Opens a container record's resources (a later trailing field would come after them).
 constexpr uint8_t kResourcesTag = 1;
+// Opens the auto limits that follow the resources (written only when one is on).
+constexpr uint8_t kAutoLimitsTag = 2;
 
 class Encoder {
  public:
@@ -211,6 +213,14 @@ std::string encode(const ContainerRecord& r) {
     e.u64(q.timed.iops);
     e.u64(q.timed.bandwidth);
     e.u64(q.timed.until_ms);
+    if (q.auto_iops != Resources::AutoLimit{} || q.auto_bandwidth != Resources::AutoLimit{}) {
+      e.u8(kAutoLimitsTag);
+      for (const auto* a : {&q.auto_iops, &q.auto_bandwidth}) {
+        e.u8(a->on ? 1 : 0);
+        e.u64(a->floor);
+        e.u64(a->ceiling);
+      }
+    }
   }
   return e.take();
 }
@@ -249,6 +259,15 @@ Result<ContainerRecord> decode_container(std::string_view bytes, std::string_vie
     if (ok && (tag != kResourcesTag || q.priority < 1 || q.priority > 10))
       return make_error(EIO, "container {}: corrupt record (resources tag {}, priority {})", name,
                         tag, q.priority);
+    if (ok && !d.at_end()) {
+      uint8_t on[2] = {0, 0};
+      ok = d.u8(&tag) && d.u8(&on[0]) && d.u64(&q.auto_iops.floor) && d.u64(&q.auto_iops.ceiling) &&
+           d.u8(&on[1]) && d.u64(&q.auto_bandwidth.floor) && d.u64(&q.auto_bandwidth.ceiling);
+      if (ok && (tag != kAutoLimitsTag || on[0] > 1 || on[1] > 1))
+        return make_error(EIO, "container {}: corrupt record (auto limits tag {})", name, tag);
+      q.auto_iops.on = on[0] == 1;
+      q.auto_bandwidth.on = on[1] == 1;
+    }
   }
   LAYER_TRY(d.finish(ok));
   return r;
@@ -376,6 +395,7 @@ std::string encode(const TierPolicy& p) {
   e.u8(static_cast<uint8_t>(p.high_water));
   e.u64(p.high_water_value);
   e.u64(p.move_rate);
+  if (p.prewarm_s != 0) e.u64(p.prewarm_s);
   return e.take();
 }
 
@@ -385,7 +405,8 @@ Result<TierPolicy> decode_tier_policy(std::string_view bytes) {
   uint8_t hw = 0;
   const bool ok = d.version() && d.u64(&p.cold_after_s) && d.f64(&p.cold_rate) &&
                   d.f64(&p.hot_rate) && d.u64(&p.half_life_s) && d.u8(&hw) &&
-                  d.u64(&p.high_water_value) && (d.at_end() || d.u64(&p.move_rate));
+                  d.u64(&p.high_water_value) && (d.at_end() || d.u64(&p.move_rate)) &&
+                  (d.at_end() || d.u64(&p.prewarm_s));
   LAYER_TRY(d.finish(ok));
   if (hw > static_cast<uint8_t>(TierPolicy::HighWater::kPercent))
     return make_error(EIO, "meta tier.policy: corrupt record (high-water kind {})", hw);

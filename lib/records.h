@@ -94,6 +94,17 @@ struct Resources {
     uint64_t until_ms = 0;
     bool operator==(const Timed&) const = default;
   } timed;
+  // A limit that follows the container's forecast (issue 14 item 4; forecast.h): while `on`,
+  // the server derives the limit from the forecast, clamped to floor..ceiling (ceiling 0: none),
+  // in place of the base value (a timed change in force still wins). Added after `timed`: a
+  // trailing part of its own, absent (and not written) while both are off.
+  struct AutoLimit {
+    bool on = false;
+    uint64_t floor = 0;
+    uint64_t ceiling = 0;
+    bool operator==(const AutoLimit&) const = default;
+  };
+  AutoLimit auto_iops, auto_bandwidth;
 
   bool operator==(const Resources&) const = default;
   bool is_default() const { return *this == Resources{}; }
@@ -224,6 +235,10 @@ struct TierPolicy {
   // first record layout: a record without it reads as the default.
   uint64_t move_rate = kDefaultMoveRate;
   static constexpr uint64_t kDefaultMoveRate = uint64_t{64} << 20;
+  // Pre-promotion (issue 14 item 4; forecast.h): the lead window, in seconds, over which the
+  // containers' forecasts count as a layer's predicted heat (0: off). Added after move_rate,
+  // written only when set: a record without it reads as 0.
+  uint64_t prewarm_s = 0;
 };
 std::string encode(const TierPolicy& p);
 Result<TierPolicy> decode_tier_policy(std::string_view bytes);

@@ -381,6 +381,10 @@ void StatsWriter::tick() {
     options_.log_error(fmt::format("stats: not written: {}", s.error().message));
   interval_start_ms_ = now_ms;
   const uint64_t minute = now_ms / kMsPerMinute;
+  if (options_.each_minute && minute != hooked_minute_) {
+    hooked_minute_ = minute;
+    options_.each_minute(now_ms / 1000);
+  }
   if (minute == pruned_minute_) return;
   const uint64_t keep = static_cast<uint64_t>(options_.retention.count()) / 60;
   auto pruned = prune_stats(pool_, minute > keep ? minute - keep : 0);

@@ -158,6 +158,9 @@ class StatsWriter {
     Clock* clock = nullptr;  // the wall clock's minutes; null: real_clock()
     // Called on the writer's thread when a write or a prune fails.
     std::function<void(const std::string& line)> log_error;
+    // Called on the writer's thread once a minute, after that minute's first write (the
+    // server's auto limits, forecast.h); given the clock's unix seconds.
+    std::function<void(uint64_t now)> each_minute;
   };
   // Errors: EAGAIN/ENOMEM when no thread can be started.
   static Result<std::unique_ptr<StatsWriter>> start(Pool& pool, StatsTable& table, Options options);
@@ -179,6 +182,7 @@ class StatsWriter {
   Clock& clock_;
   uint64_t interval_start_ms_ = 0;  // writer thread only
   uint64_t pruned_minute_ = 0;      // writer thread only
+  uint64_t hooked_minute_ = 0;      // writer thread only: each_minute's last minute
   std::atomic<bool> nudged_{false};
   StopSignal stop_;
   std::thread thread_;

@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "control.h"
+#include "forecast.h"
 #include "hasher.h"
 #include "heat.h"
 #include "layers.h"
@@ -152,6 +153,8 @@ Plan plan_moves(const TierPolicy& policy, const std::vector<PolicyLayer>& layers
                 SsdSpace ssd) {
   Plan plan;
   plan.verdicts.resize(layers.size());
+  // The heat that ranks layers: the higher of the measured and the predicted.
+  auto rank = [&](size_t i) { return std::max(layers[i].heat, layers[i].predicted); };
   uint64_t used = ssd.used;
   std::vector<size_t> demotions, staying_on_ssd, promotions;
   for (size_t i = 0; i < layers.size(); ++i) {
@@ -173,13 +176,17 @@ Plan plan_moves(const TierPolicy& policy, const std::vector<PolicyLayer>& layers
         v.reason = fmt::format("heat {} above the cold rate {}", rate_text(l.heat),
                                rate_text(policy.cold_rate));
         staying_on_ssd.push_back(i);
+      } else if (l.predicted >= policy.hot_rate) {
+        v.reason = fmt::format("predicted hot within {}: {}", format_duration(policy.prewarm_s),
+                               rate_text(l.predicted));
+        staying_on_ssd.push_back(i);
       } else {
         v.to = Tier::kHdd;
         v.reason = fmt::format("cold: idle {}, heat {}", format_duration(idle), rate_text(l.heat));
         demotions.push_back(i);
         used -= std::min(used, l.disk_bytes);
       }
-    } else if (l.heat >= policy.hot_rate) {
+    } else if (l.heat >= policy.hot_rate || l.predicted >= policy.hot_rate) {
       promotions.push_back(i);
     } else {
       v.reason = fmt::format("heat {} below the hot rate {}", rate_text(l.heat),
@@ -189,7 +196,7 @@ Plan plan_moves(const TierPolicy& policy, const std::vector<PolicyLayer>& layers
   // Over the high-water mark: the coldest first (lowest heat, then idle longest).
   if (ssd.limit != 0 && used > ssd.limit) {
     std::stable_sort(staying_on_ssd.begin(), staying_on_ssd.end(), [&](size_t a, size_t b) {
-      if (layers[a].heat != layers[b].heat) return layers[a].heat < layers[b].heat;
+      if (rank(a) != rank(b)) return rank(a) < rank(b);
       return layers[a].last_active < layers[b].last_active;
     });
     for (size_t i : staying_on_ssd) {
@@ -204,17 +211,21 @@ Plan plan_moves(const TierPolicy& policy, const std::vector<PolicyLayer>& layers
   }
   // Hottest first, while they fit under the mark.
   std::stable_sort(promotions.begin(), promotions.end(),
-                   [&](size_t a, size_t b) { return layers[a].heat > layers[b].heat; });
+                   [&](size_t a, size_t b) { return rank(a) > rank(b); });
   std::vector<size_t> promoted;
   for (size_t i : promotions) {
     Verdict& v = plan.verdicts[i];
     if (ssd.limit != 0 && used + layers[i].disk_bytes > ssd.limit) {
       v.reason = fmt::format("hot ({}), but ssd has no room for it under its high-water mark",
-                             rate_text(layers[i].heat));
+                             rate_text(rank(i)));
       continue;
     }
     v.to = Tier::kSsd;
-    v.reason = fmt::format("hot: heat {}", rate_text(layers[i].heat));
+    v.reason = layers[i].heat >= policy.hot_rate
+                   ? fmt::format("hot: heat {}", rate_text(layers[i].heat))
+                   : fmt::format("predicted hot within {}: {} (heat now {})",
+                                 format_duration(policy.prewarm_s), rate_text(layers[i].predicted),
+                                 rate_text(layers[i].heat));
     used += layers[i].disk_bytes;
     promoted.push_back(i);
   }
@@ -247,6 +258,28 @@ Result<TierStatus> tier_status(Pool& pool, uint64_t now) {
       it->second.heat = decayed(heat, now, st.policy.half_life_s);
       return true;
     }));
+    if (st.policy.prewarm_s > 0) {
+      // Pre-promotion: each container's forecast counts for every layer of its chain.
+      std::vector<ContainerRecord> containers;
+      LAYER_TRY(txn.scan(Db::kContainers, "",
+                         [&](std::string_view k, std::string_view v) -> Result<bool> {
+                           LAYER_ASSIGN(auto c, decode_container(v, k));
+                           containers.push_back(std::move(c));
+                           return true;
+                         }));
+      for (const auto& c : containers) {
+        LAYER_ASSIGN(const auto f, load_forecast(txn, c.id, now));
+        const double predicted = predicted_iops(f, now, st.policy.prewarm_s);
+        if (predicted <= 0) continue;
+        LayerId id = c.delta_layer;
+        for (size_t steps = 0; id != 0 && steps <= by_id.size(); ++steps) {
+          auto it = by_id.find(id);
+          if (it == by_id.end()) break;  // fsck's business
+          it->second.predicted += predicted;
+          id = it->second.layer.parent;
+        }
+      }
+    }
     LAYER_ASSIGN(auto users, layer_users(txn));
     for (auto& [id, list] : users) {
       auto it = by_id.find(id);
@@ -267,6 +300,7 @@ Result<TierStatus> tier_status(Pool& pool, uint64_t now) {
     p.disk_bytes = l.disk_bytes;
     p.heat = l.heat.read_rate + l.heat.write_rate;
     p.last_active = std::max({l.heat.last_access_unix, l.heat.moved_unix, l.layer.created_unix});
+    p.predicted = l.predicted;
     input.push_back(p);
     st.layers.push_back(std::move(l));
   }

@@ -11,6 +11,11 @@
 // - with a high-water mark (bytes of layer files on ssd, or % of the ssd filesystem), while
 //   ssd is above it the coldest layers there (lowest heat, then idle longest) are demoted
 //   first, and a promotion that would cross it waits.
+// - pre-promotion (prewarm_s > 0): a layer's predicted heat (PolicyLayer::predicted: its users'
+//   forecasts over the next prewarm_s) counts as heat for promotion (an hdd layer predicted at
+//   or above hot_rate is promoted before the busy hours start) and keeps a layer on ssd (one
+//   predicted at or above hot_rate is not demoted as cold). Ranking by heat (the high-water
+//   mark's coldest first, the hottest promotion first) takes the higher of the two.
 // A shared base's heat is the sum of its users' (they all count into its one row, heat.h).
 // Layers with no data on disk (a delta never written) stay where they are.
 //
@@ -60,6 +65,10 @@ struct PolicyLayer {
   uint64_t disk_bytes = 0;   // allocated bytes of its file (0: no file or no data)
   double heat = 0;           // read+write ops/s, decayed to now
   uint64_t last_active = 0;  // unix s: the latest of its last access, last move and creation
+  // Pre-promotion (TierPolicy::prewarm_s; forecast.h): the read+write ops/s its users'
+  // forecasts expect within the lead window (the sum over the containers whose chain holds it
+  // of each one's highest hourly forecast in the window). 0 without prewarm.
+  double predicted = 0;
 };
 
 // How full ssd is, in the high-water mark's terms: bytes used and the mark. limit 0: no mark.
@@ -88,6 +97,7 @@ Plan plan_moves(const TierPolicy& policy, const std::vector<PolicyLayer>& layers
 // One layer as `layer tier status` shows it.
 struct LayerTierStatus {
   LayerRecord layer;
+  double predicted = 0;     // PolicyLayer::predicted (0 without prewarm)
   uint64_t disk_bytes = 0;  // allocated bytes of its file
   bool has_file = false;
   HeatRecord heat;                 // rates decayed to now; zeroes when never counted

@@ -142,24 +142,36 @@ json move(const ControlContext& ctx, const json& request) {
 
 // {"op": "resources", "container": C}: C's resources changed (`layer set`); the limiter of C,
 // if this server has one, applies them from the record at once. Reply {"ok": true,
-// "container": C, "served": B, "iops": N, "bandwidth": N, "until_ms": N} (the limits in force).
+// "container": C, "served": B, "iops": N, "bandwidth": N, "until_ms": N} (the limits in force:
+// with `--iops auto` or `--bandwidth auto`, the ones derived from the forecast now).
 json resources(const ControlContext& ctx, const json& request) {
   auto named = requested_container(request, "resources");
   if (!named) return layer::control_error(named.error());
   const std::string& container = *named;
-  auto r = layer::load_resources(ctx.pool, container);
-  if (!r) return layer::control_error(r.error());
-  const bool served = ctx.limiters.apply(container, *r);
+  auto record = [&]() -> layer::Result<layer::ContainerRecord> {
+    LAYER_ASSIGN(auto txn, ctx.pool.index().begin_read());
+    return ctx.pool.get_container(txn, container);
+  }();
+  if (!record) return layer::control_error(record.error());
   const uint64_t now_ms = layer::now_unix_ms();
+  // Auto limits (forecast.h): derived from the forecast now, in place of the base values.
+  layer::AutoLimitCache none;
+  std::string auto_error;
+  const layer::Resources r =
+      layer::limiter_resources(ctx.pool, ctx.auto_limits ? *ctx.auto_limits : none, record->id,
+                               record->resources, now_ms / 1000, &auto_error);
+  if (!auto_error.empty())
+    nbdkit_error("auto limits of %s: %s", container.c_str(), auto_error.c_str());
+  const bool served = ctx.limiters.apply(container, r);
   nbdkit_debug("resources of container %s: iops %" PRIu64 ", bandwidth %" PRIu64 "%s",
-               container.c_str(), r->effective_iops(now_ms), r->effective_bandwidth(now_ms),
+               container.c_str(), r.effective_iops(now_ms), r.effective_bandwidth(now_ms),
                served ? "" : " (not served here)");
   return json{{"ok", true},
               {"container", container},
               {"served", served},
-              {"iops", r->effective_iops(now_ms)},
-              {"bandwidth", r->effective_bandwidth(now_ms)},
-              {"until_ms", r->timed_active(now_ms) ? r->timed.until_ms : 0}};
+              {"iops", r.effective_iops(now_ms)},
+              {"bandwidth", r.effective_bandwidth(now_ms)},
+              {"until_ms", r.timed_active(now_ms) ? r.timed.until_ms : 0}};
 }
 
 // {"op": "lending"}: the last lending round's view (qos.h LimiterTable::rebalance), for

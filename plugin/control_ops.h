@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "disk.h"
+#include "forecast.h"
 #include "hasher.h"
 #include "pool.h"
 #include "qos.h"
@@ -23,6 +24,7 @@ struct ControlContext {
   layer::DiskTable& disks;
   layer::BackgroundHasher* hasher;  // null with hasher=off
   layer::LimiterTable& limiters;
+  layer::AutoLimitCache* auto_limits = nullptr;  // null: auto limits as without history
 };
 
 // Answers one request: a reply object, or layer::control_error's. Logs failures with

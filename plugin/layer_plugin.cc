@@ -70,6 +70,8 @@ layer::Pool* g_pool = nullptr;
 layer::DiskTable* g_disks = nullptr;
 // Each served container's iops and bandwidth limits (qos.h), shared by its connections.
 layer::LimiterTable* g_limiters = nullptr;
+// Their limits that follow the forecast (`layer set --iops auto`; forecast.h), per container.
+layer::AutoLimitCache* g_auto_limits = nullptr;
 layer::BackgroundHasher* g_hasher = nullptr;    // null with hasher=off
 uint64_t g_heat_interval_s = 5;                 // heat-interval= (0: heat is not written)
 uint64_t g_tier_interval_s = 0;                 // tier-interval= (0: no policy passes)
@@ -422,7 +424,8 @@ layer::Result<layer::AccessDecision> access_for(const std::string& container,
 
 // The control socket's requests (control_ops.h), on its worker threads.
 nlohmann::json handle_control(const nlohmann::json& request) {
-  return layer_plugin::handle_control({*g_pool, *g_disks, g_hasher, *g_limiters}, request);
+  return layer_plugin::handle_control({*g_pool, *g_disks, g_hasher, *g_limiters, g_auto_limits},
+                                      request);
 }
 
 // A background thread's line for nbdkit's log: failures as errors, the rest as debug output.
@@ -483,6 +486,7 @@ int layer_after_fork() {
             std::chrono::milliseconds(200));
         !lending)
       return fail(lending.error());
+    g_auto_limits = new layer::AutoLimitCache();
     g_stats = new layer::StatsTable();
     g_audit = new layer::AuditLog(layer::audit_dir(g_pool->paths().root));
     // Before the control socket, whose handler nudges it.
@@ -526,6 +530,11 @@ int layer_after_fork() {
       options.interval = std::chrono::seconds(g_stats_interval_s);
       options.retention = std::chrono::seconds(g_stats_retention_s);
       options.log_error = [](const std::string& line) { nbdkit_error("%s", line.c_str()); };
+      options.each_minute = [](uint64_t now) {
+        for (const auto& line :
+             layer::refresh_auto_limits(*g_pool, *g_auto_limits, *g_limiters, now))
+          nbdkit_debug("%s", line.c_str());
+      };
       auto writer = layer::StatsWriter::start(*g_pool, *g_stats, std::move(options));
       if (!writer) return fail(writer.error());
       g_stats_writer = writer->release();
@@ -575,6 +584,8 @@ void layer_cleanup() {
     g_disks = nullptr;
     delete g_limiters;
     g_limiters = nullptr;
+    delete g_auto_limits;
+    g_auto_limits = nullptr;
     delete g_audit;
     g_audit = nullptr;
     delete g_pool;
@@ -716,7 +727,11 @@ void* layer_open(int readonly) {
     }
     auto handle = std::make_unique<Handle>();
     handle->disk = std::move(*disk);
-    handle->limiter = g_limiters->acquire(parsed->container, resources);
+    std::string auto_error;
+    handle->limiter = g_limiters->acquire(
+        parsed->container, layer::limiter_resources(*g_pool, *g_auto_limits, container_id,
+                                                    resources, layer::now_unix(), &auto_error));
+    if (!auto_error.empty()) nbdkit_error("auto limits of %s: %s", name, auto_error.c_str());
     // Without a writer the table forgets nothing: counters only for the metrics socket.
     if (g_stats_writer || g_metrics) handle->io = g_stats->acquire(container_id, parsed->container);
     handle->readonly = readonly != 0 || is_snapshot || access->read_only;

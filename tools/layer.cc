@@ -52,6 +52,7 @@
 #include "output.h"
 #include "pool.h"
 #include "pool_cmd.h"
+#include "predict_cmd.h"
 #include "qmp.h"
 #include "qos.h"
 #include "records.h"
@@ -292,6 +293,8 @@ int cmd_image_rm(const Globals& g, const std::string& ref) {
 // The resource options of clone and set (issue 14 item 1; qos.h).
 struct ResourceArgs {
   std::optional<std::string> cpu, memory, net, iops, bandwidth, priority, for_;
+  // `--iops auto` / `--bandwidth auto` (forecast.h) and their bounds.
+  std::optional<std::string> iops_floor, iops_ceiling, bandwidth_floor, bandwidth_ceiling;
 };
 
 void add_resource_options(CLI::App* cmd, ResourceArgs& a, bool timed) {
@@ -301,10 +304,23 @@ void add_resource_options(CLI::App* cmd, ResourceArgs& a, bool timed) {
       ->type_name("SIZE");
   cmd->add_option("--net", a.net, "network bytes/s for the provisioning scripts (e.g. 100M; none)")
       ->type_name("RATE");
-  cmd->add_option("--iops", a.iops, "requests per second, enforced by the server (none: no limit)")
+  cmd->add_option("--iops", a.iops,
+                  "requests per second, enforced by the server (none: no limit; auto: follow "
+                  "the forecast)")
+      ->type_name("N|auto");
+  cmd->add_option("--iops-floor", a.iops_floor, "with --iops auto: at least N (default 100)")
+      ->type_name("N");
+  cmd->add_option("--iops-ceiling", a.iops_ceiling, "with --iops auto: at most N (none: no cap)")
       ->type_name("N");
   cmd->add_option("--bandwidth", a.bandwidth,
-                  "bytes per second read and written, enforced by the server (e.g. 50M; none)")
+                  "bytes per second read and written, enforced by the server (e.g. 50M; none; "
+                  "auto: follow the forecast)")
+      ->type_name("RATE|auto");
+  cmd->add_option("--bandwidth-floor", a.bandwidth_floor,
+                  "with --bandwidth auto: at least RATE (default 1M)")
+      ->type_name("RATE");
+  cmd->add_option("--bandwidth-ceiling", a.bandwidth_ceiling,
+                  "with --bandwidth auto: at most RATE (none: no cap)")
       ->type_name("RATE");
   cmd->add_option("--priority", a.priority, "1 (lowest) to 10 (highest); default 5")
       ->type_name("1..10");
@@ -329,8 +345,25 @@ layer::ResourceChange parse_resources(const ResourceArgs& a) {
   if (a.cpu) c.cpu_millis = parse("--cpu", *a.cpu, layer::parse_cpu);
   if (a.memory) c.memory_bytes = parse("--memory", *a.memory, size);
   if (a.net) c.net_bps = parse("--net", *a.net, size);
-  if (a.iops) c.iops = parse("--iops", *a.iops, layer::parse_count);
-  if (a.bandwidth) c.bandwidth = parse("--bandwidth", *a.bandwidth, size);
+  if (a.iops && *a.iops != "auto") c.iops = parse("--iops", *a.iops, layer::parse_count);
+  if (a.bandwidth && *a.bandwidth != "auto") c.bandwidth = parse("--bandwidth", *a.bandwidth, size);
+  if ((a.iops && *a.iops == "auto") || a.iops_floor || a.iops_ceiling) {
+    if (c.iops) fail(EINVAL, "--iops-floor and --iops-ceiling go with --iops auto, not a number");
+    c.auto_iops = layer::ResourceChange::AutoChange{a.iops.has_value(), {}, {}};
+    if (a.iops_floor) c.auto_iops->floor = parse("--iops-floor", *a.iops_floor, layer::parse_count);
+    if (a.iops_ceiling)
+      c.auto_iops->ceiling = parse("--iops-ceiling", *a.iops_ceiling, layer::parse_count);
+  }
+  if ((a.bandwidth && *a.bandwidth == "auto") || a.bandwidth_floor || a.bandwidth_ceiling) {
+    if (c.bandwidth)
+      fail(EINVAL,
+           "--bandwidth-floor and --bandwidth-ceiling go with --bandwidth auto, not a number");
+    c.auto_bandwidth = layer::ResourceChange::AutoChange{a.bandwidth.has_value(), {}, {}};
+    if (a.bandwidth_floor)
+      c.auto_bandwidth->floor = parse("--bandwidth-floor", *a.bandwidth_floor, size);
+    if (a.bandwidth_ceiling)
+      c.auto_bandwidth->ceiling = parse("--bandwidth-ceiling", *a.bandwidth_ceiling, size);
+  }
   if (a.priority) {
     c.priority = parse("--priority", *a.priority, layer::parse_count);
     if (*c.priority < 1 || *c.priority > 10)
@@ -358,8 +391,10 @@ int cmd_clone(const Globals& g, const CloneArgs& a) {
   if (!change.empty()) resources = take(layer::apply_change({}, change, layer::now_unix_ms()));
   auto pool = open_pool(g, true);
   const auto info = take(pool->clone(a.image, a.name, size, resources));
+  json j = container_detail_json(*pool, info);
+  take(add_auto_limits(*pool, info.container, layer::now_unix_ms(), j["resources"]));
   print_result(
-      g, container_detail_json(*pool, info),
+      g, j,
       fmt::format("cloned {} as {} ({})", a.image, a.name, human_size(info.container.size_bytes)));
   return 0;
 }
@@ -389,7 +424,9 @@ int cmd_inspect(const Globals& g, const std::string& name) {
   check(layer::validate_name(name, "container name"));
   auto pool = open_pool(g, false);
   const auto info = take(pool->inspect(name));
-  const json j = container_detail_json(*pool, info);
+  json j = container_detail_json(*pool, info);
+  const auto auto_text =
+      take(add_auto_limits(*pool, info.container, layer::now_unix_ms(), j["resources"]));
   if (g.json) {
     print_json(j);
     return 0;
@@ -410,8 +447,9 @@ int cmd_inspect(const Globals& g, const std::string& name) {
   std::string rules;
   for (const auto& rule : c.access) rules += (rules.empty() ? "" : "; ") + layer::describe(rule);
   std::cout << "access: " << (rules.empty() ? "- (the pool's policy)" : rules) << '\n'
-            << "resources: " << resources_text(c.resources, layer::now_unix_ms()) << '\n'
-            << "chain (top first):\n";
+            << "resources: " << resources_text(c.resources, layer::now_unix_ms()) << '\n';
+  if (!auto_text.empty()) std::cout << "auto limits: " << auto_text << '\n';
+  std::cout << "chain (top first):\n";
   std::vector<std::vector<std::string>> rows = {{"  LAYER", "STATE", "TIER", "DATA", "PATH"}};
   for (const auto& layer : j["chain"]) {
     rows.push_back({"  " + std::to_string(layer["layer"].get<uint64_t>()),
@@ -438,6 +476,7 @@ int cmd_set(const Globals& g, const SetArgs& a) {
   const uint64_t now_ms = layer::now_unix_ms();
   const auto r = take(layer::change_resources(*pool, a.container, change, now_ms));
   bool live = false;
+  json applied = nullptr;  // the limits in force in the server, as it replied
   std::string warning;
   const auto info = take(pool->inspect(a.container));
   const pid_t pid = pool->serving_pid(info.container.id);
@@ -449,6 +488,8 @@ int cmd_set(const Globals& g, const SetArgs& a) {
     const Status status = reply.ok() ? layer::control_status(*reply) : reply.error();
     if (status.ok()) {
       live = reply->value("served", false);
+      applied = {{"iops", reply->value("iops", uint64_t{0})},
+                 {"bandwidth", reply->value("bandwidth", uint64_t{0})}};
     } else {
       // Recorded all the same: the server applies them at its next open of the container.
       warning = fmt::format("its server (pid {}) did not apply them now: {}", pid,
@@ -459,15 +500,20 @@ int cmd_set(const Globals& g, const SetArgs& a) {
          {"container", a.container},
          {"resources", resources_json(r, now_ms)},
          {"live", live}};
+  auto record = info.container;
+  record.resources = r;
+  const auto auto_text = take(add_auto_limits(*pool, record, now_ms, j["resources"]));
+  if (live) j["applied"] = applied;
   if (!warning.empty()) j["warning"] = warning;
   if (!warning.empty() && !g.json) std::cerr << "layer: warning: " << warning << '\n';
   // --memory on a guest started by scripts/vm-launch: its balloon, through QMP (qmp.h).
   const auto guest = apply_guest_memory(*pool, a.container, change);
   if (!guest.json.is_null()) j["guest"] = guest.json;
-  print_result(
-      g, j,
-      fmt::format("{}: {}{}{}", a.container, resources_text(r, now_ms),
-                  live ? " (applied live)" : "", guest.text.empty() ? "" : "; " + guest.text));
+  print_result(g, j,
+               fmt::format("{}: {}{}{}{}", a.container, resources_text(r, now_ms),
+                           auto_text.empty() ? "" : "; auto limits: " + auto_text,
+                           live ? " (applied live)" : "",
+                           guest.text.empty() ? "" : "; " + guest.text));
   return 0;
 }
 
@@ -854,11 +900,8 @@ std::string ago(uint64_t now, uint64_t then) {
 }
 
 json policy_json(const layer::TierPolicy& p) {
-  json j{{"cold_after_s", p.cold_after_s},
-         {"cold_rate", p.cold_rate},
-         {"hot_rate", p.hot_rate},
-         {"half_life_s", p.half_life_s},
-         {"move_rate", p.move_rate}};
+  json j{{"cold_after_s", p.cold_after_s}, {"cold_rate", p.cold_rate}, {"hot_rate", p.hot_rate},
+         {"half_life_s", p.half_life_s},   {"move_rate", p.move_rate}, {"prewarm_s", p.prewarm_s}};
   switch (p.high_water) {
     case layer::TierPolicy::HighWater::kNone:
       j["ssd_high_water"] = nullptr;
@@ -880,9 +923,10 @@ std::string policy_text(const layer::TierPolicy& p) {
     hw = fmt::format("{}%", p.high_water_value);
   return fmt::format(
       "cold after {} at or below {} ops/s; hot at or above {} ops/s; heat half-life {}; ssd "
-      "high-water mark {}; moves copy at {}",
+      "high-water mark {}; moves copy at {}; prewarm {}",
       layer::format_duration(p.cold_after_s), rate(p.cold_rate), rate(p.hot_rate),
-      layer::format_duration(p.half_life_s), hw, rate_text(p.move_rate));
+      layer::format_duration(p.half_life_s), hw, rate_text(p.move_rate),
+      p.prewarm_s == 0 ? std::string("off") : layer::format_duration(p.prewarm_s));
 }
 
 json tier_layer_json(const layer::LayerTierStatus& l, uint64_t now) {
@@ -904,6 +948,7 @@ json tier_layer_json(const layer::LayerTierStatus& l, uint64_t now) {
       {"write_rate", l.heat.write_rate},
       {"read_bps", l.heat.read_bps},
       {"write_bps", l.heat.write_bps},
+      {"predicted_rate", l.predicted},
       {"users", l.users},
       {"action",
        l.verdict.to ? (*l.verdict.to == layer::Tier::kHdd ? "demote" : "promote") : "stay"},
@@ -963,13 +1008,13 @@ int cmd_tier_status(const Globals& g) {
 }
 
 struct TierPolicyArgs {
-  std::optional<std::string> cold_after, half_life, high_water, move_rate;
+  std::optional<std::string> cold_after, half_life, high_water, move_rate, prewarm;
   std::optional<double> cold_rate, hot_rate;
 };
 
 int cmd_tier_policy(const Globals& g, const TierPolicyArgs& a) {
-  const bool change =
-      a.cold_after || a.half_life || a.high_water || a.cold_rate || a.hot_rate || a.move_rate;
+  const bool change = a.cold_after || a.half_life || a.high_water || a.cold_rate || a.hot_rate ||
+                      a.move_rate || a.prewarm;
   auto pool = open_pool(g, change);
   layer::TierPolicy p = take(layer::load_tier_policy(*pool));
   if (a.cold_after) p.cold_after_s = take(layer::parse_duration(*a.cold_after));
@@ -977,6 +1022,7 @@ int cmd_tier_policy(const Globals& g, const TierPolicyArgs& a) {
   if (a.cold_rate) p.cold_rate = *a.cold_rate;
   if (a.hot_rate) p.hot_rate = *a.hot_rate;
   if (a.move_rate) p.move_rate = parse_rate("--move-rate", *a.move_rate);
+  if (a.prewarm) p.prewarm_s = *a.prewarm == "off" ? 0 : take(layer::parse_duration(*a.prewarm));
   if (a.high_water) {
     const std::string& hw = *a.high_water;
     if (hw == "none") {
@@ -1843,6 +1889,15 @@ int run(int argc, char** argv) {
   stats_cmd->add_flag("--prometheus", stats_args.prometheus,
                       "every container's current minute in the Prometheus text format");
 
+  PredictArgs predict_args;
+  auto* predict_cmd = app.add_subcommand(
+      "predict", "a container's expected iops and bandwidth per hour, from its I/O history");
+  predict_cmd->add_option("CONTAINER", predict_args.container, "the container")
+      ->type_name("")
+      ->required();
+  predict_cmd->add_option("--hours", predict_args.hours, "how many hours (default 24, at most 336)")
+      ->type_name("N");
+
   AuditArgs audit_args;
   auto* audit_cmd =
       app.add_subcommand("audit", "the access audit trail: opens, refusals and closes of exports");
@@ -1906,6 +1961,10 @@ int run(int argc, char** argv) {
       ->add_option("--move-rate", tier_policy.move_rate,
                    "the policy's moves copy at most SIZE per second (none: unlimited; default 64M)")
       ->type_name("SIZE|none");
+  tier_policy_cmd
+      ->add_option("--prewarm", tier_policy.prewarm,
+                   "promote layers whose users' forecast is hot within DURATION (e.g. 30m; off)")
+      ->type_name("DURATION|off");
   TierRunArgs tier_run;
   auto* tier_run_cmd = tier_cmd->add_subcommand("run", "one pass of the policy: move what it says");
   tier_run_cmd->add_flag("--dry-run", tier_run.dry_run, "only say what would move");
@@ -1997,6 +2056,8 @@ int run(int argc, char** argv) {
   if (*stats_cmd)
     return take(run_stats(resolve_pool(g), g.json, stats_args, parse_since(stats_args.since),
                           layer::now_unix()));
+  if (*predict_cmd)
+    return take(run_predict(resolve_pool(g), g.json, predict_args, layer::now_unix()));
   if (*pool_show_cmd) return take(run_pool_settings(resolve_pool(g), g.json, {}));
   if (*pool_set_cmd) {
     if (!pool_set.any()) fail(EINVAL, "nothing to change: give --access or a capacity");

@@ -64,7 +64,7 @@ expect() {
   log "'$line' -> ${got//$'\n'/ }"
 }
 
-expect "layer " access apply audit clone commit diff flatten fsck gc image index init inspect ls pool rm rollback scrub serve set snapshot stats tier version
+expect "layer " access apply audit clone commit diff flatten fsck gc image index init inspect ls pool predict rm rollback scrub serve set snapshot stats tier version
 expect "layer a" access apply audit
 expect "layer apply spec.json --" --dry-run --prune --pool --json --help
 expect "layer i" image index init inspect
@@ -78,7 +78,9 @@ expect "layer pool set --access " open rules
 expect "layer --pool $pool access w" web1 web2
 expect "layer access --" --allow --read-only --deny --remove --clear --pool --json --help
 expect "layer --pool $pool set w" web1 web2
-expect "layer set web1 --" --cpu --memory --net --iops --bandwidth --priority --for --pool --json --help
+expect "layer set web1 --" --cpu --memory --net --iops --bandwidth --priority --for --iops-floor --iops-ceiling --bandwidth-floor --bandwidth-ceiling --pool --json --help
+expect "layer set web1 --iops " auto none
+expect "layer predict web1 --" --hours --pool --json --help
 expect "layer set web1 --priority 1" 1 10
 expect "layer stats web1 --" --since --per --prometheus --pool --json --help
 expect "layer --pool $pool stats w" web1 web2

@@ -181,3 +181,24 @@ TEST_CASE("admission: two concurrent clones for one slot, one admitted", "[capac
   auto txn = MUST(f.pool->index().begin_read());
   CHECK(MUST(sum_reservations(txn, now_unix_ms())).iops == 800);
 }
+
+TEST_CASE("an automatic limit reserves its ceiling; without one it is unlimited",
+          "[capacity]") {
+  ContainerRecord rec;
+  rec.resources.iops = 0;
+  rec.resources.auto_iops = {true, 100, 800};
+  auto r = reservation_of(rec, false, 1'000);
+  CHECK(r.iops == 800);
+  CHECK(r.unlimited_iops == 0);
+  // A timed change in force counts when larger than the ceiling.
+  rec.resources.timed = {1'500, Resources::kKeep, 2'000};
+  CHECK(reservation_of(rec, false, 1'000).iops == 1'500);
+  CHECK(reservation_of(rec, false, 3'000).iops == 800);  // ended
+  rec.resources.timed = {};
+  rec.resources.auto_iops.ceiling = 0;  // may rise without bound
+  r = reservation_of(rec, false, 1'000);
+  CHECK(r.unlimited_iops == 1);
+  CHECK(r.iops == 0);
+  rec.resources.auto_iops.on = false;  // back to the base value (0: unlimited)
+  CHECK(reservation_of(rec, false, 1'000).unlimited_iops == 1);
+}

@@ -9,10 +9,12 @@
 #include <filesystem>
 
 #include "disk_test_util.h"
+#include "forecast.h"
 #include "fsck.h"
 #include "heat.h"
 #include "layers.h"
 #include "mover.h"
+#include "stats.h"
 #include "tier.h"
 
 using namespace layer;
@@ -254,6 +256,100 @@ TEST_CASE("above the ssd high-water mark the coldest layers are demoted first") 
   REQUIRE(room.order.size() == 1);
   CHECK(room.verdicts[room.order[0]].id == 5);
   CHECK(*room.verdicts[4].to == Tier::kSsd);
+}
+
+TEST_CASE("pre-promotion: a layer predicted hot is promoted early and not demoted as cold") {
+  TierPolicy p = test_policy();  // cold 0.1, hot 2, cold after 600 s
+  p.prewarm_s = 1800;
+  const uint64_t now = kT0;
+  auto with_prediction = [](PolicyLayer l, double predicted) {
+    l.predicted = predicted;
+    return l;
+  };
+  const std::vector<PolicyLayer> layers{
+      with_prediction(layer_at(1, Tier::kHdd, 0.0, now - 86400), 3.0),  // cold now, busy soon
+      with_prediction(layer_at(2, Tier::kHdd, 0.0, now - 86400), 1.0),  // predicted warm only
+      with_prediction(layer_at(3, Tier::kSsd, 0.0, now - 86400), 2.0),  // idle, but busy soon
+      with_prediction(layer_at(4, Tier::kSsd, 0.0, now - 86400), 1.9),  // idle, quiet ahead
+      with_prediction(layer_at(5, Tier::kSsd, 0.0, now - 10), 0.0),     // hysteresis: recent
+  };
+  const Plan plan = plan_moves(p, layers, now, SsdSpace{});
+  REQUIRE(plan.verdicts[0].to);
+  CHECK(*plan.verdicts[0].to == Tier::kSsd);
+  CHECK(plan.verdicts[0].reason.find("predicted hot within 30m") != std::string::npos);
+  CHECK_FALSE(plan.verdicts[1].to);
+  CHECK_FALSE(plan.verdicts[2].to);
+  CHECK(plan.verdicts[2].reason.find("predicted hot") != std::string::npos);
+  REQUIRE(plan.verdicts[3].to);
+  CHECK(*plan.verdicts[3].to == Tier::kHdd);
+  CHECK_FALSE(plan.verdicts[4].to);
+
+  // The high-water mark still rules: a predicted-hot layer waits for room, and it ranks by the
+  // higher of heat and prediction (layer 3, predicted hot, is not the coldest on ssd).
+  std::vector<PolicyLayer> full = layers;
+  full[3].predicted = 0.5;
+  const Plan tight = plan_moves(p, full, now, SsdSpace{3 << 20, 2 << 20});
+  CHECK_FALSE(tight.verdicts[0].to);
+  CHECK(tight.verdicts[0].reason.find("no room") != std::string::npos);
+  std::vector<LayerId> demoted;
+  for (size_t i : tight.order) demoted.push_back(tight.verdicts[i].id);
+  CHECK(demoted == std::vector<LayerId>{4});  // cold; then used 2 MiB, at the mark
+  full[3].heat = 0.2;                         // not cold: the mark takes the coldest instead
+  const Plan ranked = plan_moves(p, full, now, SsdSpace{3 << 20, 2 << 20});
+  demoted.clear();
+  for (size_t i : ranked.order) demoted.push_back(ranked.verdicts[i].id);
+  CHECK(demoted == std::vector<LayerId>{5});  // heat 0, predicted 0: colder than 3 and 4
+}
+
+TEST_CASE("tier status predicts a layer's heat from its users' history before the hot hour") {
+  PoolFixture f;
+  f.import("base:1", 64 * 4096, 4096, 3);
+  MUST(f.pool->clone("base:1", "web", std::nullopt));
+  MUST(f.pool->clone("base:1", "idle", std::nullopt));
+  const LayerId base = test::image_top_layer(*f.pool, "base:1");
+  const LayerId web_delta = delta_of(*f.pool, "web");
+  MUST(move_layer(*f.pool, base, Tier::kHdd));
+  uint64_t web = 0;
+  {
+    auto txn = MUST(f.pool->index().begin_read());
+    web = MUST(f.pool->get_container(txn, "web")).id;
+  }
+  // Five days of history: "web" busy from 09:00 to 17:00 UTC (a minute of 3600 reads each
+  // half hour: 2 ops/s over the hour), nothing else.
+  const uint64_t day0 = kT0 / 86400 * 86400 - 5 * 86400;
+  StatsTable table;
+  auto counters = table.acquire(web, "web");
+  for (int d = 0; d < 5; ++d)
+    for (int h = 9; h < 17; ++h)
+      for (int half = 0; half < 2; ++half) {
+        for (int i = 0; i < 3600; ++i) counters->record(IoOp::kRead, 4096, 1000);
+        MUST(persist_stats(*f.pool, table, (day0 + d * 86400 + h * 3600) / 60 + half * 30));
+      }
+  TierPolicy p = test_policy();  // hot at 2 ops/s
+  MUST(save_tier_policy(*f.pool, p));
+  const uint64_t early = day0 + 5 * 86400 + 8 * 3600 + 20 * 60;  // 08:20, the sixth day
+  // Without prewarm: nothing predicted, the base stays on hdd.
+  auto st = MUST(tier_status(*f.pool, early));
+  CHECK(status_of(st, base).predicted == 0);
+  CHECK_FALSE(status_of(st, base).verdict.to);
+  // With a 30-minute lead the 09:00 hour is not in reach yet; with 45 minutes it is.
+  p.prewarm_s = 1800;
+  MUST(save_tier_policy(*f.pool, p));
+  st = MUST(tier_status(*f.pool, early));
+  CHECK(status_of(st, base).predicted == 0);
+  p.prewarm_s = 2700;
+  MUST(save_tier_policy(*f.pool, p));
+  st = MUST(tier_status(*f.pool, early));
+  CHECK(std::abs(status_of(st, base).predicted - 2.0) < 1e-9);
+  CHECK(std::abs(status_of(st, web_delta).predicted - 2.0) < 1e-9);
+  CHECK(status_of(st, delta_of(*f.pool, "idle")).predicted == 0);
+  REQUIRE(status_of(st, base).verdict.to);
+  CHECK(*status_of(st, base).verdict.to == Tier::kSsd);
+  CHECK(status_of(st, base).verdict.reason.find("predicted hot") != std::string::npos);
+  // The pass moves it before 09:00.
+  auto run = MUST(run_tier_policy(*f.pool, early, false));
+  CHECK(run.failed.empty());
+  CHECK(tier_of(*f.pool, base) == Tier::kSsd);
 }
 
 TEST_CASE("disks count heat per layer and a shared base sums the heat of its users") {
