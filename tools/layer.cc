@@ -51,6 +51,7 @@
 #include "names.h"
 #include "output.h"
 #include "pool.h"
+#include "profile_cmd.h"
 #include "qos.h"
 #include "records.h"
 #include "scrub.h"
@@ -1703,6 +1704,14 @@ int run(int argc, char** argv) {
       image_cmd->add_subcommand("history", "an image version and the versions it descends from");
   image_history_cmd->add_option("IMAGE", history_ref, "image")->type_name("NAME:VER")->required();
   std::string image_rm_ref;
+  ProfileArgs profile_args;
+  auto* image_profile_cmd = image_cmd->add_subcommand(
+      "profile", "what fresh clones of an image read first (its boot profile), or --clear it");
+  image_profile_cmd->add_option("IMAGE", profile_args.image, "image, or every version of NAME")
+      ->type_name("NAME[:VER]")
+      ->required();
+  image_profile_cmd->add_flag("--clear", profile_args.clear, "delete the profile");
+  image_profile_cmd->add_flag("--ranges", profile_args.ranges, "list every range");
   auto* image_rm_cmd = image_cmd->add_subcommand("rm", "remove an unused image");
   image_rm_cmd->add_option("IMAGE", image_rm_ref, "image")->type_name("NAME:VER")->required();
 
@@ -1976,6 +1985,7 @@ int run(int argc, char** argv) {
   if (*image_ls_cmd) return cmd_image_ls(g);
   if (*image_rm_cmd) return cmd_image_rm(g, image_rm_ref);
   if (*image_history_cmd) return cmd_image_history(g, history_ref);
+  if (*image_profile_cmd) return take(run_image_profile(resolve_pool(g), g.json, profile_args));
   if (*clone_cmd) return cmd_clone(g, clone);
   if (*snap_create_cmd) return cmd_snapshot(g, snap);
   if (*snap_ls_cmd) return cmd_snapshot_ls(g, snap.container);
