@@ -424,6 +424,7 @@ void audit(nlohmann::ordered_json event) {
 void boot_event(const layer::BootEvent& e) {
   const bool prefetch = e.kind == layer::BootEvent::Kind::kPrefetch;
   nlohmann::ordered_json j{{"event", prefetch ? "boot-prefetch" : "boot-profile"},
+                           {"export", e.container},
                            {"container", e.container},
                            {"image", e.image_ref},
                            {"ranges", e.ranges},

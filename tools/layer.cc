@@ -580,13 +580,14 @@ int cmd_audit(const Globals& g, const AuditArgs& a) {
     if (l.value("tls", false)) peer += " tls";
     const std::string event = l.value("event", std::string("?"));
     std::string access = "-";
-    if (event != "refuse") access = l.value("read_only", false) ? "ro" : "rw";
+    if (event == "open" || event == "close") access = l.value("read_only", false) ? "ro" : "rw";
     const bool closed = event == "close";
     rows.push_back({format_time(static_cast<uint64_t>(l["time"].get<double>())), event,
                     layer::escape_control(l.value("export", std::string())), peer, access,
                     closed ? human_size(l.value("read_bytes", uint64_t{0})) : "",
                     closed ? human_size(l.value("written_bytes", uint64_t{0})) : "",
-                    event == "refuse" ? layer::escape_control(l.value("why", std::string())) : ""});
+                    event == "refuse" ? layer::escape_control(l.value("why", std::string()))
+                                      : boot_event_text(l)});
   }
   print_table(rows);
   if (bad != 0) std::cerr << fmt::format("layer: {} unreadable audit lines skipped\n", bad);

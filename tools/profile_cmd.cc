@@ -75,6 +75,23 @@ void print_text(const Target& t, bool with_ranges) {
 
 }  // namespace
 
+std::string boot_event_text(const nlohmann::ordered_json& l) {
+  const std::string event = l.value("event", std::string());
+  if (event != "boot-profile" && event != "boot-prefetch") return "";
+  const std::string image = layer::escape_control(l.value("image", std::string()));
+  const uint64_t bytes = l.value("bytes", uint64_t{0});
+  std::string text =
+      event == "boot-prefetch"
+          ? fmt::format("read ahead {} of {} in {} ms{}", human_size(bytes), image,
+                        l.value("ms", uint64_t{0}), l.value("complete", true) ? "" : ", stopped")
+          : fmt::format("recorded {} of {} ({} ranges), profile {} boots, {}", human_size(bytes),
+                        image, l.value("ranges", uint64_t{0}), l.value("boots", uint64_t{0}),
+                        human_size(l.value("profile_bytes", uint64_t{0})));
+  if (l.contains("error") && l["error"].is_string())
+    text += ": " + layer::escape_control(l["error"].get<std::string>());
+  return text;
+}
+
 Result<int> run_image_profile(const std::string& pool_root, bool as_json, const ProfileArgs& args) {
   const bool one = args.image.find(':') != std::string::npos;
   if (one)

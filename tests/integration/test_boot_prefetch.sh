@@ -129,6 +129,8 @@ line=$(event boot-prefetch c2)
 log "prefetch: $line"
 [[ "$(json_get '[j["bytes"], j["profile_bytes"], j["complete"], j["boots"]]' <<<"$line")" == "[$want_bytes, $want_bytes, true, 1]" ]] ||
   fail "boot-prefetch line: $line"
+layer audit c2 | grep -qE "boot-prefetch +c2 .*read ahead .* of img:1 in [0-9]+ ms$" ||
+  fail "layer audit's text for the prefetch: $(layer audit c2)"
 read -r res total < <(pagecache resident "$layer_file" "$(cat "$tmp/expected.json")")
 log "after the prefetch: $res of $total bytes of the profile's pages resident"
 [[ "$res" == "$total" ]] || fail "after the prefetch only $res of $total bytes are resident"
