@@ -20,6 +20,8 @@
 //   (Linux may have dropped the dirty pages, so a retry could lie).
 // - Heat (heat.h): each run read from a layer adds an op and its bytes to that layer's counter;
 //   each write and punch of the delta one to the delta's. Relaxed atomics, nothing else.
+// - Boot profile (boot_profile.h): a fresh disk's first request opens its boot window with the
+//   pool's BootService; until it ends, each run read from a frozen layer is recorded there.
 // - Verification (verify.h, Pool::verify_reads): a read from a `frozen` layer verifies the
 //   64 KiB groups it touches, once per group per process, before reading.
 #include "disk.h"
