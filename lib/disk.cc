@@ -20,6 +20,8 @@
 //   (Linux may have dropped the dirty pages, so a retry could lie).
 // - Heat (heat.h): each run read from a layer adds an op and its bytes to that layer's counter;
 //   each write and punch of the delta one to the delta's. Relaxed atomics, nothing else.
+// - Boot profile (boot_profile.h): a fresh disk's first request opens its boot window with the
+//   pool's BootService; until it ends, each run read from a frozen layer is recorded there.
 // - Verification (verify.h, Pool::verify_reads): a read from a `frozen` layer verifies the
 //   64 KiB groups it touches, once per group per process, before reading.
 #include "disk.h"
@@ -30,6 +32,7 @@
 #include <cstring>
 #include <map>
 
+#include "boot_profile.h"
 #include "index.h"
 #include "index_restore.h"
 #include "journal.h"
@@ -205,6 +208,7 @@ Status Disk::take_sizes() {
 
 Disk::Disk(Pool& pool) : pool_(pool) {}
 Disk::~Disk() {
+  if (boot_) boot_->close();  // the service persists what the window recorded
   // A fold queued for later must not write this journal's rows over what the next opener
   // recovers and writes (it may run after that opener's commits).
   if (auto v = pin(); v && v->journal) {
@@ -270,8 +274,16 @@ Result<std::shared_ptr<Disk::View>> Disk::loaded_view() {
   std::lock_guard<std::mutex> lk(load_mu_);
   if (auto v = pin()) return v;
   LAYER_ASSIGN(auto v, load_view());
-  std::lock_guard<std::mutex> vlk(view_mu_);
-  view_ = v;
+  {
+    std::lock_guard<std::mutex> vlk(view_mu_);
+    view_ = v;
+  }
+  // Fresh: never written since the clone (no delta file). Its boot window opens now.
+  if (BootService* boot = pool_.boot();
+      boot && writable_ && !snapshot_ && !boot_ && !v->file_raw.load(std::memory_order_acquire)) {
+    boot_ = boot->begin(name_, container_.image_ref, v->chain, v->chain_files);
+    boot_raw_.store(boot_.get(), std::memory_order_release);
+  }
   return v;
 }
 
@@ -473,6 +485,9 @@ Status Disk::read_range(const View& v, uint8_t* buf, uint64_t len, uint64_t offs
     HeatCounter* heat =
         source == kFromDelta ? v.delta_heat.get() : v.chain_heat[static_cast<size_t>(source)].get();
     if (heat) heat->add_read(to - from);
+    if (source != kFromDelta)
+      if (BootSession* boot = boot_raw_.load(std::memory_order_acquire))
+        boot->record(v.chain[static_cast<size_t>(source)].id, from, to - from);
     if (source != kFromDelta)
       if (LayerVerifier* verifier = v.chain_verify[static_cast<size_t>(source)].get())
         LAYER_TRY(verifier->check(*file, from, to - from));

@@ -42,6 +42,8 @@
 
 namespace layer {
 
+class BootSession;
+
 // The write gate of a Disk: every write, zero and trim holds it shared from its first write to
 // its mark; closing it waits for those in flight and holds off new ones. Closing has priority
 // (glibc's rwlock prefers readers, and a stream of writes would starve a snapshot): once a
@@ -449,6 +451,11 @@ class Disk {
   static constexpr int kBrokenMove = 4;
 
   std::function<void(std::string_view)> hook_;  // tests only
+
+  // A fresh disk's boot window (boot_profile.h): opened on the first request of a writable
+  // container whose delta has no file, when the pool has a BootService; closed with the disk.
+  std::shared_ptr<BootSession> boot_;            // GUARDED_BY(load_mu_): set once
+  std::atomic<BootSession*> boot_raw_{nullptr};  // boot_, for the read path
 };
 
 // One Disk per container per process, shared by all connections to it (so multi-conn is

@@ -3,6 +3,7 @@
 
 #include <map>
 
+#include "boot_profile.h"
 #include "layers.h"
 #include "names.h"
 
@@ -49,6 +50,7 @@ Status remove_image(Pool& pool, const std::string& ref) {
       return make_error(EBUSY, "image {} is in use by {} container(s): {}", ref, users.size(),
                         fmt::join(users, ", "));
     LAYER_TRY(txn.del(Db::kImages, ref));
+    LAYER_TRY(drop_boot_profile(txn, ref));
     return drop_layer(txn, image.top_layer, &drops);
   }));
   // Files are unlinked only after the transaction that dropped the last reference committed.

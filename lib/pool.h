@@ -68,6 +68,8 @@ struct ContainerInfo {
   std::optional<std::string> served_by;  // "pid N" when a server holds it
 };
 
+class BootService;
+
 class Pool {
  public:
   // Creates an empty pool at root (made if missing; must be empty if it exists) with tier
@@ -114,6 +116,11 @@ class Pool {
   // REQUIRES: set before any disk opens.
   bool journal() const { return journal_; }
   void set_journal(bool on) { journal_ = on; }
+  // The server's boot profiles and prefetch (boot_profile.h; plugin boot-profile=), or null:
+  // a fresh disk's first request opens its boot window there. REQUIRES: set before any disk
+  // opens, and cleared (or the pool gone) before the service goes.
+  BootService* boot() const { return boot_; }
+  void set_boot(BootService* boot) { boot_ = boot; }
   bool read_only() const { return read_only_; }
   // Errors: EACCES `pool P is open read-only` when it is.
   Status check_writable() const;
@@ -204,6 +211,7 @@ class Pool {
   ChainCache chains_;
   HeatTable heat_;
   bool verify_reads_ = false;
+  BootService* boot_ = nullptr;
   bool journal_ = true;
   VerifierTable verifiers_;
   TestHook test_hook_;

@@ -2,7 +2,7 @@
 // `nbdkit layer pool=DIR [default=NAME] [hasher=on|off] [hash-rate=BYTES_PER_SEC]
 // [heat-interval=DURATION] [tier-interval=DURATION] [index-backup-interval=DURATION]
 // [verify=on|off] [journal=on|off] [stats-interval=DURATION] [stats-retention=DURATION]
-// [metrics=PATH]`.
+// [metrics=PATH] [boot-profile=DURATION] [boot-prefetch=on|off]`.
 //
 // Life cycle (nbdkit forks after config_complete/get_ready unless -f; with --run the server is
 // the child): config parses and makes paths absolute; get_ready reads the whole index through
@@ -39,6 +39,7 @@
 
 #include "access.h"
 #include "audit.h"
+#include "boot_profile.h"
 #include "capacity.h"
 #include "control.h"
 #include "control_ops.h"
@@ -99,6 +100,11 @@ layer::MetricsServer* g_metrics = nullptr;
 uint64_t g_stats_interval_s = 10;              // stats-interval= (0: no history written)
 uint64_t g_stats_retention_s = 7 * 24 * 3600;  // stats-retention=
 std::string g_metrics_path;                    // metrics=PATH
+// Boot profiles and prefetch (boot_profile.h): the window (boot-profile=; 0: neither) and
+// whether fresh clones are read ahead (boot-prefetch=).
+uint64_t g_boot_window_s = 30;
+bool g_boot_prefetch = true;
+layer::BootService* g_boot = nullptr;  // null with boot-profile=0
 
 constexpr uint32_t kMaxRequestBytes = 32 << 20;
 
@@ -266,6 +272,18 @@ int layer_config(const char* key, const char* value) {
       g_hasher_on = on != 0;
       return 0;
     }
+    if (std::strcmp(key, "boot-profile") == 0) {
+      auto seconds = layer::parse_duration(value);
+      if (!seconds) return fail(seconds.error());
+      g_boot_window_s = *seconds;
+      return 0;
+    }
+    if (std::strcmp(key, "boot-prefetch") == 0) {
+      const int on = nbdkit_parse_bool(value);
+      if (on == -1) return -1;
+      g_boot_prefetch = on != 0;
+      return 0;
+    }
     if (std::strcmp(key, "verify") == 0 || std::strcmp(key, "journal") == 0) {
       const int on = nbdkit_parse_bool(value);
       if (on == -1) return -1;
@@ -317,7 +335,7 @@ int layer_config(const char* key, const char* value) {
         "hash-rate=BYTES_PER_SEC, heat-interval=DURATION, tier-interval=DURATION, "
         "index-backup-interval=DURATION, verify=on|off, journal=on|off, "
         "stats-interval=DURATION, stats-retention=DURATION, metrics=PATH, "
-        "max-connections-per-peer=N or "
+        "boot-profile=DURATION, boot-prefetch=on|off, max-connections-per-peer=N or "
         "max-connections-per-export=N)",
         key);
     return -1;
@@ -399,13 +417,39 @@ nlohmann::ordered_json peer_json(const layer::Peer& peer) {
 }
 
 // One line of the audit trail; a failure to write it is logged, and the server goes on. Opens
-// and closes are durable before this returns; refusals are written, not waited for (audit.h).
+// and closes are durable before this returns; refusals and boot lines are written, not waited
+// for (audit.h).
 void audit(nlohmann::ordered_json event) {
   if (!g_audit) return;
   event["pid"] = ::getpid();
-  const bool durable = event.value("event", std::string()) != "refuse";
+  const std::string kind = event.value("event", std::string());
+  const bool durable = kind == "open" || kind == "close";
   if (auto s = g_audit->append(event, durable); !s)
     nbdkit_error("audit log: %s", s.error().message.c_str());
+}
+
+// A boot profile written or a prefetch done (boot_profile.h): one audit line.
+void boot_event(const layer::BootEvent& e) {
+  const bool prefetch = e.kind == layer::BootEvent::Kind::kPrefetch;
+  nlohmann::ordered_json j{{"event", prefetch ? "boot-prefetch" : "boot-profile"},
+                           {"export", e.container},
+                           {"container", e.container},
+                           {"image", e.image_ref},
+                           {"ranges", e.ranges},
+                           {"bytes", e.bytes},
+                           {"profile_ranges", e.profile_ranges},
+                           {"profile_bytes", e.profile_bytes},
+                           {"boots", e.boots}};
+  if (prefetch) {
+    j["ms"] = e.elapsed_ms;
+    j["complete"] = e.complete;
+  }
+  if (!e.error.empty()) {
+    j["error"] = e.error;
+    nbdkit_error("boot %s of \"%s\": %s", prefetch ? "prefetch" : "profile", e.container.c_str(),
+                 e.error.c_str());
+  }
+  audit(std::move(j));
 }
 
 // Whether `peer` may open container `container` (access.h), and the container's resources
@@ -545,6 +589,16 @@ int layer_after_fork() {
       if (!metrics) return fail(metrics.error());
       g_metrics = metrics->release();
     }
+    if (g_boot_window_s != 0) {
+      layer::BootService::Options options;
+      options.window = std::chrono::seconds(g_boot_window_s);
+      options.prefetch = g_boot_prefetch;
+      options.log = boot_event;
+      auto boot = layer::BootService::start(*g_pool, std::move(options));
+      if (!boot) return fail(boot.error());
+      g_boot = boot->release();
+      g_pool->set_boot(g_boot);
+    }
     if (g_backup_interval_s != 0) {
       layer::BackgroundBackup::Options options;
       options.interval = std::chrono::seconds(g_backup_interval_s);
@@ -580,8 +634,11 @@ void layer_cleanup() {
     g_stats_writer = nullptr;
     delete g_stats;
     g_stats = nullptr;
-    delete g_disks;
+    delete g_disks;  // their boot windows close
     g_disks = nullptr;
+    if (g_pool) g_pool->set_boot(nullptr);
+    delete g_boot;  // persists the windows still open
+    g_boot = nullptr;
     delete g_limiters;
     g_limiters = nullptr;
     delete g_auto_limits;
@@ -894,7 +951,9 @@ struct nbdkit_plugin make_plugin() {
       "journal=on|off  Flushes append map rows to the delta's journal (default on).\n"
       "stats-interval=<DURATION>  Write the I/O history this often (default 10s; 0: never).\n"
       "stats-retention=<DURATION>  Keep the I/O history this long (default 7d).\n"
-      "metrics=<PATH>  Answer each connection to this unix socket with Prometheus text.";
+      "metrics=<PATH>  Answer each connection to this unix socket with Prometheus text.\n"
+      "boot-profile=<DURATION>  Record what fresh clones read this long (default 30s; 0: off).\n"
+      "boot-prefetch=on|off  Read a fresh clone's boot profile ahead (default on).";
   p.magic_config_key = "pool";
   p.get_ready = layer_get_ready;
   p.after_fork = layer_after_fork;

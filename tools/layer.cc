@@ -54,6 +54,7 @@
 #include "pool_cmd.h"
 #include "predict_cmd.h"
 #include "qmp.h"
+#include "profile_cmd.h"
 #include "qos.h"
 #include "records.h"
 #include "scrub.h"
@@ -620,13 +621,14 @@ int cmd_audit(const Globals& g, const AuditArgs& a) {
     if (l.value("tls", false)) peer += " tls";
     const std::string event = l.value("event", std::string("?"));
     std::string access = "-";
-    if (event != "refuse") access = l.value("read_only", false) ? "ro" : "rw";
+    if (event == "open" || event == "close") access = l.value("read_only", false) ? "ro" : "rw";
     const bool closed = event == "close";
     rows.push_back({format_time(static_cast<uint64_t>(l["time"].get<double>())), event,
                     layer::escape_control(l.value("export", std::string())), peer, access,
                     closed ? human_size(l.value("read_bytes", uint64_t{0})) : "",
                     closed ? human_size(l.value("written_bytes", uint64_t{0})) : "",
-                    event == "refuse" ? layer::escape_control(l.value("why", std::string())) : ""});
+                    event == "refuse" ? layer::escape_control(l.value("why", std::string()))
+                                      : boot_event_text(l)});
   }
   print_table(rows);
   if (bad != 0) std::cerr << fmt::format("layer: {} unreadable audit lines skipped\n", bad);
@@ -1744,6 +1746,14 @@ int run(int argc, char** argv) {
       image_cmd->add_subcommand("history", "an image version and the versions it descends from");
   image_history_cmd->add_option("IMAGE", history_ref, "image")->type_name("NAME:VER")->required();
   std::string image_rm_ref;
+  ProfileArgs profile_args;
+  auto* image_profile_cmd = image_cmd->add_subcommand(
+      "profile", "what fresh clones of an image read first (its boot profile), or --clear it");
+  image_profile_cmd->add_option("IMAGE", profile_args.image, "image, or every version of NAME")
+      ->type_name("NAME[:VER]")
+      ->required();
+  image_profile_cmd->add_flag("--clear", profile_args.clear, "delete the profile");
+  image_profile_cmd->add_flag("--ranges", profile_args.ranges, "list every range");
   auto* image_rm_cmd = image_cmd->add_subcommand("rm", "remove an unused image");
   image_rm_cmd->add_option("IMAGE", image_rm_ref, "image")->type_name("NAME:VER")->required();
 
@@ -2032,6 +2042,7 @@ int run(int argc, char** argv) {
   if (*image_ls_cmd) return cmd_image_ls(g);
   if (*image_rm_cmd) return cmd_image_rm(g, image_rm_ref);
   if (*image_history_cmd) return cmd_image_history(g, history_ref);
+  if (*image_profile_cmd) return take(run_image_profile(resolve_pool(g), g.json, profile_args));
   if (*clone_cmd) return cmd_clone(g, clone);
   if (*snap_create_cmd) return cmd_snapshot(g, snap);
   if (*snap_ls_cmd) return cmd_snapshot_ls(g, snap.container);

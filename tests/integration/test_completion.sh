@@ -69,7 +69,7 @@ expect "layer a" access apply audit
 expect "layer apply spec.json --" --dry-run --prune --pool --json --help
 expect "layer i" image index init inspect
 expect "layer index " backup ls restore
-expect "layer image " history import ls rm
+expect "layer image " history import ls profile rm
 expect "layer --json fsck --" --full --repair --pool --json --help
 expect "layer gc --" --no-hash --pool --json --help
 expect "layer pool " set show status
