@@ -53,8 +53,8 @@
 #include "pool.h"
 #include "pool_cmd.h"
 #include "predict_cmd.h"
-#include "qmp.h"
 #include "profile_cmd.h"
+#include "qmp.h"
 #include "qos.h"
 #include "records.h"
 #include "scrub.h"
@@ -510,11 +510,11 @@ int cmd_set(const Globals& g, const SetArgs& a) {
   // --memory on a guest started by scripts/vm-launch: its balloon, through QMP (qmp.h).
   const auto guest = apply_guest_memory(*pool, a.container, change);
   if (!guest.json.is_null()) j["guest"] = guest.json;
-  print_result(g, j,
-               fmt::format("{}: {}{}{}{}", a.container, resources_text(r, now_ms),
-                           auto_text.empty() ? "" : "; auto limits: " + auto_text,
-                           live ? " (applied live)" : "",
-                           guest.text.empty() ? "" : "; " + guest.text));
+  print_result(
+      g, j,
+      fmt::format("{}: {}{}{}{}", a.container, resources_text(r, now_ms),
+                  auto_text.empty() ? "" : "; auto limits: " + auto_text,
+                  live ? " (applied live)" : "", guest.text.empty() ? "" : "; " + guest.text));
   return 0;
 }
 

@@ -182,8 +182,7 @@ TEST_CASE("admission: two concurrent clones for one slot, one admitted", "[capac
   CHECK(MUST(sum_reservations(txn, now_unix_ms())).iops == 800);
 }
 
-TEST_CASE("an automatic limit reserves its ceiling; without one it is unlimited",
-          "[capacity]") {
+TEST_CASE("an automatic limit reserves its ceiling; without one it is unlimited", "[capacity]") {
   ContainerRecord rec;
   rec.resources.iops = 0;
   rec.resources.auto_iops = {true, 100, 800};
