@@ -505,6 +505,12 @@ void BootService::persist(BootSession& s) {
     e.ranges += r.size();
     e.bytes += ranges_bytes(r);
   }
+  if (e.bytes > options_.max_boot_bytes) {
+    e.discarded = fmt::format("the window read {} bytes, more than a boot's {}: not kept", e.bytes,
+                              options_.max_boot_bytes);
+    log(e);
+    return;
+  }
   auto saved = save_boot(pool_, s.image_ref_, s.chain_[0].id, boot);
   if (!saved) {
     e.error = saved.error().message;

@@ -61,6 +61,11 @@ using BootLayerRanges = std::map<LayerId, BootRanges>;
 
 // The most ranges one image's profile keeps (over all its layers): about 64 KiB of row.
 constexpr size_t kBootProfileMaxRanges = 4096;
+// The most bytes one window may read and still be taken for a boot (Options::max_boot_bytes'
+// default). A window that read more — a benchmark or a full scan of a clone that only reads, a
+// `dd` of the disk — is not a boot: it is not kept, so that the next clone's open does not read
+// the whole image ahead beside a workload that never asked for it.
+constexpr uint64_t kBootProfileMaxBytes = uint64_t{256} << 20;
 
 // Sorted by offset, overlapping and adjacent ranges merged, empty ones dropped.
 BootRanges coalesce_ranges(BootRanges ranges);
@@ -154,6 +159,7 @@ struct BootEvent {
   uint64_t elapsed_ms = 0;  // kPrefetch: from the window's start to the last piece read
   bool complete = true;     // kPrefetch: every range read ahead (false: stopped early)
   std::string error;        // non-empty: what failed
+  std::string discarded;    // kProfile, non-empty: why this window was not kept (not an error)
 };
 
 // A server's boot profiles and prefetches: one thread that reads profiles ahead for the fresh
@@ -166,7 +172,8 @@ class BootService {
     bool prefetch = true;
     uint64_t piece_bytes = 1 << 20;
     uint64_t max_inflight_bytes = 16 << 20;
-    std::function<void(const BootEvent&)> log;  // on the service's thread
+    uint64_t max_boot_bytes = kBootProfileMaxBytes;  // a window that read more is not kept
+    std::function<void(const BootEvent&)> log;       // on the service's thread
   };
   // Errors: EAGAIN/ENOMEM when no thread can be started.
   static Result<std::unique_ptr<BootService>> start(Pool& pool, Options options);

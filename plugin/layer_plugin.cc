@@ -444,6 +444,7 @@ void boot_event(const layer::BootEvent& e) {
     j["ms"] = e.elapsed_ms;
     j["complete"] = e.complete;
   }
+  if (!e.discarded.empty()) j["discarded"] = e.discarded;
   if (!e.error.empty()) {
     j["error"] = e.error;
     nbdkit_error("boot %s of \"%s\": %s", prefetch ? "prefetch" : "profile", e.container.c_str(),

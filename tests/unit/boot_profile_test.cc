@@ -319,3 +319,43 @@ TEST_CASE("the service persists a window that ends while the disk stays open") {
   REQUIRE(p);
   CHECK(p->bytes() == 4096);
 }
+
+TEST_CASE("a window that read more than a boot does is not kept") {
+  test::PoolFixture f;
+  import_random(f, "img:1", 1 << 20);
+  MUST(f.pool->clone("img:1", "scan", std::nullopt));
+  MUST(f.pool->clone("img:1", "boot", std::nullopt));
+  Events events;
+  BootService::Options options;
+  options.window = 30s;
+  options.max_boot_bytes = 256 << 10;  // a scan of the 1 MiB disk reads more
+  options.log = [&](const BootEvent& e) { events.add(e); };
+  auto service = MUST(BootService::start(*f.pool, options));
+  f.pool->set_boot(service.get());
+  std::vector<uint8_t> buf(65536);
+  {
+    auto d = MUST(Disk::open(*f.pool, "scan", true));
+    for (uint64_t off = 0; off < (1 << 20); off += buf.size())
+      MUST(d->read(buf.data(), 65536, off));
+  }
+  auto scanned = events.wait(BootEvent::Kind::kProfile, "scan");
+  REQUIRE(scanned);
+  CHECK(scanned->error.empty());
+  CHECK(scanned->bytes == (1 << 20));
+  CHECK_FALSE(scanned->discarded.empty());
+  {
+    auto txn = MUST(f.pool->index().begin_read());
+    CHECK_FALSE(MUST(read_boot_profile(txn, "img:1")));  // nothing kept
+  }
+  // A boot-sized window after it is kept.
+  {
+    auto d = MUST(Disk::open(*f.pool, "boot", true));
+    MUST(d->read(buf.data(), 65536, 0));
+  }
+  auto booted = events.wait(BootEvent::Kind::kProfile, "boot");
+  REQUIRE(booted);
+  CHECK(booted->discarded.empty());
+  CHECK(booted->boots == 1);
+  f.pool->set_boot(nullptr);
+  service.reset();
+}
