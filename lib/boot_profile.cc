@@ -309,7 +309,13 @@ void BootSession::record_slow(LayerId layer, uint64_t offset, uint64_t length) n
     for (const auto& [id, r] : runs_) by_layer[id].push_back(r);
     for (auto& [id, r] : by_layer) r = coalesce_ranges(std::move(r));
     size_t n = 0;
-    for (const auto& [id, r] : by_layer) n += r.size();
+    uint64_t bytes = 0;
+    for (const auto& [id, r] : by_layer) {
+      n += r.size();
+      bytes += ranges_bytes(r);
+    }
+    // More than a boot reads: not a boot (the service will not keep it), so stop paying for it.
+    if (bytes > max_bytes_) recording_.store(false, std::memory_order_relaxed);
     if (n > kCoalesceAt / 2) {
       by_layer = tidy(std::move(by_layer), kBootProfileMaxRanges);
       full_ = true;
@@ -365,6 +371,7 @@ std::shared_ptr<BootSession> BootService::begin(
   auto s = std::make_shared<BootSession>(container, image_ref, chain, files,
                                          std::chrono::steady_clock::now() + options_.window);
   s->wake_ = stop_;
+  s->max_bytes_ = options_.max_boot_bytes;
   {
     std::lock_guard<std::mutex> lk(mu_);
     open_.push_back(s);

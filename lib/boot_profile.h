@@ -148,6 +148,7 @@ class BootSession {
   std::mutex mu_;
   std::vector<std::pair<LayerId, BootRange>> runs_;  // GUARDED_BY(mu_)
   bool full_ = false;                                // GUARDED_BY(mu_): capped once
+  uint64_t max_bytes_ = kBootProfileMaxBytes;        // set before the session is published
 };
 
 // What the service did, for the server's log (the plugin writes audit lines).

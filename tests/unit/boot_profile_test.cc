@@ -359,3 +359,18 @@ TEST_CASE("a window that read more than a boot does is not kept") {
   f.pool->set_boot(nullptr);
   service.reset();
 }
+
+TEST_CASE("a session stops recording once it has read more than a boot does") {
+  BootSession s("c", "img:1", {}, {}, std::chrono::steady_clock::now() + 1h);
+  // 8 KiB reads 16 KiB apart (not adjacent, so each is a run of its own): at the first
+  // coalescing, after kCoalesceAt of them, they cover 512 MiB, past the 256 MiB cap.
+  uint64_t i = 0;
+  for (; i < BootSession::kCoalesceAt * 4; ++i) s.record(1, i * 16384, 8192);
+  auto ranges = s.finish();
+  REQUIRE(ranges.count(1) == 1);
+  uint64_t bytes = 0;
+  for (const auto& r : ranges[1]) bytes += r.length;
+  CHECK(bytes > kBootProfileMaxBytes);
+  // Recording stopped at the first coalescing past the cap: nothing after it was kept.
+  CHECK(ranges[1].back().offset + ranges[1].back().length <= BootSession::kCoalesceAt * 16384);
+}
