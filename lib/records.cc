@@ -403,11 +403,15 @@ Result<TierPolicy> decode_tier_policy(std::string_view bytes) {
   Decoder d(bytes, "meta tier.policy");
   TierPolicy p;
   uint8_t hw = 0;
+  bool has_prewarm = false;
   const bool ok = d.version() && d.u64(&p.cold_after_s) && d.f64(&p.cold_rate) &&
                   d.f64(&p.hot_rate) && d.u64(&p.half_life_s) && d.u8(&hw) &&
                   d.u64(&p.high_water_value) && (d.at_end() || d.u64(&p.move_rate)) &&
-                  (d.at_end() || d.u64(&p.prewarm_s));
+                  (d.at_end() || (has_prewarm = true, d.u64(&p.prewarm_s)));
   LAYER_TRY(d.finish(ok));
+  // The prewarm field is written only when set: a 0 there is no record this code wrote.
+  if (has_prewarm && p.prewarm_s == 0)
+    return make_error(EIO, "meta tier.policy: corrupt record (a prewarm of 0 written out)");
   if (hw > static_cast<uint8_t>(TierPolicy::HighWater::kPercent))
     return make_error(EIO, "meta tier.policy: corrupt record (high-water kind {})", hw);
   p.high_water = static_cast<TierPolicy::HighWater>(hw);
